@@ -1,0 +1,196 @@
+//! The only mutation API of the IR. Passes read first (collect matches from `&Graph`), then
+//! apply them through these methods.
+
+use super::{Graph, Model, Names, Node, NodeId, Tensor, Value, ValueDef, ValueId};
+use crate::pb;
+
+impl Graph {
+    fn push_value(&mut self, name: String, def: ValueDef) -> ValueId {
+        let id = ValueId(self.values.len() as u32);
+        self.by_name.insert(name.clone(), id);
+        self.values.push(Value {
+            name,
+            def,
+            init_pos: None,
+        });
+        id
+    }
+
+    /// Adds an initializer under a fresh name derived from `base`.
+    pub fn add_initializer(&mut self, names: &mut Names, base: &str, tensor: Tensor) -> ValueId {
+        let name = names.fresh(base);
+        let pos = self
+            .values
+            .iter()
+            .filter_map(|v| v.init_pos)
+            .max()
+            .map_or(0, |p| p + 1);
+        let id = self.push_value(name, ValueDef::Initializer(tensor));
+        self.value_mut(id).init_pos = Some(pos);
+        id
+    }
+
+    /// Replaces the tensor of initializer `v` (same name).
+    pub fn set_initializer(&mut self, v: ValueId, tensor: Tensor) {
+        self.value_mut(v).def = ValueDef::Initializer(tensor);
+    }
+
+    /// Removes initializer `v` (its name stays reserved). The caller makes sure nothing reads it.
+    pub fn remove_initializer(&mut self, v: ValueId) {
+        self.value_mut(v).def = ValueDef::Undefined;
+        self.inputs.retain(|p| p.value != v);
+    }
+
+    /// Turns `v` (a node output) into an initializer holding `tensor`, keeping its name.
+    pub fn make_initializer(&mut self, v: ValueId, tensor: Tensor) {
+        let pos = self
+            .values
+            .iter()
+            .filter_map(|v| v.init_pos)
+            .max()
+            .map_or(0, |p| p + 1);
+        let val = self.value_mut(v);
+        val.def = ValueDef::Initializer(tensor);
+        val.init_pos = Some(pos);
+    }
+
+    /// Adds a node of `op_type` in `domain` (`""` = default) named after `base` (fresh), reading
+    /// `inputs`, with one fresh output value per entry of `outputs` (names derived from them).
+    /// It is placed just before `before` in the node order, or at the end.
+    pub fn add_node(
+        &mut self,
+        names: &mut Names,
+        op_type: &str,
+        domain: &str,
+        base: &str,
+        attributes: Vec<pb::AttributeProto>,
+        inputs: Vec<Option<ValueId>>,
+        outputs: &[&str],
+        before: Option<NodeId>,
+    ) -> (NodeId, Vec<ValueId>) {
+        let id = NodeId(self.nodes.len() as u32);
+        let outs: Vec<ValueId> = outputs
+            .iter()
+            .enumerate()
+            .map(|(k, o)| {
+                let name = names.fresh(o);
+                self.push_value(name, ValueDef::Node(id, k))
+            })
+            .collect();
+        let proto = pb::NodeProto {
+            op_type: Some(op_type.to_string()),
+            domain: (!domain.is_empty()).then(|| domain.to_string()),
+            name: (!base.is_empty()).then(|| names.fresh(base)),
+            attribute: attributes,
+            ..Default::default()
+        };
+        self.nodes.push(Some(Node {
+            proto,
+            inputs,
+            outputs: outs.iter().map(|&v| Some(v)).collect(),
+            subgraphs: Vec::new(),
+        }));
+        match before.and_then(|b| self.order.iter().position(|&n| n == b)) {
+            Some(pos) => self.order.insert(pos, id),
+            None => self.order.push(id),
+        }
+        (id, outs)
+    }
+
+    /// Removes node `id`; its outputs are no longer defined.
+    pub fn remove_node(&mut self, id: NodeId) {
+        if let Some(slot) = self.nodes.get_mut(id.0 as usize) {
+            *slot = None;
+        }
+        self.order.retain(|&n| n != id);
+    }
+
+    /// Makes every node input that reads `old` read `new` instead. Graph outputs are a contract
+    /// and are not touched; see [`Graph::redirect_outputs`].
+    pub fn replace_uses(&mut self, old: ValueId, new: ValueId) {
+        for &id in &self.order {
+            if let Some(Some(n)) = self.nodes.get_mut(id.0 as usize) {
+                for inp in n.inputs.iter_mut().flatten() {
+                    if *inp == old {
+                        *inp = new;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sets input `idx` of node `id`.
+    pub fn set_input(&mut self, id: NodeId, idx: usize, v: Option<ValueId>) {
+        let n = self.node_mut(id);
+        if idx >= n.inputs.len() {
+            n.inputs.resize(idx + 1, None);
+        }
+        n.inputs[idx] = v;
+    }
+
+    /// Renames value `v` to `new_name`, which the caller took from [`Names`] or freed by
+    /// renaming another value. Passes use it to keep a graph output's name when its producer
+    /// changes; graph input and output names themselves never change.
+    pub fn rename_value(&mut self, v: ValueId, new_name: String) {
+        let old = std::mem::replace(&mut self.value_mut(v).name, new_name.clone());
+        if self.by_name.get(&old) == Some(&v) {
+            self.by_name.remove(&old);
+        }
+        self.by_name.insert(new_name, v);
+    }
+
+    /// Graph outputs that read `old` read `new` instead (the caller keeps the output names: see
+    /// the passes that use this).
+    pub fn redirect_outputs(&mut self, old: ValueId, new: ValueId) {
+        for p in &mut self.outputs {
+            if p.value == old {
+                p.value = new;
+            }
+        }
+    }
+
+    /// The `value_info` entry of `name`, for a pass that changes that value's type.
+    pub fn value_info_mut(&mut self, name: &str) -> Option<&mut pb::ValueInfoProto> {
+        self.value_info
+            .iter_mut()
+            .find(|vi| vi.proto.name() == name)
+            .map(|vi| &mut vi.proto)
+    }
+}
+
+impl Model {
+    /// Calls `f` on the main graph and every subgraph (parents first), each with the model's
+    /// name registry.
+    pub fn for_each_graph_mut(&mut self, f: &mut dyn FnMut(&mut Graph, &mut Names)) {
+        fn walk(g: &mut Graph, names: &mut Names, f: &mut dyn FnMut(&mut Graph, &mut Names)) {
+            f(g, names);
+            let order = g.order.clone();
+            for id in order {
+                for sg in g.node_mut(id).subgraphs_mut() {
+                    walk(sg, names, f);
+                }
+            }
+        }
+        walk(&mut self.graph, &mut self.names, f);
+    }
+}
+
+/// An `AttributeProto` of type INT.
+pub fn attr_int(name: &str, v: i64) -> pb::AttributeProto {
+    pb::AttributeProto {
+        name: Some(name.to_string()),
+        i: Some(v),
+        r#type: Some(pb::attribute_proto::AttributeType::Int as i32),
+        ..Default::default()
+    }
+}
+
+/// An `AttributeProto` of type FLOAT.
+pub fn attr_float(name: &str, v: f32) -> pb::AttributeProto {
+    pb::AttributeProto {
+        name: Some(name.to_string()),
+        f: Some(v),
+        r#type: Some(pb::attribute_proto::AttributeType::Float as i32),
+        ..Default::default()
+    }
+}

@@ -1,0 +1,103 @@
+//! The IR validator: its own stage, run after import and, in tests and debug builds, after
+//! every pass. It collects every problem instead of stopping at the first.
+
+use std::collections::HashSet;
+
+use anyhow::Result;
+
+use super::{Graph, Model, ValueDef};
+
+/// Checks the invariants listed in [`crate::ir`] on every graph of `model`.
+///
+/// Errors: one message listing every problem, each naming the graph path, node, op and value.
+pub fn validate(model: &Model) -> Result<()> {
+    let mut problems = Vec::new();
+    check_graph(&model.graph, "graph", &HashSet::new(), &mut problems);
+    if problems.is_empty() {
+        return Ok(());
+    }
+    let n = problems.len();
+    problems.truncate(100);
+    Err(anyhow::anyhow!(
+        "invalid graph, {n} problem{}:\n  - {}",
+        if n == 1 { "" } else { "s" },
+        problems.join("\n  - ")
+    ))
+}
+
+fn check_graph(g: &Graph, path: &str, outer: &HashSet<String>, problems: &mut Vec<String>) {
+    for (i, v) in g.values.iter().enumerate() {
+        if v.def == ValueDef::Outer && !outer.contains(&v.name) {
+            problems.push(format!(
+                "{path}: '{}' is read from an enclosing graph that does not define it",
+                v.name
+            ));
+        }
+        if let ValueDef::Node(n, k) = v.def {
+            let ok = matches!(g.nodes.get(n.0 as usize), Some(Some(node))
+                if node.outputs.get(k) == Some(&Some(super::ValueId(i as u32))));
+            if !ok && g.is_live(super::ValueId(i as u32)) {
+                problems.push(format!(
+                    "{path}: value '{}' claims to be output #{k} of node #{}, which does not produce it",
+                    v.name, n.0
+                ));
+            }
+        }
+        if let ValueDef::Initializer(t) = &v.def {
+            if let Err(e) = t.check_payload() {
+                problems.push(format!("{path}: initializer '{}': {e:#}", v.name));
+            }
+        }
+    }
+    let mut scope = outer.clone();
+    scope.extend(
+        g.values
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| g.is_live(super::ValueId(*i as u32)))
+            .map(|(_, v)| v.name.clone()),
+    );
+    let mut seen_nodes = HashSet::new();
+    for &id in &g.order {
+        if !seen_nodes.insert(id) {
+            problems.push(format!("{path}: node #{} appears twice in the order", id.0));
+            continue;
+        }
+        let Some(Some(node)) = g.nodes.get(id.0 as usize) else {
+            problems.push(format!("{path}: the order lists removed node #{}", id.0));
+            continue;
+        };
+        for (k, inp) in node.inputs.iter().enumerate() {
+            if let Some(v) = inp {
+                if !g.is_live(*v) {
+                    problems.push(format!(
+                        "{path}: {} input #{k} reads '{}', which is no longer defined",
+                        node.label(id),
+                        g.value(*v).name
+                    ));
+                }
+            }
+        }
+        for sg in node.subgraphs() {
+            check_graph(sg, &format!("{path}/{}", node.label(id)), &scope, problems);
+        }
+    }
+    let live = g.nodes.iter().filter(|n| n.is_some()).count();
+    if live != seen_nodes.len() {
+        problems.push(format!(
+            "{path}: {live} live nodes but {} in the order",
+            seen_nodes.len()
+        ));
+    }
+    for p in &g.outputs {
+        if !g.is_live(p.value) {
+            problems.push(format!(
+                "{path}: graph output '{}' is no longer defined",
+                g.value(p.value).name
+            ));
+        }
+    }
+    if let Err(e) = crate::onnx::export::topo_order(g) {
+        problems.push(format!("{path}: {e:#}"));
+    }
+}

@@ -1,0 +1,343 @@
+//! Reading and writing `.onnx` files.
+//!
+//! Load: the file is memory-mapped and decoded with prost straight from the map, so tensor
+//! payloads are slices of the map (no copy); external data is resolved and checked; the IR is
+//! built and every problem found is reported at once.
+//!
+//! Save: the IR is exported in a stable order and encoded by streaming into a temporary file in
+//! the destination folder, then renamed over the destination (atomic). Tensor data goes to an
+//! external data file when asked, and always when the protobuf would exceed its 2 GiB limit.
+
+pub mod export;
+pub(crate) mod external;
+pub(crate) mod import;
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use bytes::{BufMut, Bytes};
+use prost::Message;
+
+use crate::ir::Model;
+use crate::pb;
+
+/// Protobuf's hard limit on one message (2 GiB), less a margin for headers.
+pub const PROTOBUF_LIMIT: u64 = (2u64 << 30) - (1 << 20);
+
+/// What [`load`] found besides the model.
+#[derive(Debug, Clone, Default)]
+pub struct LoadInfo {
+    /// Size of the `.onnx` file in bytes.
+    pub file_size: u64,
+    /// External data files read: (location, tensors, bytes).
+    pub external: Vec<(String, usize, u64)>,
+}
+
+/// Reads a whole file as `Bytes`: memory-mapped when it is not empty.
+pub(crate) fn read_file_bytes(path: &Path) -> Result<Bytes> {
+    let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let len = file
+        .metadata()
+        .with_context(|| format!("cannot stat {}", path.display()))?
+        .len();
+    if len == 0 {
+        return Ok(Bytes::new());
+    }
+    // SAFETY: the map is read-only; like every mmap-based reader (onnxruntime included) we
+    // assume the file is not truncated by another process while it is mapped.
+    let map = unsafe { memmap2::Mmap::map(&file) }
+        .with_context(|| format!("cannot map {}", path.display()))?;
+    Ok(Bytes::from_owner(map))
+}
+
+/// Decodes a `ModelProto` from `bytes` without copying tensor payloads.
+pub fn decode(bytes: Bytes, what: &str) -> Result<pb::ModelProto> {
+    if bytes.is_empty() {
+        bail!("{what}: the file is empty, not an ONNX model");
+    }
+    pb::ModelProto::decode(bytes).map_err(|e| {
+        anyhow::anyhow!("{what}: not a valid ONNX model: the protobuf does not decode ({e})")
+    })
+}
+
+/// Loads the model at `path` into the IR.
+///
+/// Errors (all problems listed at once, each naming graph, node, op and tensor): unreadable
+/// file, protobuf that does not decode (truncated or not ONNX), no graph, unsafe or broken
+/// external data, tensors whose dims overflow or whose payload has the wrong size, values
+/// read but never defined, values defined twice.
+pub fn load(path: &Path) -> Result<(Model, LoadInfo)> {
+    let what = path.display().to_string();
+    let bytes = read_file_bytes(path)?;
+    let file_size = bytes.len() as u64;
+    let proto = decode(bytes, &what)?;
+    let dir = path.parent().map(|p| {
+        if p.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            p.to_path_buf()
+        }
+    });
+    let (model, external) = from_proto(proto, dir, &what)?;
+    Ok((model, LoadInfo { file_size, external }))
+}
+
+/// Builds the IR of a decoded model; `dir` is the folder external data is relative to.
+pub fn from_proto(
+    proto: pb::ModelProto,
+    dir: Option<PathBuf>,
+    what: &str,
+) -> Result<(Model, Vec<(String, usize, u64)>)> {
+    let mut ext = external::ExternalData::new(dir);
+    let mut problems = import::Problems::default();
+    let model = import::import_model(proto, &mut ext, &mut problems);
+    import::into_result(problems, what)?;
+    let model = model.context("no model")?;
+    crate::ir::validate::validate(&model).map_err(|e| anyhow::anyhow!("{what}: {e}"))?;
+    Ok((model, ext.used))
+}
+
+/// How [`save`] writes.
+#[derive(Debug, Clone, Default)]
+pub struct SaveOptions {
+    /// Write initializers of at least `external_threshold` bytes to an external data file
+    /// named after the model (`OUT.onnx.data`), beside it.
+    pub external_data: bool,
+    /// Minimum initializer size in bytes to go to the external data file.
+    pub external_threshold: usize,
+    /// Files that must not be overwritten (the input model).
+    pub protect: Vec<PathBuf>,
+}
+
+/// What [`save`] wrote.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct SaveInfo {
+    /// Bytes of the `.onnx` file.
+    pub model_bytes: u64,
+    /// External data file name and its bytes, when one was written.
+    pub external: Option<(String, u64)>,
+    /// True when external data was used only because the model exceeds 2 GiB.
+    pub external_forced: bool,
+}
+
+/// Saves `model` to `path` atomically and deterministically.
+///
+/// Errors: `path` is a protected file (the input), the graph has a cycle, or I/O fails; on error
+/// nothing is left behind at `path`.
+pub fn save(model: &Model, path: &Path, opts: &SaveOptions) -> Result<SaveInfo> {
+    let mut proto = export::to_proto(model)?;
+    save_proto(&mut proto, path, opts)
+}
+
+/// Saves a `ModelProto` (see [`save`]); external data moves out of `proto` when written.
+pub fn save_proto(proto: &mut pb::ModelProto, path: &Path, opts: &SaveOptions) -> Result<SaveInfo> {
+    for p in &opts.protect {
+        if same_file(p, path) {
+            bail!(
+                "refusing to overwrite the input model {} (choose another output, or pass --force)",
+                path.display()
+            );
+        }
+    }
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let file_name = path
+        .file_name()
+        .with_context(|| format!("{} is not a file path", path.display()))?
+        .to_string_lossy()
+        .to_string();
+    let mut info = SaveInfo::default();
+    let mut external = opts.external_data;
+    if !external && proto.encoded_len() as u64 > PROTOBUF_LIMIT {
+        external = true;
+        info.external_forced = true;
+    }
+    let mut data_tmp = None;
+    if external {
+        let data_name = format!("{file_name}.data");
+        let threshold = if opts.external_data {
+            opts.external_threshold
+        } else {
+            1024
+        };
+        let mut tmp = tempfile::Builder::new()
+            .prefix(&format!(".{data_name}."))
+            .suffix(".tmp")
+            .tempfile_in(&dir)
+            .with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
+        let written = {
+            let mut w = std::io::BufWriter::with_capacity(1 << 20, tmp.as_file_mut());
+            let mut offset = 0u64;
+            if let Some(g) = proto.graph.as_mut() {
+                externalize_graph(g, &data_name, threshold, &mut w, &mut offset)?;
+            }
+            w.flush()?;
+            offset
+        };
+        info.external = Some((data_name.clone(), written));
+        data_tmp = Some((tmp, dir.join(&data_name)));
+    }
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&format!(".{file_name}."))
+        .suffix(".tmp")
+        .tempfile_in(&dir)
+        .with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
+    let len = proto.encoded_len() as u64;
+    if len > PROTOBUF_LIMIT + (1 << 20) {
+        bail!("the model's protobuf would be {len} bytes, over the 2 GiB limit, even with external data");
+    }
+    {
+        let mut sink = StreamBuf::new(tmp.as_file_mut());
+        proto
+            .encode(&mut sink)
+            .map_err(|e| anyhow::anyhow!("encoding failed: {e}"))?;
+        sink.finish()
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    info.model_bytes = len;
+    if let Some((t, dest)) = data_tmp {
+        t.persist(&dest)
+            .with_context(|| format!("cannot write {}", dest.display()))?;
+    }
+    tmp.persist(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(info)
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
+/// Moves every initializer payload of at least `threshold` bytes (in `raw_data`) of `g` and its
+/// subgraphs to `w`, replacing it by an external data reference. Offsets are aligned to 64
+/// bytes, and to 4096 for tensors of 1 MiB or more, so readers can map them.
+fn externalize_graph(
+    g: &mut pb::GraphProto,
+    location: &str,
+    threshold: usize,
+    w: &mut impl Write,
+    offset: &mut u64,
+) -> Result<()> {
+    for t in &mut g.initializer {
+        let Some(raw) = &t.raw_data else { continue };
+        if raw.len() < threshold.max(1) && !(threshold == 0 && raw.is_empty()) {
+            continue;
+        }
+        let align: u64 = if raw.len() >= 1 << 20 { 4096 } else { 64 };
+        let pad = (align - *offset % align) % align;
+        w.write_all(&vec![0u8; pad as usize])?;
+        *offset += pad;
+        w.write_all(raw)?;
+        let entry = |k: &str, v: String| pb::StringStringEntryProto {
+            key: Some(k.to_string()),
+            value: Some(v),
+        };
+        t.external_data = vec![
+            entry("location", location.to_string()),
+            entry("offset", offset.to_string()),
+            entry("length", raw.len().to_string()),
+        ];
+        *offset += raw.len() as u64;
+        t.raw_data = None;
+        t.data_location = Some(pb::tensor_proto::DataLocation::External as i32);
+    }
+    for n in &mut g.node {
+        for a in &mut n.attribute {
+            if let Some(sg) = a.g.as_mut() {
+                externalize_graph(sg, location, threshold, w, offset)?;
+            }
+            for sg in &mut a.graphs {
+                externalize_graph(sg, location, threshold, w, offset)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A `BufMut` that streams into a writer through a 1 MiB buffer, so encoding a model never
+/// holds a second copy of it in memory. Write errors are kept and returned by `finish`.
+struct StreamBuf<W: Write> {
+    w: W,
+    buf: Vec<u8>,
+    err: Option<std::io::Error>,
+}
+
+impl<W: Write> StreamBuf<W> {
+    fn new(w: W) -> Self {
+        StreamBuf {
+            w,
+            buf: Vec::with_capacity(1 << 20),
+            err: None,
+        }
+    }
+    fn flush_buf(&mut self) {
+        if self.err.is_none() && !self.buf.is_empty() {
+            if let Err(e) = self.w.write_all(&self.buf) {
+                self.err = Some(e);
+            }
+        }
+        self.buf.clear();
+    }
+    fn finish(mut self) -> std::io::Result<()> {
+        self.flush_buf();
+        if let Some(e) = self.err.take() {
+            return Err(e);
+        }
+        self.w.flush()
+    }
+}
+
+// SAFETY: `chunk_mut` hands out the spare capacity of `buf` and `advance_mut` only extends the
+// length over bytes the caller has initialised, as the trait requires.
+unsafe impl<W: Write> BufMut for StreamBuf<W> {
+    fn remaining_mut(&self) -> usize {
+        isize::MAX as usize
+    }
+    unsafe fn advance_mut(&mut self, cnt: usize) {
+        let new_len = self.buf.len() + cnt;
+        assert!(new_len <= self.buf.capacity());
+        // SAFETY: the caller initialised `cnt` bytes of the spare capacity (trait contract).
+        unsafe { self.buf.set_len(new_len) };
+    }
+    fn chunk_mut(&mut self) -> &mut bytes::buf::UninitSlice {
+        if self.buf.len() == self.buf.capacity() {
+            self.flush_buf();
+        }
+        self.buf.spare_capacity_mut().into()
+    }
+    fn put<T: bytes::Buf>(&mut self, mut src: T)
+    where
+        Self: Sized,
+    {
+        while src.has_remaining() {
+            let n = {
+                let c = src.chunk();
+                self.put_slice(c);
+                c.len()
+            };
+            src.advance(n);
+        }
+    }
+    fn put_slice(&mut self, src: &[u8]) {
+        if src.len() >= self.buf.capacity() / 2 {
+            self.flush_buf();
+            if self.err.is_none() {
+                if let Err(e) = self.w.write_all(src) {
+                    self.err = Some(e);
+                }
+            }
+            return;
+        }
+        if self.buf.capacity() - self.buf.len() < src.len() {
+            self.flush_buf();
+        }
+        self.buf.extend_from_slice(src);
+    }
+}
