@@ -19,3 +19,4 @@ pub mod ir;
 pub mod inspect;
 pub mod onnx;
 pub mod pb;
+pub mod verify;

@@ -1,0 +1,255 @@
+//! Accuracy gates: the limits a candidate's outputs must meet.
+//!
+//! The elementwise tolerance is evaluated inside [`metrics`](super::metrics) (it needs every
+//! element); [`Gates::tolerance`] hands it there, and [`check`] reads the recorded result.
+
+use std::fmt;
+
+use serde::Serialize;
+
+use super::metrics::{OutputMetrics, Tolerance};
+
+/// The limits to check. A gate that is `None` is not checked.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct Gates {
+    /// Absolute tolerance of the elementwise check `|a - b| <= atol + rtol |a|` (as
+    /// `numpy.allclose`, `a` the reference); 0 when only `rtol` is given.
+    pub atol: Option<f64>,
+    /// Relative tolerance of the same check; 0 when only `atol` is given.
+    pub rtol: Option<f64>,
+    /// Smallest acceptable cosine similarity per float output (integer outputs have none).
+    pub min_cosine: Option<f64>,
+}
+
+impl Gates {
+    /// The elementwise tolerance to evaluate, when `atol` or `rtol` is set.
+    pub fn tolerance(&self) -> Option<Tolerance> {
+        if self.atol.is_none() && self.rtol.is_none() {
+            return None;
+        }
+        Some(Tolerance {
+            atol: self.atol.unwrap_or(0.0),
+            rtol: self.rtol.unwrap_or(0.0),
+        })
+    }
+}
+
+/// Which gate failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GateKind {
+    /// The outputs could not be compared at all (missing output, shape mismatch, unreadable
+    /// dtype). Always checked.
+    Comparable,
+    /// `|a - b| <= atol + rtol |a|` on every element.
+    Allclose,
+    /// cosine >= `min_cosine`.
+    MinCosine,
+}
+
+/// One failed gate on one output.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct GateFailure {
+    /// Graph output name.
+    pub output: String,
+    /// The gate.
+    pub gate: GateKind,
+    /// The measured value: for `Allclose` |a - b| at the element furthest outside, for
+    /// `MinCosine` the cosine; `None` for `Comparable`.
+    pub measured: Option<f64>,
+    /// The limit it broke: `atol + rtol |a|` at that element, or `min_cosine`.
+    pub limit: Option<f64>,
+    /// Where: the element furthest outside the tolerance (`Allclose`) or with the largest
+    /// |a - b| (`MinCosine`); empty for `Comparable`.
+    pub index: Vec<usize>,
+    /// Reference value at `index`.
+    pub a: Option<f64>,
+    /// Candidate value at `index`.
+    pub b: Option<f64>,
+    /// One line for a person, naming all of the above.
+    pub message: String,
+}
+
+impl fmt::Display for GateFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// Checks every output against the gates; returns one failure per output and broken gate, in
+/// output order. Outputs that could not be compared always fail.
+pub fn check(gates: &Gates, outputs: &[OutputMetrics]) -> Vec<GateFailure> {
+    let mut failures = vec![];
+    for out in outputs {
+        let name = &out.name;
+        let Some(v) = &out.values else {
+            let problem = out.problem.as_deref().unwrap_or("no values to compare");
+            failures.push(GateFailure {
+                output: name.clone(),
+                gate: GateKind::Comparable,
+                measured: None,
+                limit: None,
+                index: vec![],
+                a: None,
+                b: None,
+                message: format!("output `{name}`: {problem}"),
+            });
+            continue;
+        };
+        if let (Some(_), Some(ac)) = (gates.tolerance(), &v.allclose) {
+            if ac.violations > 0 {
+                failures.push(GateFailure {
+                    output: name.clone(),
+                    gate: GateKind::Allclose,
+                    measured: Some(ac.error),
+                    limit: Some(ac.allowed),
+                    index: ac.worst_index.clone(),
+                    a: Some(ac.a),
+                    b: Some(ac.b),
+                    message: format!(
+                        "output `{name}`: {} of {} elements outside atol {:e} + rtol {:e} * |a|; \
+                         worst at {:?}: |a - b| = {:.4e} > {:.4e} (a = {}, b = {})",
+                        ac.violations,
+                        v.elements,
+                        ac.tolerance.atol,
+                        ac.tolerance.rtol,
+                        ac.worst_index,
+                        ac.error,
+                        ac.allowed,
+                        ac.a,
+                        ac.b
+                    ),
+                });
+            }
+        }
+        if let (Some(min), Some(cos)) = (gates.min_cosine, v.cosine) {
+            if cos.is_nan() || cos < min {
+                failures.push(GateFailure {
+                    output: name.clone(),
+                    gate: GateKind::MinCosine,
+                    measured: Some(cos),
+                    limit: Some(min),
+                    index: v.worst_index.clone(),
+                    a: Some(v.worst_a),
+                    b: Some(v.worst_b),
+                    message: format!(
+                        "output `{name}`: cosine {cos:.6} < {min}; largest error at {:?}: a = {}, b = {} (|a - b| = {:.4e})",
+                        v.worst_index, v.worst_a, v.worst_b, v.max_abs
+                    ),
+                });
+            }
+        }
+    }
+    failures
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::panic)]
+mod tests {
+    use super::*;
+    use crate::verify::metrics::{compare, missing};
+    use tract_onnx::prelude::Tensor;
+
+    fn t32(shape: &[usize], v: &[f32]) -> Tensor {
+        Tensor::from_shape(shape, v).unwrap()
+    }
+
+    #[test]
+    fn allclose_failure_names_output_and_index() {
+        let gates = Gates {
+            atol: Some(1e-3),
+            rtol: None,
+            min_cosine: None,
+        };
+        let a = t32(&[2, 3], &[0.0, 1.0, 2.0, 3.0, 4.0, 5.0]);
+        let b = t32(&[2, 3], &[0.0, 1.0, 2.0, 3.0, 4.5, 5.0]);
+        let rows = vec![
+            compare("logits", &a, &b, gates.tolerance()),
+            compare("same", &a, &a, gates.tolerance()),
+        ];
+        let failures = check(&gates, &rows);
+        assert_eq!(failures.len(), 1);
+        let f = &failures[0];
+        assert_eq!(f.output, "logits");
+        assert_eq!(f.gate, GateKind::Allclose);
+        assert_eq!(f.index, vec![1, 1]);
+        assert_eq!((f.a, f.b), (Some(4.0), Some(4.5)));
+        assert_eq!(f.measured, Some(0.5));
+        assert_eq!(f.limit, Some(1e-3));
+        assert!(
+            f.message.contains("`logits`") && f.message.contains("[1, 1]"),
+            "{}",
+            f.message
+        );
+    }
+
+    #[test]
+    fn min_cosine_failure_names_worst_element() {
+        let gates = Gates {
+            atol: None,
+            rtol: None,
+            min_cosine: Some(0.99),
+        };
+        let a = t32(&[2], &[1.0, 0.0]);
+        let b = t32(&[2], &[0.0, 1.0]);
+        let failures = check(&gates, &[compare("y", &a, &b, gates.tolerance())]);
+        assert_eq!(failures.len(), 1);
+        assert_eq!(failures[0].gate, GateKind::MinCosine);
+        assert_eq!(failures[0].measured, Some(0.0));
+        assert_eq!(failures[0].index, vec![0]);
+        // No gates: nothing fails.
+        assert!(check(&Gates::default(), &[compare("y", &a, &b, None)]).is_empty());
+    }
+
+    #[test]
+    fn nan_cosine_fails_the_cosine_gate() {
+        let gates = Gates {
+            atol: None,
+            rtol: None,
+            min_cosine: Some(0.5),
+        };
+        let failures = check(
+            &gates,
+            &[compare(
+                "y",
+                &t32(&[2], &[1.0, 2.0]),
+                &t32(&[2], &[1.0, f32::NAN]),
+                None,
+            )],
+        );
+        assert_eq!(failures.len(), 1);
+        assert!(failures[0].measured.unwrap().is_nan());
+    }
+
+    #[test]
+    fn missing_or_mismatched_outputs_always_fail() {
+        let a = t32(&[2], &[1.0, 2.0]);
+        let rows = vec![
+            missing("gone", &a),
+            compare("reshaped", &a, &t32(&[1, 2], &[1.0, 2.0]), None),
+        ];
+        let failures = check(&Gates::default(), &rows);
+        assert_eq!(failures.len(), 2);
+        assert!(failures.iter().all(|f| f.gate == GateKind::Comparable));
+        assert!(
+            failures[0].message.contains("gone") && failures[1].message.contains("shape mismatch")
+        );
+    }
+
+    #[test]
+    fn tolerance_defaults_the_missing_half_to_zero() {
+        assert_eq!(Gates::default().tolerance(), None);
+        let g = Gates {
+            atol: None,
+            rtol: Some(0.1),
+            min_cosine: None,
+        };
+        assert_eq!(
+            g.tolerance(),
+            Some(Tolerance {
+                atol: 0.0,
+                rtol: 0.1
+            })
+        );
+    }
+}

@@ -1,0 +1,266 @@
+//! Verification: run the reference and the candidate model in tract on the same inputs and
+//! compare their outputs against accuracy gates.
+//!
+//! ```text
+//! inputs::prepare_inputs   npz bundle | --input values | seeded random, per real graph input
+//!        |
+//! tract_run::run(reference) --Err--> Verification::Unverified (candidate not run)
+//! tract_run::run(candidate) --Err--> Verification::CandidateFailed (an optimizer bug)
+//!        |
+//! metrics::compare per output (elementwise tolerance evaluated here)
+//! gate::check              --> Verification::Checked | Verification::Failed
+//! ```
+//!
+//! The library never prints: [`compare_models`] returns a [`Comparison`] (serde-serializable
+//! for the JSON report) and [`format_table`] renders it as text for the binary to print.
+
+pub mod gate;
+pub mod inputs;
+pub mod metrics;
+pub mod tract_run;
+
+use std::path::Path;
+
+use anyhow::Result;
+use serde::Serialize;
+
+pub use gate::{check, GateFailure, GateKind, Gates};
+pub use inputs::{InputInfo, InputOptions, InputSource, PreparedInputs};
+pub use metrics::{OutputMetrics, Tolerance, ValueMetrics};
+pub use tract_run::{run, RunError, RunStage};
+
+use crate::pb;
+
+/// The outcome of a comparison.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum Verification {
+    /// Both models ran and every gate held.
+    Checked,
+    /// Both models ran and at least one gate failed (see [`Comparison::failures`]).
+    Failed,
+    /// tract cannot run the reference, so nothing was compared; the candidate was not run.
+    Unverified {
+        /// One line: stage, node, op and tract's message.
+        reason: String,
+        /// The structured error.
+        error: RunError,
+    },
+    /// The reference ran but the candidate did not: the optimizer produced a model tract
+    /// cannot run although it ran the original. A hard failure, not "unverified".
+    CandidateFailed {
+        /// One line: stage, node, op and tract's message.
+        reason: String,
+        /// The structured error.
+        error: RunError,
+    },
+}
+
+/// Everything a comparison found.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Comparison {
+    /// The inputs fed to both models: names, dtypes, shapes and where they came from.
+    pub inputs: Vec<InputInfo>,
+    /// Notes from input preparation and output matching (defaulted dims, extra outputs).
+    pub notes: Vec<String>,
+    /// The gates checked.
+    pub gates: Gates,
+    /// One row per reference output, in the reference's graph output order; empty unless
+    /// both models ran.
+    pub outputs: Vec<OutputMetrics>,
+    /// Failed gates, in output order.
+    pub failures: Vec<GateFailure>,
+    /// The verdict.
+    pub status: Verification,
+}
+
+/// Runs `reference` and `candidate` in tract on the same inputs (prepared from the
+/// reference's graph inputs with `opts`) and compares every reference output with the
+/// candidate output of the same name under `gates`.
+///
+/// `ref_dir` and `cand_dir` are the directories external data is read from.
+///
+/// # Errors
+/// Only when the inputs cannot be prepared (see [`inputs::prepare_inputs`]). tract failing on
+/// either model is a [`Verification`] status, not an error.
+pub fn compare_models(
+    reference: &pb::ModelProto,
+    ref_dir: Option<&Path>,
+    candidate: &pb::ModelProto,
+    cand_dir: Option<&Path>,
+    opts: &InputOptions,
+    gates: &Gates,
+) -> Result<Comparison> {
+    let prepared = inputs::prepare_inputs(reference, opts)?;
+    let mut comparison = Comparison {
+        inputs: prepared.info,
+        notes: prepared.notes,
+        gates: *gates,
+        outputs: vec![],
+        failures: vec![],
+        status: Verification::Checked,
+    };
+    let ref_outputs = match run(reference, ref_dir, &prepared.tensors) {
+        Ok(outputs) => outputs,
+        Err(error) => {
+            comparison.status = Verification::Unverified {
+                reason: error.to_string(),
+                error,
+            };
+            return Ok(comparison);
+        }
+    };
+    let cand_outputs = match run(candidate, cand_dir, &prepared.tensors) {
+        Ok(outputs) => outputs,
+        Err(error) => {
+            comparison.status = Verification::CandidateFailed {
+                reason: error.to_string(),
+                error,
+            };
+            return Ok(comparison);
+        }
+    };
+    let tolerance = gates.tolerance();
+    for (name, a) in &ref_outputs {
+        let row = match cand_outputs.iter().find(|(n, _)| n == name) {
+            Some((_, b)) => metrics::compare(name, a, b, tolerance),
+            None => metrics::missing(name, a),
+        };
+        comparison.outputs.push(row);
+    }
+    for (name, _) in &cand_outputs {
+        if !ref_outputs.iter().any(|(n, _)| n == name) {
+            comparison.notes.push(format!(
+                "candidate output `{name}` is not a reference output; not compared"
+            ));
+        }
+    }
+    comparison.failures = check(gates, &comparison.outputs);
+    if !comparison.failures.is_empty() {
+        comparison.status = Verification::Failed;
+    }
+    Ok(comparison)
+}
+
+fn fmt_num(v: f64) -> String {
+    if v.is_nan() {
+        "nan".into()
+    } else if v.is_infinite() {
+        if v > 0.0 {
+            "inf".into()
+        } else {
+            "-inf".into()
+        }
+    } else if v == 0.0 {
+        "0".into()
+    } else {
+        format!("{v:.3e}")
+    }
+}
+
+fn fmt_opt(v: Option<f64>, f: impl Fn(f64) -> String) -> String {
+    v.map(f).unwrap_or_else(|| "-".into())
+}
+
+/// Renders a comparison as plain text: a status line, one table row per output (name, max
+/// abs, mean abs, max rel, cosine, SNR dB, top-1, status) and one line per failed gate. Ends
+/// with a newline.
+pub fn format_table(c: &Comparison) -> String {
+    let mut out = String::new();
+    let status = match &c.status {
+        Verification::Checked => "checked: every gate holds".to_string(),
+        Verification::Failed => format!("FAILED: {} gate(s) broken", c.failures.len()),
+        Verification::Unverified { reason, .. } => format!("unverified: {reason}"),
+        Verification::CandidateFailed { reason, .. } => format!("CANDIDATE FAILED: {reason}"),
+    };
+    out.push_str(&status);
+    out.push('\n');
+    if !c.outputs.is_empty() {
+        let header = [
+            "output", "max abs", "mean abs", "max rel", "cosine", "SNR dB", "top-1", "status",
+        ];
+        let mut rows: Vec<[String; 8]> = vec![header.map(String::from)];
+        for o in &c.outputs {
+            let failed: Vec<&str> = c
+                .failures
+                .iter()
+                .filter(|f| f.output == o.name)
+                .map(|f| match f.gate {
+                    GateKind::Comparable => "not comparable",
+                    GateKind::Allclose => "allclose",
+                    GateKind::MinCosine => "cosine",
+                })
+                .collect();
+            let row_status = match (&o.problem, failed.is_empty()) {
+                (Some(p), _) => p.clone(),
+                (None, true) => "ok".to_string(),
+                (None, false) => format!("FAIL {}", failed.join(", ")),
+            };
+            let row = match &o.values {
+                Some(v) => [
+                    o.name.clone(),
+                    fmt_num(v.max_abs),
+                    fmt_num(v.mean_abs),
+                    fmt_num(v.max_rel),
+                    fmt_opt(v.cosine, |x| {
+                        if x.is_finite() {
+                            format!("{x:.6}")
+                        } else {
+                            fmt_num(x)
+                        }
+                    }),
+                    fmt_opt(v.snr_db, |x| {
+                        if x.is_finite() {
+                            format!("{x:.1}")
+                        } else {
+                            fmt_num(x)
+                        }
+                    }),
+                    fmt_opt(v.top1_agreement, |x| format!("{:.1}%", 100.0 * x)),
+                    row_status,
+                ],
+                None => {
+                    let mut r: [String; 8] = Default::default();
+                    r[0] = o.name.clone();
+                    for cell in r.iter_mut().take(7).skip(1) {
+                        *cell = "-".into();
+                    }
+                    r[7] = row_status;
+                    r
+                }
+            };
+            rows.push(row);
+        }
+        let mut widths = [0usize; 8];
+        for row in &rows {
+            for (w, cell) in widths.iter_mut().zip(row) {
+                *w = (*w).max(cell.chars().count());
+            }
+        }
+        for row in &rows {
+            let mut line = String::new();
+            for (i, (cell, w)) in row.iter().zip(widths).enumerate() {
+                if i == 0 {
+                    line.push_str(&format!("{cell:<w$}"));
+                } else if i == 7 {
+                    line.push_str(&format!("  {cell}"));
+                } else {
+                    line.push_str(&format!("  {cell:>w$}"));
+                }
+            }
+            out.push_str(line.trim_end());
+            out.push('\n');
+        }
+    }
+    for f in &c.failures {
+        out.push_str(&f.message);
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::panic)]
+mod tests;
+#[cfg(test)]
+mod testutil;

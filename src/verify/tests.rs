@@ -1,0 +1,378 @@
+//! Tests of running models in tract and of whole comparisons, on tiny graphs and on the real
+//! models in `models/`.
+
+use std::path::{Path, PathBuf};
+
+use prost::Message;
+use tract_onnx::prelude::{Datum, Tensor};
+
+use super::testutil::*;
+use super::*;
+use crate::pb;
+use pb::tensor_proto::DataType;
+
+fn f32s(t: &Tensor) -> Vec<f32> {
+    slice::<f32>(t)
+}
+
+fn slice<T: Datum>(t: &Tensor) -> Vec<T> {
+    t.try_as_plain_ram()
+        .unwrap()
+        .as_slice::<T>()
+        .unwrap()
+        .to_vec()
+}
+
+fn x23(v: f32) -> Vec<(String, Tensor)> {
+    vec![("x".into(), Tensor::from_shape(&[2, 3], &[v; 6]).unwrap())]
+}
+
+#[test]
+fn run_adds() {
+    let m = add_model(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+    let out = run(&m, None, &x23(0.5)).unwrap();
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].0, "y");
+    assert_eq!(f32s(&out[0].1), vec![1.5, 2.5, 3.5, 4.5, 5.5, 6.5]);
+}
+
+#[test]
+fn run_takes_concrete_shapes_from_the_inputs_fed() {
+    // x declared [batch, 3]; fed [4, 3].
+    let m = model(
+        vec![node("Relu", "relu", &["x"], &["y"], vec![])],
+        vec![dims_info(
+            "x",
+            DataType::Float,
+            &[Dim::P("batch"), Dim::N(3)],
+        )],
+        vec![out("y")],
+        vec![],
+    );
+    let x = Tensor::from_shape(&[4, 3], &[-1.0f32; 12]).unwrap();
+    let out = run(
+        &m,
+        None,
+        &[("x".into(), x), ("unused".into(), Tensor::from(1.0f32))],
+    )
+    .unwrap();
+    assert_eq!(out[0].1.shape(), &[4, 3]);
+    assert!(f32s(&out[0].1).iter().all(|&v| v == 0.0));
+}
+
+#[test]
+fn run_error_names_the_node_and_op() {
+    let m = model(
+        vec![
+            node("Relu", "first", &["x"], &["r"], vec![]),
+            node("NoSuchOp", "the_culprit", &["r"], &["y"], vec![]),
+        ],
+        vec![info("x", DataType::Float, &[2, 3])],
+        vec![out("y")],
+        vec![],
+    );
+    let err = run(&m, None, &x23(1.0)).unwrap_err();
+    assert_eq!(err.node.as_deref(), Some("the_culprit"), "{err}");
+    assert_eq!(err.op.as_deref(), Some("NoSuchOp"), "{err}");
+    assert!(!err.panicked);
+    assert!(err.to_string().contains("the_culprit"), "{err}");
+}
+
+#[test]
+fn run_error_on_a_missing_input_and_a_broken_graph() {
+    let m = add_model(&[0.0; 6]);
+    let err = run(&m, None, &[]).unwrap_err();
+    assert_eq!(err.stage, RunStage::Inputs);
+    assert!(err.message.contains("`x`"), "{err}");
+
+    // A node reads a value nothing defines.
+    let m = model(
+        vec![node("Add", "add", &["x", "ghost"], &["y"], vec![])],
+        vec![info("x", DataType::Float, &[2, 3])],
+        vec![out("y")],
+        vec![],
+    );
+    let err = run(&m, None, &x23(1.0)).unwrap_err();
+    assert_eq!(err.stage, RunStage::Load);
+    assert!(err.message.contains("ghost"), "{err}");
+
+    // Incompatible shapes are found while typing, at the node.
+    let m = model(
+        vec![node("MatMul", "mm", &["x", "w"], &["y"], vec![])],
+        vec![info("x", DataType::Float, &[2, 3])],
+        vec![out("y")],
+        vec![init_f32("w", &[4, 2], &[0.0; 8])],
+    );
+    let err = run(&m, None, &x23(1.0)).unwrap_err();
+    assert_eq!(err.stage, RunStage::Type, "{err}");
+    assert_eq!(err.node.as_deref(), Some("mm"), "{err}");
+    assert_eq!(err.op.as_deref(), Some("MatMul"), "{err}");
+}
+
+#[test]
+fn run_error_on_a_model_without_graph() {
+    let err = run(&pb::ModelProto::default(), None, &[]).unwrap_err();
+    assert_eq!(err.stage, RunStage::Load);
+}
+
+#[test]
+fn compare_models_checks_and_fails_gates() {
+    let reference = add_model(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+    let candidate = add_model(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.5]);
+    let opts = InputOptions {
+        seed: 7,
+        ..Default::default()
+    };
+
+    let same = compare_models(
+        &reference,
+        None,
+        &reference,
+        None,
+        &opts,
+        &Gates {
+            atol: Some(0.0),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(same.status, Verification::Checked);
+    assert_eq!(same.outputs[0].values.as_ref().unwrap().max_abs, 0.0);
+    assert_eq!(same.inputs[0].name, "x");
+    assert_eq!(same.inputs[0].shape, vec![2, 3]);
+
+    let gates = Gates {
+        atol: Some(1e-3),
+        rtol: Some(1e-3),
+        min_cosine: Some(0.999),
+    };
+    let c = compare_models(&reference, None, &candidate, None, &opts, &gates).unwrap();
+    assert_eq!(c.status, Verification::Failed);
+    let v = c.outputs[0].values.as_ref().unwrap();
+    assert!((v.max_abs - 0.5).abs() < 1e-12);
+    assert_eq!(v.worst_index, vec![1, 2]);
+    assert_eq!(c.failures.len(), 1, "{:?}", c.failures);
+    assert_eq!(c.failures[0].gate, GateKind::Allclose);
+    assert_eq!(c.failures[0].index, vec![1, 2]);
+
+    let table = format_table(&c);
+    assert!(table.starts_with("FAILED"), "{table}");
+    assert!(table.contains("FAIL allclose"), "{table}");
+    assert!(table.contains("output `y`"), "{table}");
+    let json = serde_json::to_value(&c).unwrap();
+    assert_eq!(json["status"]["status"], "failed");
+    assert_eq!(json["failures"][0]["index"], serde_json::json!([1, 2]));
+}
+
+#[test]
+fn compare_models_reports_unverified_and_candidate_failures() {
+    let good = add_model(&[0.0; 6]);
+    let mut bad = add_model(&[0.0; 6]);
+    if let Some(g) = bad.graph.as_mut() {
+        g.node[0].op_type = Some("NoSuchOp".into());
+    }
+    let opts = InputOptions::default();
+    let c = compare_models(&bad, None, &good, None, &opts, &Gates::default()).unwrap();
+    match &c.status {
+        Verification::Unverified { reason, error } => {
+            assert!(
+                reason.contains("`add`") && reason.contains("NoSuchOp"),
+                "{reason}"
+            );
+            assert_eq!(error.node.as_deref(), Some("add"));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(c.outputs.is_empty());
+    assert!(format_table(&c).starts_with("unverified: "));
+
+    let c = compare_models(&good, None, &bad, None, &opts, &Gates::default()).unwrap();
+    assert!(
+        matches!(c.status, Verification::CandidateFailed { .. }),
+        "{:?}",
+        c.status
+    );
+    assert!(format_table(&c).starts_with("CANDIDATE FAILED: "));
+}
+
+#[test]
+fn compare_models_flags_a_missing_output() {
+    let reference = add_model(&[0.0; 6]);
+    let mut candidate = add_model(&[0.0; 6]);
+    if let Some(g) = candidate.graph.as_mut() {
+        g.node[0].output[0] = "z".into();
+        g.output[0].name = Some("z".into());
+    }
+    let c = compare_models(
+        &reference,
+        None,
+        &candidate,
+        None,
+        &InputOptions::default(),
+        &Gates::default(),
+    )
+    .unwrap();
+    assert_eq!(c.status, Verification::Failed);
+    assert_eq!(c.failures[0].gate, GateKind::Comparable);
+    assert!(c.notes.iter().any(|n| n.contains("`z`")), "{:?}", c.notes);
+    assert!(format_table(&c).contains("missing in candidate"));
+}
+
+fn models_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("models")
+}
+
+fn real_models() -> Vec<PathBuf> {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(models_dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "onnx"))
+        .collect();
+    paths.sort();
+    paths
+}
+
+fn load(path: &Path) -> pb::ModelProto {
+    pb::ModelProto::decode(bytes::Bytes::from(std::fs::read(path).unwrap())).unwrap()
+}
+
+/// Every real model runs in tract on its bundled inputs and matches onnxruntime's outputs to
+/// within 1e-3, except silero-vad-16k-op15, whose If branches disagree on output rank: tract
+/// 0.23.9 must refuse it with an error that names the If node.
+#[test]
+fn real_models_match_onnxruntime_or_name_the_failing_node() {
+    let paths = real_models();
+    assert!(paths.len() >= 5, "{paths:?}");
+    for path in paths {
+        let stem = path.file_stem().unwrap().to_string_lossy().to_string();
+        let model = load(&path);
+        let bundle = inputs::load_npz(&path.with_extension("npz")).unwrap();
+        let graph = model.graph.as_ref().unwrap();
+        let initializers: Vec<&str> = graph.initializer.iter().map(|t| t.name()).collect();
+        let fed: Vec<(String, Tensor)> = graph
+            .input
+            .iter()
+            .filter(|i| !initializers.contains(&i.name()))
+            .map(|i| bundle.iter().find(|(n, _)| n == i.name()).unwrap().clone())
+            .collect();
+        let result = run(&model, path.parent(), &fed);
+        if stem == "silero-vad-16k-op15" {
+            let err = result.unwrap_err();
+            eprintln!("{stem}: {err}");
+            assert_eq!(err.op.as_deref(), Some("If"), "{err}");
+            let node = err.node.clone().unwrap();
+            let if_nodes: Vec<&str> = graph
+                .node
+                .iter()
+                .filter(|n| n.op_type() == "If")
+                .map(|n| n.name())
+                .collect();
+            assert!(
+                if_nodes.contains(&node.as_str()),
+                "{node} is not one of {if_nodes:?}"
+            );
+            assert!(!err.panicked);
+            continue;
+        }
+        let outputs = result.unwrap_or_else(|e| panic!("{stem}: {e}"));
+        assert_eq!(outputs.len(), graph.output.len());
+        for (name, got) in &outputs {
+            let expected = &bundle.iter().find(|(n, _)| n == name).unwrap().1;
+            let m = metrics::compare(name, expected, got, None);
+            let v = m
+                .values
+                .unwrap_or_else(|| panic!("{stem} `{name}`: {:?}", m.problem));
+            eprintln!(
+                "{stem} `{name}` {:?}: max abs {:.3e}, mean abs {:.3e}, cosine {:?}",
+                got.shape(),
+                v.max_abs,
+                v.mean_abs,
+                v.cosine
+            );
+            assert!(
+                v.max_abs < 1e-3,
+                "{stem} `{name}`: max abs {} at {:?}",
+                v.max_abs,
+                v.worst_index
+            );
+        }
+    }
+}
+
+/// The comparison on a real model with generated inputs (magika's int32 bytes input).
+#[test]
+fn real_model_compared_with_itself_on_generated_inputs() {
+    let path = models_dir().join("magika-standard-v3-3.onnx");
+    let model = load(&path);
+    let gates = Gates {
+        atol: Some(0.0),
+        rtol: Some(0.0),
+        min_cosine: Some(1.0),
+    };
+    let c = compare_models(
+        &model,
+        path.parent(),
+        &model,
+        path.parent(),
+        &InputOptions::default(),
+        &gates,
+    )
+    .unwrap();
+    assert_eq!(c.status, Verification::Checked, "{}", format_table(&c));
+    assert_eq!(c.inputs[0].shape, vec![1, 2048]);
+    assert!(matches!(&c.inputs[0].source, InputSource::Random { high, .. } if *high == 255.0));
+    assert!(
+        c.notes.iter().any(|n| n.contains("unk__214")),
+        "{:?}",
+        c.notes
+    );
+    eprintln!("{}", format_table(&c));
+}
+
+#[test]
+fn a_panic_inside_tract_becomes_a_run_error_naming_the_node() {
+    // tract 0.23.9's Gather panics on an out-of-range index at run time.
+    let m = gather_model(3);
+    let ids = Tensor::from_shape(&[1, 5], &[0i64, 1, 2, 10, 0]).unwrap();
+    let err = run(&m, None, &[("ids".into(), ids)]).unwrap_err();
+    assert!(err.panicked, "{err}");
+    assert_eq!(err.stage, RunStage::Run);
+    assert_eq!(err.node.as_deref(), Some("gather"), "{err}");
+    assert_eq!(err.op.as_deref(), Some("Gather"), "{err}");
+    assert!(err.to_string().contains("tract panicked"), "{err}");
+}
+
+/// A reference tract cannot run leaves the comparison unverified, naming the node.
+#[test]
+fn real_model_tract_cannot_run_is_unverified() {
+    let path = models_dir().join("silero-vad-16k-op15.onnx");
+    let model = load(&path);
+    let opts = InputOptions {
+        npz: Some(path.with_extension("npz")),
+        values: vec![("sr".into(), 16000.0)],
+        ..Default::default()
+    };
+    let c = compare_models(
+        &model,
+        path.parent(),
+        &model,
+        path.parent(),
+        &opts,
+        &Gates::default(),
+    )
+    .unwrap();
+    match &c.status {
+        Verification::Unverified { reason, error } => {
+            assert_eq!(error.op.as_deref(), Some("If"), "{reason}");
+            assert!(reason.contains("/model/"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(c.inputs.len(), 3);
+    assert_eq!(c.inputs[2].source, InputSource::Value { value: 16000.0 });
+    let table = format_table(&c);
+    assert!(
+        table.starts_with("unverified: tract could not type the model at node `/model/"),
+        "{table}"
+    );
+}

@@ -1,0 +1,361 @@
+//! Running a model in tract, exactly as written.
+//!
+//! The model is encoded to bytes and decoded by tract's own protobuf types (ours and tract's
+//! are different generated types; bytes are the common ground). Loading ignores the stored
+//! `value_info` and output shapes (most real models load only so), every input's fact is set
+//! from the tensor fed, and the model is typed and planned without tract's optimizer, so the
+//! run computes the graph as written, not a rewrite of it.
+
+use std::fmt;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
+use std::sync::OnceLock;
+
+use prost::Message;
+use regex::Regex;
+use serde::Serialize;
+use tract_onnx::prelude::*;
+
+use crate::pb;
+
+/// The step at which tract gave up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStage {
+    /// Decoding the protobuf, parsing the graph and building its nodes.
+    Load,
+    /// Matching the tensors fed to the model's inputs.
+    Inputs,
+    /// Shape and type analysis, and translation to a typed model.
+    Type,
+    /// Building the execution plan.
+    Plan,
+    /// Evaluating the plan on the inputs.
+    Run,
+}
+
+impl fmt::Display for RunStage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RunStage::Load => "load",
+            RunStage::Inputs => "feed the inputs of",
+            RunStage::Type => "type",
+            RunStage::Plan => "plan",
+            RunStage::Run => "run",
+        })
+    }
+}
+
+/// Why tract could not run a model.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RunError {
+    /// The step that failed.
+    pub stage: RunStage,
+    /// The node tract names in its error, as our graph names it when it can be found there
+    /// (tract calls unnamed nodes after their first output, and suffixes nodes it expands).
+    pub node: Option<String>,
+    /// The node's ONNX op type, from our graph when the node is found there, else tract's op
+    /// description.
+    pub op: Option<String>,
+    /// tract's full error chain, outermost context first, joined by `: `; for a panic, the
+    /// panic message.
+    pub message: String,
+    /// Whether tract panicked (caught) rather than returned an error.
+    pub panicked: bool,
+}
+
+impl fmt::Display for RunError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "tract could not {} the model", self.stage)?;
+        match (&self.node, &self.op) {
+            (Some(node), Some(op)) => write!(f, " at node `{node}` ({op})")?,
+            (Some(node), None) => write!(f, " at node `{node}`")?,
+            _ => {}
+        }
+        if self.panicked {
+            write!(f, " (tract panicked)")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl std::error::Error for RunError {}
+
+/// Runs `model` in tract on `inputs` and returns its outputs in graph output order, each with
+/// its graph output name.
+///
+/// `model_dir` is where external data files are looked up (the model file's directory).
+/// `inputs` are matched to the graph's real inputs by name; tensors for names the graph does
+/// not have are ignored (so one input set can feed a reference and a candidate that dropped an
+/// unused input). tract `TDim` outputs are returned as int64.
+///
+/// # Errors
+/// A [`RunError`] saying at which stage tract failed, on which node and why. A panic inside
+/// tract is caught and returned as a `RunError` with `panicked` set; the process's panic hook
+/// still reports it on stderr.
+pub fn run(
+    model: &pb::ModelProto,
+    model_dir: Option<&Path>,
+    inputs: &[(String, Tensor)],
+) -> Result<Vec<(String, Tensor)>, RunError> {
+    let result = catch_unwind(AssertUnwindSafe(|| run_inner(model, model_dir, inputs)));
+    let failed = match result {
+        Ok(Ok(outputs)) => return Ok(outputs),
+        Ok(Err(failed)) => failed,
+        Err(payload) => {
+            let message = if let Some(s) = payload.downcast_ref::<&str>() {
+                (*s).to_string()
+            } else if let Some(s) = payload.downcast_ref::<String>() {
+                s.clone()
+            } else {
+                "tract panicked with a non-text payload".to_string()
+            };
+            let stage = PANIC_STAGE.with(|s| s.get());
+            let message = match CURRENT_NODE.with(|c| c.borrow_mut().take()) {
+                Some(node) if stage == RunStage::Run => format!("Evaluating {node}: {message}"),
+                _ => message,
+            };
+            Failure {
+                stage,
+                message,
+                panicked: true,
+            }
+        }
+    };
+    Err(failed.into_run_error(model))
+}
+
+thread_local! {
+    /// The stage the current thread's run is in, read when tract panics.
+    static PANIC_STAGE: std::cell::Cell<RunStage> = const { std::cell::Cell::new(RunStage::Load) };
+    /// The node being evaluated (`#id "name" op`), read when tract panics.
+    static CURRENT_NODE: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+struct Failure {
+    stage: RunStage,
+    message: String,
+    panicked: bool,
+}
+
+impl Failure {
+    fn at(stage: RunStage) -> impl Fn(anyhow::Error) -> Failure {
+        move |e| Failure {
+            stage,
+            message: chain(&e),
+            panicked: false,
+        }
+    }
+
+    fn into_run_error(self, model: &pb::ModelProto) -> RunError {
+        let (node, op) = match locate_node(&self.message) {
+            Some((tract_name, tract_op)) => match find_in_graph(model, &tract_name) {
+                Some((name, op_type)) => (Some(name), Some(op_type)),
+                None => (Some(tract_name), tract_op),
+            },
+            None => (None, None),
+        };
+        RunError {
+            stage: self.stage,
+            node,
+            op,
+            message: self.message,
+            panicked: self.panicked,
+        }
+    }
+}
+
+/// The whole anyhow chain, outermost first.
+fn chain(e: &anyhow::Error) -> String {
+    e.chain()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(": ")
+}
+
+fn set_stage(stage: RunStage) {
+    PANIC_STAGE.with(|s| s.set(stage));
+}
+
+fn run_inner(
+    model: &pb::ModelProto,
+    model_dir: Option<&Path>,
+    inputs: &[(String, Tensor)],
+) -> Result<Vec<(String, Tensor)>, Failure> {
+    set_stage(RunStage::Load);
+    let bytes = model.encode_to_vec();
+    let onnx = tract_onnx::onnx()
+        .with_ignore_value_info(true)
+        .with_ignore_output_shapes(true);
+    let proto = onnx
+        .proto_model_for_read(&mut bytes.as_slice())
+        .map_err(Failure::at(RunStage::Load))?;
+    let dir = match model_dir {
+        Some(d) => Some(d.to_str().ok_or_else(|| Failure {
+            stage: RunStage::Load,
+            message: format!("model directory {} is not valid UTF-8", d.display()),
+            panicked: false,
+        })?),
+        None => None,
+    };
+    let parsed = onnx
+        .parse(&proto, dir)
+        .map_err(Failure::at(RunStage::Load))?;
+    if !parsed.unresolved_inputs.is_empty() {
+        return Err(Failure {
+            stage: RunStage::Load,
+            message: format!(
+                "values used but never defined: {:?}",
+                parsed.unresolved_inputs
+            ),
+            panicked: false,
+        });
+    }
+    let mut inference_model = parsed.model;
+
+    set_stage(RunStage::Inputs);
+    let mut fed: TVec<TValue> = tvec![];
+    let outlets = inference_model
+        .input_outlets()
+        .map_err(Failure::at(RunStage::Inputs))?
+        .to_vec();
+    for (ix, outlet) in outlets.iter().enumerate() {
+        let name = inference_model.node(outlet.node).name.clone();
+        let tensor = inputs
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, t)| t)
+            .ok_or_else(|| Failure {
+                stage: RunStage::Inputs,
+                message: format!(
+                    "no tensor fed for graph input `{name}`; fed: {:?}",
+                    inputs.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>()
+                ),
+                panicked: false,
+            })?;
+        inference_model
+            .set_input_fact(ix, InferenceFact::dt_shape_from_tensor(tensor))
+            .map_err(|e| {
+                Failure::at(RunStage::Inputs)(
+                    e.context(format!("setting the fact of input `{name}`")),
+                )
+            })?;
+        fed.push(tensor.clone().into_tvalue());
+    }
+
+    set_stage(RunStage::Type);
+    let typed = inference_model
+        .into_typed()
+        .map_err(Failure::at(RunStage::Type))?;
+    set_stage(RunStage::Plan);
+    let plan = typed.into_runnable().map_err(Failure::at(RunStage::Plan))?;
+    set_stage(RunStage::Run);
+    let mut state = plan.spawn().map_err(Failure::at(RunStage::Run))?;
+    let outputs = state
+        .run_plan_with_eval(fed, |ctx, op_state, node, node_inputs| {
+            // Remembered so that a panic inside the op can still name the node.
+            CURRENT_NODE.with(|c| {
+                *c.borrow_mut() = Some(format!("#{} \"{}\" {}", node.id, node.name, node.op))
+            });
+            let result = tract_onnx::tract_core::plan::eval(ctx, op_state, node, node_inputs);
+            CURRENT_NODE.with(|c| *c.borrow_mut() = None);
+            result
+        })
+        .map_err(Failure::at(RunStage::Run))?;
+
+    let graph_outputs: Vec<&str> = model
+        .graph
+        .as_ref()
+        .map(|g| g.output.iter().map(|o| o.name()).collect())
+        .unwrap_or_default();
+    if graph_outputs.len() != outputs.len() {
+        return Err(Failure {
+            stage: RunStage::Run,
+            message: format!(
+                "tract returned {} outputs, the graph declares {}",
+                outputs.len(),
+                graph_outputs.len()
+            ),
+            panicked: false,
+        });
+    }
+    graph_outputs
+        .iter()
+        .zip(outputs)
+        .map(|(name, value)| {
+            let tensor = value.into_tensor();
+            let tensor = if tensor.datum_type() == DatumType::TDim {
+                tensor
+                    .cast_to::<i64>()
+                    .map_err(|e| {
+                        Failure::at(RunStage::Run)(e.context(format!("output `{name}` as int64")))
+                    })?
+                    .into_owned()
+            } else {
+                tensor
+            };
+            Ok((name.to_string(), tensor))
+        })
+        .collect()
+}
+
+/// Finds the node tract's message is about: `#12 "name" Op` (analysis, translation,
+/// evaluation) or `Building node name (Op)` (loading). The first, outermost, mention wins.
+fn locate_node(message: &str) -> Option<(String, Option<String>)> {
+    static NODE_REF: OnceLock<Option<Regex>> = OnceLock::new();
+    static BUILDING: OnceLock<Option<Regex>> = OnceLock::new();
+    let node_ref =
+        NODE_REF.get_or_init(|| Regex::new(r#"#\d+ "([^"]*)" ([A-Za-z_][A-Za-z0-9_:.]*)"#).ok());
+    let building = BUILDING.get_or_init(|| Regex::new(r"Building node (\S*) \(([^)]*)\)").ok());
+    let first = |re: &Option<Regex>| {
+        re.as_ref()?.captures(message).map(|c| {
+            let start = c.get(0).map(|m| m.start()).unwrap_or(usize::MAX);
+            let name = c.get(1).map(|m| m.as_str().to_string()).unwrap_or_default();
+            let op = c.get(2).map(|m| m.as_str().to_string());
+            (start, name, op)
+        })
+    };
+    let mut found: Vec<(usize, String, Option<String>)> = [first(node_ref), first(building)]
+        .into_iter()
+        .flatten()
+        .collect();
+    found.sort_by_key(|(start, _, _)| *start);
+    found.into_iter().next().map(|(_, name, op)| (name, op))
+}
+
+/// Looks `tract_name` up in our graph (and subgraphs): tract names a node by its name, or by
+/// its first output when it has none, and suffixes nodes it derives (`name.0`, `name.expanded`).
+/// Returns our node's display name and op type.
+fn find_in_graph(model: &pb::ModelProto, tract_name: &str) -> Option<(String, String)> {
+    let graph = model.graph.as_ref()?;
+    let mut candidate = tract_name;
+    loop {
+        if let Some(found) = find_node(graph, candidate) {
+            return Some(found);
+        }
+        candidate = &candidate[..candidate.rfind('.')?];
+    }
+}
+
+fn find_node(graph: &pb::GraphProto, name: &str) -> Option<(String, String)> {
+    for node in &graph.node {
+        let tract_name = if !node.name().is_empty() {
+            node.name()
+        } else {
+            node.output.first().map(String::as_str).unwrap_or("")
+        };
+        if tract_name == name && !name.is_empty() {
+            return Some((tract_name.to_string(), node.op_type().to_string()));
+        }
+    }
+    for node in &graph.node {
+        for attr in &node.attribute {
+            for g in attr.g.iter().chain(attr.graphs.iter()) {
+                if let Some(found) = find_node(g, name) {
+                    return Some(found);
+                }
+            }
+        }
+    }
+    None
+}
