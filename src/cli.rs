@@ -26,6 +26,55 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Run a pass pipeline on a model and write the result (checked in tract by default).
     Optimize(OptimizeArgs),
+    /// Run two models in tract on the same inputs and compare their outputs.
+    Compare(CompareArgs),
+    /// List the passes with their kind and summary.
+    ListPasses,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Inputs as an .npz file whose keys are graph input names (other keys are ignored).
+    #[arg(long, value_name = "FILE.npz")]
+    pub inputs: Option<PathBuf>,
+    /// Shape of a generated input, for symbolic dims: NAME:D0,D1,... (repeatable).
+    #[arg(long = "input-shape", value_name = "NAME:D0,D1,..")]
+    pub input_shape: Vec<String>,
+    /// Fill an input with a value, e.g. a sample rate: NAME=VALUE (repeatable).
+    #[arg(long = "input", value_name = "NAME=VALUE")]
+    pub input: Vec<String>,
+    /// Seed for generated inputs.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Gate: |a - b| <= atol + rtol * |a| on every element of every output.
+    #[arg(long)]
+    pub atol: Option<f64>,
+    /// Gate: relative tolerance of the same check.
+    #[arg(long)]
+    pub rtol: Option<f64>,
+    /// Gate: smallest cosine similarity per float output (default 0.99 for lossy pipelines,
+    /// 0.9999 otherwise, when no gate is given).
+    #[arg(long)]
+    pub min_cosine: Option<f64>,
+    /// Exit 0 instead of 3 when tract cannot run the original model.
+    #[arg(long)]
+    pub allow_unverified: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CompareArgs {
+    /// The reference model.
+    pub reference: PathBuf,
+    /// The model to compare with it.
+    pub candidate: PathBuf,
+    #[command(flatten)]
+    pub check: CheckArgs,
+    /// Also write the comparison as JSON to this file.
+    #[arg(long, value_name = "FILE.json")]
+    pub report: Option<PathBuf>,
+    /// Print the comparison as JSON on stdout instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -63,4 +112,24 @@ pub struct OptimizeArgs {
     pub passes: String,
     #[command(flatten)]
     pub save: SaveArgs,
+    /// Skip the tract check of the result.
+    #[arg(long)]
+    pub no_check: bool,
+    #[command(flatten)]
+    pub check: CheckArgs,
+    /// Write the report as JSON to this file (schema in README.md).
+    #[arg(long, value_name = "FILE.json")]
+    pub report: Option<PathBuf>,
+    /// Lossy passes only touch these op types (comma-separated, e.g. Conv,MatMul).
+    #[arg(long, value_delimiter = ',', value_name = "OPS")]
+    pub op_types: Vec<String>,
+    /// Lossy passes leave nodes whose name matches this regex alone.
+    #[arg(long, value_name = "REGEX")]
+    pub exclude_nodes: Option<String>,
+    /// Lossy passes only touch nodes whose name matches this regex.
+    #[arg(long, value_name = "REGEX")]
+    pub include_nodes: Option<String>,
+    /// Validate the IR after every pass (always on in debug builds).
+    #[arg(long)]
+    pub validate: bool,
 }

@@ -332,7 +332,12 @@ pub fn format_text(i: &Inspection) -> String {
     let mut s = String::new();
     let mb = |b: u64| b as f64 / 1e6;
     let _ = writeln!(s, "model        {}", i.file);
-    let _ = writeln!(s, "file size    {:.3} MB ({} bytes)", mb(i.file_size), i.file_size);
+    let _ = writeln!(
+        s,
+        "file size    {:.3} MB ({} bytes)",
+        mb(i.file_size),
+        i.file_size
+    );
     let _ = writeln!(
         s,
         "ir_version   {}    producer {} {}",
@@ -342,7 +347,11 @@ pub fn format_text(i: &Inspection) -> String {
         .opset_import
         .iter()
         .map(|o| {
-            let d = if o.domain.is_empty() { "ai.onnx" } else { &o.domain };
+            let d = if o.domain.is_empty() {
+                "ai.onnx"
+            } else {
+                &o.domain
+            };
             format!("{d} {}", o.version)
         })
         .collect();

@@ -15,8 +15,12 @@
 //! The IR's invariants are listed in [`ir`]. The library never prints: progress goes through
 //! [`report::Reporter`], results come back as data.
 
-pub mod ir;
 pub mod inspect;
+pub mod ir;
 pub mod onnx;
+pub mod optimize;
+pub mod passes;
 pub mod pb;
+pub mod quant;
+pub mod report;
 pub mod verify;

@@ -1,14 +1,24 @@
 //! The `onnxopt` binary: clap -> config -> library call -> exit code.
+//!
+//! Exit codes: 0 success, 1 accuracy gate failed (output still written), 2 error,
+//! 3 unverified (tract cannot run the original; 0 with --allow-unverified).
 
 mod cli;
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
+use std::sync::Mutex;
+use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Parser;
+use indicatif::{ProgressBar, ProgressStyle};
 
-use cli::{Cli, Command};
-use onnxopt::onnx;
+use cli::{CheckArgs, Cli, Command};
+use onnxopt::optimize::{self, Outcome};
+use onnxopt::report::Reporter;
+use onnxopt::verify::{self, Gates, InputOptions, Verification};
+use onnxopt::{onnx, passes};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -21,7 +31,80 @@ fn main() -> ExitCode {
     }
 }
 
+/// Spinner on stderr per phase; hidden when stderr is not a terminal or with --quiet.
+struct Bars {
+    bar: Mutex<Option<ProgressBar>>,
+    enabled: bool,
+}
+
+impl Reporter for Bars {
+    fn phase(&self, name: &str) {
+        if !self.enabled {
+            return;
+        }
+        let pb = ProgressBar::new_spinner();
+        pb.set_style(
+            ProgressStyle::with_template("{spinner} {msg} {elapsed}")
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        );
+        pb.set_message(name.to_string());
+        pb.enable_steady_tick(Duration::from_millis(120));
+        if let Ok(mut b) = self.bar.lock() {
+            if let Some(old) = b.replace(pb) {
+                old.finish_and_clear();
+            }
+        }
+    }
+    fn phase_done(&self) {
+        if let Ok(mut b) = self.bar.lock() {
+            if let Some(old) = b.take() {
+                old.finish_and_clear();
+            }
+        }
+    }
+}
+
+fn input_options(c: &CheckArgs) -> Result<InputOptions> {
+    Ok(InputOptions {
+        npz: c.inputs.clone(),
+        shapes: c
+            .input_shape
+            .iter()
+            .map(|s| verify::inputs::parse_input_shape(s))
+            .collect::<Result<_>>()?,
+        values: c
+            .input
+            .iter()
+            .map(|s| verify::inputs::parse_input_value(s))
+            .collect::<Result<_>>()?,
+        seed: c.seed,
+    })
+}
+
+fn regex(r: &Option<String>, flag: &str) -> Result<Option<regex::Regex>> {
+    r.as_deref()
+        .map(|r| regex::Regex::new(r).with_context(|| format!("{flag}: bad regex")))
+        .transpose()
+}
+
+fn gates(c: &CheckArgs) -> Gates {
+    Gates {
+        atol: c.atol,
+        rtol: c.rtol,
+        min_cosine: c.min_cosine,
+    }
+}
+
+fn write_json(path: &std::path::Path, value: &impl serde::Serialize) -> Result<()> {
+    let text = serde_json::to_string_pretty(value)?;
+    std::fs::write(path, text + "\n").with_context(|| format!("cannot write {}", path.display()))
+}
+
 fn run(cli: Cli) -> Result<ExitCode> {
+    let reporter = Bars {
+        bar: Mutex::new(None),
+        enabled: !cli.quiet && std::io::stderr().is_terminal(),
+    };
     match cli.command {
         Command::Inspect(a) => {
             let (model, info) = onnx::load(&a.model)?;
@@ -34,15 +117,100 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Optimize(a) => {
-            let (model, _info) = onnx::load(&a.model)?;
-            let opts = onnx::SaveOptions {
-                external_data: a.save.external_data,
-                external_threshold: a.save.external_data_threshold,
-                protect: if a.save.force { vec![] } else { vec![a.model.clone()] },
-            };
-            onnx::save(&model, &a.output, &opts)?;
+        Command::ListPasses => {
+            for p in passes::registry() {
+                println!("{:<32} {:<22} {}", p.name(), p.kind().label(), p.summary());
+            }
+            println!("\npresets: none (load + save), cleanup ({}), default (cleanup, fold_batchnorm, quantize_weights_int8, cleanup)", passes::CLEANUP.join(", "));
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Optimize(a) => {
+            let cfg = optimize::OptimizeConfig {
+                model: a.model.clone(),
+                output: a.output.clone(),
+                passes: a.passes.clone(),
+                pass_options: passes::PassOptions {
+                    op_types: a.op_types.clone(),
+                    exclude_nodes: regex(&a.exclude_nodes, "--exclude-nodes")?,
+                    include_nodes: regex(&a.include_nodes, "--include-nodes")?,
+                },
+                save: onnx::SaveOptions {
+                    external_data: a.save.external_data,
+                    external_threshold: a.save.external_data_threshold,
+                    protect: if a.save.force {
+                        vec![]
+                    } else {
+                        vec![a.model.clone()]
+                    },
+                },
+                check: !a.no_check && a.passes.trim() != "none",
+                inputs: input_options(&a.check)?,
+                gates: gates(&a.check),
+                validate_each: a.validate,
+            };
+            let report = optimize::optimize(&cfg, &reporter)?;
+            if let Some(path) = &a.report {
+                write_json(path, &report)?;
+            }
+            if !cli.quiet {
+                eprint!("{}", optimize::format_report(&report));
+            }
+            let out = a.output.display();
+            Ok(match report.outcome {
+                Outcome::Ok => ExitCode::SUCCESS,
+                Outcome::GateFailed => {
+                    eprintln!(
+                        "error: the accuracy check failed; the model was still written to {out}"
+                    );
+                    ExitCode::from(1)
+                }
+                Outcome::Unverified => {
+                    let reason = match report.check.as_ref().map(|c| &c.status) {
+                        Some(Verification::Unverified { reason, .. }) => reason.clone(),
+                        _ => String::new(),
+                    };
+                    eprintln!("warning: UNVERIFIED: tract cannot run the original model ({reason}); the optimized model was written to {out} but not checked");
+                    if a.check.allow_unverified {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(3)
+                    }
+                }
+            })
+        }
+        Command::Compare(a) => {
+            let load = |p: &std::path::Path| -> Result<onnxopt::pb::ModelProto> {
+                let (m, _) = onnx::load(p)?;
+                onnx::export::to_proto(&m)
+            };
+            let r = load(&a.reference)?;
+            let c = load(&a.candidate)?;
+            let dir = |p: &std::path::Path| p.parent().map(|d| d.to_path_buf());
+            let g = optimize::default_gates(gates(&a.check), false);
+            reporter.phase("running both models in tract");
+            let cmp = verify::compare_models(
+                &r,
+                dir(&a.reference).as_deref(),
+                &c,
+                dir(&a.candidate).as_deref(),
+                &input_options(&a.check)?,
+                &g,
+            )?;
+            reporter.phase_done();
+            if let Some(path) = &a.report {
+                write_json(path, &cmp)?;
+            }
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&cmp)?);
+            } else {
+                print!("{}", verify::format_table(&cmp));
+            }
+            Ok(match cmp.status {
+                Verification::Checked => ExitCode::SUCCESS,
+                Verification::Failed | Verification::CandidateFailed { .. } => ExitCode::from(1),
+                Verification::Unverified { .. } if a.check.allow_unverified => ExitCode::SUCCESS,
+                Verification::Unverified { .. } => ExitCode::from(3),
+            })
         }
     }
 }

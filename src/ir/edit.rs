@@ -30,6 +30,15 @@ impl Graph {
         id
     }
 
+    /// The value of this graph that reads `name` from an enclosing graph, created if needed.
+    /// Returns the local value instead when this graph defines `name` itself.
+    pub fn outer_value(&mut self, name: &str) -> ValueId {
+        match self.find(name) {
+            Some(v) => v,
+            None => self.push_value(name.to_string(), ValueDef::Outer),
+        }
+    }
+
     /// Replaces the tensor of initializer `v` (same name).
     pub fn set_initializer(&mut self, v: ValueId, tensor: Tensor) {
         self.value_mut(v).def = ValueDef::Initializer(tensor);
@@ -128,15 +137,16 @@ impl Graph {
         n.inputs[idx] = v;
     }
 
-    /// Renames value `v` to `new_name`, which the caller took from [`Names`] or freed by
-    /// renaming another value. Passes use it to keep a graph output's name when its producer
-    /// changes; graph input and output names themselves never change.
-    pub fn rename_value(&mut self, v: ValueId, new_name: String) {
-        let old = std::mem::replace(&mut self.value_mut(v).name, new_name.clone());
-        if self.by_name.get(&old) == Some(&v) {
+    /// Gives value `to` the name of value `from`, whose producer is being removed, so that a
+    /// graph output keeps its name when its producer changes. Graph input and output names
+    /// never change; `to`'s old name is no longer used by any value.
+    pub fn transfer_name(&mut self, from: ValueId, to: ValueId) {
+        let name = self.value(from).name.clone();
+        let old = std::mem::replace(&mut self.value_mut(to).name, name.clone());
+        if self.by_name.get(&old) == Some(&to) {
             self.by_name.remove(&old);
         }
-        self.by_name.insert(new_name, v);
+        self.by_name.insert(name, to);
     }
 
     /// Graph outputs that read `old` read `new` instead (the caller keeps the output names: see

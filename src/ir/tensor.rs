@@ -288,7 +288,10 @@ impl Tensor {
                         }
                     })
                     .collect(),
-                _ => bail!("cannot read {} values as numbers", elem_info(dt as i32).name),
+                _ => bail!(
+                    "cannot read {} values as numbers",
+                    elem_info(dt as i32).name
+                ),
             };
             return Ok(v);
         }
@@ -320,7 +323,10 @@ impl Tensor {
                     }
                 })
                 .collect(),
-            _ => bail!("cannot read {} values as numbers", elem_info(dt as i32).name),
+            _ => bail!(
+                "cannot read {} values as numbers",
+                elem_info(dt as i32).name
+            ),
         };
         Ok(v)
     }

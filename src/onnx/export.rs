@@ -1,7 +1,7 @@
 //! IR -> `ModelProto`, in a stable topological order.
 
-use std::collections::{BinaryHeap, HashMap};
 use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 
 use anyhow::{bail, Result};
 
@@ -66,10 +66,8 @@ pub fn topo_order(graph: &Graph) -> Result<Vec<NodeId>> {
             }
         }
     }
-    let mut heap: BinaryHeap<Reverse<usize>> = (0..n)
-        .filter(|&i| indeg[i] == 0)
-        .map(Reverse)
-        .collect();
+    let mut heap: BinaryHeap<Reverse<usize>> =
+        (0..n).filter(|&i| indeg[i] == 0).map(Reverse).collect();
     let mut out = Vec::with_capacity(n);
     while let Some(Reverse(i)) = heap.pop() {
         out.push(graph.order[i]);
@@ -110,7 +108,10 @@ pub fn graph_to_proto(graph: &Graph, path: &str) -> Result<pb::GraphProto> {
             .collect();
         for (ai, sg) in &node.subgraphs {
             let Some(attr) = np.attribute.get_mut(*ai) else {
-                bail!("{path}: {} lost its subgraph attribute #{ai}", node.label(id));
+                bail!(
+                    "{path}: {} lost its subgraph attribute #{ai}",
+                    node.label(id)
+                );
             };
             let sub_path = format!("{path}/{}/{}", node.label(id), attr.name());
             match sg {
@@ -158,4 +159,3 @@ pub fn graph_to_proto(graph: &Graph, path: &str) -> Result<pb::GraphProto> {
         .collect();
     Ok(gp)
 }
-

@@ -48,12 +48,18 @@ impl ExternalData {
                 "location" => location = Some(e.value().to_string()),
                 "offset" => {
                     offset = e.value().parse().with_context(|| {
-                        format!("tensor '{name}': external data offset '{}' is not a number", e.value())
+                        format!(
+                            "tensor '{name}': external data offset '{}' is not a number",
+                            e.value()
+                        )
                     })?
                 }
                 "length" => {
                     length = Some(e.value().parse().with_context(|| {
-                        format!("tensor '{name}': external data length '{}' is not a number", e.value())
+                        format!(
+                            "tensor '{name}': external data length '{}' is not a number",
+                            e.value()
+                        )
                     })?)
                 }
                 _ => {}
@@ -64,9 +70,9 @@ impl ExternalData {
         let path = self.safe_path(&location).with_context(|| {
             format!("tensor '{name}': refusing external data location '{location}'")
         })?;
-        let data = self.map(&path).with_context(|| {
-            format!("tensor '{name}': cannot read external data '{location}'")
-        })?;
+        let data = self
+            .map(&path)
+            .with_context(|| format!("tensor '{name}': cannot read external data '{location}'"))?;
         let file_len = data.len() as u64;
         ensure!(
             offset <= file_len,
@@ -109,7 +115,9 @@ impl ExternalData {
         for c in rel.components() {
             match c {
                 Component::Normal(_) | Component::CurDir => {}
-                Component::ParentDir => bail!("it contains '..' and would leave the model's folder"),
+                Component::ParentDir => {
+                    bail!("it contains '..' and would leave the model's folder")
+                }
                 Component::RootDir | Component::Prefix(_) => {
                     bail!("it is an absolute path; locations are relative to the model's folder")
                 }

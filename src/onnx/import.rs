@@ -5,10 +5,10 @@ use std::collections::HashSet;
 use anyhow::Result;
 
 use super::external::ExternalData;
+use crate::ir::Value;
 use crate::ir::{
     Graph, Model, Names, Node, NodeId, Port, SubgraphAttr, Tensor, ValueDef, ValueId, ValueInfo,
 };
-use crate::ir::Value;
 use crate::pb;
 
 /// Problems found while importing; all are reported together.
@@ -23,7 +23,8 @@ impl Problems {
         if self.list.len() < 200 {
             self.list.push(msg);
         } else if self.list.len() == 200 {
-            self.list.push("... (further problems not listed)".to_string());
+            self.list
+                .push("... (further problems not listed)".to_string());
         }
     }
 }
@@ -113,7 +114,6 @@ fn import_graph(
     }
     gp.sparse_initializer = sparse;
     let mut g = Graph::new(gp);
-
 
     for (pos, t) in inits.into_iter().enumerate() {
         let name = t.name().to_string();

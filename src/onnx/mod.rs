@@ -81,7 +81,13 @@ pub fn load(path: &Path) -> Result<(Model, LoadInfo)> {
         }
     });
     let (model, external) = from_proto(proto, dir, &what)?;
-    Ok((model, LoadInfo { file_size, external }))
+    Ok((
+        model,
+        LoadInfo {
+            file_size,
+            external,
+        },
+    ))
 }
 
 /// Builds the IR of a decoded model; `dir` is the folder external data is relative to.

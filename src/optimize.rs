@@ -1,0 +1,256 @@
+//! `onnxopt optimize`: load, run a pass pipeline, save, and check the result in tract.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+use crate::inspect::{parameters, Params};
+use crate::onnx::{self, SaveInfo, SaveOptions};
+use crate::passes::{self, manager::PassRecord, PassKind, PassOptions};
+use crate::report::Reporter;
+use crate::verify::{self, Comparison, Gates, InputOptions, Verification};
+
+/// Version of the JSON report schema (`--report`); bumped on any incompatible change.
+pub const REPORT_SCHEMA_VERSION: u32 = 1;
+
+/// Everything `optimize` needs, free of command-line types.
+#[derive(Debug, Clone)]
+pub struct OptimizeConfig {
+    /// Input model.
+    pub model: PathBuf,
+    /// Output model.
+    pub output: PathBuf,
+    /// Pipeline spec (see [`passes::parse_pipeline`]).
+    pub passes: String,
+    /// Options the passes read.
+    pub pass_options: PassOptions,
+    /// How to save.
+    pub save: SaveOptions,
+    /// Run the tract check.
+    pub check: bool,
+    /// Inputs for the check.
+    pub inputs: InputOptions,
+    /// Gates given by the user; unset gates take the pipeline's defaults.
+    pub gates: Gates,
+    /// Validate the IR after every pass (always on in debug builds).
+    pub validate_each: bool,
+}
+
+/// Overall outcome; maps to the exit code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// Written, and checked within the gates (or the check was skipped on request).
+    Ok,
+    /// Written, but a gate failed or the result did not run in tract although the original did.
+    GateFailed,
+    /// Written, but tract cannot run the original, so nothing was verified.
+    Unverified,
+}
+
+/// Size and parameter figures of one model.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelFigures {
+    /// Path.
+    pub path: String,
+    /// Bytes of the `.onnx` file plus its external data.
+    pub bytes: u64,
+    /// Nodes, subgraphs included.
+    pub nodes: usize,
+    /// Parameters (initializers and Constant values) by dtype.
+    pub parameters: Params,
+}
+
+/// The `optimize` report; its JSON form (`--report`) is documented in README.md.
+#[derive(Debug, Clone, Serialize)]
+pub struct OptimizeReport {
+    /// [`REPORT_SCHEMA_VERSION`].
+    pub schema_version: u32,
+    /// Input figures.
+    pub before: ModelFigures,
+    /// Output figures.
+    pub after: ModelFigures,
+    /// One record per pipeline entry, in order.
+    pub passes: Vec<PassRecord>,
+    /// The gates applied (user's, or the pipeline's defaults).
+    pub gates: Gates,
+    /// The tract check; `None` when skipped (`--no-check`).
+    pub check: Option<Comparison>,
+    /// Outcome.
+    pub outcome: Outcome,
+    /// What was saved.
+    pub saved: SaveInfo,
+    /// Total wall time in milliseconds.
+    pub total_ms: f64,
+}
+
+fn figures(model: &crate::ir::Model, path: &Path, bytes: u64) -> ModelFigures {
+    let (parameters, _) = parameters(model);
+    let (nodes, _) = crate::inspect::op_counts(model);
+    ModelFigures {
+        path: path.display().to_string(),
+        bytes,
+        nodes,
+        parameters,
+    }
+}
+
+/// Default gates: `min_cosine` 0.99 for a pipeline with a lossy pass, 0.9999 otherwise.
+pub fn default_gates(user: Gates, lossy: bool) -> Gates {
+    let mut g = user;
+    if g.min_cosine.is_none() && g.atol.is_none() && g.rtol.is_none() {
+        g.min_cosine = Some(if lossy { 0.99 } else { 0.9999 });
+    }
+    g
+}
+
+/// Runs `optimize`.
+///
+/// Errors: the input cannot be loaded, a pass fails, the output cannot be written, or the
+/// check's inputs cannot be prepared. A failed gate or an unverifiable model is not an error:
+/// see [`OptimizeReport::outcome`].
+pub fn optimize(cfg: &OptimizeConfig, reporter: &dyn Reporter) -> Result<OptimizeReport> {
+    let t0 = Instant::now();
+    let pipeline = passes::parse_pipeline(&cfg.passes)?;
+    reporter.phase("loading");
+    let (mut model, info) = onnx::load(&cfg.model)?;
+    reporter.phase_done();
+    let ext_in: u64 = info.external.iter().map(|e| e.2).sum();
+    let before = figures(&model, &cfg.model, info.file_size + ext_in);
+    let reference = if cfg.check {
+        Some(onnx::export::to_proto(&model)?)
+    } else {
+        None
+    };
+    let records = passes::manager::run_pipeline(
+        &mut model,
+        &pipeline,
+        &cfg.pass_options,
+        cfg.validate_each,
+        reporter,
+    )?;
+    reporter.phase("saving");
+    let mut out_proto = onnx::export::to_proto(&model)?;
+    let candidate = reference.as_ref().map(|_| out_proto.clone());
+    let saved = onnx::save_proto(&mut out_proto, &cfg.output, &cfg.save)
+        .with_context(|| format!("cannot save {}", cfg.output.display()))?;
+    reporter.phase_done();
+    let after = figures(
+        &model,
+        &cfg.output,
+        saved.model_bytes + saved.external.as_ref().map_or(0, |e| e.1),
+    );
+    let lossy = pipeline
+        .iter()
+        .any(|p| matches!(p.kind(), PassKind::Lossy { .. }));
+    let gates = default_gates(cfg.gates, lossy);
+    let (check, outcome) = match (reference, candidate) {
+        (Some(r), Some(c)) => {
+            reporter.phase("checking in tract");
+            let dir = |p: &Path| p.parent().map(Path::to_path_buf);
+            let cmp = verify::compare_models(
+                &r,
+                dir(&cfg.model).as_deref(),
+                &c,
+                dir(&cfg.output).as_deref(),
+                &cfg.inputs,
+                &gates,
+            )?;
+            reporter.phase_done();
+            let outcome = match cmp.status {
+                Verification::Checked => Outcome::Ok,
+                Verification::Failed | Verification::CandidateFailed { .. } => Outcome::GateFailed,
+                Verification::Unverified { .. } => Outcome::Unverified,
+            };
+            (Some(cmp), outcome)
+        }
+        _ => (None, Outcome::Ok),
+    };
+    Ok(OptimizeReport {
+        schema_version: REPORT_SCHEMA_VERSION,
+        before,
+        after,
+        passes: records,
+        gates,
+        check,
+        outcome,
+        saved,
+        total_ms: t0.elapsed().as_secs_f64() * 1e3,
+    })
+}
+
+/// Renders the summary table printed after `optimize`.
+pub fn format_report(r: &OptimizeReport) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{:<32} {:>6} {:>10} {:>8}",
+        "pass", "rounds", "time ms", "changes"
+    );
+    for p in &r.passes {
+        let _ = writeln!(
+            s,
+            "{:<32} {:>6} {:>10.1} {:>8}",
+            p.name, p.rounds, p.time_ms, p.changes
+        );
+        for n in p.notes.iter().take(8) {
+            let _ = writeln!(s, "    note: {n}");
+        }
+        if p.notes.len() > 8 {
+            let _ = writeln!(
+                s,
+                "    ... {} more notes in the JSON report",
+                p.notes.len() - 8
+            );
+        }
+    }
+    let mb = |b: u64| b as f64 / 1e6;
+    let _ = writeln!(
+        s,
+        "\nsize        {:>10.3} MB -> {:>10.3} MB  ({:.2}x smaller)",
+        mb(r.before.bytes),
+        mb(r.after.bytes),
+        r.before.bytes as f64 / (r.after.bytes.max(1) as f64)
+    );
+    let _ = writeln!(
+        s,
+        "nodes       {:>10} -> {:>10}",
+        r.before.nodes, r.after.nodes
+    );
+    let mut dtypes: Vec<&String> = r
+        .before
+        .parameters
+        .by_dtype
+        .keys()
+        .chain(r.after.parameters.by_dtype.keys())
+        .collect();
+    dtypes.sort();
+    dtypes.dedup();
+    for dt in dtypes {
+        let b = r.before.parameters.by_dtype.get(dt);
+        let a = r.after.parameters.by_dtype.get(dt);
+        let _ = writeln!(
+            s,
+            "params {:<9} {:>10} -> {:>10}  ({:.3} MB -> {:.3} MB)",
+            dt,
+            b.map_or(0, |x| x.count),
+            a.map_or(0, |x| x.count),
+            mb(b.map_or(0, |x| x.bytes)),
+            mb(a.map_or(0, |x| x.bytes)),
+        );
+    }
+    match &r.check {
+        Some(c) => {
+            let _ = writeln!(s, "\naccuracy (tract, original vs optimized)");
+            s.push_str(&verify::format_table(c));
+        }
+        None => {
+            let _ = writeln!(s, "\naccuracy    not checked (--no-check)");
+        }
+    }
+    let _ = writeln!(s, "total       {:.0} ms", r.total_ms);
+    s
+}

@@ -1,0 +1,157 @@
+//! Passes over the IR: one file per pass, the file name is the pass name.
+//!
+//! A pass reads the graph first (collects its matches from `&Graph`), then applies them
+//! through the edit API ([`crate::ir::edit`]). Every pass recurses into subgraphs (If/Loop/Scan
+//! bodies): weights inside subgraphs are weights like any other. What a pass does not
+//! understand it leaves unchanged.
+
+pub mod constant_to_initializer;
+pub mod dedupe_initializers;
+pub mod eliminate_dead_nodes;
+pub mod eliminate_identity;
+pub mod eliminate_unused_initializers;
+pub mod fold_batchnorm;
+pub mod manager;
+pub mod quantize_weights_int8;
+
+use anyhow::{bail, Result};
+use serde::Serialize;
+
+use crate::ir::Model;
+
+/// What a pass promises about the model's outputs.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum PassKind {
+    /// Outputs are bit-identical (graph cleanup).
+    Exact,
+    /// Outputs equal up to float rounding (fusions: a few ulp).
+    ExactUpToRounding,
+    /// Outputs change within the stated tolerance (quantization).
+    Lossy {
+        /// The tolerance promised, in words (e.g. "cosine >= 0.999 per output").
+        tolerance: &'static str,
+    },
+}
+
+impl PassKind {
+    /// Short label for tables.
+    pub fn label(&self) -> &'static str {
+        match self {
+            PassKind::Exact => "exact",
+            PassKind::ExactUpToRounding => "exact up to rounding",
+            PassKind::Lossy { .. } => "lossy",
+        }
+    }
+}
+
+/// What one run of a pass did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PassStats {
+    /// Number of changes (nodes removed, tensors rewritten, ...); 0 means nothing changed.
+    pub changes: usize,
+    /// What the pass chose not to do and why (e.g. "fp64 weight 'w' left in float").
+    pub notes: Vec<String>,
+}
+
+/// Options that passes read (set from the command line).
+#[derive(Debug, Clone, Default)]
+pub struct PassOptions {
+    /// Lossy passes only touch nodes of these op types (empty = every op type they handle).
+    pub op_types: Vec<String>,
+    /// Lossy passes leave nodes whose name matches this alone.
+    pub exclude_nodes: Option<regex::Regex>,
+    /// Lossy passes only touch nodes whose name matches this.
+    pub include_nodes: Option<regex::Regex>,
+}
+
+impl PassOptions {
+    /// May a lossy pass change `node`?
+    pub fn selects(&self, node: &crate::ir::Node) -> bool {
+        (self.op_types.is_empty() || self.op_types.iter().any(|o| o == node.op_type()))
+            && !self
+                .exclude_nodes
+                .as_ref()
+                .is_some_and(|r| r.is_match(node.name()))
+            && self
+                .include_nodes
+                .as_ref()
+                .is_none_or(|r| r.is_match(node.name()))
+    }
+}
+
+/// A pass over the IR.
+pub trait Pass: Sync {
+    /// The pass name: its file name under `src/passes/`.
+    fn name(&self) -> &'static str;
+    /// One-line summary.
+    fn summary(&self) -> &'static str;
+    /// What it promises about the model's outputs.
+    fn kind(&self) -> PassKind;
+    /// Runs the pass on every graph of `model`.
+    fn run(&self, model: &mut Model, opts: &PassOptions) -> Result<PassStats>;
+}
+
+/// Every pass, in the order `list-passes` shows them.
+pub fn registry() -> Vec<&'static dyn Pass> {
+    vec![
+        &constant_to_initializer::ConstantToInitializer,
+        &eliminate_identity::EliminateIdentity,
+        &eliminate_dead_nodes::EliminateDeadNodes,
+        &eliminate_unused_initializers::EliminateUnusedInitializers,
+        &dedupe_initializers::DedupeInitializers,
+        &fold_batchnorm::FoldBatchnorm,
+        &quantize_weights_int8::QuantizeWeightsInt8,
+    ]
+}
+
+/// The pass called `name`.
+pub fn by_name(name: &str) -> Option<&'static dyn Pass> {
+    registry().into_iter().find(|p| p.name() == name)
+}
+
+/// Graph cleanup, all exact.
+pub const CLEANUP: &[&str] = &[
+    "constant_to_initializer",
+    "eliminate_identity",
+    "eliminate_dead_nodes",
+    "eliminate_unused_initializers",
+    "dedupe_initializers",
+];
+
+/// Expands a pipeline spec: `none`, `default`, `cleanup`, or comma-separated pass names and
+/// presets. `default` = cleanup, `fold_batchnorm`, `quantize_weights_int8`, cleanup.
+///
+/// Errors name the unknown pass and list the known ones.
+pub fn parse_pipeline(spec: &str) -> Result<Vec<&'static dyn Pass>> {
+    let mut out = Vec::new();
+    for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        match item {
+            "none" => {}
+            "cleanup" => out.extend(CLEANUP.iter().filter_map(|n| by_name(n))),
+            "default" => {
+                out.extend(CLEANUP.iter().filter_map(|n| by_name(n)));
+                out.extend(by_name("fold_batchnorm"));
+                out.extend(by_name("quantize_weights_int8"));
+                out.extend(CLEANUP.iter().filter_map(|n| by_name(n)));
+            }
+            name => match by_name(name) {
+                Some(p) => out.push(p),
+                None => {
+                    let known: Vec<&str> = registry().iter().map(|p| p.name()).collect();
+                    bail!(
+                        "unknown pass '{name}'; known passes: {}; presets: none, cleanup, default",
+                        known.join(", ")
+                    )
+                }
+            },
+        }
+    }
+    Ok(out)
+}
+
+/// True when the model's format allows initializers that are not graph inputs (IR >= 4).
+/// Passes that add initializers leave older models alone and say so.
+pub fn can_add_initializers(model: &Model) -> bool {
+    model.header.ir_version() >= 4
+}
