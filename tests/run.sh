@@ -38,6 +38,6 @@ step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets -- -D warnings
 
 step "cargo test (all targets, debug)"
-cargo test --all-targets
+cargo test --all-targets --no-fail-fast
 
 step "all checks passed"

@@ -4,7 +4,8 @@
 
 Prints one JSON object per model (one per line) with the same definitions as
 `onnxopt inspect --json` (see onnx_common.py):
-{"file", "node_count", "op_counts": {"Conv": 53, "ai.onnx.ml:Foo": 1},
+{"file", "ir_version", "producer_name", "producer_version",
+ "opset_import": [{"domain", "version"}], "node_count", "op_counts": {"Conv": 53, "ai.onnx.ml:Foo": 1},
  "parameters": {"count", "bytes", "tensors",
                 "by_dtype": {"float32": {"count", "bytes", "tensors"}}},
  "inputs"/"outputs": [{"name", "dtype", "shape": [int | "dim_param" | null]}]}
@@ -65,6 +66,10 @@ def counts(path):
     init_names = {t.name for t in model.graph.initializer}
     return {
         "file": path,
+        "ir_version": model.ir_version,
+        "producer_name": model.producer_name,
+        "producer_version": model.producer_version,
+        "opset_import": [{"domain": o.domain, "version": o.version} for o in model.opset_import],
         "node_count": nodes,
         "op_counts": dict(sorted(ops.items())),
         "parameters": {**total, "by_dtype": dict(sorted(by_dtype.items()))},
