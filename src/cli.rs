@@ -129,6 +129,11 @@ pub struct OptimizeArgs {
     /// Lossy passes only touch nodes whose name matches this regex.
     #[arg(long, value_name = "REGEX")]
     pub include_nodes: Option<String>,
+    /// Do not keep layers in float when the quantized result misses the cosine target
+    /// (--min-cosine, default 0.999): the accuracy-gated fallback is on by default when the
+    /// pipeline is lossy and the check runs.
+    #[arg(long)]
+    pub no_fallback: bool,
     /// Validate the IR after every pass (always on in debug builds).
     #[arg(long)]
     pub validate: bool,

@@ -15,6 +15,7 @@
 //! The IR's invariants are listed in [`ir`]. The library never prints: progress goes through
 //! [`report::Reporter`], results come back as data.
 
+pub mod fallback;
 pub mod inspect;
 pub mod ir;
 pub mod onnx;

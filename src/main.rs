@@ -133,6 +133,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     op_types: a.op_types.clone(),
                     exclude_nodes: regex(&a.exclude_nodes, "--exclude-nodes")?,
                     include_nodes: regex(&a.include_nodes, "--include-nodes")?,
+                    ..Default::default()
                 },
                 save: onnx::SaveOptions {
                     external_data: a.save.external_data,
@@ -147,6 +148,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 inputs: input_options(&a.check)?,
                 gates: gates(&a.check),
                 validate_each: a.validate,
+                fallback_target: (!a.no_fallback).then(|| {
+                    a.check
+                        .min_cosine
+                        .unwrap_or(optimize::DEFAULT_FALLBACK_COSINE)
+                }),
             };
             let report = optimize::optimize(&cfg, &reporter)?;
             if let Some(path) = &a.report {

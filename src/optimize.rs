@@ -36,7 +36,13 @@ pub struct OptimizeConfig {
     pub gates: Gates,
     /// Validate the IR after every pass (always on in debug builds).
     pub validate_each: bool,
+    /// Accuracy-gated fallback: the cosine every float output must reach, `None` to disable.
+    /// Only used when the pipeline has a lossy pass and the check runs.
+    pub fallback_target: Option<f64>,
 }
+
+/// Default target of the accuracy-gated fallback when the user gives no `--min-cosine`.
+pub const DEFAULT_FALLBACK_COSINE: f64 = 0.999;
 
 /// Overall outcome; maps to the exit code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -78,6 +84,8 @@ pub struct OptimizeReport {
     pub gates: Gates,
     /// The tract check; `None` when skipped (`--no-check`).
     pub check: Option<Comparison>,
+    /// What the accuracy-gated fallback did; `None` when it was not needed or not enabled.
+    pub fallback: Option<crate::fallback::FallbackReport>,
     /// Outcome.
     pub outcome: Outcome,
     /// What was saved.
@@ -124,16 +132,74 @@ pub fn optimize(cfg: &OptimizeConfig, reporter: &dyn Reporter) -> Result<Optimiz
     } else {
         None
     };
-    let records = passes::manager::run_pipeline(
+    let split = pipeline
+        .iter()
+        .position(|p| matches!(p.kind(), PassKind::Lossy { .. }))
+        .unwrap_or(pipeline.len());
+    let (prefix, suffix) = pipeline.split_at(split);
+    let mut records = passes::manager::run_pipeline(
         &mut model,
-        &pipeline,
+        prefix,
         &cfg.pass_options,
         cfg.validate_each,
         reporter,
     )?;
-    reporter.phase("saving");
+    let snapshot =
+        (cfg.check && cfg.fallback_target.is_some() && !suffix.is_empty()).then(|| model.clone());
+    records.extend(passes::manager::run_pipeline(
+        &mut model,
+        suffix,
+        &cfg.pass_options,
+        cfg.validate_each,
+        reporter,
+    )?);
+    let lossy = !suffix.is_empty();
+    let gates = default_gates(cfg.gates, lossy);
+    let dir = |p: &Path| p.parent().map(Path::to_path_buf);
+    let compare = |candidate: &crate::pb::ModelProto| -> Result<Comparison> {
+        reporter.phase("checking in tract");
+        let r = reference.as_ref().context("no reference")?;
+        let cmp = verify::compare_models(
+            r,
+            dir(&cfg.model).as_deref(),
+            candidate,
+            None,
+            &cfg.inputs,
+            &gates,
+        );
+        reporter.phase_done();
+        cmp
+    };
     let mut out_proto = onnx::export::to_proto(&model)?;
-    let candidate = reference.as_ref().map(|_| out_proto.clone());
+    let mut check = match &reference {
+        Some(_) => Some(compare(&out_proto)?),
+        None => None,
+    };
+    let mut fallback = None;
+    if let (Some(snapshot), Some(target), Some(c)) = (&snapshot, cfg.fallback_target, &check) {
+        let ran = matches!(c.status, Verification::Checked | Verification::Failed);
+        if ran && min_cosine(c).is_some_and(|m| m < target) {
+            let r = reference.as_ref().context("no reference")?;
+            let prepared = verify::inputs::prepare_inputs(r, &cfg.inputs)?;
+            let (m, suffix_records, fb) = crate::fallback::run(
+                snapshot,
+                suffix,
+                &cfg.pass_options,
+                cfg.validate_each,
+                &prepared.tensors,
+                target,
+                FALLBACK_MAX_ITERATIONS,
+                reporter,
+            )?;
+            model = m;
+            records.truncate(prefix.len());
+            records.extend(suffix_records);
+            out_proto = onnx::export::to_proto(&model)?;
+            check = Some(compare(&out_proto)?);
+            fallback = Some(fb);
+        }
+    }
+    reporter.phase("saving");
     let saved = onnx::save_proto(&mut out_proto, &cfg.output, &cfg.save)
         .with_context(|| format!("cannot save {}", cfg.output.display()))?;
     reporter.phase_done();
@@ -142,31 +208,10 @@ pub fn optimize(cfg: &OptimizeConfig, reporter: &dyn Reporter) -> Result<Optimiz
         &cfg.output,
         saved.model_bytes + saved.external.as_ref().map_or(0, |e| e.1),
     );
-    let lossy = pipeline
-        .iter()
-        .any(|p| matches!(p.kind(), PassKind::Lossy { .. }));
-    let gates = default_gates(cfg.gates, lossy);
-    let (check, outcome) = match (reference, candidate) {
-        (Some(r), Some(c)) => {
-            reporter.phase("checking in tract");
-            let dir = |p: &Path| p.parent().map(Path::to_path_buf);
-            let cmp = verify::compare_models(
-                &r,
-                dir(&cfg.model).as_deref(),
-                &c,
-                dir(&cfg.output).as_deref(),
-                &cfg.inputs,
-                &gates,
-            )?;
-            reporter.phase_done();
-            let outcome = match cmp.status {
-                Verification::Checked => Outcome::Ok,
-                Verification::Failed | Verification::CandidateFailed { .. } => Outcome::GateFailed,
-                Verification::Unverified { .. } => Outcome::Unverified,
-            };
-            (Some(cmp), outcome)
-        }
-        _ => (None, Outcome::Ok),
+    let outcome = match check.as_ref().map(|c| &c.status) {
+        None | Some(Verification::Checked) => Outcome::Ok,
+        Some(Verification::Failed | Verification::CandidateFailed { .. }) => Outcome::GateFailed,
+        Some(Verification::Unverified { .. }) => Outcome::Unverified,
     };
     Ok(OptimizeReport {
         schema_version: REPORT_SCHEMA_VERSION,
@@ -175,10 +220,22 @@ pub fn optimize(cfg: &OptimizeConfig, reporter: &dyn Reporter) -> Result<Optimiz
         passes: records,
         gates,
         check,
+        fallback,
         outcome,
         saved,
         total_ms: t0.elapsed().as_secs_f64() * 1e3,
     })
+}
+
+/// Most candidate runs the fallback makes.
+pub const FALLBACK_MAX_ITERATIONS: usize = 24;
+
+/// Smallest cosine over the float outputs of a comparison.
+pub fn min_cosine(c: &Comparison) -> Option<f64> {
+    c.outputs
+        .iter()
+        .filter_map(|o| o.values.as_ref().and_then(|v| v.cosine))
+        .reduce(f64::min)
 }
 
 /// Renders the summary table printed after `optimize`.
@@ -241,6 +298,25 @@ pub fn format_report(r: &OptimizeReport) -> String {
             mb(b.map_or(0, |x| x.bytes)),
             mb(a.map_or(0, |x| x.bytes)),
         );
+    }
+    if let Some(f) = &r.fallback {
+        let _ = writeln!(
+            s,
+            "\nfallback    {} of {} layers kept in float to reach cosine {} ({:.6} -> {:.6}{})",
+            f.kept.len(),
+            f.layers,
+            f.target_cosine,
+            f.start_cosine,
+            f.final_cosine,
+            if f.met { "" } else { ", target NOT met" }
+        );
+        for k in &f.kept {
+            let _ = writeln!(
+                s,
+                "    {} \"{}\": SNR {:.1} dB in, {:.1} dB out",
+                k.op, k.node, k.snr_in_db, k.snr_out_db
+            );
+        }
     }
     match &r.check {
         Some(c) => {

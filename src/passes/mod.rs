@@ -63,11 +63,18 @@ pub struct PassOptions {
     pub exclude_nodes: Option<regex::Regex>,
     /// Lossy passes only touch nodes whose name matches this.
     pub include_nodes: Option<regex::Regex>,
+    /// Lossy passes leave nodes whose first output has one of these names alone (chosen by
+    /// the accuracy-gated fallback).
+    pub keep_float: std::collections::BTreeSet<String>,
 }
 
 impl PassOptions {
-    /// May a lossy pass change `node`?
-    pub fn selects(&self, node: &crate::ir::Node) -> bool {
+    /// May a lossy pass change `node` of graph `g`?
+    pub fn selects(&self, g: &crate::ir::Graph, node: &crate::ir::Node) -> bool {
+        let first_output = node.outputs.first().copied().flatten();
+        if first_output.is_some_and(|v| self.keep_float.contains(&g.value(v).name)) {
+            return false;
+        }
         (self.op_types.is_empty() || self.op_types.iter().any(|o| o == node.op_type()))
             && !self
                 .exclude_nodes

@@ -47,8 +47,14 @@ pub fn weight_axis(node: &Node, idx: usize, rank: usize) -> Option<usize> {
     weight_axis_any(node, idx, rank)
 }
 
-fn selected_axis(node: &Node, idx: usize, rank: usize, opts: &PassOptions) -> Option<usize> {
-    if !opts.selects(node) {
+fn selected_axis(
+    g: &Graph,
+    node: &Node,
+    idx: usize,
+    rank: usize,
+    opts: &PassOptions,
+) -> Option<usize> {
+    if !opts.selects(g, node) {
         return None;
     }
     weight_axis_any(node, idx, rank)
@@ -142,7 +148,7 @@ fn quantize_graph(
         // Classify every reader: Some(axis) = quantizable, None = keeps float.
         let mut local_axes: Vec<((NodeId, usize), Option<usize>)> = uses[w.0 as usize]
             .iter()
-            .map(|&(n, i)| ((n, i), selected_axis(g.node(n), i, rank, opts)))
+            .map(|&(n, i)| ((n, i), selected_axis(g, g.node(n), i, rank, opts)))
             .collect();
         let mut sub_axes = Vec::new();
         for &id in &sub_nodes {
@@ -202,7 +208,7 @@ fn sub_uses(sg: &Graph, name: &str, rank: usize, opts: &PassOptions, out: &mut V
             return; // shadowed by a local definition
         }
         for (n, i) in &sg.uses()[v.0 as usize] {
-            out.push(selected_axis(sg.node(*n), *i, rank, opts));
+            out.push(selected_axis(sg, sg.node(*n), *i, rank, opts));
         }
         if sg.is_graph_output(v) {
             out.push(None);
@@ -231,7 +237,7 @@ fn redirect_sub(
         let targets: Vec<(NodeId, usize)> = sg.uses()[v.0 as usize]
             .iter()
             .copied()
-            .filter(|&(n, i)| selected_axis(sg.node(n), i, rank, opts) == Some(axis))
+            .filter(|&(n, i)| selected_axis(sg, sg.node(n), i, rank, opts) == Some(axis))
             .collect();
         if !targets.is_empty() {
             let nv = sg.outer_value(new_name);
