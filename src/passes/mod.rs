@@ -6,6 +6,7 @@
 //! understand it leaves unchanged.
 
 pub mod constant_to_initializer;
+pub mod convert_fp16;
 pub mod dedupe_initializers;
 pub mod eliminate_dead_nodes;
 pub mod eliminate_identity;
@@ -66,6 +67,11 @@ pub struct PassOptions {
     /// Lossy passes leave nodes whose first output has one of these names alone (chosen by
     /// the accuracy-gated fallback).
     pub keep_float: std::collections::BTreeSet<String>,
+    /// Float conversion: keep graph inputs and outputs in their original float type, with
+    /// Casts at the border (`--keep-io-types`).
+    pub keep_io_types: bool,
+    /// Float conversion: target type, float16 (false) or bfloat16 (true).
+    pub bf16: bool,
 }
 
 impl PassOptions {
@@ -109,6 +115,7 @@ pub fn registry() -> Vec<&'static dyn Pass> {
         &dedupe_initializers::DedupeInitializers,
         &fold_batchnorm::FoldBatchnorm,
         &quantize_weights_int8::QuantizeWeightsInt8,
+        &convert_fp16::ConvertFp16,
     ]
 }
 
