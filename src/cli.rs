@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 
 /// Makes exported ONNX models smaller and faster, and proves they still compute the same thing.
 ///
@@ -26,6 +26,8 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Run a pass pipeline on a model and write the result (checked in tract by default).
     Optimize(OptimizeArgs),
+    /// Quantize a model (weight-only, fp16/bf16) and check the result in tract.
+    Quantize(QuantizeArgs),
     /// Run two models in tract on the same inputs and compare their outputs.
     Compare(CompareArgs),
     /// List the passes with their kind and summary.
@@ -137,4 +139,91 @@ pub struct OptimizeArgs {
     /// Validate the IR after every pass (always on in debug builds).
     #[arg(long)]
     pub validate: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    /// Integer weights dequantized by DequantizeLinear; activations stay float.
+    WeightOnly,
+    /// DynamicQuantizeLinear + MatMulInteger (not available in this version).
+    Dynamic,
+    /// Calibrated QDQ on activations and weights (not available in this version).
+    Static,
+    /// float32 tensors and ops to float16.
+    Fp16,
+    /// float32 tensors and ops to bfloat16.
+    Bf16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum GranularityArg {
+    /// One scale per tensor.
+    Tensor,
+    /// One scale per output channel.
+    Channel,
+    /// One scale per --block-size elements along the reduction axis (opset 21).
+    Block,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ScaleArg {
+    /// Float scales from the value range.
+    Float,
+    /// Power-of-two scales: q = round(x * 2^b), fraction bits b per tensor or channel.
+    Pow2,
+}
+
+#[derive(Debug, Args)]
+pub struct QuantizeArgs {
+    /// The model to quantize (.onnx).
+    pub model: PathBuf,
+    /// Where to write the result (written atomically).
+    #[arg(short, long, value_name = "OUT")]
+    pub output: PathBuf,
+    /// What to quantize.
+    #[arg(long, value_enum, default_value = "weight-only")]
+    pub mode: Mode,
+    /// Integer type: int8, uint8, int16, uint16, int4, uint4.
+    #[arg(long, default_value = "int8")]
+    pub dtype: String,
+    /// Scale sharing.
+    #[arg(long, value_enum, default_value = "channel")]
+    pub granularity: GranularityArg,
+    /// Block size for --granularity block.
+    #[arg(long, default_value_t = 32)]
+    pub block_size: usize,
+    /// Symmetric scales, zero point at the middle of the range (the default).
+    #[arg(long, conflicts_with = "asymmetric")]
+    pub symmetric: bool,
+    /// Asymmetric scales: zero point from the min/max range.
+    #[arg(long)]
+    pub asymmetric: bool,
+    /// Float or power-of-two (fixed-point) scales.
+    #[arg(long, value_enum, default_value = "float")]
+    pub scale: ScaleArg,
+    /// fp16/bf16: keep float32 graph inputs and outputs, with Casts at the border.
+    #[arg(long, default_value_t = true, action = ArgAction::Set, value_name = "BOOL")]
+    pub keep_io_types: bool,
+    #[command(flatten)]
+    pub save: SaveArgs,
+    /// Skip the tract check of the result.
+    #[arg(long)]
+    pub no_check: bool,
+    #[command(flatten)]
+    pub check: CheckArgs,
+    /// Lossy passes only touch these op types (comma-separated, e.g. Conv,MatMul).
+    #[arg(long, value_delimiter = ',', value_name = "OPS")]
+    pub op_types: Vec<String>,
+    /// Leave nodes whose name matches this regex alone.
+    #[arg(long, value_name = "REGEX")]
+    pub exclude_nodes: Option<String>,
+    /// Only touch nodes whose name matches this regex.
+    #[arg(long, value_name = "REGEX")]
+    pub include_nodes: Option<String>,
+    /// Do not keep layers in float when the result misses the cosine target.
+    #[arg(long)]
+    pub no_fallback: bool,
+    /// Write the report as JSON to this file.
+    #[arg(long, value_name = "FILE.json")]
+    pub report: Option<PathBuf>,
 }

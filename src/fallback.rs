@@ -20,7 +20,7 @@ use tract_onnx::prelude::Tensor;
 use crate::ir::{Graph, Model, ValueDef};
 use crate::onnx::export::to_proto;
 use crate::passes::manager::{run_pipeline, PassRecord};
-use crate::passes::quantize_weights_int8::weight_axis;
+use crate::passes::quantize_weights::weight_axis;
 use crate::passes::{Pass, PassOptions};
 use crate::pb;
 use crate::report::Reporter;

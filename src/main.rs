@@ -100,6 +100,60 @@ fn write_json(path: &std::path::Path, value: &impl serde::Serialize) -> Result<(
     std::fs::write(path, text + "\n").with_context(|| format!("cannot write {}", path.display()))
 }
 
+fn save_options(model: &std::path::Path, s: &cli::SaveArgs) -> onnx::SaveOptions {
+    onnx::SaveOptions {
+        external_data: s.external_data,
+        external_threshold: s.external_data_threshold,
+        protect: if s.force {
+            vec![]
+        } else {
+            vec![model.to_path_buf()]
+        },
+    }
+}
+
+fn fallback_target(no_fallback: bool, c: &CheckArgs) -> Option<f64> {
+    (!no_fallback).then(|| c.min_cosine.unwrap_or(optimize::DEFAULT_FALLBACK_COSINE))
+}
+
+/// Runs `optimize` with `cfg`, writes the report, prints the summary and maps the outcome to
+/// the exit code.
+fn finish(
+    cfg: &optimize::OptimizeConfig,
+    reporter: &Bars,
+    quiet: bool,
+    report_path: Option<&std::path::Path>,
+    allow_unverified: bool,
+) -> Result<ExitCode> {
+    let report = optimize::optimize(cfg, reporter)?;
+    if let Some(path) = report_path {
+        write_json(path, &report)?;
+    }
+    if !quiet {
+        eprint!("{}", optimize::format_report(&report));
+    }
+    let out = cfg.output.display();
+    Ok(match report.outcome {
+        Outcome::Ok => ExitCode::SUCCESS,
+        Outcome::GateFailed => {
+            eprintln!("error: the accuracy check failed; the model was still written to {out}");
+            ExitCode::from(1)
+        }
+        Outcome::Unverified => {
+            let reason = match report.check.as_ref().map(|c| &c.status) {
+                Some(Verification::Unverified { reason, .. }) => reason.clone(),
+                _ => String::new(),
+            };
+            eprintln!("warning: UNVERIFIED: tract cannot run the original model ({reason}); the optimized model was written to {out} but not checked");
+            if allow_unverified {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(3)
+            }
+        }
+    })
+}
+
 fn run(cli: Cli) -> Result<ExitCode> {
     let reporter = Bars {
         bar: Mutex::new(None),
@@ -135,54 +189,88 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     include_nodes: regex(&a.include_nodes, "--include-nodes")?,
                     ..Default::default()
                 },
-                save: onnx::SaveOptions {
-                    external_data: a.save.external_data,
-                    external_threshold: a.save.external_data_threshold,
-                    protect: if a.save.force {
-                        vec![]
-                    } else {
-                        vec![a.model.clone()]
-                    },
-                },
+                save: save_options(&a.model, &a.save),
                 check: !a.no_check && a.passes.trim() != "none",
                 inputs: input_options(&a.check)?,
                 gates: gates(&a.check),
                 validate_each: a.validate,
-                fallback_target: (!a.no_fallback).then(|| {
-                    a.check
-                        .min_cosine
-                        .unwrap_or(optimize::DEFAULT_FALLBACK_COSINE)
-                }),
+                check_float_equivalent: false,
+                fallback_target: fallback_target(a.no_fallback, &a.check),
             };
-            let report = optimize::optimize(&cfg, &reporter)?;
-            if let Some(path) = &a.report {
-                write_json(path, &report)?;
-            }
-            if !cli.quiet {
-                eprint!("{}", optimize::format_report(&report));
-            }
-            let out = a.output.display();
-            Ok(match report.outcome {
-                Outcome::Ok => ExitCode::SUCCESS,
-                Outcome::GateFailed => {
-                    eprintln!(
-                        "error: the accuracy check failed; the model was still written to {out}"
-                    );
-                    ExitCode::from(1)
-                }
-                Outcome::Unverified => {
-                    let reason = match report.check.as_ref().map(|c| &c.status) {
-                        Some(Verification::Unverified { reason, .. }) => reason.clone(),
-                        _ => String::new(),
-                    };
-                    eprintln!("warning: UNVERIFIED: tract cannot run the original model ({reason}); the optimized model was written to {out} but not checked");
-                    if a.check.allow_unverified {
-                        ExitCode::SUCCESS
-                    } else {
-                        ExitCode::from(3)
+            finish(
+                &cfg,
+                &reporter,
+                cli.quiet,
+                a.report.as_deref(),
+                a.check.allow_unverified,
+            )
+        }
+        Command::Quantize(a) => {
+            use cli::{GranularityArg, Mode, ScaleArg};
+            use onnxopt::quant::{Granularity, QType, Scheme};
+            let qtype = QType::parse(&a.dtype).with_context(|| {
+                format!(
+                    "--dtype {}: expected int8, uint8, int16, uint16, int4 or uint4",
+                    a.dtype
+                )
+            })?;
+            let scheme = Scheme {
+                qtype,
+                symmetric: !a.asymmetric,
+                granularity: match a.granularity {
+                    GranularityArg::Tensor => Granularity::Tensor,
+                    GranularityArg::Channel => Granularity::Channel,
+                    GranularityArg::Block => {
+                        anyhow::ensure!(a.block_size >= 2, "--block-size must be at least 2");
+                        Granularity::Block(a.block_size)
                     }
-                }
-            })
+                },
+                pow2: a.scale == ScaleArg::Pow2,
+            };
+            anyhow::ensure!(
+                !(scheme.pow2 && a.asymmetric),
+                "--scale pow2 is symmetric (fixed point): drop --asymmetric"
+            );
+            let pass = match a.mode {
+                Mode::WeightOnly => "quantize_weights",
+                Mode::Fp16 | Mode::Bf16 => "convert_fp16",
+                Mode::Dynamic | Mode::Static => anyhow::bail!(
+                    "--mode {:?} is not available in this version; use --mode weight-only, fp16 or bf16",
+                    a.mode
+                ),
+            };
+            // tract runs int8/uint8 DequantizeLinear per tensor and per axis; other forms are
+            // checked on the float-equivalent model.
+            let tract_runs = matches!(qtype, QType::Int8 | QType::Uint8)
+                && !matches!(scheme.granularity, Granularity::Block(_));
+            let cfg = optimize::OptimizeConfig {
+                model: a.model.clone(),
+                output: a.output.clone(),
+                passes: format!("cleanup,{pass},cleanup"),
+                pass_options: passes::PassOptions {
+                    op_types: a.op_types.clone(),
+                    exclude_nodes: regex(&a.exclude_nodes, "--exclude-nodes")?,
+                    include_nodes: regex(&a.include_nodes, "--include-nodes")?,
+                    weight_scheme: Some(scheme),
+                    keep_io_types: a.keep_io_types,
+                    bf16: a.mode == Mode::Bf16,
+                    ..Default::default()
+                },
+                save: save_options(&a.model, &a.save),
+                check: !a.no_check,
+                inputs: input_options(&a.check)?,
+                gates: gates(&a.check),
+                validate_each: false,
+                check_float_equivalent: a.mode == Mode::WeightOnly && !tract_runs,
+                fallback_target: fallback_target(a.no_fallback, &a.check),
+            };
+            finish(
+                &cfg,
+                &reporter,
+                cli.quiet,
+                a.report.as_deref(),
+                a.check.allow_unverified,
+            )
         }
         Command::Compare(a) => {
             let load = |p: &std::path::Path| -> Result<onnxopt::pb::ModelProto> {

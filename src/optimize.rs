@@ -9,7 +9,7 @@ use serde::Serialize;
 use crate::inspect::{parameters, Params};
 use crate::onnx::{self, SaveInfo, SaveOptions};
 use crate::passes::{self, manager::PassRecord, PassKind, PassOptions};
-use crate::report::Reporter;
+use crate::report::{Reporter, Silent};
 use crate::verify::{self, Comparison, Gates, InputOptions, Verification};
 
 /// Version of the JSON report schema (`--report`); bumped on any incompatible change.
@@ -36,6 +36,9 @@ pub struct OptimizeConfig {
     pub gates: Gates,
     /// Validate the IR after every pass (always on in debug builds).
     pub validate_each: bool,
+    /// Check the float-equivalent model (the lossy passes write dequantized weights in place)
+    /// instead of the quantized one, for forms tract cannot run (4-bit, 16-bit, blocks).
+    pub check_float_equivalent: bool,
     /// Accuracy-gated fallback: the cosine every float output must reach, `None` to disable.
     /// Only used when the pipeline has a lossy pass and the check runs.
     pub fallback_target: Option<f64>,
@@ -82,6 +85,9 @@ pub struct OptimizeReport {
     pub passes: Vec<PassRecord>,
     /// The gates applied (user's, or the pipeline's defaults).
     pub gates: Gates,
+    /// `quantized` when the check ran on the written model, `float-equivalent` when it ran on
+    /// the same model with the dequantized weights in float (forms tract cannot run).
+    pub checked_model: String,
     /// The tract check; `None` when skipped (`--no-check`).
     pub check: Option<Comparison>,
     /// What the accuracy-gated fallback did; `None` when it was not needed or not enabled.
@@ -144,8 +150,19 @@ pub fn optimize(cfg: &OptimizeConfig, reporter: &dyn Reporter) -> Result<Optimiz
         cfg.validate_each,
         reporter,
     )?;
+    let equivalent = cfg.check_float_equivalent && !suffix.is_empty();
     let snapshot =
-        (cfg.check && cfg.fallback_target.is_some() && !suffix.is_empty()).then(|| model.clone());
+        (cfg.check && (cfg.fallback_target.is_some() || equivalent) && !suffix.is_empty())
+            .then(|| model.clone());
+    // The options of the model that is checked: the float-equivalent model (dequantized
+    // weights in place) when tract cannot run the quantized form.
+    let mut check_opts = cfg.pass_options.clone();
+    check_opts.dequantized_weights = equivalent;
+    let checked_proto = |opts: &PassOptions| -> Result<crate::pb::ModelProto> {
+        let mut m = snapshot.as_ref().context("no snapshot")?.clone();
+        passes::manager::run_pipeline(&mut m, suffix, opts, cfg.validate_each, &Silent)?;
+        onnx::export::to_proto(&m)
+    };
     records.extend(passes::manager::run_pipeline(
         &mut model,
         suffix,
@@ -171,9 +188,10 @@ pub fn optimize(cfg: &OptimizeConfig, reporter: &dyn Reporter) -> Result<Optimiz
         cmp
     };
     let mut out_proto = onnx::export::to_proto(&model)?;
-    let mut check = match &reference {
-        Some(_) => Some(compare(&out_proto)?),
-        None => None,
+    let mut check = match (&reference, equivalent) {
+        (Some(_), false) => Some(compare(&out_proto)?),
+        (Some(_), true) => Some(compare(&checked_proto(&check_opts)?)?),
+        (None, _) => None,
     };
     let mut fallback = None;
     if let (Some(snapshot), Some(target), Some(c)) = (&snapshot, cfg.fallback_target, &check) {
@@ -184,18 +202,33 @@ pub fn optimize(cfg: &OptimizeConfig, reporter: &dyn Reporter) -> Result<Optimiz
             let (m, suffix_records, fb) = crate::fallback::run(
                 snapshot,
                 suffix,
-                &cfg.pass_options,
+                &check_opts,
                 cfg.validate_each,
                 &prepared.tensors,
                 target,
                 FALLBACK_MAX_ITERATIONS,
                 reporter,
             )?;
+            let checked = onnx::export::to_proto(&m)?;
             model = m;
             records.truncate(prefix.len());
             records.extend(suffix_records);
+            if equivalent {
+                // Re-run the real quantization with the layers the fallback kept in float.
+                let mut opts = cfg.pass_options.clone();
+                opts.keep_float = fb.kept.iter().map(|k| k.output.clone()).collect();
+                model = snapshot.clone();
+                records.truncate(prefix.len());
+                records.extend(passes::manager::run_pipeline(
+                    &mut model,
+                    suffix,
+                    &opts,
+                    cfg.validate_each,
+                    reporter,
+                )?);
+            }
             out_proto = onnx::export::to_proto(&model)?;
-            check = Some(compare(&out_proto)?);
+            check = Some(compare(&checked)?);
             fallback = Some(fb);
         }
     }
@@ -219,6 +252,12 @@ pub fn optimize(cfg: &OptimizeConfig, reporter: &dyn Reporter) -> Result<Optimiz
         after,
         passes: records,
         gates,
+        checked_model: if equivalent {
+            "float-equivalent"
+        } else {
+            "quantized"
+        }
+        .to_string(),
         check,
         fallback,
         outcome,
@@ -320,7 +359,18 @@ pub fn format_report(r: &OptimizeReport) -> String {
     }
     match &r.check {
         Some(c) => {
-            let _ = writeln!(s, "\naccuracy (tract, original vs optimized)");
+            let _ = writeln!(
+                s,
+                "\naccuracy (tract, original vs {})",
+                if r.checked_model == "quantized" {
+                    "optimized".to_string()
+                } else {
+                    format!(
+                        "the {} model: tract cannot run this quantized form",
+                        r.checked_model
+                    )
+                }
+            );
             s.push_str(&verify::format_table(c));
         }
         None => {

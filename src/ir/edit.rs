@@ -66,6 +66,7 @@ impl Graph {
     /// Adds a node of `op_type` in `domain` (`""` = default) named after `base` (fresh), reading
     /// `inputs`, with one fresh output value per entry of `outputs` (names derived from them).
     /// It is placed just before `before` in the node order, or at the end.
+    #[allow(clippy::too_many_arguments)] // each argument is one field of the new node
     pub fn add_node(
         &mut self,
         names: &mut Names,

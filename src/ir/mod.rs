@@ -73,6 +73,7 @@ impl Model {
 
 /// Where a value comes from.
 #[derive(Debug, Clone, PartialEq)]
+#[allow(clippy::large_enum_variant)] // one per value; boxing would add an allocation per initializer
 pub enum ValueDef {
     /// A graph input that is not an initializer.
     Input,

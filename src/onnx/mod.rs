@@ -31,9 +31,12 @@ pub const PROTOBUF_LIMIT: u64 = (2u64 << 30) - (1 << 20);
 pub struct LoadInfo {
     /// Size of the `.onnx` file in bytes.
     pub file_size: u64,
-    /// External data files read: (location, tensors, bytes).
-    pub external: Vec<(String, usize, u64)>,
+    /// External data files read.
+    pub external: Vec<ExternalUse>,
 }
+
+/// One external data file read: (location, tensors, bytes).
+pub type ExternalUse = (String, usize, u64);
 
 /// Reads a whole file as `Bytes`: memory-mapped when it is not empty.
 pub(crate) fn read_file_bytes(path: &Path) -> Result<Bytes> {
@@ -95,7 +98,7 @@ pub fn from_proto(
     proto: pb::ModelProto,
     dir: Option<PathBuf>,
     what: &str,
-) -> Result<(Model, Vec<(String, usize, u64)>)> {
+) -> Result<(Model, Vec<ExternalUse>)> {
     let mut ext = external::ExternalData::new(dir);
     let mut problems = import::Problems::default();
     let model = import::import_model(proto, &mut ext, &mut problems);

@@ -13,6 +13,7 @@ pub mod eliminate_identity;
 pub mod eliminate_unused_initializers;
 pub mod fold_batchnorm;
 pub mod manager;
+pub mod quantize_weights;
 pub mod quantize_weights_int8;
 
 use anyhow::{bail, Result};
@@ -67,6 +68,11 @@ pub struct PassOptions {
     /// Lossy passes leave nodes whose first output has one of these names alone (chosen by
     /// the accuracy-gated fallback).
     pub keep_float: std::collections::BTreeSet<String>,
+    /// Weight quantization scheme of `quantize_weights` (`None` = int8 symmetric per channel).
+    pub weight_scheme: Option<crate::quant::Scheme>,
+    /// Weight quantization writes the dequantized float values instead of integer weights
+    /// (the float-equivalent model used to check forms tract cannot run).
+    pub dequantized_weights: bool,
     /// Float conversion: keep graph inputs and outputs in their original float type, with
     /// Casts at the border (`--keep-io-types`).
     pub keep_io_types: bool,
@@ -115,6 +121,7 @@ pub fn registry() -> Vec<&'static dyn Pass> {
         &dedupe_initializers::DedupeInitializers,
         &fold_batchnorm::FoldBatchnorm,
         &quantize_weights_int8::QuantizeWeightsInt8,
+        &quantize_weights::QuantizeWeights,
         &convert_fp16::ConvertFp16,
     ]
 }
@@ -169,3 +176,4 @@ pub fn parse_pipeline(spec: &str) -> Result<Vec<&'static dyn Pass>> {
 pub fn can_add_initializers(model: &Model) -> bool {
     model.header.ir_version() >= 4
 }
+

@@ -74,7 +74,329 @@ pub fn quantize_symmetric_per_axis(
     Some(PerAxis { q, scales })
 }
 
+/// Integer type of quantized values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QType {
+    /// int8, [-128, 127].
+    Int8,
+    /// uint8, [0, 255].
+    Uint8,
+    /// int16, [-32768, 32767].
+    Int16,
+    /// uint16, [0, 65535].
+    Uint16,
+    /// int4, [-8, 7], two per byte (low nibble first).
+    Int4,
+    /// uint4, [0, 15], two per byte.
+    Uint4,
+}
+
+impl QType {
+    /// Parses `int8`, `uint8`, `int16`, `uint16`, `int4`, `uint4`.
+    pub fn parse(s: &str) -> Option<QType> {
+        Some(match s {
+            "int8" => QType::Int8,
+            "uint8" => QType::Uint8,
+            "int16" => QType::Int16,
+            "uint16" => QType::Uint16,
+            "int4" => QType::Int4,
+            "uint4" => QType::Uint4,
+            _ => return None,
+        })
+    }
+    /// Lowercase name.
+    pub fn name(self) -> &'static str {
+        match self {
+            QType::Int8 => "int8",
+            QType::Uint8 => "uint8",
+            QType::Int16 => "int16",
+            QType::Uint16 => "uint16",
+            QType::Int4 => "int4",
+            QType::Uint4 => "uint4",
+        }
+    }
+    /// Representable range `(qmin, qmax)`.
+    pub fn range(self) -> (i32, i32) {
+        match self {
+            QType::Int8 => (-128, 127),
+            QType::Uint8 => (0, 255),
+            QType::Int16 => (-32768, 32767),
+            QType::Uint16 => (0, 65535),
+            QType::Int4 => (-8, 7),
+            QType::Uint4 => (0, 15),
+        }
+    }
+    /// True for signed types.
+    pub fn signed(self) -> bool {
+        matches!(self, QType::Int8 | QType::Int16 | QType::Int4)
+    }
+    /// ONNX `TensorProto.DataType` code.
+    pub fn onnx_type(self) -> i32 {
+        use crate::pb::tensor_proto::DataType as D;
+        (match self {
+            QType::Int8 => D::Int8,
+            QType::Uint8 => D::Uint8,
+            QType::Int16 => D::Int16,
+            QType::Uint16 => D::Uint16,
+            QType::Int4 => D::Int4,
+            QType::Uint4 => D::Uint4,
+        }) as i32
+    }
+    /// Little-endian `raw_data` of `values` (4-bit types packed two per byte, low nibble
+    /// first, as the ONNX spec stores int4/uint4).
+    pub fn pack(self, values: &[i32]) -> Vec<u8> {
+        match self {
+            QType::Int8 | QType::Uint8 => values.iter().map(|&v| v as u8).collect(),
+            QType::Int16 | QType::Uint16 => values
+                .iter()
+                .flat_map(|&v| (v as u16).to_le_bytes())
+                .collect(),
+            QType::Int4 | QType::Uint4 => values
+                .chunks(2)
+                .map(|p| {
+                    let lo = (p[0] as u8) & 0x0f;
+                    let hi = p.get(1).map_or(0, |&v| (v as u8) & 0x0f);
+                    lo | (hi << 4)
+                })
+                .collect(),
+        }
+    }
+}
+
+/// How scales are shared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Granularity {
+    /// One scale for the whole tensor.
+    Tensor,
+    /// One scale per index of the output-channel axis.
+    Channel,
+    /// One scale per block of this many elements along the reduction axis (per output
+    /// channel); a last, shorter block covers the rest (DequantizeLinear-21 `block_size`).
+    Block(usize),
+}
+
+/// A quantization scheme.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct Scheme {
+    /// Integer type.
+    pub qtype: QType,
+    /// Symmetric (zero point at the middle of the range: 0 for signed, 2^(bits-1) for
+    /// unsigned) or asymmetric (zero point from the min/max range).
+    pub symmetric: bool,
+    /// Scale sharing.
+    pub granularity: Granularity,
+    /// Power-of-two scales: `scale = 2^-b` with the fraction bits `b` chosen from the range,
+    /// so `q = round(x * 2^b)` (fixed point, for integer-only targets). Implies symmetric.
+    pub pow2: bool,
+}
+
+impl Scheme {
+    /// The default weight scheme: int8, symmetric, per output channel.
+    pub const INT8_CHANNEL: Scheme = Scheme {
+        qtype: QType::Int8,
+        symmetric: true,
+        granularity: Granularity::Channel,
+        pow2: false,
+    };
+}
+
+/// A quantized tensor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Quantized {
+    /// Quantized values in the input's layout (within the type's range).
+    pub q: Vec<i32>,
+    /// Scales, laid out as `scale_dims`.
+    pub scales: Vec<f32>,
+    /// Zero points, same layout as the scales.
+    pub zero_points: Vec<i32>,
+    /// Shape of the scale and zero point tensors: `[]` per tensor, `[C]` per channel, the
+    /// weight's shape with the block axis divided (rounded up) per block.
+    pub scale_dims: Vec<usize>,
+}
+
+impl Quantized {
+    /// The dequantized values `(q - zero_point) * scale`, in the input's layout.
+    pub fn dequantize(
+        &self,
+        dims: &[usize],
+        axis: usize,
+        g: Granularity,
+        block_axis: usize,
+    ) -> Vec<f32> {
+        let idx = ScaleIndex::new(dims, axis, g, block_axis);
+        self.q
+            .iter()
+            .enumerate()
+            .map(|(i, &q)| {
+                let k = idx.of(i);
+                (q - self.zero_points[k]) as f32 * self.scales[k]
+            })
+            .collect()
+    }
+}
+
+/// Maps an element's flat index to the index of its scale.
+struct ScaleIndex {
+    strides: Vec<usize>,
+    dims: Vec<usize>,
+    g: Granularity,
+    axis: usize,
+    block_axis: usize,
+    scale_strides: Vec<usize>,
+}
+
+impl ScaleIndex {
+    fn new(dims: &[usize], axis: usize, g: Granularity, block_axis: usize) -> Self {
+        let mut strides = vec![1; dims.len()];
+        for i in (0..dims.len().saturating_sub(1)).rev() {
+            strides[i] = strides[i + 1] * dims[i + 1];
+        }
+        let sd = scale_dims(dims, axis, g, block_axis);
+        let mut scale_strides = vec![1; sd.len()];
+        for i in (0..sd.len().saturating_sub(1)).rev() {
+            scale_strides[i] = scale_strides[i + 1] * sd[i + 1];
+        }
+        ScaleIndex {
+            strides,
+            dims: dims.to_vec(),
+            g,
+            axis,
+            block_axis,
+            scale_strides,
+        }
+    }
+    fn of(&self, flat: usize) -> usize {
+        match self.g {
+            Granularity::Tensor => 0,
+            Granularity::Channel => (flat / self.strides[self.axis]) % self.dims[self.axis],
+            Granularity::Block(bs) => {
+                let mut k = 0;
+                for d in 0..self.dims.len() {
+                    let mut c = (flat / self.strides[d]) % self.dims[d];
+                    if d == self.block_axis {
+                        c /= bs;
+                    }
+                    k += c * self.scale_strides[d];
+                }
+                k
+            }
+        }
+    }
+}
+
+/// Shape of the scale tensor for a weight of shape `dims`.
+pub fn scale_dims(dims: &[usize], axis: usize, g: Granularity, block_axis: usize) -> Vec<usize> {
+    match g {
+        Granularity::Tensor => vec![],
+        Granularity::Channel => vec![dims[axis]],
+        Granularity::Block(bs) => {
+            let mut d = dims.to_vec();
+            d[block_axis] = d[block_axis].div_ceil(bs.max(1));
+            d
+        }
+    }
+}
+
+/// Scale and zero point for values in `[lo, hi]` under `scheme` (ONNX QuantizeLinear range
+/// conventions: the range always includes 0, so 0 is exactly representable).
+pub fn scale_zero_point(lo: f32, hi: f32, scheme: &Scheme) -> (f32, i32) {
+    let (qmin, qmax) = scheme.qtype.range();
+    let lo = lo.min(0.0);
+    let hi = hi.max(0.0);
+    let fix = |s: f32| {
+        if s > 0.0 && s.is_normal() {
+            s
+        } else if s > 0.0 {
+            f32::MIN_POSITIVE
+        } else {
+            1.0
+        }
+    };
+    if scheme.symmetric || scheme.pow2 {
+        let amax = lo.abs().max(hi);
+        // Symmetric ranges: signed [-qmax, qmax] around 0; unsigned around the middle.
+        let (half, zp) = if scheme.qtype.signed() {
+            (qmax as f32, 0)
+        } else {
+            (((qmax - qmin) / 2) as f32, (qmax + 1) / 2)
+        };
+        let mut s = fix(amax / half);
+        if scheme.pow2 && amax > 0.0 {
+            // Fraction bits b: the largest with amax * 2^b <= half.
+            let b = (half / amax).log2().floor();
+            s = (-b).exp2();
+        }
+        (s, zp)
+    } else {
+        let s = fix((hi - lo) / (qmax - qmin) as f32);
+        let zp = (qmin as f32 - lo / s).round_ties_even() as i32;
+        (s, zp.clamp(qmin, qmax))
+    }
+}
+
+/// Quantizes `w` (shape `dims`, row-major) under `scheme`. `axis` is the output-channel axis
+/// (per-channel scales), `block_axis` the reduction axis that blocks run along.
+///
+/// `q = clamp(round_half_even(w / scale) + zero_point, qmin, qmax)` (QuantizeLinear-21).
+/// Returns `None` when `w` holds NaN or infinity.
+pub fn quantize(
+    w: &[f32],
+    dims: &[usize],
+    axis: usize,
+    block_axis: usize,
+    scheme: &Scheme,
+) -> Option<Quantized> {
+    if w.par_iter().any(|v| !v.is_finite()) {
+        return None;
+    }
+    let sd = scale_dims(dims, axis, scheme.granularity, block_axis);
+    let n_scales: usize = sd.iter().product();
+    let idx = ScaleIndex::new(dims, axis, scheme.granularity, block_axis);
+    let mut lo = vec![f32::INFINITY; n_scales.max(1)];
+    let mut hi = vec![f32::NEG_INFINITY; n_scales.max(1)];
+    for (i, &v) in w.iter().enumerate() {
+        let k = idx.of(i);
+        lo[k] = lo[k].min(v);
+        hi[k] = hi[k].max(v);
+    }
+    let (scales, zero_points): (Vec<f32>, Vec<i32>) = lo
+        .iter()
+        .zip(&hi)
+        .map(|(&l, &h)| {
+            if l > h {
+                (1.0, scale_zero_point(0.0, 0.0, scheme).1)
+            } else {
+                scale_zero_point(l, h, scheme)
+            }
+        })
+        .unzip();
+    let (qmin, qmax) = scheme.qtype.range();
+    let (qmin, qmax) = if scheme.symmetric && scheme.qtype.signed() {
+        (-qmax, qmax)
+    } else {
+        (qmin, qmax)
+    };
+    let q: Vec<i32> = w
+        .par_iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            let k = idx.of(i);
+            ((v / scales[k]).round_ties_even() as i64 + zero_points[k] as i64)
+                .clamp(qmin as i64, qmax as i64) as i32
+        })
+        .collect();
+    Some(Quantized {
+        q,
+        scales,
+        zero_points,
+        scale_dims: sd,
+    })
+}
+
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -93,6 +415,80 @@ mod tests {
         let r = quantize_symmetric_per_axis(&w, &[2, 4], 0, 127.0).unwrap();
         assert_eq!(r.scales, vec![1.0, 1.0]);
         assert!(r.q.iter().all(|&q| q == 0));
+    }
+
+    #[test]
+    fn generic_matches_per_axis_int8() {
+        let w: Vec<f32> = (0..24).map(|i| ((i * 7) % 11) as f32 - 5.0).collect();
+        let a = quantize_symmetric_per_axis(&w, &[4, 6], 0, 127.0).unwrap();
+        let b = quantize(&w, &[4, 6], 0, 1, &Scheme::INT8_CHANNEL).unwrap();
+        assert_eq!(a.scales, b.scales);
+        assert_eq!(a.q.iter().map(|&q| q as i32).collect::<Vec<_>>(), b.q);
+        assert!(b.zero_points.iter().all(|&z| z == 0));
+    }
+
+    #[test]
+    fn blocks_with_a_short_last_block() {
+        // K = 100 along axis 0, N = 2, block 32: 4 blocks (32, 32, 32, 4) per column.
+        let w: Vec<f32> = (0..200).map(|i| (i as f32 * 0.37).sin()).collect();
+        let s = Scheme {
+            qtype: QType::Int4,
+            symmetric: true,
+            granularity: Granularity::Block(32),
+            pow2: false,
+        };
+        let r = quantize(&w, &[100, 2], 1, 0, &s).unwrap();
+        assert_eq!(r.scale_dims, vec![4, 2]);
+        assert!(r.q.iter().all(|&q| (-7..=7).contains(&q)));
+        let d = r.dequantize(&[100, 2], 1, s.granularity, 0);
+        for (k, (x, y)) in w.iter().zip(&d).enumerate() {
+            let sc = r.scales[(k / 2 / 32) * 2 + k % 2];
+            assert!((x - y).abs() <= sc / 2.0 + 1e-6, "{k}: {x} vs {y}");
+        }
+        // The last block's scale comes from its 4 rows only.
+        let amax = (96..100).map(|r| w[r * 2].abs()).fold(0f32, f32::max);
+        assert!((r.scales[6] - amax / 7.0).abs() < 1e-7);
+    }
+
+    #[test]
+    fn asymmetric_uint8_covers_the_range() {
+        let w = [0.5f32, 1.0, 2.0, 3.0];
+        let s = Scheme {
+            qtype: QType::Uint8,
+            symmetric: false,
+            granularity: Granularity::Tensor,
+            pow2: false,
+        };
+        let r = quantize(&w, &[4], 0, 0, &s).unwrap();
+        // Range [0, 3] -> scale 3/255, zero point 0.
+        assert!((r.scales[0] - 3.0 / 255.0).abs() < 1e-9);
+        assert_eq!(r.zero_points, vec![0]);
+        assert_eq!(r.q[3], 255);
+        let w = [-1.0f32, 3.0];
+        let r = quantize(&w, &[2], 0, 0, &s).unwrap();
+        assert_eq!(r.zero_points, vec![64]);
+        assert_eq!(r.q, vec![0, 255]);
+    }
+
+    #[test]
+    fn pow2_scales_are_powers_of_two() {
+        let w = [0.3f32, -0.9, 0.05];
+        let s = Scheme {
+            qtype: QType::Int8,
+            symmetric: true,
+            granularity: Granularity::Tensor,
+            pow2: true,
+        };
+        let r = quantize(&w, &[3], 0, 0, &s).unwrap();
+        // 0.9 * 2^b <= 127 -> b = 7, scale 2^-7.
+        assert_eq!(r.scales, vec![1.0 / 128.0]);
+        assert_eq!(r.q, vec![38, -115, 6]);
+    }
+
+    #[test]
+    fn int4_packs_low_nibble_first() {
+        assert_eq!(QType::Int4.pack(&[1, -1, 7]), vec![0xf1, 0x07]);
+        assert_eq!(QType::Uint16.pack(&[258]), vec![2, 1]);
     }
 
     #[test]

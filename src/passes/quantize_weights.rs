@@ -1,0 +1,570 @@
+//! `quantize_weights`: weight-only quantization of Conv, ConvTranspose, Gemm, MatMul and
+//! LSTM/GRU/RNN weights under a [`Scheme`]: int8 / uint8 / int16 / uint16 / int4 / uint4,
+//! symmetric or asymmetric, per tensor, per output channel or block-wise along the reduction
+//! axis, float or power-of-two scales. `quantize_weights_int8` is its int8 symmetric
+//! per-channel preset, the one the default pipeline uses.
+//!
+//! Before: a float weight initializer `W` read by Conv (input 1), ConvTranspose (input 1), Gemm
+//! (input 1), MatMul (input 1) or LSTM/GRU/RNN (inputs 1 = W and 2 = R). After: an integer
+//! initializer `W_quantized`, its scale (and zero point when not 0) and a node that turns them
+//! back into floats, so the readers are unchanged:
+//! - `DequantizeLinear` when the model's opset has the form needed: per tensor from opset 10,
+//!   per axis from 13 (DequantizeLinear-13), int16/uint16/int4/uint4 and `block_size` from 21
+//!   (DequantizeLinear-21);
+//! - otherwise, for 8- and 16-bit types, a form valid at the model's own opset that keeps
+//!   per-channel accuracy: `DequantizeLinear(W_quantized, 1.0, zero_point)` then `Mul` by the
+//!   scales shaped to broadcast along the axis (int8/uint8, opset 10..12), or `Cast(to=FLOAT)`,
+//!   `Sub` zero point, `Mul` scales (older opsets and 16-bit types). The model's opset is never
+//!   raised; 4-bit types and blocks below opset 21 are refused with an error.
+//!
+//! float16 weights: scales are computed in float32; at opset >= 19 the scale is stored as
+//! float16 (DequantizeLinear-19 returns the scale's type), below that a `Cast(to=FLOAT16)`
+//! follows. float64 and bfloat16 weights are left in float with a note.
+//!
+//! The output channel axis per op: Conv 0 (`[M, C/g, k..]`), ConvTranspose 1
+//! (`[C, M/g, k..]`; with groups, channels of different groups at the same position share a
+//! scale), Gemm 0 when `transB=1` (`[N, K]`) else 1 (`[K, N]`), MatMul the last axis
+//! (`[.., K, N]`), LSTM/GRU/RNN 1 (`[dirs, gates*H, in]`; directions share a scale). Blocks run
+//! along the reduction axis: Conv 1, ConvTranspose 0, Gemm/MatMul K, LSTM/GRU/RNN 2; a K that
+//! is not a multiple of the block size gets a shorter last block (no padding, nothing read past
+//! the end). Formulas: [`crate::quant::quantize`] (QuantizeLinear-21 rounding and saturation).
+//!
+//! A weight read by several quantizable nodes is quantized once. A weight that is also read by
+//! something else (another op, a graph output, a different axis) keeps its float copy for those
+//! readers. Weights inside If/Loop/Scan bodies are quantized, and bodies that read an outer
+//! weight by name are served too. With `PassOptions::dequantized_weights` the pass writes the
+//! dequantized float values in place instead (the float-equivalent model used to check
+//! quantized forms that tract cannot run). Not done: initializers that are graph inputs (a
+//! caller may override them), weights already in an integer type, weights holding NaN or
+//! infinity, and models with IR < 4 (new initializers would have to become graph inputs).
+
+use anyhow::{bail, Result};
+
+use super::{can_add_initializers, Pass, PassKind, PassOptions, PassStats};
+use crate::ir::edit::attr_int;
+use crate::ir::{Graph, Model, Names, Node, NodeId, Tensor, ValueDef, ValueId};
+use crate::pb::tensor_proto::DataType;
+use crate::quant::{quantize, scale_dims, Granularity, QType, Scheme};
+
+/// See the module documentation.
+pub struct QuantizeWeights;
+
+/// The reduction axis that blocks run along, for a weight whose output-channel axis is `axis`.
+pub fn block_axis(node: &Node, rank: usize, axis: usize) -> usize {
+    match node.op_type() {
+        "Conv" => 1,
+        "ConvTranspose" => 0,
+        "LSTM" | "GRU" | "RNN" => 2,
+        _ if rank >= 2 && axis == rank - 1 => rank - 2,
+        _ => rank - 1 - axis.min(rank - 1),
+    }
+}
+
+/// Lowest default-domain opset whose DequantizeLinear expresses `scheme` directly.
+pub fn dq_opset(scheme: &Scheme) -> i64 {
+    let wide = !matches!(scheme.qtype, QType::Int8 | QType::Uint8);
+    match scheme.granularity {
+        _ if wide => 21,
+        Granularity::Block(_) => 21,
+        Granularity::Channel => 13,
+        Granularity::Tensor => 10,
+    }
+}
+
+/// The output channel axis of weight input `idx` of `node` for a weight of rank `rank`, or
+/// `None` when that input is not a weight this pass quantizes.
+pub fn weight_axis(node: &Node, idx: usize, rank: usize) -> Option<usize> {
+    weight_axis_any(node, idx, rank)
+}
+
+fn selected_axis(
+    g: &Graph,
+    node: &Node,
+    idx: usize,
+    rank: usize,
+    opts: &PassOptions,
+) -> Option<usize> {
+    if !opts.selects(g, node) {
+        return None;
+    }
+    weight_axis_any(node, idx, rank)
+}
+
+fn weight_axis_any(node: &Node, idx: usize, rank: usize) -> Option<usize> {
+    if !node.domain().is_empty() {
+        return None;
+    }
+    match (node.op_type(), idx) {
+        ("Conv", 1) if rank >= 3 => Some(0),
+        ("ConvTranspose", 1) if rank >= 3 => Some(1),
+        ("Gemm", 1) if rank == 2 => Some(if node.attr_int("transB", 0) != 0 {
+            0
+        } else {
+            1
+        }),
+        ("MatMul", 1) if rank >= 2 => Some(rank - 1),
+        ("LSTM" | "GRU" | "RNN", 1 | 2) if rank == 3 => Some(1),
+        _ => None,
+    }
+}
+
+/// How the readers of one weight split.
+struct Plan {
+    weight: ValueId,
+    axis: usize,
+    /// Readers in this graph that get the dequantized value.
+    local: Vec<(NodeId, usize)>,
+    /// True when some reader (anywhere) keeps the float weight.
+    keep_float: bool,
+    /// True when a subgraph reads it for a quantizable use.
+    in_subgraphs: bool,
+    /// The reduction axis blocks run along.
+    block_axis: usize,
+}
+
+impl Pass for QuantizeWeights {
+    fn name(&self) -> &'static str {
+        "quantize_weights"
+    }
+    fn summary(&self) -> &'static str {
+        "weights of Conv, ConvTranspose, Gemm, MatMul, LSTM/GRU/RNN to int8/uint8/int16/uint16/int4/uint4, per tensor, channel or block (quantize options)"
+    }
+    fn kind(&self) -> PassKind {
+        PassKind::Lossy {
+            tolerance: "cosine >= 0.999 per output on typical models",
+        }
+    }
+    fn run(&self, model: &mut Model, opts: &PassOptions) -> Result<PassStats> {
+        run_scheme(
+            model,
+            opts,
+            &opts.weight_scheme.unwrap_or(Scheme::INT8_CHANNEL),
+        )
+    }
+}
+
+/// Runs the pass with `scheme` (see the module documentation).
+///
+/// Errors: the scheme needs DequantizeLinear-21 (4-bit types, blocks) and the model's opset is
+/// lower.
+pub fn run_scheme(model: &mut Model, opts: &PassOptions, scheme: &Scheme) -> Result<PassStats> {
+    {
+        let mut stats = PassStats::default();
+        if !can_add_initializers(model) {
+            stats.notes.push(format!(
+                "IR version {} requires initializers to be graph inputs: weights left in float",
+                model.header.ir_version()
+            ));
+            return Ok(stats);
+        }
+        let opset = model.opset("").unwrap_or(1);
+        let four_bit = matches!(scheme.qtype, QType::Int4 | QType::Uint4);
+        let blocks = matches!(scheme.granularity, Granularity::Block(_));
+        if (four_bit || blocks) && opset < 21 && !opts.dequantized_weights {
+            bail!(
+                "{} {} weights need DequantizeLinear-21 (opset 21) but the model is opset {opset}; \
+                 onnxopt does not raise a model's opset: use --dtype int8/uint8/int16 without blocks",
+                scheme.qtype.name(),
+                if blocks { "block-wise" } else { "" }
+            );
+        }
+        model.for_each_graph_mut(&mut |g, names| {
+            quantize_graph(g, names, opset, opts, scheme, &mut stats);
+        });
+        Ok(stats)
+    }
+}
+
+fn quantize_graph(
+    g: &mut Graph,
+    names: &mut Names,
+    opset: i64,
+    opts: &PassOptions,
+    scheme: &Scheme,
+    stats: &mut PassStats,
+) {
+    let uses = g.uses();
+    let sub_nodes: Vec<NodeId> = g
+        .live_nodes()
+        .filter(|(_, n)| !n.subgraphs.is_empty())
+        .map(|(id, _)| id)
+        .collect();
+    let mut plans = Vec::new();
+    for w in g.initializers() {
+        let Some(t) = g.initializer(w) else { continue };
+        let dt = t.data_type();
+        if !(dt == DataType::Float as i32
+            || dt == DataType::Float16 as i32
+            || dt == DataType::Double as i32
+            || dt == DataType::Bfloat16 as i32)
+        {
+            continue;
+        }
+        let rank = t.dims().len();
+        let name = g.value(w).name.clone();
+        // Classify every reader: Some(axis) = quantizable, None = keeps float.
+        let mut local_axes: Vec<((NodeId, usize), Option<usize>)> = uses[w.0 as usize]
+            .iter()
+            .map(|&(n, i)| ((n, i), selected_axis(g, g.node(n), i, rank, opts)))
+            .collect();
+        let mut sub_axes = Vec::new();
+        for &id in &sub_nodes {
+            for sg in g.node(id).subgraphs() {
+                sub_uses(sg, &name, rank, opts, &mut sub_axes);
+            }
+        }
+        let all: Vec<Option<usize>> = local_axes
+            .iter()
+            .map(|(_, a)| *a)
+            .chain(sub_axes.iter().copied())
+            .collect();
+        // The axis most readers want (ties: the first reader's).
+        let mut best: Option<(usize, usize)> = None;
+        for a in all.iter().flatten() {
+            let count = all.iter().filter(|x| **x == Some(*a)).count();
+            if best.is_none_or(|(_, c)| count > c) {
+                best = Some((*a, count));
+            }
+        }
+        let Some((axis, _)) = best else { continue };
+        if dt == DataType::Double as i32 || dt == DataType::Bfloat16 as i32 {
+            stats.notes.push(format!(
+                "weight '{name}' is {}: left in float",
+                t.dtype_name()
+            ));
+            continue;
+        }
+        if g.is_graph_input(w) {
+            stats.notes.push(format!(
+                "weight '{name}' is also a graph input (callers may override it): left in float"
+            ));
+            continue;
+        }
+        let keep_float = all.iter().any(|a| *a != Some(axis)) || g.is_graph_output(w);
+        local_axes.retain(|(_, a)| *a == Some(axis));
+
+        let block_axis = local_axes
+            .first()
+            .map(|((n, _), _)| block_axis(g.node(*n), rank, axis))
+            .unwrap_or(if axis + 1 == rank {
+                rank.saturating_sub(2)
+            } else {
+                rank - 1
+            });
+        plans.push(Plan {
+            block_axis,
+            weight: w,
+            axis,
+            local: local_axes.into_iter().map(|(u, _)| u).collect(),
+            keep_float,
+            in_subgraphs: sub_axes.contains(&Some(axis)),
+        });
+    }
+    for plan in plans {
+        if apply(g, names, opset, opts, scheme, &plan, stats) {
+            stats.changes += 1;
+        }
+    }
+}
+
+/// Readers of outer value `name` inside subgraph `sg` and deeper, unless shadowed.
+fn sub_uses(sg: &Graph, name: &str, rank: usize, opts: &PassOptions, out: &mut Vec<Option<usize>>) {
+    if let Some(v) = sg.find(name) {
+        if sg.value(v).def != ValueDef::Outer {
+            return; // shadowed by a local definition
+        }
+        for (n, i) in &sg.uses()[v.0 as usize] {
+            out.push(selected_axis(sg, sg.node(*n), *i, rank, opts));
+        }
+        if sg.is_graph_output(v) {
+            out.push(None);
+        }
+    }
+    for (_, n) in sg.live_nodes() {
+        for inner in n.subgraphs() {
+            sub_uses(inner, name, rank, opts, out);
+        }
+    }
+}
+
+/// Points quantizable readers of outer `name` in `sg` (and deeper) at outer `new_name`.
+fn redirect_sub(
+    sg: &mut Graph,
+    name: &str,
+    new_name: &str,
+    rank: usize,
+    axis: usize,
+    opts: &PassOptions,
+) {
+    if let Some(v) = sg.find(name) {
+        if sg.value(v).def != ValueDef::Outer {
+            return;
+        }
+        let targets: Vec<(NodeId, usize)> = sg.uses()[v.0 as usize]
+            .iter()
+            .copied()
+            .filter(|&(n, i)| selected_axis(sg, sg.node(n), i, rank, opts) == Some(axis))
+            .collect();
+        if !targets.is_empty() {
+            let nv = sg.outer_value(new_name);
+            for (n, i) in targets {
+                sg.set_input(n, i, Some(nv));
+            }
+        }
+    }
+    let ids: Vec<NodeId> = sg.order.clone();
+    for id in ids {
+        for inner in sg.node_mut(id).subgraphs_mut() {
+            redirect_sub(inner, name, new_name, rank, axis, opts);
+        }
+    }
+}
+
+fn scalar_f32(v: f32) -> Tensor {
+    Tensor::from_f32(&[], &[v])
+}
+
+/// Rewrites one weight; returns false (with a note) when it is left alone.
+fn apply(
+    g: &mut Graph,
+    names: &mut Names,
+    opset: i64,
+    opts: &PassOptions,
+    scheme: &Scheme,
+    plan: &Plan,
+    stats: &mut PassStats,
+) -> bool {
+    let w = plan.weight;
+    let name = g.value(w).name.clone();
+    let Some(t) = g.initializer(w) else {
+        return false;
+    };
+    let dt = t.data_type();
+    let dims: Vec<usize> = t.dims().iter().map(|&d| d.max(0) as usize).collect();
+    let values = match t.to_f32() {
+        Ok(v) => v,
+        Err(e) => {
+            stats
+                .notes
+                .push(format!("weight '{name}': {e:#}; left in float"));
+            return false;
+        }
+    };
+    if values.is_empty() {
+        return false;
+    }
+    let Some(qz) = quantize(&values, &dims, plan.axis, plan.block_axis, scheme) else {
+        stats.notes.push(format!(
+            "weight '{name}' holds NaN or infinity: left in float"
+        ));
+        return false;
+    };
+    let dims_i64: Vec<i64> = dims.iter().map(|&d| d as i64).collect();
+    let is_f16 = dt == DataType::Float16 as i32;
+    if opts.dequantized_weights {
+        let d = qz.dequantize(&dims, plan.axis, scheme.granularity, plan.block_axis);
+        let t = if is_f16 {
+            let raw = d
+                .iter()
+                .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+                .collect();
+            Tensor::from_raw(dt, &dims_i64, raw)
+        } else {
+            Tensor::from_f32(&dims_i64, &d)
+        };
+        g.set_initializer(w, t);
+        return true;
+    }
+    let qtype = scheme.qtype;
+    let q = g.add_initializer(
+        names,
+        &format!("{name}_quantized"),
+        Tensor::from_raw(qtype.onnx_type(), &dims_i64, qtype.pack(&qz.q)),
+    );
+    let has_zp = qz.zero_points.iter().any(|&z| z != 0);
+    // First reader in the node order (a reader of this graph, or a node holding a subgraph
+    // that reads the weight): the new nodes go just before it.
+    let before = g.order.iter().copied().find(|&id| {
+        plan.local.iter().any(|(n, _)| *n == id)
+            || (plan.in_subgraphs && !g.node(id).subgraphs.is_empty())
+    });
+    // Output name: the weight's own name when the float weight goes away entirely, so every
+    // reader (including subgraphs reading it by name) is served unchanged.
+    let take_over = !plan.keep_float;
+    let out_base = if take_over {
+        format!("{name}\u{1}tmp")
+    } else {
+        format!("{name}_dequantized")
+    };
+    let base = format!("{name}_DequantizeLinear");
+    let sd: Vec<i64> = scale_dims(&dims, plan.axis, scheme.granularity, plan.block_axis)
+        .iter()
+        .map(|&d| d as i64)
+        .collect();
+    let zp_tensor =
+        |zdims: &[i64]| Tensor::from_raw(qtype.onnx_type(), zdims, qtype.pack(&qz.zero_points));
+    let mut last: ValueId;
+    if opset >= dq_opset(scheme) {
+        let scale_t = if is_f16 && opset >= 19 {
+            let raw: Vec<u8> = qz
+                .scales
+                .iter()
+                .flat_map(|s| half::f16::from_f32(*s).to_le_bytes())
+                .collect();
+            Tensor::from_raw(DataType::Float16 as i32, &sd, raw)
+        } else {
+            Tensor::from_f32(&sd, &qz.scales)
+        };
+        let s = g.add_initializer(names, &format!("{name}_scale"), scale_t);
+        let mut inputs = vec![Some(q), Some(s)];
+        if has_zp {
+            let z = g.add_initializer(names, &format!("{name}_zero_point"), zp_tensor(&sd));
+            inputs.push(Some(z));
+        }
+        let attrs = match scheme.granularity {
+            Granularity::Tensor => vec![],
+            Granularity::Channel => vec![attr_int("axis", plan.axis as i64)],
+            Granularity::Block(bs) => vec![
+                attr_int("axis", plan.block_axis as i64),
+                attr_int("block_size", bs as i64),
+            ],
+        };
+        let (_, outs) = g.add_node(
+            names,
+            "DequantizeLinear",
+            "",
+            &base,
+            attrs,
+            inputs,
+            &[&out_base],
+            before,
+        );
+        last = outs[0];
+        if is_f16 && opset < 19 {
+            last = cast(g, names, last, DataType::Float16, &name, before);
+        }
+    } else {
+        // Broadcastable scale and zero point shapes: [] per tensor, C along the axis.
+        let mut bdims = vec![1i64; dims.len()];
+        if scheme.granularity == Granularity::Channel {
+            bdims[plan.axis] = dims[plan.axis] as i64;
+        } else {
+            bdims.clear();
+        }
+        let eight_bit = matches!(qtype, QType::Int8 | QType::Uint8);
+        let (_, outs) = if opset >= 10 && eight_bit {
+            let one = g.add_initializer(names, &format!("{name}_unit_scale"), scalar_f32(1.0));
+            let mut inputs = vec![Some(q), Some(one)];
+            if qtype == QType::Uint8 {
+                // DequantizeLinear-10 takes one zero point: fold per-channel ones into a Sub.
+                let z = g.add_initializer(
+                    names,
+                    &format!("{name}_zero_point"),
+                    Tensor::from_raw(qtype.onnx_type(), &[], vec![0]),
+                );
+                inputs.push(Some(z));
+            }
+            g.add_node(
+                names,
+                "DequantizeLinear",
+                "",
+                &base,
+                vec![],
+                inputs,
+                &[&format!("{name}_int_as_float")],
+                before,
+            )
+        } else {
+            g.add_node(
+                names,
+                "Cast",
+                "",
+                &format!("{name}_Cast"),
+                vec![attr_int("to", DataType::Float as i32 as i64)],
+                vec![Some(q)],
+                &[&format!("{name}_int_as_float")],
+                before,
+            )
+        };
+        let mut x = outs[0];
+        if has_zp {
+            let zf: Vec<f32> = qz.zero_points.iter().map(|&z| z as f32).collect();
+            let z = g.add_initializer(
+                names,
+                &format!("{name}_zero_point"),
+                Tensor::from_f32(&bdims, &zf),
+            );
+            let (_, o) = g.add_node(
+                names,
+                "Sub",
+                "",
+                &format!("{name}_zero_point_Sub"),
+                vec![],
+                vec![Some(x), Some(z)],
+                &[&format!("{name}_centered")],
+                before,
+            );
+            x = o[0];
+        }
+        let s = g.add_initializer(
+            names,
+            &format!("{name}_scale"),
+            Tensor::from_f32(&bdims, &qz.scales),
+        );
+        let (_, m) = g.add_node(
+            names,
+            "Mul",
+            "",
+            &format!("{name}_scale_Mul"),
+            vec![],
+            vec![Some(x), Some(s)],
+            &[&out_base],
+            before,
+        );
+        last = m[0];
+        if is_f16 {
+            last = cast(g, names, last, DataType::Float16, &name, before);
+        }
+    }
+    if take_over {
+        g.replace_uses(w, last);
+        g.remove_initializer(w);
+        g.transfer_name(w, last);
+    } else {
+        for &(n, i) in &plan.local {
+            g.set_input(n, i, Some(last));
+        }
+        if plan.in_subgraphs {
+            let new_name = g.value(last).name.clone();
+            let rank = dims.len();
+            let ids: Vec<NodeId> = g.order.clone();
+            for id in ids {
+                for sg in g.node_mut(id).subgraphs_mut() {
+                    redirect_sub(sg, &name, &new_name, rank, plan.axis, opts);
+                }
+            }
+        }
+    }
+    true
+}
+
+fn cast(
+    g: &mut Graph,
+    names: &mut Names,
+    x: ValueId,
+    to: DataType,
+    name: &str,
+    before: Option<NodeId>,
+) -> ValueId {
+    let (_, outs) = g.add_node(
+        names,
+        "Cast",
+        "",
+        &format!("{name}_Cast"),
+        vec![attr_int("to", to as i32 as i64)],
+        vec![Some(x)],
+        &[&format!("{name}_dequantized_cast")],
+        before,
+    );
+    outs[0]
+}
