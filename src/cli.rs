@@ -145,9 +145,9 @@ pub struct OptimizeArgs {
 pub enum Mode {
     /// Integer weights dequantized by DequantizeLinear; activations stay float.
     WeightOnly,
-    /// DynamicQuantizeLinear + MatMulInteger (not available in this version).
+    /// DynamicQuantizeLinear + MatMulInteger (ConvInteger with --conv-integer).
     Dynamic,
-    /// Calibrated QDQ on activations and weights (not available in this version).
+    /// Calibrated QDQ on activations and weights (--calibration).
     Static,
     /// float32 tensors and ops to float16.
     Fp16,
@@ -163,6 +163,16 @@ pub enum GranularityArg {
     Channel,
     /// One scale per --block-size elements along the reduction axis (opset 21).
     Block,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CalibrateMethod {
+    /// Smallest and largest value seen.
+    Minmax,
+    /// --percentile of each tail, low and high computed separately.
+    Percentile,
+    /// Threshold minimising the KL divergence of the quantized histogram.
+    Entropy,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -201,6 +211,25 @@ pub struct QuantizeArgs {
     /// Float or power-of-two (fixed-point) scales.
     #[arg(long, value_enum, default_value = "float")]
     pub scale: ScaleArg,
+    /// static: calibration data, an .npz file (a leading batch axis holds several samples) or
+    /// a folder of .npz files (one sample each, streamed).
+    #[arg(long, value_name = "DIR|FILE.npz")]
+    pub calibration: Option<PathBuf>,
+    /// static: range estimator.
+    #[arg(long, value_enum, default_value = "minmax")]
+    pub calibrate_method: CalibrateMethod,
+    /// static: percentile of each tail for --calibrate-method percentile.
+    #[arg(long, default_value_t = 99.999)]
+    pub percentile: f64,
+    /// static: most calibration samples to read.
+    #[arg(long, default_value_t = 256)]
+    pub calibration_samples: usize,
+    /// static: activation type, uint8 (asymmetric) or int8 (symmetric).
+    #[arg(long, default_value = "uint8")]
+    pub activation_type: String,
+    /// dynamic: also quantize Conv as ConvInteger (slow on common CPU runtimes).
+    #[arg(long)]
+    pub conv_integer: bool,
     /// fp16/bf16: keep float32 graph inputs and outputs, with Casts at the border.
     #[arg(long, default_value_t = true, action = ArgAction::Set, value_name = "BOOL")]
     pub keep_io_types: bool,

@@ -100,8 +100,9 @@ fn layers(g: &Graph, opts: &PassOptions) -> Vec<Layer> {
     out
 }
 
-/// `proto` with the named values appended as graph outputs (names only: tract infers types).
-fn with_probes(mut proto: pb::ModelProto, names: &BTreeSet<String>) -> pb::ModelProto {
+/// `proto` with the named values of its main graph appended as graph outputs (names only:
+/// tract infers their types), to read intermediate activations.
+pub fn with_probes(mut proto: pb::ModelProto, names: &BTreeSet<String>) -> pb::ModelProto {
     if let Some(g) = proto.graph.as_mut() {
         let existing: BTreeSet<String> = g.output.iter().map(|o| o.name().to_string()).collect();
         for n in names.difference(&existing) {

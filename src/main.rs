@@ -234,10 +234,35 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let pass = match a.mode {
                 Mode::WeightOnly => "quantize_weights",
                 Mode::Fp16 | Mode::Bf16 => "convert_fp16",
-                Mode::Dynamic | Mode::Static => anyhow::bail!(
-                    "--mode {:?} is not available in this version; use --mode weight-only, fp16 or bf16",
-                    a.mode
+                Mode::Dynamic => "quantize_dynamic",
+                Mode::Static => "quantize_static",
+            };
+            let calibration = match (a.mode, &a.calibration) {
+                (Mode::Static, None) => anyhow::bail!(
+                    "--mode static needs --calibration DIR|FILE.npz (samples of the graph inputs)"
                 ),
+                (_, Some(source)) => Some(onnxopt::quant::CalibrationOptions {
+                    source: source.clone(),
+                    method: match a.calibrate_method {
+                        cli::CalibrateMethod::Minmax => onnxopt::quant::RangeMethod::MinMax,
+                        cli::CalibrateMethod::Percentile => {
+                            anyhow::ensure!(
+                                a.percentile > 50.0 && a.percentile <= 100.0,
+                                "--percentile must be in (50, 100]"
+                            );
+                            onnxopt::quant::RangeMethod::Percentile {
+                                percentile: a.percentile,
+                            }
+                        }
+                        cli::CalibrateMethod::Entropy => onnxopt::quant::RangeMethod::Entropy,
+                    },
+                    max_samples: a.calibration_samples.max(1),
+                    activation_type: match QType::parse(&a.activation_type) {
+                        Some(t @ (QType::Uint8 | QType::Int8)) => t,
+                        _ => anyhow::bail!("--activation-type must be uint8 or int8"),
+                    },
+                }),
+                (_, None) => None,
             };
             // tract runs int8/uint8 DequantizeLinear per tensor and per axis; other forms are
             // checked on the float-equivalent model.
@@ -254,6 +279,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     weight_scheme: Some(scheme),
                     keep_io_types: a.keep_io_types,
                     bf16: a.mode == Mode::Bf16,
+                    calibration,
+                    conv_integer: a.conv_integer,
                     ..Default::default()
                 },
                 save: save_options(&a.model, &a.save),

@@ -13,6 +13,8 @@ pub mod eliminate_identity;
 pub mod eliminate_unused_initializers;
 pub mod fold_batchnorm;
 pub mod manager;
+pub mod quantize_dynamic;
+pub mod quantize_static;
 pub mod quantize_weights;
 pub mod quantize_weights_int8;
 
@@ -78,6 +80,12 @@ pub struct PassOptions {
     pub keep_io_types: bool,
     /// Float conversion: target type, float16 (false) or bfloat16 (true).
     pub bf16: bool,
+    /// Static quantization: where the calibration data comes from and how ranges are
+    /// estimated (`quantize_static`).
+    pub calibration: Option<crate::quant::CalibrationOptions>,
+    /// Dynamic quantization: also quantize Conv as ConvInteger (slow on common CPU runtimes,
+    /// so off unless asked).
+    pub conv_integer: bool,
 }
 
 impl PassOptions {
@@ -122,6 +130,8 @@ pub fn registry() -> Vec<&'static dyn Pass> {
         &fold_batchnorm::FoldBatchnorm,
         &quantize_weights_int8::QuantizeWeightsInt8,
         &quantize_weights::QuantizeWeights,
+        &quantize_dynamic::QuantizeDynamic,
+        &quantize_static::QuantizeStatic,
         &convert_fp16::ConvertFp16,
     ]
 }

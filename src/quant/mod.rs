@@ -4,7 +4,40 @@
 //! `q = saturate(round(x / scale) + zero_point)`, `x' = (q - zero_point) * scale`, with
 //! round-half-to-even.
 
+use std::path::PathBuf;
+
 use rayon::prelude::*;
+
+/// Range estimator used by static quantization's calibration.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+#[serde(rename_all = "lowercase", tag = "method")]
+pub enum RangeMethod {
+    /// Smallest and largest value seen.
+    MinMax,
+    /// The given percentile of each tail, computed separately for the low and the high tail
+    /// (e.g. 99.99 keeps 0.01% of the values outside on each side).
+    Percentile {
+        /// Percentile in (50, 100].
+        percentile: f64,
+    },
+    /// The threshold minimising the KL divergence between the float histogram and its
+    /// quantized version (TensorRT's entropy calibration).
+    Entropy,
+}
+
+/// Where static quantization's calibration data comes from and how ranges are estimated.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct CalibrationOptions {
+    /// An `.npz` file (one sample, or a leading batch axis of samples for every input) or a
+    /// folder of `.npz` files (one sample each, read in name order, streamed).
+    pub source: PathBuf,
+    /// Range estimator.
+    pub method: RangeMethod,
+    /// Most samples to read.
+    pub max_samples: usize,
+    /// Activation type: uint8 (asymmetric, onnxruntime's default) or int8 (symmetric).
+    pub activation_type: QType,
+}
 
 /// A tensor quantized per channel: `q` in the input's layout, one scale per channel.
 #[derive(Debug, Clone, PartialEq)]
