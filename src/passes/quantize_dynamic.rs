@@ -232,16 +232,18 @@ fn quantize_graph(g: &mut Graph, names: &mut Names, opts: &PassOptions, stats: &
             }
         );
         let key = (site.weight, transposed);
-        if !done.contains_key(&key) {
-            let Some(qw) = quantize_weight(g, names, &t, &wname, site.kind) else {
-                stats.notes.push(format!(
-                    "{label}: weight '{wname}' holds NaN, infinity or unreadable data: left in float"
-                ));
-                continue;
-            };
-            done.insert(key, qw);
-        }
-        let Some(qw) = done.get(&key) else { continue };
+        let qw = match done.entry(key) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let Some(qw) = quantize_weight(g, names, &t, &wname, site.kind) else {
+                    stats.notes.push(format!(
+                        "{label}: weight '{wname}' holds NaN, infinity or unreadable data: left in float"
+                    ));
+                    continue;
+                };
+                e.insert(qw)
+            }
+        };
         let (wq, scales) = (qw.q, qw.scales.clone());
         let before = Some(site.node);
         let yname = g.value(y).name.clone();
