@@ -9,6 +9,9 @@
 // Tests fail by panicking: unwrap and panic! are the point here.
 #![allow(clippy::unwrap_used, clippy::panic)]
 
+#[path = "cli/optimize.rs"]
+mod optimize;
+
 mod common {
     use std::collections::BTreeMap;
     use std::fs;

@@ -187,3 +187,5 @@ pub fn can_add_initializers(model: &Model) -> bool {
     model.header.ir_version() >= 4
 }
 
+#[cfg(test)]
+mod tests;

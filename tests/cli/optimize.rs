@@ -1,0 +1,406 @@
+//! `optimize`, `compare` and `list-passes` end to end on the real models in `models/`.
+//!
+//! Every optimized model must be written, pass the onnx checker with `full_check`, run in
+//! onnxruntime (the deployment target) with cosine >= 0.999 per float output against the
+//! original (reference run with onnxruntime's optimizations off), and its JSON report must show
+//! the same in tract. Each model is optimized once (ppocrv4-rec takes over a minute in a debug
+//! build) and every assertion reads that one result.
+
+use std::ffi::OsString;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::common::*;
+
+/// tract cannot run this model's original (an If whose branches differ in rank), so its
+/// optimized output cannot be checked in tract.
+const UNVERIFIABLE: &str = "silero-vad-16k-op15";
+/// The If node tract stops at in [`UNVERIFIABLE`].
+const UNVERIFIABLE_NODE: &str = "/model/decoder/If";
+/// Models whose optimized file must be at least 3.5x smaller than the original.
+const SHRINK_3_5X: &[&str] = &["ppocrv4-rec", "magika-standard-v3-3"];
+/// The cosine every float output must reach, in tract and in onnxruntime.
+const MIN_COSINE: f64 = 0.999;
+
+fn model(stem: &str) -> PathBuf {
+    repo().join("models").join(format!("{stem}.onnx"))
+}
+
+/// Runs `onnxopt ARGS` with a timeout long enough for the slowest model in a debug build on a
+/// busy machine.
+fn onnxopt_slow(args: &[OsString]) -> Run {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args).env("NO_COLOR", "1");
+    run_cmd(cmd, Duration::from_secs(1200))
+}
+
+fn os(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Vec<OsString> {
+    args.iter().map(|a| a.as_ref().to_owned()).collect()
+}
+
+fn read_json(path: &Path) -> Value {
+    let text =
+        fs::read_to_string(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("{} is not JSON ({e}): {text}", path.display()))
+}
+
+/// `onnxopt optimize models/STEM.onnx -o DIR/STEM.onnx --inputs models/STEM.npz --report
+/// DIR/STEM.json [extra...]`; returns the run, the output path and the report path.
+fn optimize(stem: &str, dir: &Path, extra: &[&str]) -> (Run, PathBuf, PathBuf) {
+    let m = model(stem);
+    let out = dir.join(format!("{stem}.onnx"));
+    let report = dir.join(format!("{stem}.json"));
+    let mut args = os(&[
+        &"optimize",
+        &m,
+        &"-o",
+        &out,
+        &"--inputs",
+        &m.with_extension("npz"),
+        &"--report",
+        &report,
+    ]);
+    args.extend(extra.iter().map(OsString::from));
+    (onnxopt_slow(&args), out, report)
+}
+
+/// The rows of tests/py/ort_cosine.py: the original (optimizations off) and `optimized` run in
+/// onnxruntime on the model's npz bundle.
+fn ort_cosines(stem: &str, optimized: &Path) -> Result<Vec<Value>, String> {
+    let m = model(stem);
+    let npz = m.with_extension("npz");
+    let r = py(
+        "ort_cosine.py",
+        &[m.as_os_str(), optimized.as_os_str(), npz.as_os_str()],
+    );
+    if !r.ok() {
+        return Err(r.describe());
+    }
+    let v: Value = serde_json::from_str(&r.stdout)
+        .map_err(|e| format!("ort_cosine.py printed invalid JSON ({e}): {}", r.stdout))?;
+    Ok(v["outputs"].as_array().cloned().unwrap_or_default())
+}
+
+/// Everything `optimize` must deliver on one real model; returns the problems found.
+fn check_optimized(stem: &str) -> Vec<String> {
+    let dir = tempdir();
+    let extra: &[&str] = if stem == UNVERIFIABLE {
+        &["--allow-unverified"]
+    } else {
+        &[]
+    };
+    let (r, out, report_path) = optimize(stem, dir.path(), extra);
+    if !r.ok() {
+        return vec![r.describe()];
+    }
+    let mut problems = Vec::new();
+
+    // A valid ONNX model (shape inference included).
+    let c = py("check.py", &[&out]);
+    if !c.ok() {
+        problems.push(format!("onnx checker: {}", c.describe()));
+    }
+
+    // Deploys: onnxruntime runs it and every float output stays within the cosine target.
+    match ort_cosines(stem, &out) {
+        Err(e) => problems.push(format!("onnxruntime: {e}")),
+        Ok(rows) => {
+            if rows.is_empty() {
+                problems.push("onnxruntime: no outputs".into());
+            }
+            for row in rows {
+                let name = &row["name"];
+                if row["finite"] != true {
+                    problems.push(format!("onnxruntime: output {name} holds NaN or infinity"));
+                }
+                match row["cosine"].as_f64() {
+                    Some(c) if c >= MIN_COSINE => {}
+                    Some(c) => problems.push(format!(
+                        "onnxruntime: output {name}: cosine {c} < {MIN_COSINE}"
+                    )),
+                    None if row["equal"] == true => {}
+                    None => problems.push(format!(
+                        "onnxruntime: non-float output {name} differs: {row}"
+                    )),
+                }
+            }
+        }
+    }
+
+    // The report's tract check.
+    let report = read_json(&report_path);
+    let check = &report["check"];
+    // `check.status` is the tagged verdict: {"status": "checked" | "failed" | ...}.
+    let status = check["status"]["status"].as_str().unwrap_or("(none)");
+    if stem == UNVERIFIABLE {
+        if status != "unverified" {
+            problems.push(format!(
+                "report: check status {status}, expected unverified"
+            ));
+        }
+        if report["outcome"] != "unverified" {
+            problems.push(format!("report: outcome {}", report["outcome"]));
+        }
+    } else {
+        if status != "checked" {
+            problems.push(format!("report: check status {status}: {check}"));
+        }
+        let outputs = check["outputs"].as_array().cloned().unwrap_or_default();
+        if outputs.is_empty() {
+            problems.push("report: the tract check compared no output".into());
+        }
+        for o in outputs {
+            let name = &o["name"];
+            match o["values"]["cosine"].as_f64() {
+                Some(c) if c >= MIN_COSINE => {}
+                Some(c) => {
+                    problems.push(format!("tract: output {name}: cosine {c} < {MIN_COSINE}"))
+                }
+                None => problems.push(format!("tract: output {name} has no cosine: {o}")),
+            }
+        }
+    }
+
+    // Size.
+    let before = fs::metadata(model(stem)).unwrap().len();
+    let after = fs::metadata(&out).unwrap().len();
+    let ratio = before as f64 / after as f64;
+    println!("{stem}: {before} -> {after} bytes ({ratio:.2}x smaller)");
+    if SHRINK_3_5X.contains(&stem) && ratio < 3.5 {
+        problems.push(format!(
+            "{before} -> {after} bytes is only {ratio:.2}x smaller (want >= 3.5x)"
+        ));
+    }
+
+    // BatchNormalization folded away.
+    if stem == "ppocr-mobile-v2-cls" {
+        let counts = inspect_json(&out);
+        let bn = counts["op_counts"]["BatchNormalization"]
+            .as_u64()
+            .unwrap_or(0);
+        if bn != 0 {
+            problems.push(format!(
+                "{bn} BatchNormalization nodes left (fold_batchnorm should fold all 35)"
+            ));
+        }
+    }
+    problems
+        .into_iter()
+        .map(|p| format!("{stem}: {p}"))
+        .collect()
+}
+
+fn assert_optimized(stem: &str) {
+    let problems = check_optimized(stem);
+    assert!(
+        problems.is_empty(),
+        "optimize {stem}:\n  {}",
+        problems.join("\n  ")
+    );
+}
+
+#[test]
+fn optimize_magika_standard_v3_3() {
+    assert_optimized("magika-standard-v3-3");
+}
+
+#[test]
+fn optimize_ppocr_mobile_v2_cls() {
+    assert_optimized("ppocr-mobile-v2-cls");
+}
+
+#[test]
+fn optimize_ppocrv4_rec() {
+    assert_optimized("ppocrv4-rec");
+}
+
+#[test]
+fn optimize_silero_vad_16k_op15_allow_unverified() {
+    assert_optimized("silero-vad-16k-op15");
+}
+
+#[test]
+fn optimize_silero_vad_16k_sequence() {
+    assert_optimized("silero-vad-16k-sequence");
+}
+
+/// Every model in models/ has one of the tests above.
+#[test]
+fn optimize_tests_cover_every_real_model() {
+    let covered = [
+        "magika-standard-v3-3",
+        "ppocr-mobile-v2-cls",
+        "ppocrv4-rec",
+        "silero-vad-16k-op15",
+        "silero-vad-16k-sequence",
+    ];
+    let found: Vec<String> = real_models().iter().map(|m| stem(m)).collect();
+    assert_eq!(found, covered, "add a test per new model in models/");
+}
+
+#[test]
+fn optimize_unverifiable_model_exits_3_and_still_writes() {
+    let dir = tempdir();
+    let (r, out, report) = optimize(UNVERIFIABLE, dir.path(), &[]);
+    assert_eq!(r.code, Some(3), "expected exit 3: {}", r.describe());
+    assert!(r.stderr.contains("UNVERIFIED"), "{}", r.describe());
+    assert!(
+        r.stderr.contains(UNVERIFIABLE_NODE),
+        "stderr does not name the If node {UNVERIFIABLE_NODE}: {}",
+        r.describe()
+    );
+    assert!(
+        out.exists(),
+        "the optimized model was not written: {}",
+        r.describe()
+    );
+    inspect_json(&out);
+    assert_eq!(
+        read_json(&report)["check"]["status"]["status"],
+        "unverified"
+    );
+}
+
+#[test]
+fn optimize_no_check_writes_the_model_and_reports_no_check() {
+    let dir = tempdir();
+    let (r, out, report) = optimize("ppocr-mobile-v2-cls", dir.path(), &["--no-check"]);
+    let r = r.expect_ok();
+    assert!(out.exists(), "{}", r.describe());
+    inspect_json(&out);
+    let report = read_json(&report);
+    assert!(
+        report["check"].is_null(),
+        "--no-check: the report's check is {}",
+        report["check"]
+    );
+    assert_eq!(report["outcome"], "ok");
+}
+
+#[test]
+fn optimize_unmet_gate_exits_1_and_says_the_model_was_written() {
+    let dir = tempdir();
+    let (r, out, report) = optimize(
+        "ppocr-mobile-v2-cls",
+        dir.path(),
+        &["--min-cosine", "0.9999999", "--no-fallback"],
+    );
+    assert_eq!(r.code, Some(1), "expected exit 1: {}", r.describe());
+    assert!(
+        r.stderr.contains("still written") && r.stderr.contains(&out.display().to_string()),
+        "stderr must say the model was still written, and where: {}",
+        r.describe()
+    );
+    assert!(out.exists(), "{} was not written", out.display());
+    inspect_json(&out);
+    let report = read_json(&report);
+    assert_eq!(report["outcome"], "gate_failed");
+    assert_eq!(report["check"]["status"]["status"], "failed");
+    assert!(
+        report["fallback"].is_null(),
+        "--no-fallback: {}",
+        report["fallback"]
+    );
+}
+
+/// `compare --json` of `a` and `b` on `a`'s npz bundle.
+fn compare(a: &Path, b: &Path, npz: &Path, extra: &[&str]) -> Run {
+    let mut args = os(&[&"compare", &a, &b, &"--inputs", &npz]);
+    args.extend(extra.iter().map(OsString::from));
+    onnxopt_slow(&args)
+}
+
+#[test]
+fn compare_model_with_itself_is_exact() {
+    let mut problems = Vec::new();
+    for m in real_models() {
+        let name = stem(&m);
+        let npz = m.with_extension("npz");
+        let r = compare(&m, &m, &npz, &["--json"]);
+        if name == UNVERIFIABLE {
+            if r.code != Some(3) {
+                problems.push(format!("{name}: expected exit 3: {}", r.describe()));
+            }
+            continue;
+        }
+        if !r.ok() {
+            problems.push(r.describe());
+            continue;
+        }
+        let v: Value = match serde_json::from_str(&r.stdout) {
+            Ok(v) => v,
+            Err(e) => {
+                problems.push(format!("{name}: invalid JSON ({e}): {}", r.stdout));
+                continue;
+            }
+        };
+        let outputs = v["outputs"].as_array().cloned().unwrap_or_default();
+        if outputs.is_empty() {
+            problems.push(format!("{name}: no output compared: {v}"));
+        }
+        for o in outputs {
+            if o["values"]["max_abs"].as_f64() != Some(0.0) {
+                problems.push(format!(
+                    "{name}: output {} max abs {} (want 0)",
+                    o["name"], o["values"]["max_abs"]
+                ));
+            }
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "compare M M:\n  {}",
+        problems.join("\n  ")
+    );
+}
+
+#[test]
+fn compare_detects_a_scaled_weight() {
+    let dir = tempdir();
+    let m = model("ppocr-mobile-v2-cls");
+    let broken = dir.path().join("broken.onnx");
+    let r = py("scale_weight.py", &[m.as_os_str(), broken.as_os_str()]).expect_ok();
+    println!("scaled: {}", r.stdout.trim());
+    let r = compare(&m, &broken, &m.with_extension("npz"), &[]);
+    assert_eq!(r.code, Some(1), "expected exit 1: {}", r.describe());
+    let output = "save_infer_model/scale_0.tmp_1";
+    assert!(
+        r.stdout.contains(output) || r.stderr.contains(output),
+        "the failing output {output} is not named: stdout: {}\n{}",
+        r.stdout,
+        r.describe()
+    );
+}
+
+#[test]
+fn list_passes_lists_every_pass_file() {
+    let mut files: Vec<String> = fs::read_dir(repo().join("src/passes"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "rs"))
+        .map(|p| stem(&p))
+        .filter(|s| !["mod", "manager", "tests"].contains(&s.as_str()))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty());
+    let r = onnxopt(&["list-passes"]).expect_ok();
+    let listed: Vec<&str> = r
+        .stdout
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    let missing: Vec<&String> = files
+        .iter()
+        .filter(|f| !listed.contains(&f.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "list-passes does not list {missing:?}:\n{}",
+        r.stdout
+    );
+}
