@@ -58,6 +58,11 @@ pub struct CheckArgs {
     /// 0.9999 otherwise, when no gate is given).
     #[arg(long)]
     pub min_cosine: Option<f64>,
+    /// Gate: largest accuracy drop per classification-like output, measured as 1 - top-1
+    /// agreement with the original (e.g. 0.01 = at most 1% of rows change their argmax).
+    /// Also a target of the accuracy-gated fallback.
+    #[arg(long, value_name = "FRACTION")]
+    pub max_accuracy_drop: Option<f64>,
     /// Exit 0 instead of 3 when tract cannot run the original model.
     #[arg(long)]
     pub allow_unverified: bool,

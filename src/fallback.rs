@@ -143,7 +143,31 @@ fn cosine(a: &[f64], b: &[f64]) -> f64 {
     }
 }
 
-type Outputs = HashMap<String, Vec<f64>>;
+/// Values by name: the elements and the size of the last axis.
+type Outputs = HashMap<String, (Vec<f64>, usize)>;
+
+/// Fraction of rows (all axes but the last) whose argmax over the last axis agrees.
+fn top1(a: &[f64], b: &[f64], last: usize) -> Option<f64> {
+    if last < 2 || a.is_empty() || a.len() != b.len() {
+        return None;
+    }
+    let argmax = |r: &[f64]| {
+        r.iter()
+            .enumerate()
+            .fold(
+                (0, f64::NEG_INFINITY),
+                |m, (i, &v)| if v > m.1 { (i, v) } else { m },
+            )
+            .0
+    };
+    let rows = a.len() / last;
+    let same = a
+        .chunks(last)
+        .zip(b.chunks(last))
+        .filter(|(x, y)| argmax(x) == argmax(y))
+        .count();
+    Some(same as f64 / rows as f64)
+}
 
 fn run_probed(
     proto: pb::ModelProto,
@@ -157,7 +181,10 @@ fn run_probed(
         .into_iter()
         .filter_map(|(n, t)| {
             let is_float = t.datum_type().is_float();
-            is_float.then(|| to_f64(&t).ok().map(|v| (n, v))).flatten()
+            let last = t.shape().last().copied().unwrap_or(1);
+            is_float
+                .then(|| to_f64(&t).ok().map(|v| (n, (v, last))))
+                .flatten()
         })
         .collect())
 }
@@ -177,6 +204,7 @@ pub fn run(
     validate_each: bool,
     inputs: &[(String, Tensor)],
     target: f64,
+    max_accuracy_drop: Option<f64>,
     max_iterations: usize,
     reporter: &dyn Reporter,
 ) -> Result<(Model, Vec<PassRecord>, FallbackReport)> {
@@ -214,10 +242,18 @@ pub fn run(
         iterations += 1;
         let min_cos = graph_outputs
             .iter()
-            .filter_map(|n| Some(cosine(reference.get(n)?, cand.get(n)?)))
+            .filter_map(|n| Some(cosine(&reference.get(n)?.0, &cand.get(n)?.0)))
+            .fold(1.0f64, f64::min);
+        let min_top1 = graph_outputs
+            .iter()
+            .filter_map(|n| {
+                let (a, last) = reference.get(n)?;
+                top1(a, &cand.get(n)?.0, *last)
+            })
             .fold(1.0f64, f64::min);
         start_cosine.get_or_insert(min_cos);
-        let done = min_cos >= target || iterations > max_iterations;
+        let met = min_cos >= target && max_accuracy_drop.is_none_or(|d| 1.0 - min_top1 <= d);
+        let done = met || iterations > max_iterations;
         // The costliest layer not yet kept.
         let choice = (!done)
             .then(|| {
@@ -225,9 +261,9 @@ pub fn run(
                     .iter()
                     .filter(|l| !opts.keep_float.contains(&l.output))
                     .filter_map(|l| {
-                        let out = snr_db(reference.get(&l.output)?, cand.get(&l.output)?);
+                        let out = snr_db(&reference.get(&l.output)?.0, &cand.get(&l.output)?.0);
                         let inp = match &l.input {
-                            Some(i) => snr_db(reference.get(i)?, cand.get(i)?),
+                            Some(i) => snr_db(&reference.get(i)?.0, &cand.get(i)?.0),
                             None => 120.0,
                         };
                         Some((l, inp, out))
@@ -255,7 +291,7 @@ pub fn run(
                     kept,
                     layers: layers.len(),
                     iterations,
-                    met: min_cos >= target,
+                    met,
                 };
                 return Ok((model, records, report));
             }

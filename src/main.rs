@@ -92,6 +92,7 @@ fn gates(c: &CheckArgs) -> Gates {
         atol: c.atol,
         rtol: c.rtol,
         min_cosine: c.min_cosine,
+        max_accuracy_drop: c.max_accuracy_drop,
     }
 }
 

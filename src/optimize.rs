@@ -196,7 +196,13 @@ pub fn optimize(cfg: &OptimizeConfig, reporter: &dyn Reporter) -> Result<Optimiz
     let mut fallback = None;
     if let (Some(snapshot), Some(target), Some(c)) = (&snapshot, cfg.fallback_target, &check) {
         let ran = matches!(c.status, Verification::Checked | Verification::Failed);
-        if ran && min_cosine(c).is_some_and(|m| m < target) {
+        let top1_missed = cfg.gates.max_accuracy_drop.is_some_and(|d| {
+            c.outputs
+                .iter()
+                .filter_map(|o| o.values.as_ref().and_then(|v| v.top1_agreement))
+                .any(|t| 1.0 - t > d)
+        });
+        if ran && (min_cosine(c).is_some_and(|m| m < target) || top1_missed) {
             let r = reference.as_ref().context("no reference")?;
             let prepared = verify::inputs::prepare_inputs(r, &cfg.inputs)?;
             let (m, suffix_records, fb) = crate::fallback::run(
@@ -206,6 +212,7 @@ pub fn optimize(cfg: &OptimizeConfig, reporter: &dyn Reporter) -> Result<Optimiz
                 cfg.validate_each,
                 &prepared.tensors,
                 target,
+                cfg.gates.max_accuracy_drop,
                 FALLBACK_MAX_ITERATIONS,
                 reporter,
             )?;

@@ -396,6 +396,15 @@ fn apply(
     } else {
         format!("{name}_dequantized")
     };
+    // float16 weights end in a Cast to float16 (except DequantizeLinear-19 with a float16
+    // scale): then the Cast's output is the final value and the float32 one before it gets a
+    // name of its own.
+    let needs_cast = is_f16 && !(opset >= dq_opset(scheme) && opset >= 19);
+    let (float_name, final_name) = if needs_cast {
+        (format!("{name}_dequantized_float32"), out_base.clone())
+    } else {
+        (out_base.clone(), out_base.clone())
+    };
     let base = format!("{name}_DequantizeLinear");
     let sd: Vec<i64> = scale_dims(&dims, plan.axis, scheme.granularity, plan.block_axis)
         .iter()
@@ -436,12 +445,20 @@ fn apply(
             &base,
             attrs,
             inputs,
-            &[&out_base],
+            &[&float_name],
             before,
         );
         last = outs[0];
-        if is_f16 && opset < 19 {
-            last = cast(g, names, last, DataType::Float16, &name, before);
+        if needs_cast {
+            last = cast(
+                g,
+                names,
+                last,
+                DataType::Float16,
+                &name,
+                &final_name,
+                before,
+            );
         }
     } else {
         // Broadcastable scale and zero point shapes: [] per tensor, C along the axis.
@@ -518,12 +535,20 @@ fn apply(
             &format!("{name}_scale_Mul"),
             vec![],
             vec![Some(x), Some(s)],
-            &[&out_base],
+            &[&float_name],
             before,
         );
         last = m[0];
-        if is_f16 {
-            last = cast(g, names, last, DataType::Float16, &name, before);
+        if needs_cast {
+            last = cast(
+                g,
+                names,
+                last,
+                DataType::Float16,
+                &name,
+                &final_name,
+                before,
+            );
         }
     }
     if take_over {
@@ -554,6 +579,7 @@ fn cast(
     x: ValueId,
     to: DataType,
     name: &str,
+    out_name: &str,
     before: Option<NodeId>,
 ) -> ValueId {
     let (_, outs) = g.add_node(
@@ -563,7 +589,7 @@ fn cast(
         &format!("{name}_Cast"),
         vec![attr_int("to", to as i32 as i64)],
         vec![Some(x)],
-        &[&format!("{name}_dequantized_cast")],
+        &[out_name],
         before,
     );
     outs[0]

@@ -19,6 +19,10 @@ pub struct Gates {
     pub rtol: Option<f64>,
     /// Smallest acceptable cosine similarity per float output (integer outputs have none).
     pub min_cosine: Option<f64>,
+    /// Largest acceptable accuracy drop per output with a top-1 (classification-like last
+    /// axis): `1 - top1_agreement`, the fraction of rows whose argmax changed, since no labels
+    /// are at hand (`--max-accuracy-drop`).
+    pub max_accuracy_drop: Option<f64>,
 }
 
 impl Gates {
@@ -45,6 +49,8 @@ pub enum GateKind {
     Allclose,
     /// cosine >= `min_cosine`.
     MinCosine,
+    /// 1 - top-1 agreement <= `max_accuracy_drop`.
+    MaxAccuracyDrop,
 }
 
 /// One failed gate on one output.
@@ -122,6 +128,25 @@ pub fn check(gates: &Gates, outputs: &[OutputMetrics]) -> Vec<GateFailure> {
                 });
             }
         }
+        if let (Some(max), Some(top1)) = (gates.max_accuracy_drop, v.top1_agreement) {
+            let drop = 1.0 - top1;
+            if drop > max {
+                failures.push(GateFailure {
+                    output: name.clone(),
+                    gate: GateKind::MaxAccuracyDrop,
+                    measured: Some(drop),
+                    limit: Some(max),
+                    index: v.worst_index.clone(),
+                    a: Some(v.worst_a),
+                    b: Some(v.worst_b),
+                    message: format!(
+                        "output `{name}`: top-1 agreement {:.2}% is a drop of {:.4} > {max}",
+                        top1 * 100.0,
+                        drop
+                    ),
+                });
+            }
+        }
         if let (Some(min), Some(cos)) = (gates.min_cosine, v.cosine) {
             if cos.is_nan() || cos < min {
                 failures.push(GateFailure {
@@ -160,6 +185,7 @@ mod tests {
             atol: Some(1e-3),
             rtol: None,
             min_cosine: None,
+            max_accuracy_drop: None,
         };
         let a = t32(&[2, 3], &[0.0, 1.0, 2.0, 3.0, 4.0, 5.0]);
         let b = t32(&[2, 3], &[0.0, 1.0, 2.0, 3.0, 4.5, 5.0]);
@@ -189,6 +215,7 @@ mod tests {
             atol: None,
             rtol: None,
             min_cosine: Some(0.99),
+            max_accuracy_drop: None,
         };
         let a = t32(&[2], &[1.0, 0.0]);
         let b = t32(&[2], &[0.0, 1.0]);
@@ -207,6 +234,7 @@ mod tests {
             atol: None,
             rtol: None,
             min_cosine: Some(0.5),
+            max_accuracy_drop: None,
         };
         let failures = check(
             &gates,
@@ -243,6 +271,7 @@ mod tests {
             atol: None,
             rtol: Some(0.1),
             min_cosine: None,
+            max_accuracy_drop: None,
         };
         assert_eq!(
             g.tolerance(),

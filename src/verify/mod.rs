@@ -189,6 +189,7 @@ pub fn format_table(c: &Comparison) -> String {
                     GateKind::Comparable => "not comparable",
                     GateKind::Allclose => "allclose",
                     GateKind::MinCosine => "cosine",
+                    GateKind::MaxAccuracyDrop => "top-1 drop",
                 })
                 .collect();
             let row_status = match (&o.problem, failed.is_empty()) {
