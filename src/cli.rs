@@ -257,6 +257,11 @@ pub struct QuantizeArgs {
     /// Do not keep layers in float when the result misses the cosine target.
     #[arg(long)]
     pub no_fallback: bool,
+    /// Per-node settings, a JSON file: {"nodes": {"NODE": "float" | {"dtype": "int4",
+    /// "granularity": "block", "block_size": 32, "symmetric": false, "scale": "pow2"}}}.
+    /// Unset fields take the command line's values; "float" keeps the node in float.
+    #[arg(long, value_name = "FILE.json")]
+    pub config: Option<PathBuf>,
     /// Write the report as JSON to this file.
     #[arg(long, value_name = "FILE.json")]
     pub report: Option<PathBuf>,

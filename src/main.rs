@@ -113,6 +113,94 @@ fn save_options(model: &std::path::Path, s: &cli::SaveArgs) -> onnx::SaveOptions
     }
 }
 
+type NodeSchemes = std::collections::BTreeMap<String, onnxopt::quant::Scheme>;
+
+/// Reads a `--config` file: per-node schemes, and the nodes to keep in float.
+///
+/// Errors name the file, the node and the field that is wrong.
+fn read_config(
+    path: &std::path::Path,
+    base: &onnxopt::quant::Scheme,
+) -> Result<(NodeSchemes, Vec<String>)> {
+    use onnxopt::quant::{Granularity, QType};
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not valid JSON", path.display()))?;
+    let mut schemes = NodeSchemes::new();
+    let mut float = Vec::new();
+    let nodes = match v.get("nodes") {
+        Some(serde_json::Value::Object(m)) => m.clone(),
+        None => Default::default(),
+        Some(_) => anyhow::bail!("{}: \"nodes\" must be an object", path.display()),
+    };
+    for (node, spec) in nodes {
+        let what = || format!("{}: node \"{node}\"", path.display());
+        match spec {
+            serde_json::Value::String(s) if s == "float" => float.push(node),
+            serde_json::Value::Object(o) => {
+                let mut sc = *base;
+                for (k, val) in &o {
+                    let bad = || anyhow::anyhow!("{}: bad value {val} for \"{k}\"", what());
+                    match k.as_str() {
+                        "dtype" => {
+                            sc.qtype = val.as_str().and_then(QType::parse).ok_or_else(bad)?
+                        }
+                        "symmetric" => sc.symmetric = val.as_bool().ok_or_else(bad)?,
+                        "scale" => {
+                            sc.pow2 = match val.as_str() {
+                                Some("pow2") => true,
+                                Some("float") => false,
+                                _ => return Err(bad()),
+                            }
+                        }
+                        "granularity" | "block_size" => {}
+                        _ => anyhow::bail!("{}: unknown field \"{k}\"", what()),
+                    }
+                }
+                let bs = match o.get("block_size") {
+                    Some(b) => b.as_u64().filter(|&b| b >= 2).ok_or_else(|| {
+                        anyhow::anyhow!("{}: block_size must be an integer >= 2", what())
+                    })? as usize,
+                    None => match base.granularity {
+                        Granularity::Block(b) => b,
+                        _ => 32,
+                    },
+                };
+                if let Some(g) = o.get("granularity") {
+                    sc.granularity = match g.as_str() {
+                        Some("tensor") => Granularity::Tensor,
+                        Some("channel") => Granularity::Channel,
+                        Some("block") => Granularity::Block(bs),
+                        _ => anyhow::bail!(
+                            "{}: granularity must be tensor, channel or block",
+                            what()
+                        ),
+                    };
+                }
+                schemes.insert(node, sc);
+            }
+            other => anyhow::bail!("{}: expected \"float\" or an object, got {other}", what()),
+        }
+    }
+    Ok((schemes, float))
+}
+
+/// `--exclude-nodes` combined with the node names a config keeps in float.
+fn exclude_with(re: Option<regex::Regex>, names: &[String]) -> Result<Option<regex::Regex>> {
+    if names.is_empty() {
+        return Ok(re);
+    }
+    let mut parts: Vec<String> = names
+        .iter()
+        .map(|n| format!("^{}$", regex::escape(n)))
+        .collect();
+    if let Some(r) = re {
+        parts.push(format!("(?:{})", r.as_str()));
+    }
+    Ok(Some(regex::Regex::new(&parts.join("|"))?))
+}
+
 fn fallback_target(no_fallback: bool, c: &CheckArgs) -> Option<f64> {
     (!no_fallback).then(|| c.min_cosine.unwrap_or(optimize::DEFAULT_FALLBACK_COSINE))
 }
@@ -232,6 +320,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 !(scheme.pow2 && a.asymmetric),
                 "--scale pow2 is symmetric (fixed point): drop --asymmetric"
             );
+            let (node_schemes, float_nodes) = match &a.config {
+                Some(path) => read_config(path, &scheme)?,
+                None => Default::default(),
+            };
             let pass = match a.mode {
                 Mode::WeightOnly => "quantize_weights",
                 Mode::Fp16 | Mode::Bf16 => "convert_fp16",
@@ -275,13 +367,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 passes: format!("cleanup,{pass},cleanup"),
                 pass_options: passes::PassOptions {
                     op_types: a.op_types.clone(),
-                    exclude_nodes: regex(&a.exclude_nodes, "--exclude-nodes")?,
                     include_nodes: regex(&a.include_nodes, "--include-nodes")?,
                     weight_scheme: Some(scheme),
                     keep_io_types: a.keep_io_types,
                     bf16: a.mode == Mode::Bf16,
                     calibration,
                     conv_integer: a.conv_integer,
+                    node_schemes,
+                    exclude_nodes: exclude_with(
+                        regex(&a.exclude_nodes, "--exclude-nodes")?,
+                        &float_nodes,
+                    )?,
                     ..Default::default()
                 },
                 save: save_options(&a.model, &a.save),

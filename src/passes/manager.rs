@@ -29,6 +29,8 @@ pub struct PassRecord {
     pub rounds: usize,
     /// Notes from the pass (deduplicated, in first-seen order).
     pub notes: Vec<String>,
+    /// What it changed (lossy passes: one line per weight or node).
+    pub touched: Vec<String>,
 }
 
 /// Runs `passes` on `model` in order.
@@ -52,6 +54,7 @@ pub fn run_pipeline(
             changes: 0,
             rounds: 0,
             notes: Vec::new(),
+            touched: Vec::new(),
         })
         .collect();
     let mut i = 0;
@@ -83,6 +86,7 @@ pub fn run_pipeline(
                         rec.notes.push(n);
                     }
                 }
+                rec.touched.extend(stats.touched);
                 changed += stats.changes;
                 if validate_each {
                     validate(model).with_context(|| {

@@ -56,6 +56,9 @@ pub struct PassStats {
     pub changes: usize,
     /// What the pass chose not to do and why (e.g. "fp64 weight 'w' left in float").
     pub notes: Vec<String>,
+    /// What it changed, one line each (e.g. "conv1.weight: int8 symmetric Channel"), for
+    /// the report of lossy passes.
+    pub touched: Vec<String>,
 }
 
 /// Options that passes read (set from the command line).
@@ -83,6 +86,8 @@ pub struct PassOptions {
     /// Static quantization: where the calibration data comes from and how ranges are
     /// estimated (`quantize_static`).
     pub calibration: Option<crate::quant::CalibrationOptions>,
+    /// Per-node weight schemes from a config file (`--config`), by node name.
+    pub node_schemes: std::collections::BTreeMap<String, crate::quant::Scheme>,
     /// Dynamic quantization: also quantize Conv as ConvInteger (slow on common CPU runtimes,
     /// so off unless asked).
     pub conv_integer: bool,

@@ -361,6 +361,9 @@ fn quantize_graph(g: &mut Graph, names: &mut Names, opts: &PassOptions, stats: &
         g.redirect_outputs(y, out);
         g.replace_uses(y, out);
         stats.changes += 1;
+        stats
+            .touched
+            .push(format!("{label}: {op}, weight '{wname}' int8 per channel"));
     }
 }
 

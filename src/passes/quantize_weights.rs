@@ -120,6 +120,8 @@ struct Plan {
     in_subgraphs: bool,
     /// The reduction axis blocks run along.
     block_axis: usize,
+    /// The scheme for this weight (the pass's, or a per-node override).
+    scheme: Scheme,
 }
 
 impl Pass for QuantizeWeights {
@@ -251,7 +253,13 @@ fn quantize_graph(
             } else {
                 rank - 1
             });
+        // A per-node override (config file) of the first reader that has one.
+        let node_scheme = local_axes
+            .iter()
+            .find_map(|((n, _), _)| opts.node_schemes.get(g.node(*n).name()).copied())
+            .unwrap_or(*scheme);
         plans.push(Plan {
+            scheme: node_scheme,
             block_axis,
             weight: w,
             axis,
@@ -261,8 +269,29 @@ fn quantize_graph(
         });
     }
     for plan in plans {
-        if apply(g, names, opset, opts, scheme, &plan, stats) {
+        let needs21 = matches!(plan.scheme.qtype, QType::Int4 | QType::Uint4)
+            || matches!(plan.scheme.granularity, Granularity::Block(_));
+        let name = g.value(plan.weight).name.clone();
+        if needs21 && opset < 21 && !opts.dequantized_weights {
+            stats.notes.push(format!(
+                "weight '{name}': {} {:?} needs opset 21, the model is opset {opset}: left in float",
+                plan.scheme.qtype.name(),
+                plan.scheme.granularity
+            ));
+            continue;
+        }
+        if apply(g, names, opset, opts, &plan.scheme, &plan, stats) {
             stats.changes += 1;
+            stats.touched.push(format!(
+                "{name}: {} {}{:?}",
+                plan.scheme.qtype.name(),
+                if plan.scheme.symmetric {
+                    "symmetric "
+                } else {
+                    "asymmetric "
+                },
+                plan.scheme.granularity
+            ));
         }
     }
 }
