@@ -276,6 +276,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     op_types: a.op_types.clone(),
                     exclude_nodes: regex(&a.exclude_nodes, "--exclude-nodes")?,
                     include_nodes: regex(&a.include_nodes, "--include-nodes")?,
+                    // The interface is a contract: float conversion keeps float32 graph
+                    // inputs and outputs (only `quantize --keep-io-types false` changes them).
+                    keep_io_types: true,
                     ..Default::default()
                 },
                 save: save_options(&a.model, &a.save),

@@ -187,8 +187,11 @@ pub fn save_proto(proto: &mut pb::ModelProto, path: &Path, opts: &SaveOptions) -
             w.flush()?;
             offset
         };
-        info.external = Some((data_name.clone(), written));
-        data_tmp = Some((tmp, dir.join(&data_name)));
+        // No tensor qualified: write no data file at all (the temporary one is removed).
+        if written > 0 {
+            info.external = Some((data_name.clone(), written));
+            data_tmp = Some((tmp, dir.join(&data_name)));
+        }
     }
     let mut tmp = tempfile::Builder::new()
         .prefix(&format!(".{file_name}."))
@@ -224,8 +227,9 @@ fn same_file(a: &Path, b: &Path) -> bool {
     }
 }
 
-/// Moves every initializer payload of at least `threshold` bytes (in `raw_data`) of `g` and its
-/// subgraphs to `w`, replacing it by an external data reference. Offsets are aligned to 64
+/// Moves every non-empty initializer payload of at least `threshold` bytes (in `raw_data`) of `g`
+/// and its subgraphs to `w` (int32/int64 tensors under 1 KiB, shape data, stay inline),
+/// replacing it by an external data reference. Offsets are aligned to 64
 /// bytes, and to 4096 for tensors of 1 MiB or more, so readers can map them.
 fn externalize_graph(
     g: &mut pb::GraphProto,
@@ -236,7 +240,16 @@ fn externalize_graph(
 ) -> Result<()> {
     for t in &mut g.initializer {
         let Some(raw) = &t.raw_data else { continue };
-        if raw.len() < threshold.max(1) && !(threshold == 0 && raw.is_empty()) {
+        if raw.is_empty() || raw.len() < threshold {
+            continue;
+        }
+        // Small integer tensors are shape data (Reshape shapes, Slice bounds) that runtimes
+        // read while building their plan: they stay inline whatever the threshold.
+        let int = matches!(
+            pb::tensor_proto::DataType::try_from(t.data_type()),
+            Ok(pb::tensor_proto::DataType::Int64 | pb::tensor_proto::DataType::Int32)
+        );
+        if int && raw.len() < 1024 {
             continue;
         }
         let align: u64 = if raw.len() >= 1 << 20 { 4096 } else { 64 };

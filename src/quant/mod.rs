@@ -4,6 +4,7 @@
 //! `q = saturate(round(x / scale) + zero_point)`, `x' = (q - zero_point) * scale`, with
 //! round-half-to-even.
 
+
 use std::path::PathBuf;
 
 use rayon::prelude::*;
@@ -381,18 +382,48 @@ pub fn quantize(
     block_axis: usize,
     scheme: &Scheme,
 ) -> Option<Quantized> {
-    if w.par_iter().any(|v| !v.is_finite()) {
-        return None;
-    }
     let sd = scale_dims(dims, axis, scheme.granularity, block_axis);
-    let n_scales: usize = sd.iter().product();
+    let n_scales: usize = sd.iter().product::<usize>().max(1);
+    // Per tensor and per channel, elements come in contiguous runs that share one scale:
+    // run j belongs to scale j % n_scales. Blocks take the general index map.
+    let run = match scheme.granularity {
+        Granularity::Tensor => Some(1 << 16),
+        Granularity::Channel => Some(split_axis(dims, axis).2.max(1)),
+        Granularity::Block(_) => None,
+    };
     let idx = ScaleIndex::new(dims, axis, scheme.granularity, block_axis);
-    let mut lo = vec![f32::INFINITY; n_scales.max(1)];
-    let mut hi = vec![f32::NEG_INFINITY; n_scales.max(1)];
-    for (i, &v) in w.iter().enumerate() {
-        let k = idx.of(i);
-        lo[k] = lo[k].min(v);
-        hi[k] = hi[k].max(v);
+    let mut lo = vec![f32::INFINITY; n_scales];
+    let mut hi = vec![f32::NEG_INFINITY; n_scales];
+    match run {
+        Some(len) => {
+            let ranges: Vec<(f32, f32, bool)> = w
+                .par_chunks(len)
+                .map(|r| {
+                    r.iter().fold(
+                        (f32::INFINITY, f32::NEG_INFINITY, true),
+                        |(l, h, ok), &v| (l.min(v), h.max(v), ok && v.is_finite()),
+                    )
+                })
+                .collect();
+            for (j, (l, h, ok)) in ranges.into_iter().enumerate() {
+                if !ok {
+                    return None;
+                }
+                let k = j % n_scales;
+                lo[k] = lo[k].min(l);
+                hi[k] = hi[k].max(h);
+            }
+        }
+        None => {
+            for (i, &v) in w.iter().enumerate() {
+                if !v.is_finite() {
+                    return None;
+                }
+                let k = idx.of(i);
+                lo[k] = lo[k].min(v);
+                hi[k] = hi[k].max(v);
+            }
+        }
     }
     let (scales, zero_points): (Vec<f32>, Vec<i32>) = lo
         .iter()
@@ -411,15 +442,25 @@ pub fn quantize(
     } else {
         (qmin, qmax)
     };
-    let q: Vec<i32> = w
-        .par_iter()
-        .enumerate()
-        .map(|(i, &v)| {
-            let k = idx.of(i);
-            ((v / scales[k]).round_ties_even() as i64 + zero_points[k] as i64)
-                .clamp(qmin as i64, qmax as i64) as i32
-        })
-        .collect();
+    let quant = |v: f32, k: usize| {
+        ((v / scales[k]).round_ties_even() as i64 + zero_points[k] as i64)
+            .clamp(qmin as i64, qmax as i64) as i32
+    };
+    let q: Vec<i32> = match run {
+        Some(len) => w
+            .par_chunks(len)
+            .enumerate()
+            .flat_map_iter(|(j, r)| {
+                let k = j % n_scales;
+                r.iter().map(move |&v| quant(v, k))
+            })
+            .collect(),
+        None => w
+            .par_iter()
+            .enumerate()
+            .map(|(i, &v)| quant(v, idx.of(i)))
+            .collect(),
+    };
     Some(Quantized {
         q,
         scales,
