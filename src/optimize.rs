@@ -273,8 +273,9 @@ pub fn optimize(cfg: &OptimizeConfig, reporter: &dyn Reporter) -> Result<Optimiz
     })
 }
 
-/// Most candidate runs the fallback makes.
-pub const FALLBACK_MAX_ITERATIONS: usize = 24;
+/// Most candidate runs the fallback makes (it also stops when every quantizable layer is
+/// kept in float, so this only bounds pathological models).
+pub const FALLBACK_MAX_ITERATIONS: usize = 256;
 
 /// Smallest cosine over the float outputs of a comparison.
 pub fn min_cosine(c: &Comparison) -> Option<f64> {

@@ -11,6 +11,8 @@
 
 #[path = "cli/optimize.rs"]
 mod optimize;
+#[path = "cli/quantize.rs"]
+mod quantize;
 
 mod common {
     use std::collections::BTreeMap;

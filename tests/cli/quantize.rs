@@ -1,0 +1,397 @@
+//! `quantize` end to end: every mode on every real model.
+//!
+//! Each result must be written, pass the onnx checker with `full_check`, run in onnxruntime
+//! with every float output within the mode's cosine target against the original, and carry a
+//! report whose tract check ran (or says `unverified` for the model tract cannot run, and
+//! `float-equivalent` for forms tract lacks).
+
+use std::ffi::OsString;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::common::*;
+
+const UNVERIFIABLE: &str = "silero-vad-16k-op15";
+
+const MODELS: &[&str] = &[
+    "magika-standard-v3-3",
+    "ppocr-mobile-v2-cls",
+    "ppocrv4-rec",
+    "silero-vad-16k-op15",
+    "silero-vad-16k-sequence",
+];
+
+fn model(stem: &str) -> PathBuf {
+    repo().join("models").join(format!("{stem}.onnx"))
+}
+
+fn run_slow(args: &[OsString]) -> Run {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args).env("NO_COLOR", "1");
+    run_cmd(cmd, Duration::from_secs(1800))
+}
+
+fn read_json(path: &Path) -> Value {
+    let text =
+        fs::read_to_string(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Graph input names of a model (from `inspect --json`).
+fn input_names(m: &Path) -> Vec<String> {
+    inspect_json(m)["inputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Perturbed copies of the model's bundle inputs (tests/py/make_samples.py).
+fn samples(stem: &str, dir: &Path, n: usize, seed: u64, batch: bool) -> PathBuf {
+    let m = model(stem);
+    let out = dir.join(format!("samples-{seed}"));
+    let inputs = input_names(&m).join(",");
+    let mut args: Vec<OsString> = vec![
+        m.with_extension("npz").into(),
+        out.clone().into(),
+        n.to_string().into(),
+        seed.to_string().into(),
+        "--inputs".into(),
+        inputs.into(),
+    ];
+    if batch {
+        args.push("--batch".into());
+    }
+    py("make_samples.py", &args).expect_ok();
+    if batch {
+        out.join("batch.npz")
+    } else {
+        out
+    }
+}
+
+/// Runs `quantize` on one model and returns the problems found (empty = all good).
+fn check_mode(stem: &str, mode_args: &[&str], min_cosine: f64, dir: &Path) -> Vec<String> {
+    let m = model(stem);
+    let out = dir.join(format!("{stem}.onnx"));
+    let report_path = dir.join(format!("{stem}.json"));
+    let mut args: Vec<OsString> = vec![
+        "quantize".into(),
+        m.clone().into(),
+        "-o".into(),
+        out.clone().into(),
+        "--inputs".into(),
+        m.with_extension("npz").into(),
+        "--report".into(),
+        report_path.clone().into(),
+    ];
+    args.extend(mode_args.iter().map(OsString::from));
+    if stem == UNVERIFIABLE {
+        args.push("--allow-unverified".into());
+    }
+    let r = run_slow(&args);
+    if !r.ok() {
+        return vec![format!("{stem}: {}", r.describe())];
+    }
+    let mut problems = Vec::new();
+    let c = py("check.py", &[&out]);
+    if !c.ok() {
+        problems.push(format!("onnx checker: {}", c.describe()));
+    }
+    let o = py(
+        "ort_cosine.py",
+        &[
+            m.as_os_str(),
+            out.as_os_str(),
+            m.with_extension("npz").as_os_str(),
+        ],
+    );
+    if !o.ok() {
+        problems.push(format!("onnxruntime: {}", o.describe()));
+    } else {
+        let v: Value = serde_json::from_str(&o.stdout).unwrap();
+        for row in v["outputs"].as_array().unwrap() {
+            match row["cosine"].as_f64() {
+                Some(c) if c >= min_cosine && row["finite"] == true => {}
+                None if row["equal"] == true => {}
+                _ => problems.push(format!("onnxruntime: {row} (want cosine >= {min_cosine})")),
+            }
+        }
+    }
+    let report = read_json(&report_path);
+    let status = report["check"]["status"]["status"].as_str().unwrap_or("");
+    let want = if mode_args.contains(&"--no-check") {
+        ""
+    } else if stem == UNVERIFIABLE {
+        "unverified"
+    } else {
+        "checked"
+    };
+    if status != want {
+        problems.push(format!("report: check status {status:?}, want {want}"));
+    }
+    if stem != UNVERIFIABLE && !want.is_empty() {
+        for o in report["check"]["outputs"].as_array().unwrap() {
+            if let Some(c) = o["values"]["cosine"].as_f64() {
+                if c < min_cosine {
+                    problems.push(format!("tract: {} cosine {c} < {min_cosine}", o["name"]));
+                }
+            }
+        }
+    }
+    println!(
+        "{stem} {mode_args:?}: {} -> {} bytes, checked on the {} model",
+        fs::metadata(&m).unwrap().len(),
+        fs::metadata(&out).unwrap().len(),
+        report["checked_model"]
+    );
+    problems
+        .into_iter()
+        .map(|p| format!("{stem} {mode_args:?}: {p}"))
+        .collect()
+}
+
+/// Runs one mode on every real model and fails with every problem found.
+fn every_model(mode_args: &[&str], min_cosine: f64) {
+    let dir = tempdir();
+    let mut problems = Vec::new();
+    for stem in MODELS {
+        let d = dir.path().join(stem);
+        fs::create_dir_all(&d).unwrap();
+        problems.extend(check_mode(stem, mode_args, min_cosine, &d));
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+#[test]
+fn quantize_weight_only_uint8_asymmetric_per_tensor_on_every_model() {
+    every_model(
+        &[
+            "--mode",
+            "weight-only",
+            "--dtype",
+            "uint8",
+            "--asymmetric",
+            "--granularity",
+            "tensor",
+        ],
+        0.99,
+    );
+}
+
+#[test]
+fn quantize_weight_only_int16_on_every_model_is_checked_on_the_float_equivalent() {
+    every_model(&["--mode", "weight-only", "--dtype", "int16"], 0.9999);
+    let dir = tempdir();
+    check_mode(
+        "magika-standard-v3-3",
+        &["--dtype", "int16"],
+        0.9999,
+        dir.path(),
+    );
+    let report = read_json(&dir.path().join("magika-standard-v3-3.json"));
+    assert_eq!(report["checked_model"], "float-equivalent", "{report}");
+}
+
+#[test]
+fn quantize_weight_only_pow2_scales_on_every_model() {
+    every_model(&["--mode", "weight-only", "--scale", "pow2"], 0.99);
+}
+
+#[test]
+fn quantize_dynamic_on_every_model() {
+    every_model(&["--mode", "dynamic"], 0.99);
+}
+
+/// float16 runs 4 to 100 times slower than float32 in tract on this CPU (ppocrv4-rec: 36 s per
+/// run in a release build), so the two largest models are checked in onnxruntime only here;
+/// `convert_fp16`'s own ignored tests run them in tract.
+#[test]
+fn quantize_fp16_on_every_model() {
+    let dir = tempdir();
+    let mut problems = Vec::new();
+    for stem in MODELS {
+        let d = dir.path().join(stem);
+        fs::create_dir_all(&d).unwrap();
+        let mut args = vec!["--mode", "fp16"];
+        if matches!(*stem, "ppocrv4-rec" | "magika-standard-v3-3") {
+            args.push("--no-check");
+        }
+        problems.extend(check_mode(stem, &args, 0.999, &d));
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+/// Static quantization calibrates in tract, so on the model tract cannot run it stops with a
+/// clear error (exit 2, naming the node) instead of writing an uncalibrated model.
+#[test]
+fn quantize_static_on_every_model() {
+    let dir = tempdir();
+    let mut problems = Vec::new();
+    for stem in MODELS {
+        let d = dir.path().join(stem);
+        fs::create_dir_all(&d).unwrap();
+        let cal = samples(stem, &d, 4, 7, false);
+        if *stem == UNVERIFIABLE {
+            let r = run_slow(&[
+                "quantize".into(),
+                model(stem).into(),
+                "-o".into(),
+                d.join("q.onnx").into(),
+                "--mode".into(),
+                "static".into(),
+                "--calibration".into(),
+                cal.into(),
+            ]);
+            if r.code != Some(2) || !r.stderr.contains("/model/decoder/If") {
+                problems.push(format!(
+                    "{stem}: want exit 2 naming the If node: {}",
+                    r.describe()
+                ));
+            }
+            continue;
+        }
+        let cal = cal.to_str().unwrap().to_string();
+        problems.extend(check_mode(
+            stem,
+            &[
+                "--mode",
+                "static",
+                "--calibration",
+                &cal,
+                "--calibration-samples",
+                "4",
+            ],
+            0.99,
+            &d,
+        ));
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+/// The accuracy-gated mode meets `--min-cosine 0.999` on every model (tract can check) and
+/// lists what it kept in float.
+#[test]
+fn quantize_min_cosine_gate_is_met_on_every_model() {
+    let dir = tempdir();
+    let mut problems = Vec::new();
+    for stem in MODELS {
+        let d = dir.path().join(stem);
+        fs::create_dir_all(&d).unwrap();
+        problems.extend(check_mode(
+            stem,
+            &["--min-cosine", "0.999", "--max-accuracy-drop", "0"],
+            0.999,
+            &d,
+        ));
+        let report = read_json(&d.join(format!("{stem}.json")));
+        if let Some(f) = report["fallback"].as_object() {
+            if f["met"] != true {
+                problems.push(format!("{stem}: fallback did not meet the gate: {f:?}"));
+            }
+            let kept = f["kept"].as_array().map_or(0, |k| k.len());
+            println!("{stem}: {kept} layers kept in float: {:?}", f["kept"]);
+            if kept == 0 {
+                problems.push(format!("{stem}: fallback ran but kept no layer: {f:?}"));
+            }
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+/// Dynamic quantization of magika keeps the predicted class on 100 random inputs.
+#[test]
+fn quantize_dynamic_magika_top1_agrees_on_100_random_inputs() {
+    let dir = tempdir();
+    let stem = "magika-standard-v3-3";
+    let batch = samples(stem, dir.path(), 100, 11, true);
+    let out = dir.path().join("q.onnx");
+    let report = dir.path().join("q.json");
+    let r = run_slow(&[
+        "quantize".into(),
+        model(stem).into(),
+        "-o".into(),
+        out.into(),
+        "--mode".into(),
+        "dynamic".into(),
+        "--inputs".into(),
+        batch.into(),
+        "--report".into(),
+        report.clone().into(),
+    ]);
+    assert!(r.ok(), "{}", r.describe());
+    let v = read_json(&report);
+    let o = &v["check"]["outputs"][0];
+    assert_eq!(o["reference"]["shape"][0], 100, "{o}");
+    assert_eq!(o["values"]["top1_agreement"].as_f64(), Some(1.0), "{o}");
+}
+
+/// A 4-bit or block-wise scheme on a model below opset 21 is refused with a clear message,
+/// never by raising the model's opset.
+#[test]
+fn quantize_int4_blocks_below_opset_21_is_refused() {
+    let dir = tempdir();
+    let r = run_slow(&[
+        "quantize".into(),
+        model("magika-standard-v3-3").into(),
+        "-o".into(),
+        dir.path().join("q.onnx").into(),
+        "--dtype".into(),
+        "int4".into(),
+        "--granularity".into(),
+        "block".into(),
+        "--no-check".into(),
+    ]);
+    assert_eq!(r.code, Some(2), "{}", r.describe());
+    assert!(r.stderr.contains("opset 21"), "{}", r.describe());
+    assert!(!dir.path().join("q.onnx").exists());
+}
+
+/// A config file keeps named nodes in float and gives others their own scheme.
+#[test]
+fn quantize_config_overrides_per_node() {
+    let dir = tempdir();
+    let cfg = dir.path().join("cfg.json");
+    fs::write(
+        &cfg,
+        r#"{"nodes": {"p2o.Conv.0": "float", "p2o.Conv.3": {"dtype": "int16"}}}"#,
+    )
+    .unwrap();
+    let report = dir.path().join("q.json");
+    let r = run_slow(&[
+        "quantize".into(),
+        model("ppocrv4-rec").into(),
+        "-o".into(),
+        dir.path().join("q.onnx").into(),
+        "--config".into(),
+        cfg.into(),
+        "--no-check".into(),
+        "--report".into(),
+        report.clone().into(),
+    ]);
+    assert!(r.ok(), "{}", r.describe());
+    let v = read_json(&report);
+    let touched: Vec<String> = v["passes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["touched"].as_array().cloned().unwrap_or_default())
+        .map(|t| t.as_str().unwrap().to_string())
+        .collect();
+    let int16: Vec<&String> = touched.iter().filter(|t| t.contains("int16")).collect();
+    assert_eq!(int16.len(), 1, "{touched:?}");
+    assert!(int16[0].starts_with("conv2d_159.w_0:"), "{int16:?}");
+    // p2o.Conv.0 reads conv2d_10.w_0, kept in float: not touched, still float32 in the model.
+    assert!(
+        !touched.iter().any(|t| t.starts_with("conv2d_10.w_0:")),
+        "{touched:?}"
+    );
+    assert!(touched.len() >= 40, "{touched:?}");
+    let r = py("counts.py", &[dir.path().join("q.onnx").as_os_str()]).expect_ok();
+    assert!(r.stdout.contains("int16"), "{}", r.stdout);
+}
