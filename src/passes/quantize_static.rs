@@ -1,9 +1,79 @@
-//! `quantize_static`: (being written).
+//! `quantize_static`: calibrated int8 quantization of activations and weights in the QDQ form
+//! (QuantizeLinear -> DequantizeLinear pairs around float ops), the form onnxruntime fuses
+//! into integer kernels (QLinearConv, QLinearMatMul, MatMulIntegerToFloat, QGemm).
+//!
+//! Before (a Conv with its BatchNormalization and ReLU, then another quantizable op):
+//! ```text
+//! a -> Conv(W, b) -> y0 -> BatchNormalization -> y -> Relu -> r -> ... -> MatMul(W2)
+//! ```
+//! After:
+//! ```text
+//! a -> Q -> DQ -> Conv(DQ(W_q), DQ(b_q)) -> y0 -> Relu -> r -> Q -> DQ -> ... -> Q -> DQ -> MatMul(DQ(W2_q))
+//! ```
+//! - **Units**: every Conv, Gemm and MatMul of the main graph whose input 1 is a float32
+//!   initializer (not a graph input) and whose input 0 is a computed activation, selected by
+//!   the pass options (`--op-types`, `--include-nodes`, `--exclude-nodes`, and the layers the
+//!   accuracy-gated fallback keeps in float).
+//! - **Activations**: the unit's input gets `QuantizeLinear(scale, zero_point)` ->
+//!   `DequantizeLinear`, with the range calibrated on sample inputs
+//!   ([`crate::quant::calibrate`]): uint8 asymmetric (the default; onnxruntime's U8S8) or int8
+//!   symmetric, from [`crate::quant::scale_zero_point`] (the range always includes 0). One pair
+//!   per value, shared by every quantized reader; float readers keep reading the float value,
+//!   except on a Conv output (below).
+//! - **Conv outputs**: onnxruntime fuses `DQ -> Conv -> Q` into QLinearConv only when every
+//!   reader of the Conv output is a QuantizeLinear, so a quantized Conv's output always gets a
+//!   pair that all its readers read. Before that, an inference BatchNormalization that is the
+//!   Conv output's only reader is folded into the Conv (`s = scale / sqrt(var + eps)`,
+//!   `W' = W * s` along the output channels, `b' = (b - mean) * s + B`, as `fold_batchnorm`
+//!   states it; BatchNormalization-15), and a Relu that is then the only reader is left in
+//!   place with the pair on its output: its range starts at 0, so the zero point is the type's
+//!   minimum and onnxruntime drops the Relu as redundant. The output pair's DequantizeLinear
+//!   takes the folded BatchNormalization's output name, so names that readers and probes use
+//!   stay defined. MatMul and Gemm outputs stay float unless a quantized unit reads them
+//!   (onnxruntime runs `DQ -> MatMul` as MatMulIntegerToFloat and `DQ -> Gemm` as QGemm with a
+//!   float output).
+//! - **Weights**: int8 symmetric in `[-127, 127]`, per output channel with DequantizeLinear-13
+//!   `axis` when the model's opset is 13 or more, per tensor for opsets 10 to 12
+//!   (DequantizeLinear-10 has no axis), with an explicit zero point of 0; kernels and axes are
+//!   those of `quantize_weights` ([`crate::quant::quantize`], [`weight_axis`]).
+//! - **Bias** (Conv input 2; Gemm `C` of shape `[N]` when `alpha = beta = 1`): int32,
+//!   `q[c] = round_half_even(b[c] / (x_scale * w_scale[c]))`, zero point 0, by
+//!   DequantizeLinear (axis 0 per channel) — the scale onnxruntime assumes when it fuses the
+//!   node. int32 never overflows: when `|b[c] / (x_scale * w_scale[c])| > 2^31 - 1`, the weight
+//!   scale of that channel is raised to `|b[c]| / (x_scale * (2^31 - 1))` (per-channel weights;
+//!   the channel's weights are requantized with it, and a note says by how much) or, with one
+//!   weight scale per tensor, the bias stays float (a note says so; onnxruntime then runs that
+//!   node in float).
+//!
+//! Formulas: QuantizeLinear-13 `q = saturate(round_half_even(x / scale) + zero_point)`,
+//! DequantizeLinear-13 `x' = (q - zero_point) * scale` (per axis from opset 13). Calibration
+//! estimators (min/max, per-tail percentile, TensorRT entropy after S. Migacz, "8-bit Inference
+//! with TensorRT", 2017) are described in [`crate::quant::calibrate`].
+//!
+//! Preconditions: `PassOptions::calibration` is set (the pass fails otherwise), the model's
+//! default-domain opset is 10 or more and its IR version 4 or more (otherwise nothing changes,
+//! with a note), tract can run the model on the calibration samples.
+//!
+//! Never changed: graph inputs and outputs (a graph output keeps its float value; only
+//! quantized readers of it read a dequantized copy), values that are both a graph input and a
+//! graph output, non-float values. Deliberately not done: subgraphs (If/Loop/Scan bodies stay
+//! float, with a note), ConvTranspose, MatMul whose weight is input 0, float16 or float64
+//! weights, already quantized inputs (a DequantizeLinear output), activation ops other than the
+//! units (Add, Mul, pooling stay float, so the int8 kernels hand float back to them), raising the
+//! opset to get per-channel weights. The pass is deterministic, and calibration results are
+//! cached per process, so the fallback's re-runs with layers kept in float are cheap.
 
-use anyhow::{bail, Result};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use super::{Pass, PassKind, PassOptions, PassStats};
-use crate::ir::Model;
+use anyhow::{Context, Result};
+
+use super::quantize_weights::{block_axis, weight_axis};
+use super::{can_add_initializers, Pass, PassKind, PassOptions, PassStats};
+use crate::ir::edit::attr_int;
+use crate::ir::{Graph, Model, NodeId, Tensor, ValueId};
+use crate::pb::tensor_proto::DataType;
+use crate::quant::calibrate::calibrate;
+use crate::quant::{quantize, scale_zero_point, split_axis, Granularity, QType, Scheme};
 
 /// See the module documentation.
 pub struct QuantizeStatic;
@@ -13,14 +83,1607 @@ impl Pass for QuantizeStatic {
         "quantize_static"
     }
     fn summary(&self) -> &'static str {
-        "(being written)"
+        "calibrated int8 QDQ on the activations, weights and biases of Conv, Gemm and MatMul (--calibration)"
     }
     fn kind(&self) -> PassKind {
         PassKind::Lossy {
             tolerance: "cosine >= 0.99 per output on typical models",
         }
     }
-    fn run(&self, _model: &mut Model, _opts: &PassOptions) -> Result<PassStats> {
-        bail!("quantize_static is not available in this version")
+    fn run(&self, model: &mut Model, opts: &PassOptions) -> Result<PassStats> {
+        run(model, opts)
+    }
+}
+
+/// The largest int32.
+const I32_MAX: f64 = 2_147_483_647.0;
+
+/// A BatchNormalization that reads a unit's output and nothing else does.
+#[derive(Debug, Clone)]
+struct Bn {
+    node: NodeId,
+    /// scale, B, mean, var.
+    params: [ValueId; 4],
+    eps: f32,
+}
+
+/// An op after a Conv that folds into its weight and bias.
+#[derive(Debug, Clone)]
+enum Fold {
+    /// `Add` of a constant per output channel (or a scalar): `b' = b + c`.
+    Add {
+        node: NodeId,
+        /// The constant, one value per channel.
+        c: Vec<f32>,
+    },
+    /// An inference BatchNormalization.
+    Bn(Bn),
+}
+
+impl Fold {
+    fn node(&self) -> NodeId {
+        match self {
+            Fold::Add { node, .. } => *node,
+            Fold::Bn(b) => b.node,
+        }
+    }
+}
+
+/// A quantizable node and its surroundings, read before any edit.
+#[derive(Debug, Clone)]
+struct Unit {
+    node: NodeId,
+    op: &'static str,
+    /// Activation input (input 0).
+    x: ValueId,
+    /// Weight initializer (input 1).
+    w: ValueId,
+    /// Its output-channel axis.
+    axis: usize,
+    /// Conv input 2, Gemm input 2.
+    bias: Option<ValueId>,
+    /// Ops that fold into a Conv, in order, each the only reader of the value before it.
+    epilogue: Vec<Fold>,
+    /// The value the epilogue ends with (`y0` when there is none).
+    chain_out: ValueId,
+    /// A Relu reading `chain_out` alone.
+    relu: Option<NodeId>,
+    /// Output 0 of the node.
+    y0: ValueId,
+    /// Where the output pair goes: `chain_out` or the Relu output.
+    out: ValueId,
+}
+
+/// Why a Conv with weight dims `dims` is left in float for speed, if it is: depthwise convs
+/// (one input channel per group) and convs with fewer than [`MIN_CHANNELS`] input channels per
+/// group (a first layer reading an image) run slower as QLinearConv than as float Conv on
+/// onnxruntime's CPU provider (measured with onnxruntime 1.32 on AVX2: see the module doc).
+fn slow_in_int8(node: &crate::ir::Node, dims: &[usize]) -> Option<&'static str> {
+    if !node.is("Conv") || dims.len() < 3 {
+        return None;
+    }
+    let per_group = dims[1];
+    if node.attr_int("group", 1) > 1 && per_group == 1 {
+        Some("depthwise Conv(s)")
+    } else if per_group < MIN_CHANNELS {
+        Some("Conv(s) with fewer than 8 input channels per group")
+    } else {
+        None
+    }
+}
+
+/// Fewest input channels per group of a Conv worth running in int8.
+const MIN_CHANNELS: usize = 8;
+
+/// A float32 initializer that is not a graph input: values and dims.
+fn f32_init(g: &Graph, v: ValueId) -> Option<(Vec<f32>, Vec<usize>)> {
+    let t = g.initializer(v)?;
+    if t.data_type() != DataType::Float as i32 || g.is_graph_input(v) {
+        return None;
+    }
+    let dims = t.dims().iter().map(|&d| d.max(0) as usize).collect();
+    Some((t.to_f32().ok()?, dims))
+}
+
+/// Finds the units of `g` (independently of the pass options, so that the calibrated set of
+/// tensors is the same whatever is selected).
+fn find_units(g: &Graph, notes: &mut Vec<String>) -> Vec<Unit> {
+    let uses = g.uses();
+    let sub_reads = g.names_read_by_subgraphs();
+    let visible = |v: ValueId| g.is_graph_output(v) || sub_reads.contains(&g.value(v).name);
+    let sole_reader = |v: ValueId, op: &str| -> Option<NodeId> {
+        match uses[v.0 as usize].as_slice() {
+            [(n, 0)] if g.node(*n).is(op) && !visible(v) => Some(*n),
+            _ => None,
+        }
+    };
+    let mut units = Vec::new();
+    let (mut conv_t, mut dq_input, mut non_f32) = (0, 0, 0);
+    for (id, n) in g.live_nodes() {
+        if !n.domain().is_empty() {
+            continue;
+        }
+        let op = match n.op_type() {
+            "Conv" => "Conv",
+            "Gemm" => "Gemm",
+            "MatMul" => "MatMul",
+            "ConvTranspose" => {
+                conv_t += 1;
+                continue;
+            }
+            _ => continue,
+        };
+        let (Some(Some(x)), Some(Some(w)), Some(Some(y0))) =
+            (n.inputs.first(), n.inputs.get(1), n.outputs.first())
+        else {
+            continue;
+        };
+        let (x, w, y0) = (*x, *w, *y0);
+        let Some(wt) = g.initializer(w) else { continue };
+        if g.initializer(x).is_some() {
+            continue;
+        }
+        let Some(axis) = weight_axis(n, 1, wt.dims().len()) else {
+            continue;
+        };
+        if wt.data_type() != DataType::Float as i32 || g.is_graph_input(w) {
+            non_f32 += 1;
+            continue;
+        }
+        if g.producer(x)
+            .is_some_and(|p| g.node(p).is("DequantizeLinear"))
+        {
+            dq_input += 1;
+            continue;
+        }
+        let bias = match op {
+            "Conv" | "Gemm" => n.inputs.get(2).copied().flatten(),
+            _ => None,
+        };
+        let mut chain_out = y0;
+        let mut epilogue = Vec::new();
+        let mut relu = None;
+        let mut out = y0;
+        if op == "Conv" {
+            let m = wt.dims().first().copied().unwrap_or(0) as usize;
+            let rank = wt.dims().len();
+            loop {
+                if visible(chain_out) {
+                    break;
+                }
+                let next = match uses[chain_out.0 as usize].as_slice() {
+                    [(n, i)] => (*n, *i),
+                    _ => break,
+                };
+                let nn = g.node(next.0);
+                let folded = if nn.is("Add") && nn.inputs.len() == 2 {
+                    add_const(g, nn, next.1, m, rank).map(|c| Fold::Add { node: next.0, c })
+                } else if nn.is("BatchNormalization") && next.1 == 0 {
+                    batchnorm(g, next.0, m, &visible, &uses).map(Fold::Bn)
+                } else {
+                    None
+                };
+                let Some(f) = folded else { break };
+                let Some(Some(o)) = nn.outputs.first() else {
+                    break;
+                };
+                if visible(*o) {
+                    break; // a graph output keeps its producer
+                }
+                chain_out = *o;
+                epilogue.push(f);
+            }
+            out = chain_out;
+            if let Some(r) = sole_reader(chain_out, "Relu") {
+                if let Some(Some(ro)) = g.node(r).outputs.first() {
+                    if !visible(*ro) {
+                        out = *ro;
+                        relu = Some(r);
+                    }
+                }
+            }
+        }
+        units.push(Unit {
+            node: id,
+            op,
+            x,
+            w,
+            axis,
+            bias,
+            epilogue,
+            chain_out,
+            relu,
+            y0,
+            out,
+        });
+    }
+    if conv_t > 0 {
+        notes.push(format!("{conv_t} ConvTranspose node(s) left in float"));
+    }
+    if dq_input > 0 {
+        notes.push(format!(
+            "{dq_input} node(s) whose input is already dequantized left as they are"
+        ));
+    }
+    if non_f32 > 0 {
+        notes.push(format!(
+            "{non_f32} node(s) with a weight that is not a float32 initializer (float16, float64, or a graph input) left in float"
+        ));
+    }
+    units
+}
+
+/// The constant that `Add` node `n` adds to its input `idx` (a Conv output of rank `rank` with
+/// `m` channels), one value per channel, when it is a float32 initializer that broadcasts
+/// along the channel axis only (a scalar, or `[.., m, 1, .., 1]` aligned on axis 1).
+fn add_const(
+    g: &Graph,
+    n: &crate::ir::Node,
+    idx: usize,
+    m: usize,
+    rank: usize,
+) -> Option<Vec<f32>> {
+    let other = n.inputs.get(1 - idx.min(1)).copied().flatten()?;
+    let (c, dims) = f32_init(g, other).or_else(|| reshaped_const(g, other))?;
+    if !c.iter().all(|v| v.is_finite()) {
+        return None;
+    }
+    if c.len() == 1 {
+        return Some(vec![c[0]; m]);
+    }
+    if c.len() != m || dims.len() > rank || rank < 2 {
+        return None;
+    }
+    let mut padded = vec![1usize; rank - dims.len()];
+    padded.extend(&dims);
+    let ok = padded
+        .iter()
+        .enumerate()
+        .all(|(k, &d)| if k == 1 { d == m } else { d == 1 });
+    ok.then_some(c)
+}
+
+/// The values and dims of `v = Reshape(data, shape)` when both are initializers (exporters
+/// write a Conv bias this way): the data in order, the dims from `shape` (`0` copies the input
+/// dim unless `allowzero = 1`, `-1` is inferred).
+fn reshaped_const(g: &Graph, v: ValueId) -> Option<(Vec<f32>, Vec<usize>)> {
+    let p = g.node(g.producer(v)?);
+    if !p.is("Reshape") || p.attr_int("allowzero", 0) != 0 {
+        return None;
+    }
+    let (data, in_dims) = f32_init(g, p.inputs.first().copied().flatten()?)?;
+    let shape = g
+        .initializer(p.inputs.get(1).copied().flatten()?)?
+        .to_i64()
+        .ok()?;
+    let mut dims = Vec::with_capacity(shape.len());
+    let mut infer = None;
+    for (k, &d) in shape.iter().enumerate() {
+        match d {
+            0 => dims.push(*in_dims.get(k)?),
+            -1 if infer.is_none() => {
+                infer = Some(k);
+                dims.push(1);
+            }
+            d if d > 0 => dims.push(d as usize),
+            _ => return None,
+        }
+    }
+    let known: usize = dims.iter().product();
+    if let Some(k) = infer {
+        if known == 0 || data.len() % known != 0 {
+            return None;
+        }
+        dims[k] = data.len() / known;
+    }
+    (dims.iter().product::<usize>() == data.len()).then_some((data, dims))
+}
+
+/// `b` as a foldable BatchNormalization of a Conv with `m` output channels.
+fn batchnorm(
+    g: &Graph,
+    b: NodeId,
+    m: usize,
+    visible: &dyn Fn(ValueId) -> bool,
+    uses: &[Vec<(NodeId, usize)>],
+) -> Option<Bn> {
+    let n = g.node(b);
+    if n.attr_int("training_mode", 0) != 0 || n.attr_int("spatial", 1) != 1 || n.inputs.len() != 5 {
+        return None;
+    }
+    let y = (*n.outputs.first()?)?;
+    let extra_used = n
+        .outputs
+        .iter()
+        .skip(1)
+        .flatten()
+        .any(|&v| !uses[v.0 as usize].is_empty() || visible(v));
+    if extra_used || visible(y) {
+        return None;
+    }
+    let mut params = [y; 4];
+    for (k, p) in params.iter_mut().enumerate() {
+        let v = n.inputs.get(k + 1).copied().flatten()?;
+        let (vals, dims) = f32_init(g, v)?;
+        if vals.len() != m || dims.len() != 1 {
+            return None;
+        }
+        *p = v;
+    }
+    Some(Bn {
+        node: b,
+        params,
+        eps: n.attr_float("epsilon", 1e-5),
+    })
+}
+
+/// A unit chosen for quantization, with its (folded) float weight and bias.
+struct Planned {
+    unit: Unit,
+    /// Its BatchNormalization is folded.
+    folds: bool,
+    w: Vec<f32>,
+    dims: Vec<usize>,
+    /// Bias values and the base of their names (folded when `folds`).
+    bias: Option<(Vec<f32>, String)>,
+}
+
+/// A QuantizeLinear -> DequantizeLinear pair planned on one value.
+#[derive(Debug, Clone)]
+struct Pair {
+    /// The value whose range is used (a name of the graph before the pass).
+    logical: ValueId,
+    /// The value QuantizeLinear reads (the unit's own output when `logical` is a folded
+    /// BatchNormalization output).
+    source: ValueId,
+    /// Every node reader of `logical` reads the dequantized value (a Conv output).
+    all_readers: bool,
+    /// Quantized units reading it as input 0.
+    unit_readers: Vec<NodeId>,
+    /// The DequantizeLinear output takes this (removed) value's name.
+    rename_from: Option<ValueId>,
+}
+
+/// Activation quantization parameters.
+#[derive(Debug, Clone, Copy)]
+struct QParams {
+    scale: f32,
+    zero_point: i32,
+    qtype: QType,
+}
+
+fn run(model: &mut Model, opts: &PassOptions) -> Result<PassStats> {
+    let mut stats = PassStats::default();
+    let cal_opts = opts
+        .calibration
+        .as_ref()
+        .context("quantize_static needs calibration data (--calibration DIR|FILE.npz)")?;
+    if !can_add_initializers(model) {
+        stats.notes.push(format!(
+            "IR version {} requires initializers to be graph inputs: nothing quantized",
+            model.header.ir_version()
+        ));
+        return Ok(stats);
+    }
+    let opset = model.opset("").unwrap_or(1);
+    if opset < 10 {
+        stats.notes.push(format!(
+            "opset {opset} has no QuantizeLinear/DequantizeLinear (opset 10): nothing quantized"
+        ));
+        return Ok(stats);
+    }
+    let per_channel = opset >= 13;
+
+    let mut sub_units = 0;
+    for (_, n) in model.graph.live_nodes() {
+        for sg in n.subgraphs() {
+            sg.visit(&mut |g| {
+                sub_units += g
+                    .live_nodes()
+                    .filter(|(_, n)| {
+                        n.domain().is_empty() && matches!(n.op_type(), "Conv" | "Gemm" | "MatMul")
+                    })
+                    .count();
+            });
+        }
+    }
+    if sub_units > 0 {
+        stats.notes.push(format!(
+            "{sub_units} Conv/Gemm/MatMul node(s) inside If/Loop/Scan bodies left in float (static quantization covers the main graph)"
+        ));
+    }
+
+    let units = find_units(&model.graph, &mut stats.notes);
+    if units.is_empty() {
+        stats
+            .notes
+            .push("no Conv, Gemm or MatMul with a float32 weight in the main graph".into());
+        return Ok(stats);
+    }
+    let g = &model.graph;
+    let names: BTreeSet<String> = units
+        .iter()
+        .flat_map(|u| [u.x, u.out])
+        .map(|v| g.value(v).name.clone())
+        .collect();
+    let proto = crate::onnx::export::to_proto(model)?;
+    let cal = calibrate(&proto, &names, cal_opts).context("calibrating quantize_static")?;
+    stats.notes.push(format!(
+        "calibrated {} activation tensors on {} sample(s) from {} ({}) in {:.2} s{}",
+        cal.ranges.len(),
+        cal.samples,
+        cal_opts.source.display(),
+        match cal_opts.method {
+            crate::quant::RangeMethod::MinMax => "minmax".to_string(),
+            crate::quant::RangeMethod::Percentile { percentile } =>
+                format!("percentile {percentile}"),
+            crate::quant::RangeMethod::Entropy => "entropy".to_string(),
+        },
+        cal.seconds,
+        if cal.cached {
+            " (cached from an earlier run)"
+        } else {
+            ""
+        }
+    ));
+    let act_scheme = Scheme {
+        qtype: cal_opts.activation_type,
+        symmetric: cal_opts.activation_type.signed(),
+        granularity: Granularity::Tensor,
+        pow2: false,
+    };
+    let qparams = |v: ValueId| qparams_of(&cal.ranges, g, v, &act_scheme);
+
+    // Plan: which units are quantized, which fold, which pairs go where.
+    let uses = g.uses();
+    let sub_reads = g.names_read_by_subgraphs();
+    let mut chosen: Vec<Planned> = Vec::new();
+    let (mut not_selected, mut no_range) = (0, Vec::new());
+    let mut slow: BTreeMap<&str, usize> = BTreeMap::new();
+    for u in &units {
+        let node = g.node(u.node);
+        if !opts.selects(g, node) {
+            not_selected += 1;
+            continue;
+        }
+        if (g.is_graph_input(u.x) && g.is_graph_output(u.x)) || qparams(u.x).is_none() {
+            no_range.push(node.label(u.node));
+            continue;
+        }
+        let Some((w, dims)) = f32_init(g, u.w) else {
+            continue;
+        };
+        if let Some(why) = slow_in_int8(node, &dims) {
+            *slow.entry(why).or_default() += 1;
+            continue;
+        }
+        if w.is_empty() || w.iter().any(|v| !v.is_finite()) {
+            stats.notes.push(format!(
+                "{}: weight holds NaN or infinity, or nothing: left in float",
+                node.label(u.node)
+            ));
+            continue;
+        }
+        let mut bias: Option<(Vec<f32>, String)> = u.bias.and_then(|b| {
+            f32_init(g, b)
+                .filter(|(v, _)| v.iter().all(|x| x.is_finite()))
+                .map(|(v, _)| (v, g.value(b).name.clone()))
+        });
+        let mut plan = Planned {
+            unit: u.clone(),
+            folds: false,
+            w,
+            dims,
+            bias: None,
+        };
+        if !u.epilogue.is_empty() && qparams(u.out).is_some() {
+            let m = plan.dims[0];
+            let b0 = match (&bias, u.bias) {
+                (Some(b), _) if b.0.len() == m => Some(b.0.clone()),
+                (None, None) => Some(vec![0.0; m]),
+                _ => None, // a bias that is not a finite float32 [M] initializer
+            };
+            if let Some(b0) = b0 {
+                let (nw, nb) = fold_epilogue(g, &plan.w, &plan.dims, &b0, &u.epilogue);
+                if nw.iter().chain(&nb).all(|v| v.is_finite()) {
+                    plan.w = nw;
+                    let base = match u.bias {
+                        Some(b) => g.value(b).name.clone(),
+                        None => format!("{}_bias", g.value(u.y0).name),
+                    };
+                    bias = Some((nb, base));
+                    plan.folds = true;
+                }
+            }
+        }
+        plan.bias = bias;
+        chosen.push(plan);
+    }
+    for (why, n) in &slow {
+        stats.notes.push(format!(
+            "{n} {why} left in float: onnxruntime's int8 kernels run them slower than float"
+        ));
+    }
+    if not_selected > 0 {
+        stats.notes.push(format!(
+            "{not_selected} node(s) not selected (options or kept in float) left in float"
+        ));
+    }
+    if !no_range.is_empty() {
+        stats.notes.push(format!(
+            "{} node(s) whose input is not a float activation with a finite calibrated range (or is both a graph input and output) left in float: {}",
+            no_range.len(),
+            no_range.join(", ")
+        ));
+    }
+    // Folded BatchNormalization outputs: y -> the unit output that now carries its values.
+    let folded: HashMap<ValueId, ValueId> = chosen
+        .iter()
+        .filter(|p| p.folds)
+        .map(|p| (p.unit.chain_out, p.unit.y0))
+        .collect();
+    let mut pairs: BTreeMap<ValueId, Pair> = BTreeMap::new();
+    let new_pair = |v: ValueId| Pair {
+        logical: v,
+        source: folded.get(&v).copied().unwrap_or(v),
+        all_readers: false,
+        unit_readers: Vec::new(),
+        rename_from: None,
+    };
+    for plan in &chosen {
+        let (u, folds) = (&plan.unit, &plan.folds);
+        pairs
+            .entry(u.x)
+            .or_insert_with(|| new_pair(u.x))
+            .unit_readers
+            .push(u.node);
+        let out_ok = u.op == "Conv"
+            && !g.is_graph_output(u.out)
+            && !sub_reads.contains(&g.value(u.out).name)
+            && qparams(u.out).is_some()
+            && (u.epilogue.is_empty() || *folds);
+        if out_ok {
+            let p = pairs.entry(u.out).or_insert_with(|| new_pair(u.out));
+            p.all_readers = true;
+            if *folds && u.relu.is_none() {
+                p.rename_from = Some(u.chain_out);
+            }
+        }
+    }
+
+    // Write.
+    let model_names = &mut model.names;
+    let g = &mut model.graph;
+    let qp: HashMap<ValueId, QParams> = pairs
+        .keys()
+        .filter_map(|&v| Some((v, qparams_of(&cal.ranges, g, v, &act_scheme)?)))
+        .collect();
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut bias_float = 0;
+    for plan in chosen {
+        let Planned {
+            unit: u,
+            folds,
+            w,
+            dims,
+            bias,
+        } = plan;
+        let Some(x_qp) = qp.get(&u.x).copied() else {
+            continue;
+        };
+        let label = g.node(u.node).label(u.node);
+        if folds {
+            for f in &u.epilogue {
+                g.remove_node(f.node());
+                *counts
+                    .entry(match f {
+                        Fold::Add { .. } => "Add folded",
+                        Fold::Bn(_) => "BatchNormalization folded",
+                    })
+                    .or_default() += 1;
+            }
+            match u.relu {
+                Some(r) => g.set_input(r, 0, Some(u.y0)),
+                // Readers of the folded chain read the Conv output (then its pair, below).
+                None => g.replace_uses(u.chain_out, u.y0),
+            }
+        }
+        let node = g.node(u.node);
+        let bias_ok = match u.op {
+            "Conv" => bias.as_ref().is_some_and(|b| b.0.len() == dims[0]),
+            "Gemm" => {
+                node.attr_float("alpha", 1.0) == 1.0
+                    && node.attr_float("beta", 1.0) == 1.0
+                    && u.bias
+                        .is_some_and(|b| g.initializer(b).is_some_and(|t| t.dims().len() == 1))
+                    && bias.as_ref().is_some_and(|b| b.0.len() == dims[u.axis])
+            }
+            _ => false,
+        };
+        let rank = dims.len();
+        let scheme = Scheme {
+            qtype: QType::Int8,
+            symmetric: true,
+            granularity: if per_channel {
+                Granularity::Channel
+            } else {
+                Granularity::Tensor
+            },
+            pow2: false,
+        };
+        let Some(mut qz) = quantize(&w, &dims, u.axis, block_axis(node, rank, u.axis), &scheme)
+        else {
+            continue; // finite weights were checked while planning
+        };
+        // The int32 bias, raising channel scales where it would overflow.
+        let mut bias_q: Option<(Vec<i32>, Vec<f32>)> = None;
+        if bias_ok {
+            if let Some((b, bname)) = &bias {
+                let channels = b.len();
+                let w_scale = |c: usize, s: &[f32]| if s.len() == 1 { s[0] } else { s[c] };
+                let overflow = |c: usize, s: &[f32]| {
+                    let bs = x_qp.scale * w_scale(c, s);
+                    !(bs.is_normal() && (b[c] as f64 / bs as f64).abs() <= I32_MAX)
+                };
+                let bad: Vec<usize> = (0..channels).filter(|&c| overflow(c, &qz.scales)).collect();
+                let mut keep = true;
+                if !bad.is_empty() && !per_channel {
+                    keep = false;
+                    let worst = bad
+                        .iter()
+                        .map(|&c| (b[c] as f64 / (x_qp.scale as f64 * qz.scales[0] as f64)).abs())
+                        .fold(0f64, f64::max);
+                    stats.notes.push(format!(
+                        "{label}: bias '{bname}' would overflow int32 (|bias / (x_scale * w_scale)| up to {worst:.3e} > 2^31-1) with one weight scale per tensor (opset {opset}): bias kept in float, so onnxruntime runs this node in float"
+                    ));
+                    bias_float += 1;
+                } else if !bad.is_empty() {
+                    let mut max_raise = 1f64;
+                    for &c in &bad {
+                        let old = qz.scales[c];
+                        let mut s = ((b[c].abs() as f64) / (x_qp.scale as f64 * I32_MAX)
+                            * (1.0 + 1e-6)) as f32;
+                        s = s.max(old).max(f32::MIN_POSITIVE);
+                        while overflow_with(b[c], x_qp.scale, s) {
+                            s *= 1.0001;
+                        }
+                        qz.scales[c] = s;
+                        requantize_channel(&w, &dims, u.axis, c, s, &mut qz.q);
+                        max_raise = max_raise.max(s as f64 / old as f64);
+                    }
+                    stats.notes.push(format!(
+                        "{label}: bias '{bname}' would overflow int32 in {} of {channels} channel(s) (|bias / (x_scale * w_scale)| > 2^31-1): their weight scales were raised (up to {max_raise:.3e}x) so that the int32 bias fits",
+                        bad.len()
+                    ));
+                }
+                if keep {
+                    let scales: Vec<f32> = (0..channels)
+                        .map(|c| x_qp.scale * w_scale(c, &qz.scales))
+                        .collect();
+                    let q = b
+                        .iter()
+                        .zip(&scales)
+                        .map(|(&v, &s)| {
+                            ((v as f64 / s as f64).round_ties_even()).clamp(-I32_MAX, I32_MAX)
+                                as i32
+                        })
+                        .collect();
+                    let scales = if per_channel { scales } else { vec![scales[0]] };
+                    bias_q = Some((q, scales));
+                }
+            }
+        }
+        // Weight: int8 initializer, scale, zero point 0, DequantizeLinear.
+        let wname = g.value(u.w).name.clone();
+        let dims_i64: Vec<i64> = dims.iter().map(|&d| d as i64).collect();
+        let q8: Vec<i8> = qz.q.iter().map(|&v| v as i8).collect();
+        let wq = g.add_initializer(
+            model_names,
+            &format!("{wname}_quantized"),
+            Tensor::from_i8(&dims_i64, &q8),
+        );
+        let sd: Vec<i64> = if per_channel {
+            vec![dims[u.axis] as i64]
+        } else {
+            vec![]
+        };
+        let ws = g.add_initializer(
+            model_names,
+            &format!("{wname}_scale"),
+            Tensor::from_f32(&sd, &qz.scales),
+        );
+        let wz = g.add_initializer(
+            model_names,
+            &format!("{wname}_zero_point"),
+            Tensor::from_i8(&sd, &vec![0i8; qz.scales.len()]),
+        );
+        let attrs = if per_channel {
+            vec![attr_int("axis", u.axis as i64)]
+        } else {
+            vec![]
+        };
+        let (_, wo) = g.add_node(
+            model_names,
+            "DequantizeLinear",
+            "",
+            &format!("{wname}_DequantizeLinear"),
+            attrs,
+            vec![Some(wq), Some(ws), Some(wz)],
+            &[&format!("{wname}_dequantized")],
+            Some(u.node),
+        );
+        g.set_input(u.node, 1, Some(wo[0]));
+        // Bias: int32 DequantizeLinear, or float (folded values) when it cannot be int32.
+        match (&bias_q, &bias) {
+            (Some((q, scales)), Some((_, bname))) => {
+                let raw: Vec<u8> = q.iter().flat_map(|v| v.to_le_bytes()).collect();
+                let bq = g.add_initializer(
+                    model_names,
+                    &format!("{bname}_quantized"),
+                    Tensor::from_raw(DataType::Int32 as i32, &[q.len() as i64], raw),
+                );
+                let bsd: Vec<i64> = if per_channel {
+                    vec![scales.len() as i64]
+                } else {
+                    vec![]
+                };
+                let bs = g.add_initializer(
+                    model_names,
+                    &format!("{bname}_scale"),
+                    Tensor::from_f32(&bsd, scales),
+                );
+                let attrs = if per_channel {
+                    vec![attr_int("axis", 0)]
+                } else {
+                    vec![]
+                };
+                let (_, bo) = g.add_node(
+                    model_names,
+                    "DequantizeLinear",
+                    "",
+                    &format!("{bname}_DequantizeLinear"),
+                    attrs,
+                    vec![Some(bq), Some(bs)],
+                    &[&format!("{bname}_dequantized")],
+                    Some(u.node),
+                );
+                g.set_input(u.node, 2, Some(bo[0]));
+            }
+            (None, Some((b, bname))) if folds => {
+                let bv = g.add_initializer(
+                    model_names,
+                    &format!("{bname}_bnfolded"),
+                    Tensor::from_f32(&[b.len() as i64], b),
+                );
+                g.set_input(u.node, 2, Some(bv));
+            }
+            _ => {}
+        }
+        if u.bias.is_some() && bias_q.is_none() && u.op == "Gemm" && !bias_ok {
+            bias_float += 1;
+        }
+        *counts.entry(u.op).or_default() += 1;
+    }
+
+    // Activation pairs.
+    let mut pair_count = 0;
+    for p in pairs.values() {
+        let Some(params) = qp.get(&p.logical).copied() else {
+            continue;
+        };
+        let mut readers: Vec<(NodeId, usize)> = Vec::new();
+        if p.all_readers {
+            readers.extend(uses[p.logical.0 as usize].iter().copied());
+        }
+        for &n in &p.unit_readers {
+            if !readers.contains(&(n, 0)) {
+                readers.push((n, 0));
+            }
+        }
+        // Readers that were removed (a folded BatchNormalization) are skipped.
+        readers.retain(|(n, _)| g.order.contains(n));
+        if readers.is_empty() {
+            continue;
+        }
+        let base = g.value(p.logical).name.clone();
+        let before = g
+            .order
+            .iter()
+            .copied()
+            .find(|id| readers.iter().any(|(n, _)| n == id));
+        let zp_type = params.qtype.onnx_type();
+        let s = g.add_initializer(
+            model_names,
+            &format!("{base}_scale"),
+            Tensor::from_f32(&[], &[params.scale]),
+        );
+        let z = g.add_initializer(
+            model_names,
+            &format!("{base}_zero_point"),
+            Tensor::from_raw(zp_type, &[], params.qtype.pack(&[params.zero_point])),
+        );
+        let (_, qo) = g.add_node(
+            model_names,
+            "QuantizeLinear",
+            "",
+            &format!("{base}_QuantizeLinear"),
+            vec![],
+            vec![Some(p.source), Some(s), Some(z)],
+            &[&format!("{base}_quantized")],
+            before,
+        );
+        let (_, dqo) = g.add_node(
+            model_names,
+            "DequantizeLinear",
+            "",
+            &format!("{base}_DequantizeLinear"),
+            vec![],
+            vec![Some(qo[0]), Some(s), Some(z)],
+            &[&format!("{base}_dequantized")],
+            before,
+        );
+        for (n, i) in readers {
+            g.set_input(n, i, Some(dqo[0]));
+        }
+        if let Some(from) = p.rename_from {
+            g.transfer_name(from, dqo[0]);
+        }
+        pair_count += 1;
+    }
+    let units_done: usize = counts
+        .iter()
+        .filter(|(k, _)| matches!(**k, "Conv" | "Gemm" | "MatMul"))
+        .map(|(_, v)| v)
+        .sum();
+    stats.changes = units_done;
+    let summary: Vec<String> = counts.iter().map(|(k, v)| format!("{v} {k}")).collect();
+    stats.notes.push(format!(
+        "{} quantized ({} activation Q/DQ pairs, {} {} weights, {} activations){}",
+        summary.join(", "),
+        pair_count,
+        if per_channel {
+            "per-channel"
+        } else {
+            "per-tensor"
+        },
+        "int8",
+        cal_opts.activation_type.name(),
+        if per_channel {
+            String::new()
+        } else {
+            format!(" - opset {opset} < 13 has no per-axis DequantizeLinear")
+        }
+    ));
+    if bias_float > 0 {
+        stats.notes.push(format!(
+            "{bias_float} bias(es) kept in float (int32 overflow, or a Gemm C that is not a [N] vector with alpha = beta = 1)"
+        ));
+    }
+    Ok(stats)
+}
+
+fn qparams_of(
+    ranges: &HashMap<String, (f32, f32)>,
+    g: &Graph,
+    v: ValueId,
+    scheme: &Scheme,
+) -> Option<QParams> {
+    let (lo, hi) = *ranges.get(&g.value(v).name)?;
+    let (scale, zero_point) = scale_zero_point(lo, hi, scheme);
+    Some(QParams {
+        scale,
+        zero_point,
+        qtype: scheme.qtype,
+    })
+}
+
+fn overflow_with(b: f32, x_scale: f32, w_scale: f32) -> bool {
+    let bs = x_scale * w_scale;
+    !(bs.is_normal() && (b as f64 / bs as f64).abs() <= I32_MAX)
+}
+
+/// Requantizes channel `c` (along `axis`) of `w` with `scale` into `q` (symmetric int8).
+fn requantize_channel(w: &[f32], dims: &[usize], axis: usize, c: usize, scale: f32, q: &mut [i32]) {
+    let (outer, channels, inner) = split_axis(dims, axis);
+    for o in 0..outer {
+        let base = (o * channels + c) * inner;
+        for i in base..base + inner {
+            q[i] = (w[i] / scale).round_ties_even().clamp(-127.0, 127.0) as i32;
+        }
+    }
+}
+
+/// The epilogue folded into a Conv weight `[M, ...]` and bias `[M]` (in f64): `Add` gives
+/// `b' = b + c`; BatchNormalization gives `W' = W * s`, `b' = (b - mean) * s + B` with
+/// `s = scale / sqrt(var + eps)`.
+fn fold_epilogue(
+    g: &Graph,
+    w: &[f32],
+    dims: &[usize],
+    b: &[f32],
+    epilogue: &[Fold],
+) -> (Vec<f32>, Vec<f32>) {
+    let m = dims[0];
+    let per = (w.len() / m.max(1)).max(1);
+    let mut w: Vec<f64> = w.iter().map(|&v| v as f64).collect();
+    let mut b: Vec<f64> = b.iter().map(|&v| v as f64).collect();
+    for f in epilogue {
+        match f {
+            Fold::Add { c, .. } => {
+                for (bv, cv) in b.iter_mut().zip(c) {
+                    *bv += *cv as f64;
+                }
+            }
+            Fold::Bn(bn) => {
+                let p: Vec<Vec<f32>> = bn
+                    .params
+                    .iter()
+                    .map(|&v| f32_init(g, v).map(|t| t.0).unwrap_or_default())
+                    .collect();
+                if p.iter().any(|v| v.len() != m) {
+                    return (vec![f32::NAN], vec![]); // checked when found; never reached
+                }
+                let s: Vec<f64> = (0..m)
+                    .map(|c| p[0][c] as f64 / (p[3][c] as f64 + bn.eps as f64).sqrt())
+                    .collect();
+                for (i, v) in w.iter_mut().enumerate() {
+                    *v *= s[i / per];
+                }
+                for c in 0..m {
+                    b[c] = (b[c] - p[2][c] as f64) * s[c] + p[1][c] as f64;
+                }
+            }
+        }
+    }
+    (
+        w.into_iter().map(|v| v as f32).collect(),
+        b.into_iter().map(|v| v as f32).collect(),
+    )
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::panic)]
+mod tests {
+    use std::path::{Path, PathBuf};
+
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+    use tract_onnx::prelude::Tensor as TractTensor;
+
+    use super::*;
+    use crate::pb;
+    use crate::quant::{CalibrationOptions, RangeMethod};
+    use crate::verify::inputs::{load_npz, save_npz};
+
+    // ---- tiny models -------------------------------------------------------------------
+
+    fn info(name: &str, dims: &[i64]) -> pb::ValueInfoProto {
+        use pb::tensor_shape_proto::{dimension::Value, Dimension};
+        pb::ValueInfoProto {
+            name: Some(name.into()),
+            r#type: Some(pb::TypeProto {
+                value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+                    elem_type: Some(DataType::Float as i32),
+                    shape: Some(pb::TensorShapeProto {
+                        dim: dims
+                            .iter()
+                            .map(|&d| Dimension {
+                                value: Some(Value::DimValue(d)),
+                                ..Default::default()
+                            })
+                            .collect(),
+                    }),
+                })),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn attr_ints(name: &str, v: &[i64]) -> pb::AttributeProto {
+        pb::AttributeProto {
+            name: Some(name.into()),
+            ints: v.to_vec(),
+            r#type: Some(pb::attribute_proto::AttributeType::Ints as i32),
+            ..Default::default()
+        }
+    }
+
+    fn node(op: &str, name: &str, inputs: &[&str], outputs: &[&str]) -> pb::NodeProto {
+        pb::NodeProto {
+            op_type: Some(op.into()),
+            name: Some(name.into()),
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: outputs.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    fn init(name: &str, dims: &[i64], data: &[f32]) -> pb::TensorProto {
+        let mut t = Tensor::from_f32(dims, data).proto;
+        t.name = Some(name.into());
+        t
+    }
+
+    fn rand_vec(rng: &mut ChaCha8Rng, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+        (0..n).map(|_| rng.random_range(lo..hi)).collect()
+    }
+
+    fn model_io(
+        nodes: Vec<pb::NodeProto>,
+        inits: Vec<pb::TensorProto>,
+        opset: i64,
+        inputs: Vec<pb::ValueInfoProto>,
+        outputs: Vec<pb::ValueInfoProto>,
+    ) -> pb::ModelProto {
+        pb::ModelProto {
+            ir_version: Some(8),
+            opset_import: vec![pb::OperatorSetIdProto {
+                domain: Some(String::new()),
+                version: Some(opset),
+            }],
+            graph: Some(pb::GraphProto {
+                name: Some("g".into()),
+                node: nodes,
+                initializer: inits,
+                input: inputs,
+                output: outputs,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// ```text
+    /// x -> conv1(3x3, bias) -> bn1 -> relu1 = r1 -> conv2(1x1) -> Add(Reshape(B2)) = a2
+    ///   -> dw(depthwise 3x3) = c3 (a graph output) -> GlobalAveragePool -> Flatten = f
+    ///   -> fc(Gemm, C) = y
+    /// ```
+    fn tiny_cnn(opset: i64) -> pb::ModelProto {
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        let mut conv1 = node("Conv", "conv1", &["x", "W1", "b1"], &["c1"]);
+        conv1.attribute.push(attr_ints("pads", &[1, 1, 1, 1]));
+        let mut dw = node("Conv", "dw", &["a2", "W3"], &["c3"]);
+        dw.attribute.push(attr_ints("pads", &[1, 1, 1, 1]));
+        dw.attribute.push(crate::ir::edit::attr_int("group", 8));
+        let nodes = vec![
+            conv1,
+            node(
+                "BatchNormalization",
+                "bn1",
+                &["c1", "g1", "be1", "m1", "v1"],
+                &["n1"],
+            ),
+            node("Relu", "relu1", &["n1"], &["r1"]),
+            node("Conv", "conv2", &["r1", "W2"], &["c2"]),
+            node("Reshape", "bias_shape", &["B2", "S2"], &["B2r"]),
+            node("Add", "bias_add", &["c2", "B2r"], &["a2"]),
+            dw,
+            node("GlobalAveragePool", "gap", &["c3"], &["p"]),
+            node("Flatten", "flat", &["p"], &["f"]),
+            node("Gemm", "fc", &["f", "W4", "C4"], &["y"]),
+        ];
+        let mut shape = Tensor::from_i64(&[4], &[1, 8, 1, 1]).proto;
+        shape.name = Some("S2".into());
+        let inits = vec![
+            init("W1", &[8, 8, 3, 3], &rand_vec(&mut rng, 576, -0.3, 0.3)),
+            init("b1", &[8], &rand_vec(&mut rng, 8, -0.2, 0.2)),
+            init("g1", &[8], &rand_vec(&mut rng, 8, 0.5, 1.5)),
+            init("be1", &[8], &rand_vec(&mut rng, 8, -0.3, 0.3)),
+            init("m1", &[8], &rand_vec(&mut rng, 8, -0.2, 0.2)),
+            init("v1", &[8], &rand_vec(&mut rng, 8, 0.5, 2.0)),
+            init("W2", &[8, 8, 1, 1], &rand_vec(&mut rng, 64, -0.5, 0.5)),
+            init("B2", &[8], &rand_vec(&mut rng, 8, -0.5, 0.5)),
+            shape,
+            init("W3", &[8, 1, 3, 3], &rand_vec(&mut rng, 72, -0.5, 0.5)),
+            init("W4", &[8, 5], &rand_vec(&mut rng, 40, -1.0, 1.0)),
+            init("C4", &[5], &rand_vec(&mut rng, 5, -0.5, 0.5)),
+        ];
+        model_io(
+            nodes,
+            inits,
+            opset,
+            vec![info("x", &[1, 8, 8, 8])],
+            vec![info("y", &[1, 5]), info("c3", &[1, 8, 8, 8])],
+        )
+    }
+
+    const X: [usize; 4] = [1, 8, 8, 8];
+
+    fn import(p: pb::ModelProto) -> Model {
+        crate::onnx::from_proto(p, None, "test").unwrap().0
+    }
+
+    fn uniform_input(rng: &mut ChaCha8Rng, shape: &[usize]) -> TractTensor {
+        let n = shape.iter().product();
+        TractTensor::from_shape(shape, &rand_vec(rng, n, -1.0, 1.0)).unwrap()
+    }
+
+    /// Writes `n` samples of `x` (drawn by `gen`) as one .npz each into `dir`.
+    fn write_samples(
+        dir: &Path,
+        prefix: &str,
+        n: usize,
+        mut gen: impl FnMut(usize) -> TractTensor,
+    ) -> Vec<PathBuf> {
+        (0..n)
+            .map(|i| {
+                let p = dir.join(format!("{prefix}_{i:03}.npz"));
+                save_npz(&p, &[("x".to_string(), gen(i))]).unwrap();
+                p
+            })
+            .collect()
+    }
+
+    fn cal_opts(source: &Path, method: RangeMethod, qtype: QType) -> PassOptions {
+        PassOptions {
+            calibration: Some(CalibrationOptions {
+                source: source.to_path_buf(),
+                method,
+                max_samples: 256,
+                activation_type: qtype,
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn cosine(a: &TractTensor, b: &TractTensor) -> f64 {
+        let a = crate::verify::metrics::to_f64(a).unwrap();
+        let b = crate::verify::metrics::to_f64(b).unwrap();
+        let (mut ab, mut aa, mut bb) = (0f64, 0f64, 0f64);
+        for (x, y) in a.iter().zip(&b) {
+            ab += x * y;
+            aa += x * x;
+            bb += y * y;
+        }
+        if aa == 0.0 && bb == 0.0 {
+            return 1.0;
+        }
+        ab / (aa.sqrt() * bb.sqrt()).max(f64::MIN_POSITIVE)
+    }
+
+    fn nodes_of<'a>(p: &'a pb::ModelProto, op: &'a str) -> impl Iterator<Item = &'a pb::NodeProto> {
+        p.graph
+            .as_ref()
+            .unwrap()
+            .node
+            .iter()
+            .filter(move |n| n.op_type() == op)
+    }
+
+    fn count(p: &pb::ModelProto, op: &str) -> usize {
+        nodes_of(p, op).count()
+    }
+
+    fn named<'a>(p: &'a pb::ModelProto, name: &str) -> &'a pb::NodeProto {
+        let g = p.graph.as_ref().unwrap();
+        g.node.iter().find(|n| n.name() == name).unwrap()
+    }
+
+    fn initializer<'a>(p: &'a pb::ModelProto, name: &str) -> &'a pb::TensorProto {
+        let g = p.graph.as_ref().unwrap();
+        g.initializer.iter().find(|t| t.name() == name).unwrap()
+    }
+
+    /// The smallest output cosine of `b` against `a` over `inputs`, run in tract.
+    fn min_cosine(a: &pb::ModelProto, b: &pb::ModelProto, inputs: &[TractTensor]) -> f64 {
+        let mut worst = 1f64;
+        for x in inputs {
+            let feed = vec![("x".to_string(), x.clone())];
+            let ra = crate::verify::run(a, None, &feed).unwrap();
+            let rb = crate::verify::run(b, None, &feed).unwrap();
+            assert_eq!(ra.len(), rb.len());
+            for ((na, ta), (nb, tb)) in ra.iter().zip(&rb) {
+                assert_eq!(na, nb);
+                worst = worst.min(cosine(ta, tb));
+            }
+        }
+        worst
+    }
+
+    #[test]
+    fn tiny_cnn_runs_in_tract_close_to_float_with_io_unchanged() {
+        for (opset, qtype) in [(13, QType::Uint8), (11, QType::Uint8), (13, QType::Int8)] {
+            let src = tiny_cnn(opset);
+            let dir = tempfile::tempdir().unwrap();
+            let mut rng = ChaCha8Rng::seed_from_u64(11);
+            write_samples(dir.path(), "cal", 16, |_| uniform_input(&mut rng, &X));
+            let mut m = import(src.clone());
+            let opts = cal_opts(dir.path(), RangeMethod::MinMax, qtype);
+            let stats = QuantizeStatic.run(&mut m, &opts).unwrap();
+            crate::ir::validate::validate(&m).unwrap();
+            let notes = format!("{:#?}", stats.notes);
+            assert_eq!(stats.changes, 3, "{notes}");
+            assert!(
+                notes.contains("1 depthwise Conv(s) left in float"),
+                "{notes}"
+            );
+            let out = crate::onnx::export::to_proto(&m).unwrap();
+            let (gs, go) = (src.graph.as_ref().unwrap(), out.graph.as_ref().unwrap());
+            assert_eq!(gs.input, go.input, "graph inputs unchanged");
+            assert_eq!(gs.output, go.output, "graph outputs unchanged");
+            // c3 is a graph output: still produced by the float depthwise Conv, and nothing
+            // quantizes it.
+            assert_eq!(named(&out, "dw").output, vec!["c3"]);
+            assert!(nodes_of(&out, "QuantizeLinear").all(|q| q.input[0] != "c3"));
+            // BatchNormalization and the bias Add folded, the Relu kept (onnxruntime drops it
+            // after a zero point of 0), pairs on x, r1, a2 (the DequantizeLinear keeps the
+            // name the depthwise Conv reads) and f; 3 weights and 3 biases dequantized.
+            assert_eq!(count(&out, "BatchNormalization"), 0);
+            assert_eq!(count(&out, "Add"), 0);
+            assert_eq!(count(&out, "Relu"), 1);
+            let quantized: Vec<&str> = nodes_of(&out, "QuantizeLinear")
+                .map(|q| q.input[0].as_str())
+                .collect();
+            assert_eq!(quantized, vec!["x", "r1", "c2", "f"], "{quantized:?}");
+            assert_eq!(count(&out, "DequantizeLinear"), 4 + 3 + 3);
+            let dq_a2 = nodes_of(&out, "DequantizeLinear").find(|n| n.output[0] == "a2");
+            assert!(
+                dq_a2.is_some(),
+                "the folded Add's output name is the pair's"
+            );
+            assert_eq!(named(&out, "dw").input[0], "a2");
+            // The conv outputs are read by their QuantizeLinear only (onnxruntime's
+            // QLinearConv fusion needs that).
+            for conv in ["conv1", "conv2"] {
+                let o = &named(&out, conv).output[0];
+                let readers: Vec<&str> = go
+                    .node
+                    .iter()
+                    .filter(|n| n.input.contains(o))
+                    .map(|n| n.op_type())
+                    .collect();
+                let want = if conv == "conv1" {
+                    "Relu"
+                } else {
+                    "QuantizeLinear"
+                };
+                assert_eq!(readers, vec![want], "{conv}");
+            }
+            let q_r1 = nodes_of(&out, "QuantizeLinear")
+                .find(|n| n.input[0] == "r1")
+                .unwrap();
+            let zp = initializer(&out, &q_r1.input[2]);
+            assert_eq!(zp.data_type(), qtype.onnx_type());
+            assert_eq!(
+                zp.raw_data.as_ref().unwrap()[0],
+                0,
+                "zero point of the Relu output"
+            );
+            // Per-channel weights from opset 13, per tensor below.
+            let w1s = initializer(&out, "W1_scale");
+            assert_eq!(w1s.dims, if opset >= 13 { vec![8] } else { vec![] });
+            // Held-out inputs: another seed.
+            let mut rng = ChaCha8Rng::seed_from_u64(99);
+            let held: Vec<TractTensor> = (0..8).map(|_| uniform_input(&mut rng, &X)).collect();
+            let c = min_cosine(&src, &out, &held);
+            assert!(c >= 0.99, "opset {opset} {qtype:?}: cosine {c}");
+            // Deterministic: a second run gives the same model (and uses the cache).
+            let mut m2 = import(src.clone());
+            let stats2 = QuantizeStatic.run(&mut m2, &opts).unwrap();
+            assert!(stats2.notes.iter().any(|n| n.contains("cached")));
+            assert_eq!(out, crate::onnx::export::to_proto(&m2).unwrap());
+        }
+    }
+
+    #[test]
+    fn kept_float_layers_and_unselected_ops_stay_float() {
+        let src = tiny_cnn(13);
+        let dir = tempfile::tempdir().unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        write_samples(dir.path(), "cal", 4, |_| uniform_input(&mut rng, &X));
+        let mut opts = cal_opts(dir.path(), RangeMethod::MinMax, QType::Uint8);
+        opts.keep_float.insert("c1".into());
+        opts.op_types = vec!["Conv".into()];
+        let mut m = import(src.clone());
+        let stats = QuantizeStatic.run(&mut m, &opts).unwrap();
+        assert_eq!(stats.changes, 1, "{:?}", stats.notes);
+        let out = crate::onnx::export::to_proto(&m).unwrap();
+        // conv1 kept float: its BatchNormalization stays; conv2 quantized; the Gemm untouched.
+        assert_eq!(count(&out, "BatchNormalization"), 1);
+        assert_eq!(named(&out, "conv1").input, vec!["x", "W1", "b1"]);
+        assert_eq!(named(&out, "fc").input, vec!["f", "W4", "C4"]);
+        assert_ne!(named(&out, "conv2").input[1], "W2");
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let held: Vec<TractTensor> = (0..4).map(|_| uniform_input(&mut rng, &X)).collect();
+        assert!(min_cosine(&src, &out, &held) >= 0.99);
+    }
+
+    /// One Conv whose first two output channels have weights about 1e-6 and biases of 1e6:
+    /// `bias / (x_scale * w_scale)` is about 1e16, far beyond int32. The other two channels are
+    /// ordinary.
+    fn huge_bias(opset: i64) -> pb::ModelProto {
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let mut w: Vec<f32> = rand_vec(&mut rng, 2 * 8 * 9, -1e-6, 1e-6);
+        w.extend(rand_vec(&mut rng, 2 * 8 * 9, -0.5, 0.5));
+        let b = vec![1e6f32, -1e6, 0.5, 2.0];
+        let mut conv = node("Conv", "conv", &["x", "W", "b"], &["c"]);
+        conv.attribute.push(attr_ints("pads", &[1, 1, 1, 1]));
+        model_io(
+            vec![conv, node("Relu", "relu", &["c"], &["y"])],
+            vec![init("W", &[4, 8, 3, 3], &w), init("b", &[4], &b)],
+            opset,
+            vec![info("x", &[1, 8, 8, 8])],
+            vec![info("y", &[1, 4, 8, 8])],
+        )
+    }
+
+    #[test]
+    fn huge_bias_never_overflows_int32() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(2);
+        write_samples(dir.path(), "cal", 4, |_| uniform_input(&mut rng, &X));
+        let opts = cal_opts(dir.path(), RangeMethod::MinMax, QType::Uint8);
+        let held: Vec<TractTensor> = (0..4).map(|_| uniform_input(&mut rng, &X)).collect();
+
+        // Per-channel weights (opset 13): the two channels' weight scales are raised.
+        let src = huge_bias(13);
+        let mut m = import(src.clone());
+        let stats = QuantizeStatic.run(&mut m, &opts).unwrap();
+        let note = stats.notes.iter().find(|n| n.contains("overflow")).unwrap();
+        assert!(
+            note.contains("2 of 4 channel(s)") && note.contains("raised"),
+            "{note}"
+        );
+        let out = crate::onnx::export::to_proto(&m).unwrap();
+        let q = Tensor::new(initializer(&out, "b_quantized").clone())
+            .to_i64()
+            .unwrap();
+        let s = Tensor::new(initializer(&out, "b_scale").clone())
+            .to_f32()
+            .unwrap();
+        for (c, want) in [1e6f64, -1e6, 0.5, 2.0].iter().enumerate() {
+            assert!(q[c].abs() < i32::MAX as i64, "channel {c}: {}", q[c]);
+            let got = q[c] as f64 * s[c] as f64;
+            assert!(
+                (got - want).abs() <= 1e-3 * want.abs() + s[c] as f64,
+                "channel {c}: {got} vs {want}"
+            );
+        }
+        assert!(min_cosine(&src, &out, &held) >= 0.9999);
+
+        // One weight scale per tensor (opset 11): the bias stays float, and the note says so.
+        let src = huge_bias(11);
+        let mut m = import(src.clone());
+        let stats = QuantizeStatic.run(&mut m, &opts).unwrap();
+        let note = stats.notes.iter().find(|n| n.contains("overflow")).unwrap();
+        assert!(note.contains("bias kept in float"), "{note}");
+        let out = crate::onnx::export::to_proto(&m).unwrap();
+        assert_eq!(named(&out, "conv").input[2], "b");
+        assert!(min_cosine(&src, &out, &held) >= 0.9999);
+    }
+
+    #[test]
+    fn calibration_errors_name_the_sample_and_the_input() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.npz");
+        let zeros = TractTensor::zero::<f32>(&X).unwrap();
+        save_npz(&p, &[("not_x".to_string(), zeros)]).unwrap();
+        let mut m = import(tiny_cnn(13));
+        let err = QuantizeStatic
+            .run(
+                &mut m,
+                &cal_opts(dir.path(), RangeMethod::MinMax, QType::Uint8),
+            )
+            .unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains("a.npz") && msg.contains("`x`"), "{msg}");
+        let mut m = import(tiny_cnn(13));
+        let err = QuantizeStatic
+            .run(&mut m, &PassOptions::default())
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("--calibration"));
+    }
+
+    #[test]
+    fn one_npz_with_a_batch_axis_is_split_into_samples() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("batch.npz");
+        let mut rng = ChaCha8Rng::seed_from_u64(4);
+        save_npz(
+            &p,
+            &[("x".to_string(), uniform_input(&mut rng, &[6, 8, 8, 8]))],
+        )
+        .unwrap();
+        // Declared batch is symbolic.
+        let mut src = tiny_cnn(13);
+        let g = src.graph.as_mut().unwrap();
+        if let Some(pb::type_proto::Value::TensorType(t)) =
+            g.input[0].r#type.as_mut().unwrap().value.as_mut()
+        {
+            t.shape.as_mut().unwrap().dim[0].value = Some(
+                pb::tensor_shape_proto::dimension::Value::DimParam("N".into()),
+            );
+        }
+        let mut m = import(src);
+        let method = RangeMethod::Percentile { percentile: 99.9 };
+        let stats = QuantizeStatic
+            .run(&mut m, &cal_opts(&p, method, QType::Uint8))
+            .unwrap();
+        assert!(
+            stats.notes.iter().any(|n| n.contains("on 6 sample(s)")),
+            "{:?}",
+            stats.notes
+        );
+    }
+
+    // ---- real models ---------------------------------------------------------------------
+
+    /// A smooth image in [-1, 1] like the bundles in models/ (mean about 0, std about 0.4):
+    /// three octaves of bilinear value noise per channel (one shared by the channels), plus a
+    /// few dark strokes.
+    fn smooth_image(rng: &mut ChaCha8Rng, h: usize, w: usize) -> TractTensor {
+        let mut data = vec![0f32; 3 * h * w];
+        let octave = |rng: &mut ChaCha8Rng, cy: usize, cx: usize, amp: f32| -> Vec<f32> {
+            let (gh, gw) = (h / cy + 2, w / cx + 2);
+            let grid = rand_vec(rng, gh * gw, -1.0, 1.0);
+            let mut out = vec![0f32; h * w];
+            for y in 0..h {
+                let fy = y as f32 / cy as f32;
+                let (y0, ty) = (fy as usize, fy.fract());
+                for x in 0..w {
+                    let fx = x as f32 / cx as f32;
+                    let (x0, tx) = (fx as usize, fx.fract());
+                    let g = |a: usize, b: usize| grid[a * gw + b];
+                    let top = g(y0, x0) * (1.0 - tx) + g(y0, x0 + 1) * tx;
+                    let bot = g(y0 + 1, x0) * (1.0 - tx) + g(y0 + 1, x0 + 1) * tx;
+                    out[y * w + x] = amp * (top * (1.0 - ty) + bot * ty);
+                }
+            }
+            out
+        };
+        let shared = octave(rng, 8, 16, 0.3);
+        for c in 0..3 {
+            let a = octave(rng, 6, 12, 0.6);
+            let b = octave(rng, 3, 6, 0.25);
+            for i in 0..h * w {
+                data[c * h * w + i] = 0.3 * shared[i] + a[i] + b[i];
+            }
+        }
+        for _ in 0..rng.random_range(3..9) {
+            let value = rng.random_range(-1.0..-0.6f32);
+            let t = rng.random_range(2..5);
+            let y = rng.random_range(4..h - 8);
+            let x = rng.random_range(0..w - 24);
+            let horizontal = rng.random_bool(0.5);
+            let len = rng.random_range(8..w / 3);
+            let (dh, dw) = if horizontal {
+                (t, len.min(w - x))
+            } else {
+                ((len / 4).min(h - y), t)
+            };
+            for c in 0..3 {
+                for dy in 0..dh {
+                    for dx in 0..dw {
+                        data[c * h * w + (y + dy) * w + x + dx] = value;
+                    }
+                }
+            }
+        }
+        for v in &mut data {
+            *v = v.clamp(-1.0, 1.0);
+        }
+        TractTensor::from_shape(&[1, 3, h, w], &data).unwrap()
+    }
+
+    fn repo() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    }
+
+    fn python() -> Option<PathBuf> {
+        let p = std::env::var_os("ONNXOPT_PYTHON")
+            .filter(|p| !p.is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| repo().join("target/pyenv/bin/python"));
+        p.exists().then_some(p)
+    }
+
+    /// Writes 32 calibration samples into `dir/cal/` and 8 held-out ones as `dir/held_*.npz`
+    /// for a `[1, 3, 48, w]` model (deterministic: fixed seeds).
+    fn write_ocr_samples(dir: &Path, w: usize) -> Vec<PathBuf> {
+        let cal = dir.join("cal");
+        std::fs::create_dir_all(&cal).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(2026);
+        write_samples(&cal, "sample", 32, |_| smooth_image(&mut rng, 48, w));
+        let mut rng = ChaCha8Rng::seed_from_u64(4242);
+        write_samples(dir, "held", 8, |_| smooth_image(&mut rng, 48, w))
+    }
+
+    /// `onnxopt quantize models/NAME.onnx -o OUT --mode static --calibration DIR --inputs
+    /// held_000.npz` (the same configuration as the command line, accuracy-gated fallback
+    /// included), then every held-out input in tract and onnxruntime: cosine >= 0.99, and
+    /// `onnx.checker.check_model(full_check=True)` accepts the result. The samples are kept
+    /// under `$ONNXOPT_STATIC_SAMPLES/NAME` when that is set.
+    fn real_model(name: &str, w: usize) {
+        let keep = std::env::var_os("ONNXOPT_STATIC_SAMPLES").map(PathBuf::from);
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = keep
+            .map(|k| k.join(name))
+            .unwrap_or_else(|| tmp.path().to_path_buf());
+        std::fs::create_dir_all(&dir).unwrap();
+        let held = write_ocr_samples(&dir, w);
+        let path = repo().join(format!("models/{name}.onnx"));
+        let out_path = dir.join(format!("{name}.static.onnx"));
+        let cfg = crate::optimize::OptimizeConfig {
+            model: path.clone(),
+            output: out_path.clone(),
+            passes: "cleanup,quantize_static,cleanup".into(),
+            pass_options: cal_opts(&dir.join("cal"), RangeMethod::MinMax, QType::Uint8),
+            save: Default::default(),
+            check: true,
+            inputs: crate::verify::InputOptions {
+                npz: Some(held[0].clone()),
+                ..Default::default()
+            },
+            gates: Default::default(),
+            validate_each: true,
+            check_float_equivalent: false,
+            fallback_target: Some(crate::optimize::DEFAULT_FALLBACK_COSINE),
+        };
+        let t0 = std::time::Instant::now();
+        let report = crate::optimize::optimize(&cfg, &crate::report::Silent).unwrap();
+        let notes: Vec<&String> = report.passes.iter().flat_map(|r| &r.notes).collect();
+        let kept = report.fallback.as_ref().map_or(0, |f| f.kept.len());
+        eprintln!(
+            "{name}: {:.1} s, {kept} layer(s) kept in float by the fallback; {notes:#?}",
+            t0.elapsed().as_secs_f64()
+        );
+        let (m, _) = crate::onnx::load(&path).unwrap();
+        let reference = crate::onnx::export::to_proto(&m).unwrap();
+        let (q, _) = crate::onnx::load(&out_path).unwrap();
+        let out = crate::onnx::export::to_proto(&q).unwrap();
+        assert!(count(&out, "QuantizeLinear") > 0);
+        let inputs: Vec<TractTensor> = held
+            .iter()
+            .map(|p| load_npz(p).unwrap().into_iter().next().unwrap().1)
+            .collect();
+        let c = min_cosine(&reference, &out, &inputs);
+        eprintln!("{name}: smallest tract cosine over 8 held-out inputs {c:.6}");
+        assert!(c >= 0.99, "{name}: tract cosine {c}");
+        let Some(py) = python() else {
+            eprintln!("no Python with onnxruntime (ONNXOPT_PYTHON): onnxruntime not checked");
+            return;
+        };
+        let o = std::process::Command::new(&py)
+            .arg(repo().join("tests/py/check.py"))
+            .arg(&out_path)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "onnx checker: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let mut worst = 1f64;
+        for h in &held {
+            let o = std::process::Command::new(&py)
+                .arg(repo().join("tests/py/ort_cosine.py"))
+                .arg(&path)
+                .arg(&out_path)
+                .arg(h)
+                .output()
+                .unwrap();
+            assert!(
+                o.status.success(),
+                "ort_cosine: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+            for row in v["outputs"].as_array().unwrap() {
+                worst = worst.min(row["cosine"].as_f64().unwrap());
+            }
+        }
+        eprintln!("{name}: smallest onnxruntime cosine over 8 held-out inputs {worst:.6}");
+        assert!(worst >= 0.99, "{name}: onnxruntime cosine {worst}");
+    }
+
+    #[test]
+    fn real_ppocr_mobile_v2_cls() {
+        real_model("ppocr-mobile-v2-cls", 192);
+    }
+
+    #[test]
+    fn real_ppocrv4_rec() {
+        real_model("ppocrv4-rec", 320);
     }
 }

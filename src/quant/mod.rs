@@ -4,6 +4,7 @@
 //! `q = saturate(round(x / scale) + zero_point)`, `x' = (q - zero_point) * scale`, with
 //! round-half-to-even.
 
+pub mod calibrate;
 
 use std::path::PathBuf;
 

@@ -118,6 +118,12 @@ fn check_mode(stem: &str, mode_args: &[&str], min_cosine: f64, dir: &Path) -> Ve
         for row in v["outputs"].as_array().unwrap() {
             match row["cosine"].as_f64() {
                 Some(c) if c >= min_cosine && row["finite"] == true => {}
+                // tract cannot run this model, so neither the check nor the fallback can hold
+                // the result to the target: the tool marks it unverified (asserted below) and
+                // onnxruntime must still run it with finite outputs.
+                Some(c) if stem == UNVERIFIABLE && row["finite"] == true => {
+                    println!("{stem} {mode_args:?}: unverified, onnxruntime cosine {c}")
+                }
                 None if row["equal"] == true => {}
                 _ => problems.push(format!("onnxruntime: {row} (want cosine >= {min_cosine})")),
             }

@@ -1,0 +1,952 @@
+//! Calibration for static quantization: run the model in tract on sample inputs and estimate,
+//! per activation tensor, the range `[lo, hi]` that its quantization parameters cover.
+//!
+//! Samples are read from [`CalibrationOptions::source`] and streamed: one sample's inputs and
+//! activations are in memory at a time, and only running statistics per tensor are kept:
+//! - a folder: every `*.npz` file in it, in name order, one sample each;
+//! - one `.npz` file: arrays with a leading axis of samples. An array whose rank is one more
+//!   than the graph input's declared rank is a stack (`sample i = a[i]`); an array of the
+//!   declared rank whose graph input has a symbolic, unknown or unit first dim is split along
+//!   axis 0 keeping a batch of 1 (`sample i = a[i:i+1]`); any other array is fed whole to every
+//!   sample. Every split array must have the same number of samples.
+//!
+//! Keys that are not graph inputs are ignored (bundles also hold reference outputs). Errors
+//! name the sample file and the graph input that is missing.
+//!
+//! The model runs in tract as written (no tract optimisation), with the tensors to calibrate
+//! appended as graph outputs ([`crate::fallback::with_probes`]); the execution plan is built
+//! once per distinct set of input shapes and reused for every sample of those shapes.
+//!
+//! Range estimators ([`RangeMethod`]):
+//! - **MinMax**: the smallest and largest value seen.
+//! - **Percentile p**: each tail separately. Values are counted in two histograms of
+//!   [`BINS`] bins over `[0, R]`, one for the positive values and one for the magnitudes of the
+//!   negative ones (zeros counted apart), sharing a range `R` that grows by powers of two when a
+//!   larger magnitude arrives: `2^k` neighbouring bins merge into one, so re-binning is exact
+//!   and only the resolution `R / BINS` coarsens. `hi` is the upper edge of the highest bin
+//!   with more than `(100 - p)% * N` positive values at or above it (`N` counts every value),
+//!   `lo` likewise on the negative side, each clamped to the observed min/max; a side with
+//!   fewer values than that tail gives 0. So all-positive activations get `lo = 0`, and the
+//!   range always includes 0 (a valid zero point).
+//! - **Entropy**: TensorRT's calibration (S. Migacz, "8-bit Inference with TensorRT", GTC
+//!   2017): over the histogram of `|x|` (the two histograms above added), every candidate
+//!   threshold of `i` bins, `levels <= i <= BINS`, is scored by the KL divergence between the
+//!   clipped reference distribution `P` (bins beyond `i` added to bin `i - 1`) and `Q`, the
+//!   first `i` bins merged into `levels` groups and spread back evenly over each group's
+//!   non-empty bins; the threshold `T = i * R / BINS` of the smallest divergence wins. `levels`
+//!   is 128 (the magnitudes of a signed 8-bit range) for tensors with negative values, 256 for
+//!   non-negative tensors (after ReLU) quantized as uint8, 128 for them as int8. The range is
+//!   `[max(min, -T), min(max, T)]` (`[0, min(max, T)]` for non-negative tensors).
+//!
+//! A tensor holding an infinity or NaN, or no element at all, gets no range (it stays float).
+//!
+//! Results are cached for the life of the process, keyed by the model's bytes, the tensor
+//! names, the source (path, sizes and modification times of its files) and the options, so
+//! the accuracy-gated fallback, which re-runs the pass on the same snapshot several times,
+//! calibrates once.
+
+use std::collections::{hash_map::DefaultHasher, BTreeSet, HashMap};
+use std::hash::{Hash, Hasher};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use prost::Message;
+use rayon::prelude::*;
+use tract_onnx::prelude::{
+    DatumType, Framework, InferenceFact, InferenceModel, InferenceModelExt, IntoRunnable,
+    IntoTValue, TValue, TVec, Tensor, TypedRunnableModel,
+};
+
+use super::{CalibrationOptions, QType, RangeMethod};
+use crate::pb;
+use crate::verify::inputs::load_npz;
+
+/// Histogram bins per sign (the resolution of the percentile and entropy estimators).
+pub const BINS: usize = 2048;
+
+/// Running statistics of one tensor over the samples seen so far.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stats {
+    /// Smallest finite value seen.
+    pub min: f32,
+    /// Largest finite value seen.
+    pub max: f32,
+    /// Values seen.
+    pub count: u64,
+    /// An infinity or NaN was seen.
+    pub non_finite: bool,
+    hist: Option<Histogram>,
+}
+
+/// Two histograms over `[0, range]`: positive values and magnitudes of negative values.
+#[derive(Debug, Clone, PartialEq)]
+struct Histogram {
+    range: f64,
+    pos: Vec<u64>,
+    neg: Vec<u64>,
+    zeros: u64,
+}
+
+impl Histogram {
+    fn new() -> Self {
+        Histogram {
+            range: 0.0,
+            pos: vec![0; BINS],
+            neg: vec![0; BINS],
+            zeros: 0,
+        }
+    }
+
+    /// Widens the range to cover `amax`, merging `2^k` bins into one.
+    fn grow(&mut self, amax: f64) {
+        if self.range == 0.0 {
+            self.range = amax;
+            return;
+        }
+        if amax <= self.range {
+            return;
+        }
+        let mut factor = 1usize;
+        while (self.range * factor as f64) < amax && factor < BINS {
+            factor *= 2;
+        }
+        let mut range = self.range * factor as f64;
+        while range < amax {
+            range *= 2.0; // beyond BINS-fold growth everything old is in bin 0 already
+        }
+        for h in [&mut self.pos, &mut self.neg] {
+            let mut merged = vec![0u64; BINS];
+            for (j, &c) in h.iter().enumerate() {
+                merged[j / factor] += c;
+            }
+            *h = merged;
+        }
+        self.range = range;
+    }
+
+    fn bin(&self, a: f64) -> usize {
+        ((a / self.range * BINS as f64) as usize).min(BINS - 1)
+    }
+
+    fn width(&self) -> f64 {
+        self.range / BINS as f64
+    }
+}
+
+impl Stats {
+    /// Empty statistics; `histogram` for the percentile and entropy estimators.
+    pub fn new(histogram: bool) -> Self {
+        Stats {
+            min: f32::INFINITY,
+            max: f32::NEG_INFINITY,
+            count: 0,
+            non_finite: false,
+            hist: histogram.then(Histogram::new),
+        }
+    }
+
+    /// Adds the values of one sample.
+    pub fn update(&mut self, data: &[f32]) {
+        let (mut lo, mut hi, mut bad) = (f32::INFINITY, f32::NEG_INFINITY, false);
+        for &v in data {
+            if v.is_finite() {
+                lo = lo.min(v);
+                hi = hi.max(v);
+            } else {
+                bad = true;
+            }
+        }
+        self.non_finite |= bad;
+        self.count += data.len() as u64;
+        if lo > hi {
+            return;
+        }
+        self.min = self.min.min(lo);
+        self.max = self.max.max(hi);
+        if let Some(h) = &mut self.hist {
+            let amax = (lo.abs().max(hi.abs())) as f64;
+            if amax > 0.0 {
+                h.grow(amax);
+            }
+            for &v in data {
+                if !v.is_finite() {
+                    continue;
+                }
+                if v > 0.0 {
+                    let b = h.bin(v as f64);
+                    h.pos[b] += 1;
+                } else if v < 0.0 {
+                    let b = h.bin(-(v as f64));
+                    h.neg[b] += 1;
+                } else {
+                    h.zeros += 1;
+                }
+            }
+        }
+    }
+
+    /// The range estimated by `method` for activations of type `qtype`, or `None` when the
+    /// tensor held no element, an infinity or a NaN. The range always includes 0.
+    pub fn range(&self, method: &RangeMethod, qtype: QType) -> Option<(f32, f32)> {
+        if self.non_finite || self.min > self.max {
+            return None;
+        }
+        let (min, max) = (self.min.min(0.0), self.max.max(0.0));
+        let h = match (&self.hist, method) {
+            (_, RangeMethod::MinMax) | (None, _) => return Some((min, max)),
+            (Some(h), _) => h,
+        };
+        if h.range == 0.0 {
+            return Some((0.0, 0.0));
+        }
+        let w = h.width();
+        match method {
+            RangeMethod::MinMax => Some((min, max)),
+            RangeMethod::Percentile { percentile } => {
+                let total =
+                    (h.pos.iter().sum::<u64>() + h.neg.iter().sum::<u64>() + h.zeros) as f64;
+                let tail = (100.0 - percentile).max(0.0) / 100.0 * total;
+                let edge = |bins: &[u64]| -> f64 {
+                    let mut above = 0f64;
+                    for j in (0..BINS).rev() {
+                        above += bins[j] as f64;
+                        if above > tail {
+                            return (j + 1) as f64 * w;
+                        }
+                    }
+                    0.0
+                };
+                let hi = (edge(&h.pos) as f32).min(max);
+                let lo = (-edge(&h.neg) as f32).max(min);
+                Some((lo, hi))
+            }
+            RangeMethod::Entropy => {
+                let non_negative = h.neg.iter().all(|&c| c == 0);
+                let levels = if non_negative && qtype == QType::Uint8 {
+                    256
+                } else {
+                    128
+                };
+                let mut mag: Vec<u64> = h.pos.iter().zip(&h.neg).map(|(a, b)| a + b).collect();
+                mag[0] += h.zeros;
+                let t = (kl_threshold_bins(&mag, levels) as f64 * w) as f32;
+                if non_negative {
+                    Some((0.0, t.min(max)))
+                } else {
+                    Some(((-t).max(min), t.min(max)))
+                }
+            }
+        }
+    }
+}
+
+/// The number of bins `i` (`levels <= i <= hist.len()`) whose threshold minimises the KL
+/// divergence of TensorRT's entropy calibration (see the module documentation). Returns
+/// `hist.len()` when the histogram has fewer bins than `levels`.
+pub fn kl_threshold_bins(hist: &[u64], levels: usize) -> usize {
+    let n = hist.len();
+    if n <= levels {
+        return n;
+    }
+    // The last non-empty bin: thresholds beyond it clip nothing and are all equivalent.
+    let last = hist.iter().rposition(|&c| c > 0).map_or(0, |j| j + 1);
+    if last <= levels {
+        return last.max(1);
+    }
+    let scores: Vec<(usize, f64)> = (levels..=last)
+        .into_par_iter()
+        .map(|i| (i, kl_divergence(hist, i, levels)))
+        .collect();
+    scores
+        .into_iter()
+        .fold((last, f64::INFINITY), |best, (i, d)| {
+            if d < best.1 {
+                (i, d)
+            } else {
+                best
+            }
+        })
+        .0
+}
+
+/// KL(P || Q) for the threshold of `i` bins (TensorRT's procedure).
+fn kl_divergence(hist: &[u64], i: usize, levels: usize) -> f64 {
+    let mut p: Vec<f64> = hist[..i].iter().map(|&c| c as f64).collect();
+    let outliers: f64 = hist[i..].iter().map(|&c| c as f64).sum();
+    p[i - 1] += outliers;
+    let mut q = vec![0f64; i];
+    for k in 0..levels {
+        let start = k * i / levels;
+        let end = ((k + 1) * i / levels).max(start + 1).min(i);
+        let sum: f64 = hist[start..end].iter().map(|&c| c as f64).sum();
+        let nonzero = hist[start..end].iter().filter(|&&c| c > 0).count();
+        if nonzero == 0 {
+            continue;
+        }
+        let each = sum / nonzero as f64;
+        for j in start..end {
+            if hist[j] > 0 {
+                q[j] = each;
+            }
+        }
+    }
+    let ps: f64 = p.iter().sum();
+    let qs: f64 = q.iter().sum();
+    if ps == 0.0 || qs == 0.0 {
+        return f64::INFINITY;
+    }
+    // Q is 0 only where the clipped outliers landed in an empty last bin: a small floor keeps
+    // the divergence finite and penalises that threshold.
+    const FLOOR: f64 = 1e-12;
+    p.iter()
+        .zip(&q)
+        .filter(|(&pv, _)| pv > 0.0)
+        .map(|(&pv, &qv)| {
+            let pn = pv / ps;
+            let qn = (qv / qs).max(FLOOR);
+            pn * (pn / qn).ln()
+        })
+        .sum()
+}
+
+/// The result of a calibration.
+#[derive(Debug, Clone)]
+pub struct Calibration {
+    /// `[lo, hi]` per calibrated float tensor (tensors without a range are absent).
+    pub ranges: HashMap<String, (f32, f32)>,
+    /// Samples run.
+    pub samples: usize,
+    /// Wall time of the calibration runs, seconds (of the first run when cached).
+    pub seconds: f64,
+    /// True when the ranges came from the process-wide cache.
+    pub cached: bool,
+}
+
+/// The declared graph inputs (non-initializers): name, rank, and first dim when it is a
+/// fixed value.
+#[derive(Debug, Clone)]
+struct InputDecl {
+    name: String,
+    rank: Option<usize>,
+    first_dim: Option<i64>,
+}
+
+fn declared_inputs(proto: &pb::ModelProto) -> Result<Vec<InputDecl>> {
+    let g = proto.graph.as_ref().context("the model has no graph")?;
+    let inits: BTreeSet<&str> = g.initializer.iter().map(|t| t.name()).collect();
+    let mut out = Vec::new();
+    for i in &g.input {
+        if inits.contains(i.name()) {
+            continue;
+        }
+        let shape = i.r#type.as_ref().and_then(|t| match &t.value {
+            Some(pb::type_proto::Value::TensorType(tt)) => tt.shape.as_ref(),
+            _ => None,
+        });
+        let rank = shape.map(|s| s.dim.len());
+        let first_dim = shape
+            .and_then(|s| s.dim.first())
+            .and_then(|d| match d.value {
+                Some(pb::tensor_shape_proto::dimension::Value::DimValue(v)) if v > 0 => Some(v),
+                _ => None,
+            });
+        out.push(InputDecl {
+            name: i.name().to_string(),
+            rank,
+            first_dim,
+        });
+    }
+    Ok(out)
+}
+
+/// One calibration sample: where it came from and one tensor per graph input.
+pub struct Sample {
+    /// `file.npz` or `file.npz[i]`.
+    pub label: String,
+    /// Graph input name and tensor.
+    pub tensors: Vec<(String, Tensor)>,
+}
+
+enum Source {
+    Files(Vec<PathBuf>),
+    Batched {
+        file: PathBuf,
+        /// Per graph input: the array and how samples are taken from it.
+        arrays: Vec<(String, Tensor, Split)>,
+        count: usize,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Split {
+    /// Fed whole to every sample.
+    Whole,
+    /// `a[i:i+1]`.
+    KeepBatch,
+    /// `a[i]`.
+    Stack,
+}
+
+/// Streams the samples of a calibration source (see the module documentation).
+pub struct Samples {
+    source: Source,
+    inputs: Vec<InputDecl>,
+    next: usize,
+    max: usize,
+}
+
+impl Samples {
+    /// Opens `path` for the graph inputs of `proto`; reads at most `max` samples.
+    ///
+    /// Errors: the path does not exist, a folder holds no `.npz` file, the single `.npz` lacks
+    /// a graph input or its split arrays disagree on the number of samples.
+    pub fn open(path: &Path, proto: &pb::ModelProto, max: usize) -> Result<Samples> {
+        let inputs = declared_inputs(proto)?;
+        let source = if path.is_dir() {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+                .with_context(|| format!("reading calibration folder {}", path.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x.eq_ignore_ascii_case("npz")))
+                .collect();
+            files.sort();
+            ensure!(
+                !files.is_empty(),
+                "calibration folder {} holds no .npz file",
+                path.display()
+            );
+            Source::Files(files)
+        } else {
+            ensure!(
+                path.is_file(),
+                "calibration data {} does not exist (expected a folder of .npz files or one .npz)",
+                path.display()
+            );
+            let all = load_npz(path)?;
+            let mut arrays = Vec::new();
+            let mut count: Option<(usize, String)> = None;
+            for decl in &inputs {
+                let t = take_input(&all, &decl.name, path)?;
+                let rank = t.rank();
+                let split = match decl.rank {
+                    Some(r) if rank == r + 1 => Split::Stack,
+                    Some(r) if rank == r && r > 0 && decl.first_dim.is_none_or(|d| d == 1) => {
+                        Split::KeepBatch
+                    }
+                    None if rank > 0 => Split::KeepBatch,
+                    _ => Split::Whole,
+                };
+                if split != Split::Whole {
+                    let n = t.shape()[0];
+                    match &count {
+                        Some((c, other)) if *c != n => bail!(
+                            "calibration file {}: array `{}` holds {n} samples along axis 0 but \
+                             `{other}` holds {c}",
+                            path.display(),
+                            decl.name
+                        ),
+                        _ => count = Some((n, decl.name.clone())),
+                    }
+                }
+                arrays.push((decl.name.clone(), t, split));
+            }
+            Source::Batched {
+                file: path.to_path_buf(),
+                arrays,
+                count: count.map_or(1, |c| c.0),
+            }
+        };
+        Ok(Samples {
+            source,
+            inputs,
+            next: 0,
+            max,
+        })
+    }
+
+    /// Number of samples that will be read.
+    pub fn len(&self) -> usize {
+        let n = match &self.source {
+            Source::Files(f) => f.len(),
+            Source::Batched { count, .. } => *count,
+        };
+        n.min(self.max)
+    }
+
+    /// True when there is no sample to read.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The files the samples come from (for the cache key).
+    fn files(&self) -> Vec<PathBuf> {
+        match &self.source {
+            Source::Files(f) => f.iter().take(self.max).cloned().collect(),
+            Source::Batched { file, .. } => vec![file.clone()],
+        }
+    }
+}
+
+fn take_input(all: &[(String, Tensor)], name: &str, file: &Path) -> Result<Tensor> {
+    all.iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, t)| t.clone())
+        .ok_or_else(|| {
+            anyhow!(
+                "calibration sample {}: no array for graph input `{name}` (arrays: {})",
+                file.display(),
+                all.iter()
+                    .map(|(k, _)| format!("`{k}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })
+}
+
+impl Iterator for Samples {
+    type Item = Result<Sample>;
+
+    fn next(&mut self) -> Option<Result<Sample>> {
+        if self.next >= self.len() {
+            return None;
+        }
+        let i = self.next;
+        self.next += 1;
+        Some(match &self.source {
+            Source::Files(files) => {
+                let file = &files[i];
+                load_npz(file).and_then(|all| {
+                    let tensors = self
+                        .inputs
+                        .iter()
+                        .map(|d| Ok((d.name.clone(), take_input(&all, &d.name, file)?)))
+                        .collect::<Result<Vec<_>>>()?;
+                    Ok(Sample {
+                        label: file.display().to_string(),
+                        tensors,
+                    })
+                })
+            }
+            Source::Batched { file, arrays, .. } => arrays
+                .iter()
+                .map(|(name, t, split)| {
+                    let s = match split {
+                        Split::Whole => t.clone(),
+                        Split::KeepBatch => t.slice(0, i, i + 1)?,
+                        Split::Stack => {
+                            let rest = t.shape()[1..].to_vec();
+                            t.slice(0, i, i + 1)?.into_shape(&rest)?
+                        }
+                    };
+                    Ok((name.clone(), s))
+                })
+                .collect::<Result<Vec<_>>>()
+                .map(|tensors| Sample {
+                    label: format!("{}[{i}]", file.display()),
+                    tensors,
+                })
+                .with_context(|| format!("splitting calibration file {}", file.display())),
+        })
+    }
+}
+
+/// The model parsed once by tract, with plans built per set of input shapes.
+struct Runner {
+    model: InferenceModel,
+    inputs: Vec<String>,
+    outputs: Vec<String>,
+    plans: Vec<(PlanKey, Arc<TypedRunnableModel>)>,
+}
+
+/// The input types and shapes a plan was built for.
+type PlanKey = Vec<(DatumType, Vec<usize>)>;
+
+/// Runs `f`, turning a tract panic into an error.
+fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "non-text panic".to_string());
+            bail!("tract panicked while {what}: {msg}")
+        }
+    }
+}
+
+impl Runner {
+    fn new(proto: &pb::ModelProto) -> Result<Runner> {
+        guarded("loading the model", || {
+            let bytes = proto.encode_to_vec();
+            let onnx = tract_onnx::onnx()
+                .with_ignore_value_info(true)
+                .with_ignore_output_shapes(true);
+            let p = onnx
+                .proto_model_for_read(&mut bytes.as_slice())
+                .context("tract cannot read the model")?;
+            let parsed = onnx
+                .parse(&p, None)
+                .context("tract cannot load the model")?;
+            ensure!(
+                parsed.unresolved_inputs.is_empty(),
+                "values used but never defined: {:?}",
+                parsed.unresolved_inputs
+            );
+            let model = parsed.model;
+            let inputs = model
+                .input_outlets()?
+                .iter()
+                .map(|o| model.node(o.node).name.clone())
+                .collect();
+            let outputs = proto
+                .graph
+                .as_ref()
+                .map(|g| g.output.iter().map(|o| o.name().to_string()).collect())
+                .unwrap_or_default();
+            Ok(Runner {
+                model,
+                inputs,
+                outputs,
+                plans: Vec::new(),
+            })
+        })
+    }
+
+    fn run(&mut self, sample: &Sample) -> Result<TVec<TValue>> {
+        let mut fed: Vec<&Tensor> = Vec::new();
+        for name in &self.inputs {
+            let t = sample
+                .tensors
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, t)| t)
+                .ok_or_else(|| anyhow!("no tensor for graph input `{name}`"))?;
+            fed.push(t);
+        }
+        let key: Vec<(DatumType, Vec<usize>)> = fed
+            .iter()
+            .map(|t| (t.datum_type(), t.shape().to_vec()))
+            .collect();
+        let plan = match self.plans.iter().find(|(k, _)| *k == key) {
+            Some((_, p)) => p.clone(),
+            None => {
+                let mut m = self.model.clone();
+                let plan = guarded("planning the model", || {
+                    for (ix, t) in fed.iter().enumerate() {
+                        m.set_input_fact(ix, InferenceFact::dt_shape_from_tensor(t))?;
+                    }
+                    m.into_typed()?.into_runnable()
+                })?;
+                if self.plans.len() >= 4 {
+                    self.plans.remove(0);
+                }
+                self.plans.push((key, plan.clone()));
+                plan
+            }
+        };
+        let values: TVec<TValue> = fed.iter().map(|t| (*t).clone().into_tvalue()).collect();
+        guarded("running the model", || plan.run(values))
+    }
+}
+
+/// The float values of a tract tensor as f32, or `None` for other types.
+fn float_values(t: &Tensor) -> Option<std::borrow::Cow<'_, [f32]>> {
+    match t.datum_type() {
+        DatumType::F32 => t
+            .try_as_plain_ram()
+            .ok()
+            .and_then(|v| v.as_slice::<f32>().ok().map(|s| s.to_vec()))
+            .map(std::borrow::Cow::Owned),
+        DatumType::F16 | DatumType::F64 => t
+            .cast_to::<f32>()
+            .ok()
+            .and_then(|c| {
+                c.try_as_plain_ram()
+                    .ok()
+                    .and_then(|v| v.as_slice::<f32>().ok().map(|s| s.to_vec()))
+            })
+            .map(std::borrow::Cow::Owned),
+        _ => None,
+    }
+}
+
+type CacheMap = HashMap<u64, Arc<Calibration>>;
+
+fn cache() -> &'static Mutex<CacheMap> {
+    static CACHE: OnceLock<Mutex<CacheMap>> = OnceLock::new();
+    CACHE.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+/// Most calibrations kept in the process-wide cache.
+const CACHE_ENTRIES: usize = 8;
+
+/// Calibrates the tensors `names` of `proto` (the model as the pass sees it) on the samples of
+/// `opts` and returns their ranges (see the module documentation).
+///
+/// Errors: the source cannot be read or lacks a graph input (the message names the sample
+/// file and the input), or tract cannot load, plan or run the model on a sample (the message
+/// names the sample).
+pub fn calibrate(
+    proto: &pb::ModelProto,
+    names: &BTreeSet<String>,
+    opts: &CalibrationOptions,
+) -> Result<Arc<Calibration>> {
+    let samples = Samples::open(&opts.source, proto, opts.max_samples.max(1))?;
+    let probed = crate::fallback::with_probes(proto.clone(), names);
+    let bytes = probed.encode_to_vec();
+    let mut h = DefaultHasher::new();
+    bytes.hash(&mut h);
+    format!(
+        "{:?}|{}|{:?}",
+        opts.method, opts.max_samples, opts.activation_type
+    )
+    .hash(&mut h);
+    for f in samples.files() {
+        f.hash(&mut h);
+        if let Ok(m) = std::fs::metadata(&f) {
+            m.len().hash(&mut h);
+            m.modified().ok().hash(&mut h);
+        }
+    }
+    let key = h.finish();
+    if let Some(c) = cache().lock().ok().and_then(|c| c.get(&key).cloned()) {
+        let mut hit = (*c).clone();
+        hit.cached = true;
+        return Ok(Arc::new(hit));
+    }
+    let result = Arc::new(run_calibration(&probed, names, samples, opts)?);
+    if let Ok(mut c) = cache().lock() {
+        if c.len() >= CACHE_ENTRIES {
+            if let Some(k) = c.keys().next().copied() {
+                c.remove(&k);
+            }
+        }
+        c.insert(key, result.clone());
+    }
+    Ok(result)
+}
+
+fn run_calibration(
+    probed: &pb::ModelProto,
+    names: &BTreeSet<String>,
+    samples: Samples,
+    opts: &CalibrationOptions,
+) -> Result<Calibration> {
+    let t0 = Instant::now();
+    let histogram = !matches!(opts.method, RangeMethod::MinMax);
+    let mut runner = Runner::new(probed)?;
+    let mut stats: HashMap<String, Stats> = HashMap::new();
+    let mut count = 0usize;
+    for sample in samples {
+        let sample = sample?;
+        let outs = runner
+            .run(&sample)
+            .with_context(|| format!("calibration sample {}", sample.label))?;
+        ensure!(
+            outs.len() == runner.outputs.len(),
+            "calibration sample {}: tract returned {} outputs, the model declares {}",
+            sample.label,
+            outs.len(),
+            runner.outputs.len()
+        );
+        let wanted: Vec<(&String, &TValue)> = runner
+            .outputs
+            .iter()
+            .zip(outs.iter())
+            .filter(|(n, _)| names.contains(*n))
+            .collect();
+        for (name, _) in &wanted {
+            stats
+                .entry((*name).clone())
+                .or_insert_with(|| Stats::new(histogram));
+        }
+        let mut refs: Vec<(&Tensor, &mut Stats)> = Vec::new();
+        let mut by_name: HashMap<&String, &TValue> = wanted.into_iter().collect();
+        for (name, st) in stats.iter_mut() {
+            if let Some(v) = by_name.remove(name) {
+                refs.push((&**v, st));
+            }
+        }
+        refs.into_par_iter().for_each(|(t, st)| {
+            if let Some(v) = float_values(t) {
+                st.update(&v);
+            } else {
+                st.non_finite = true; // not a float tensor: never quantized
+            }
+        });
+        count += 1;
+    }
+    ensure!(count > 0, "no calibration sample was read");
+    let ranges = stats
+        .iter()
+        .filter_map(|(n, s)| Some((n.clone(), s.range(&opts.method, opts.activation_type)?)))
+        .collect();
+    Ok(Calibration {
+        ranges,
+        samples: count,
+        seconds: t0.elapsed().as_secs_f64(),
+        cached: false,
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    fn gaussian(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                // Box-Muller.
+                let u: f64 = rng.random_range(1e-12..1.0);
+                let v: f64 = rng.random();
+                ((-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()) as f32
+            })
+            .collect()
+    }
+
+    fn exact_percentile(v: &[f32], p: f64) -> f32 {
+        let mut s = v.to_vec();
+        s.sort_by(f32::total_cmp);
+        s[((p / 100.0) * (s.len() - 1) as f64).round() as usize]
+    }
+
+    #[test]
+    fn percentile_on_all_positive_activations_keeps_zero_in_range() {
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let mut st = Stats::new(true);
+        // ReLU-like activations: exponential values >= 0, a third exactly 0, over 4 samples
+        // whose maxima grow (the histogram is re-binned on the way).
+        let mut all = Vec::new();
+        for s in 0..4 {
+            let v: Vec<f32> = (0..50_000)
+                .map(|i| {
+                    if i % 3 == 0 {
+                        0.0
+                    } else {
+                        -(rng.random_range(1e-9..1.0f64).ln() as f32) * (s + 1) as f32
+                    }
+                })
+                .collect();
+            st.update(&v);
+            all.extend(v);
+        }
+        let (lo, hi) = st
+            .range(&RangeMethod::Percentile { percentile: 99.9 }, QType::Uint8)
+            .unwrap();
+        assert_eq!(lo, 0.0, "the low tail of non-negative values stays at 0");
+        let exact = exact_percentile(&all, 99.9);
+        let w = st.hist.as_ref().unwrap().width() as f32;
+        assert!(
+            hi >= exact && hi <= exact + 2.0 * w,
+            "hi {hi} vs exact {exact} (bin {w})"
+        );
+        assert!(hi < st.max);
+        // The zero point of the range is valid: 0 maps to qmin exactly.
+        let (s, zp) = crate::quant::scale_zero_point(
+            lo,
+            hi,
+            &crate::quant::Scheme {
+                qtype: QType::Uint8,
+                symmetric: false,
+                granularity: crate::quant::Granularity::Tensor,
+                pow2: false,
+            },
+        );
+        assert_eq!(zp, 0);
+        assert!(s > 0.0);
+    }
+
+    #[test]
+    fn percentile_tails_are_separate() {
+        // Skewed: negatives in [-1, 0), positives up to 10.
+        let mut rng = ChaCha8Rng::seed_from_u64(2);
+        let v: Vec<f32> = (0..100_000)
+            .map(|i| {
+                if i % 2 == 0 {
+                    -rng.random_range(0.0..1.0f32)
+                } else {
+                    rng.random_range(0.0..10.0f32)
+                }
+            })
+            .collect();
+        let mut st = Stats::new(true);
+        st.update(&v);
+        let (lo, hi) = st
+            .range(&RangeMethod::Percentile { percentile: 99.0 }, QType::Uint8)
+            .unwrap();
+        let (elo, ehi) = (exact_percentile(&v, 1.0), exact_percentile(&v, 99.0));
+        let w = st.hist.as_ref().unwrap().width() as f32;
+        assert!((lo - elo).abs() <= 2.0 * w, "lo {lo} vs {elo}");
+        assert!((hi - ehi).abs() <= 2.0 * w, "hi {hi} vs {ehi}");
+    }
+
+    #[test]
+    fn entropy_threshold_is_between_the_99th_percentile_and_the_max() {
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let mut st = Stats::new(true);
+        let mut all = Vec::new();
+        for _ in 0..4 {
+            let v = gaussian(&mut rng, 250_000);
+            st.update(&v);
+            all.extend(v);
+        }
+        let (lo, hi) = st.range(&RangeMethod::Entropy, QType::Int8).unwrap();
+        let abs: Vec<f32> = all.iter().map(|v| v.abs()).collect();
+        let p99 = exact_percentile(&abs, 99.0);
+        let amax = abs.iter().copied().fold(0f32, f32::max);
+        assert!(
+            hi > p99 && hi < amax,
+            "threshold {hi}: p99 {p99}, max {amax}"
+        );
+        assert!(-lo > p99 && -lo < amax, "threshold {lo}");
+        // Non-negative (ReLU) activations as uint8 use the positive side only.
+        let mut st = Stats::new(true);
+        st.update(&abs);
+        let (lo, hi) = st.range(&RangeMethod::Entropy, QType::Uint8).unwrap();
+        assert_eq!(lo, 0.0);
+        assert!(
+            hi > p99 && hi < amax,
+            "threshold {hi}: p99 {p99}, max {amax}"
+        );
+    }
+
+    #[test]
+    fn minmax_includes_zero_and_skips_non_finite_tensors() {
+        let mut st = Stats::new(false);
+        st.update(&[1.0, 2.0]);
+        st.update(&[3.0]);
+        assert_eq!(
+            st.range(&RangeMethod::MinMax, QType::Uint8),
+            Some((0.0, 3.0))
+        );
+        st.update(&[f32::INFINITY]);
+        assert_eq!(st.range(&RangeMethod::MinMax, QType::Uint8), None);
+        assert_eq!(
+            Stats::new(true).range(&RangeMethod::Entropy, QType::Uint8),
+            None
+        );
+    }
+
+    #[test]
+    fn histogram_growth_merges_bins_exactly() {
+        let mut st = Stats::new(true);
+        st.update(&[1.0, 0.5, -0.25]);
+        st.update(&[3.0]);
+        let h = st.hist.as_ref().unwrap();
+        assert_eq!(h.range, 4.0);
+        assert_eq!(h.pos.iter().sum::<u64>(), 3);
+        assert_eq!(h.neg.iter().sum::<u64>(), 1);
+        // 1.0 was in the last bin of [0, 1] and 0.5 in bin 1024: 4 bins merge into one.
+        assert_eq!(h.pos[511], 1);
+        assert_eq!(h.pos[256], 1);
+        assert_eq!(h.neg[128], 1);
+        assert_eq!(h.pos[1536], 1);
+    }
+}
