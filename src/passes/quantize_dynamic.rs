@@ -95,6 +95,36 @@ fn float32_init(g: &Graph, v: Option<ValueId>) -> Option<(ValueId, &Tensor)> {
     (t.data_type() == DataType::Float as i32 && !g.is_graph_input(v)).then_some((v, t))
 }
 
+/// Why the weight `v` of `node` is not quantized, when it looks like a weight but is not a
+/// float32 initializer of this graph: another float type, a graph input, or a value of an
+/// enclosing graph. `None` for activations (computed values), which are not weights.
+fn not_a_weight(g: &Graph, node: &str, v: Option<ValueId>) -> Option<String> {
+    let v = v?;
+    let name = &g.value(v).name;
+    if let Some(t) = g.initializer(v) {
+        let dt = t.dtype_name();
+        if g.is_graph_input(v) {
+            return Some(format!(
+                "{node}: weight '{name}' is also a graph input (it can be fed at run time): left in float"
+            ));
+        }
+        if matches!(
+            DataType::try_from(t.data_type()),
+            Ok(DataType::Float16 | DataType::Bfloat16 | DataType::Double)
+        ) {
+            return Some(format!(
+                "{node}: weight '{name}' is {dt}, DynamicQuantizeLinear takes float32 only: left in float (use --mode weight-only)"
+            ));
+        }
+        return None;
+    }
+    (g.value(v).def == ValueDef::Outer).then(|| {
+        format!(
+            "{node}: weight '{name}' comes from an enclosing graph; dynamic quantization rewrites each graph's own initializers only: left in float"
+        )
+    })
+}
+
 fn find_sites(g: &Graph, opts: &PassOptions, stats: &mut PassStats) -> Vec<Site> {
     let mut sites = Vec::new();
     for (id, n) in g.live_nodes() {
@@ -102,9 +132,15 @@ fn find_sites(g: &Graph, opts: &PassOptions, stats: &mut PassStats) -> Vec<Site>
             continue;
         }
         let input = |i: usize| n.inputs.get(i).copied().flatten();
+        let skip = |stats: &mut PassStats| {
+            if let Some(why) = not_a_weight(g, &n.label(id), input(1)) {
+                stats.notes.push(why);
+            }
+        };
         match n.op_type() {
             "MatMul" => {
                 let Some((w, t)) = float32_init(g, input(1)) else {
+                    skip(stats);
                     continue;
                 };
                 if t.dims().len() != 2 {
@@ -127,6 +163,7 @@ fn find_sites(g: &Graph, opts: &PassOptions, stats: &mut PassStats) -> Vec<Site>
             }
             "Gemm" => {
                 let Some((w, t)) = float32_init(g, input(1)) else {
+                    skip(stats);
                     continue;
                 };
                 let plain = n.attr_int("transA", 0) == 0
@@ -151,6 +188,7 @@ fn find_sites(g: &Graph, opts: &PassOptions, stats: &mut PassStats) -> Vec<Site>
             }
             "Conv" if opts.conv_integer => {
                 let Some((w, t)) = float32_init(g, input(1)) else {
+                    skip(stats);
                     continue;
                 };
                 if t.dims().len() < 3 {

@@ -23,6 +23,8 @@ use super::{by_name, Pass, PassOptions};
 use crate::ir::Tensor;
 use crate::pb::{self, attribute_proto::AttributeType, tensor_proto::DataType};
 
+mod dynamic;
+
 // ---------------------------------------------------------------------------------------------
 // Builders
 
@@ -236,19 +238,18 @@ impl Ran {
 /// Imports `proto`, runs the passes called `names` (validated after each), exports the result
 /// and checks that the export imports again.
 fn run_passes(proto: &pb::ModelProto, names: &[&str]) -> Ran {
+    run_passes_with(proto, names, &PassOptions::default())
+}
+
+/// [`run_passes`] with pass options.
+fn run_passes_with(proto: &pb::ModelProto, names: &[&str], opts: &PassOptions) -> Ran {
     let (mut m, _) = crate::onnx::from_proto(proto.clone(), None, "test").unwrap();
     let passes: Vec<&'static dyn Pass> = names
         .iter()
         .map(|n| by_name(n).unwrap_or_else(|| panic!("no pass called {n}")))
         .collect();
-    let records = run_pipeline(
-        &mut m,
-        &passes,
-        &PassOptions::default(),
-        true,
-        &crate::report::Silent,
-    )
-    .unwrap_or_else(|e| panic!("{names:?}: {e:#}"));
+    let records = run_pipeline(&mut m, &passes, opts, true, &crate::report::Silent)
+        .unwrap_or_else(|e| panic!("{names:?}: {e:#}"));
     let out = crate::onnx::export::to_proto(&m).unwrap();
     crate::onnx::from_proto(out.clone(), None, "exported")
         .unwrap_or_else(|e| panic!("the exported result does not import again: {e:#}"));
