@@ -171,6 +171,16 @@ pub enum GranularityArg {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FormatArg {
+    /// Integer weights + DequantizeLinear (standard ONNX).
+    Qdq,
+    /// onnxruntime's com.microsoft MatMulNBits for MatMul and Gemm weights: 4-bit blocks
+    /// (--dtype int4|uint4 --granularity block, --block-size a power of two >= 16).
+    #[value(name = "matmulnbits")]
+    MatMulNBits,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum CalibrateMethod {
     /// Smallest and largest value seen.
     Minmax,
@@ -207,6 +217,11 @@ pub struct QuantizeArgs {
     /// Block size for --granularity block.
     #[arg(long, default_value_t = 32)]
     pub block_size: usize,
+    /// weight-only: how quantized weights are written. `matmulnbits` replaces MatMul and Gemm
+    /// by onnxruntime's com.microsoft MatMulNBits (runs in onnxruntime only; checked on the
+    /// float-equivalent model).
+    #[arg(long, value_enum, default_value = "qdq")]
+    pub format: FormatArg,
     /// Symmetric scales, zero point at the middle of the range (the default).
     #[arg(long, conflicts_with = "asymmetric")]
     pub symmetric: bool,

@@ -323,6 +323,26 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 !(scheme.pow2 && a.asymmetric),
                 "--scale pow2 is symmetric (fixed point): drop --asymmetric"
             );
+            let weight_format = match a.format {
+                cli::FormatArg::Qdq => onnxopt::quant::WeightFormat::Qdq,
+                cli::FormatArg::MatMulNBits => {
+                    anyhow::ensure!(
+                        a.mode == Mode::WeightOnly,
+                        "--format matmulnbits is a weight-only format: use --mode weight-only"
+                    );
+                    anyhow::ensure!(
+                        matches!(qtype, QType::Int4 | QType::Uint4)
+                            && matches!(scheme.granularity, Granularity::Block(_)),
+                        "--format matmulnbits writes 4-bit blocks: use --dtype int4 or uint4 with --granularity block"
+                    );
+                    anyhow::ensure!(
+                        onnxopt::quant::nbits::valid_block_size(a.block_size),
+                        "--format matmulnbits: --block-size {} must be a power of two >= 16 (MatMulNBits' block_size)",
+                        a.block_size
+                    );
+                    onnxopt::quant::WeightFormat::MatMulNBits
+                }
+            };
             let (node_schemes, float_nodes) = match &a.config {
                 Some(path) => read_config(path, &scheme)?,
                 None => Default::default(),
@@ -372,6 +392,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     op_types: a.op_types.clone(),
                     include_nodes: regex(&a.include_nodes, "--include-nodes")?,
                     weight_scheme: Some(scheme),
+                    weight_format,
                     keep_io_types: a.keep_io_types,
                     bf16: a.mode == Mode::Bf16,
                     calibration,

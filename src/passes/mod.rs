@@ -75,6 +75,9 @@ pub struct PassOptions {
     pub keep_float: std::collections::BTreeSet<String>,
     /// Weight quantization scheme of `quantize_weights` (`None` = int8 symmetric per channel).
     pub weight_scheme: Option<crate::quant::Scheme>,
+    /// How `quantize_weights` writes 4-bit block weights: `DequantizeLinear` (the default) or
+    /// onnxruntime's `com.microsoft` `MatMulNBits` for MatMul and Gemm (`--format`).
+    pub weight_format: crate::quant::WeightFormat,
     /// Weight quantization writes the dequantized float values instead of integer weights
     /// (the float-equivalent model used to check forms tract cannot run).
     pub dequantized_weights: bool,

@@ -44,7 +44,7 @@ use super::{can_add_initializers, Pass, PassKind, PassOptions, PassStats};
 use crate::ir::edit::attr_int;
 use crate::ir::{Graph, Model, Names, Node, NodeId, Tensor, ValueDef, ValueId};
 use crate::pb::tensor_proto::DataType;
-use crate::quant::{quantize, scale_dims, Granularity, QType, Scheme};
+use crate::quant::{quantize, scale_dims, Granularity, QType, Scheme, WeightFormat};
 
 /// See the module documentation.
 pub struct QuantizeWeights;
@@ -162,7 +162,8 @@ pub fn run_scheme(model: &mut Model, opts: &PassOptions, scheme: &Scheme) -> Res
         let opset = model.opset("").unwrap_or(1);
         let four_bit = matches!(scheme.qtype, QType::Int4 | QType::Uint4);
         let blocks = matches!(scheme.granularity, Granularity::Block(_));
-        if (four_bit || blocks) && opset < 21 && !opts.dequantized_weights {
+        let nbits = opts.weight_format == WeightFormat::MatMulNBits;
+        if (four_bit || blocks) && opset < 21 && !opts.dequantized_weights && !nbits {
             bail!(
                 "{} {} weights need DequantizeLinear-21 (opset 21) but the model is opset {opset}; \
                  onnxopt does not raise a model's opset: use --dtype int8/uint8/int16 without blocks",
@@ -170,9 +171,13 @@ pub fn run_scheme(model: &mut Model, opts: &PassOptions, scheme: &Scheme) -> Res
                 if blocks { "block-wise" } else { "" }
             );
         }
+        let mut wrote_nbits = false;
         model.for_each_graph_mut(&mut |g, names| {
-            quantize_graph(g, names, opset, opts, scheme, &mut stats);
+            wrote_nbits |= quantize_graph(g, names, opset, opts, scheme, &mut stats);
         });
+        if wrote_nbits && model.opset(NBITS_DOMAIN).is_none() {
+            model.set_opset(NBITS_DOMAIN, 1);
+        }
         Ok(stats)
     }
 }
@@ -184,7 +189,10 @@ fn quantize_graph(
     opts: &PassOptions,
     scheme: &Scheme,
     stats: &mut PassStats,
-) {
+) -> bool {
+    let mut done = std::collections::HashSet::new();
+    let nbits = opts.weight_format == WeightFormat::MatMulNBits;
+    let wrote = nbits && nbits_graph(g, names, opts, scheme, stats, &mut done);
     let uses = g.uses();
     let sub_nodes: Vec<NodeId> = g
         .live_nodes()
@@ -193,6 +201,9 @@ fn quantize_graph(
         .collect();
     let mut plans = Vec::new();
     for w in g.initializers() {
+        if done.contains(&w) {
+            continue;
+        }
         let Some(t) = g.initializer(w) else { continue };
         let dt = t.data_type();
         if !(dt == DataType::Float as i32
@@ -272,7 +283,9 @@ fn quantize_graph(
         let needs21 = matches!(plan.scheme.qtype, QType::Int4 | QType::Uint4)
             || matches!(plan.scheme.granularity, Granularity::Block(_));
         let name = g.value(plan.weight).name.clone();
-        if needs21 && opset < 21 && !opts.dequantized_weights {
+        // With MatMulNBits the real run writes what it can and notes the rest, so the
+        // float-equivalent model must leave the same weights in float.
+        if needs21 && opset < 21 && (!opts.dequantized_weights || nbits) {
             stats.notes.push(format!(
                 "weight '{name}': {} {:?} needs opset 21, the model is opset {opset}: left in float",
                 plan.scheme.qtype.name(),
@@ -294,6 +307,7 @@ fn quantize_graph(
             ));
         }
     }
+    wrote
 }
 
 /// Readers of outer value `name` inside subgraph `sg` and deeper, unless shadowed.
@@ -623,3 +637,454 @@ fn cast(
     );
     outs[0]
 }
+
+// ---------------------------------------------------------------------------------------------
+// MatMulNBits (`WeightFormat::MatMulNBits`)
+
+/// Where a graph sits below the graph that owns a weight: (node holding it, index among that
+/// node's subgraphs) per level; empty for the owner itself.
+type Path = Vec<(NodeId, usize)>;
+
+fn graph_at_mut<'a>(g: &'a mut Graph, path: &[(NodeId, usize)]) -> Option<&'a mut Graph> {
+    let mut cur = g;
+    for &(id, k) in path {
+        cur = cur
+            .nodes
+            .get_mut(id.0 as usize)?
+            .as_mut()?
+            .subgraphs_mut()
+            .nth(k)?;
+    }
+    Some(cur)
+}
+
+/// A MatMul or Gemm that `MatMulNBits` replaces.
+struct NBitsSite {
+    /// The graph holding the node.
+    path: Path,
+    node: NodeId,
+    /// The weight is `[N, K]` (Gemm with `transB = 1`) rather than `[K, N]`.
+    transposed: bool,
+    /// Gemm's C: a 1-D `[N]` initializer of the node's graph, of the weight's type.
+    bias: Option<ValueId>,
+    /// The node's scheme (the pass's, or its `--config` override).
+    scheme: Scheme,
+}
+
+/// What one reader of a weight is to the `MatMulNBits` rewrite.
+enum NBitsReader {
+    Site(NBitsSite),
+    /// A MatMul or Gemm with a 4-bit block scheme that `MatMulNBits` cannot express: the note.
+    Skip(String),
+    /// Anything else (other ops and inputs, unselected nodes, other schemes).
+    Other,
+}
+
+#[allow(clippy::too_many_arguments)] // the reader, its weight and the options that select it
+fn nbits_reader(
+    gr: &Graph,
+    id: NodeId,
+    idx: usize,
+    dims: &[i64],
+    dt: i32,
+    opts: &PassOptions,
+    scheme: &Scheme,
+    path: &[(NodeId, usize)],
+) -> NBitsReader {
+    let node = gr.node(id);
+    if !node.domain().is_empty() || idx != 1 || !matches!(node.op_type(), "MatMul" | "Gemm") {
+        return NBitsReader::Other;
+    }
+    if !opts.selects(gr, node)
+        || node.inputs.first().copied().flatten().is_none()
+        || node.outputs.first().copied().flatten().is_none()
+    {
+        return NBitsReader::Other;
+    }
+    let sc = opts
+        .node_schemes
+        .get(node.name())
+        .copied()
+        .unwrap_or(*scheme);
+    let Granularity::Block(bs) = sc.granularity else {
+        return NBitsReader::Other;
+    };
+    if !matches!(sc.qtype, QType::Int4 | QType::Uint4) {
+        return NBitsReader::Other;
+    }
+    let label = node.label(id);
+    let skip =
+        |why: String| NBitsReader::Skip(format!("{label}: {why}; not written as MatMulNBits"));
+    if !crate::quant::nbits::valid_block_size(bs) {
+        return skip(format!("block size {bs} is not a power of two >= 16"));
+    }
+    if dims.len() != 2 || dims.iter().any(|&d| d <= 0) {
+        return skip(format!(
+            "weight of shape {dims:?}; MatMulNBits takes a 2-D weight"
+        ));
+    }
+    let mut site = NBitsSite {
+        path: path.to_vec(),
+        node: id,
+        transposed: false,
+        bias: None,
+        scheme: sc,
+    };
+    if node.op_type() == "Gemm" {
+        let c = node.inputs.get(2).copied().flatten();
+        let (alpha, beta) = (node.attr_float("alpha", 1.0), node.attr_float("beta", 1.0));
+        if node.attr_int("transA", 0) != 0 {
+            return skip("transA = 1".into());
+        }
+        if alpha != 1.0 || (c.is_some() && beta != 1.0) {
+            return skip(format!("alpha = {alpha}, beta = {beta}"));
+        }
+        site.transposed = node.attr_int("transB", 0) != 0;
+        let n = if site.transposed { dims[0] } else { dims[1] };
+        if let Some(c) = c {
+            match gr.initializer(c) {
+                Some(t) if t.dims() == [n] && t.data_type() == dt => site.bias = Some(c),
+                _ => {
+                    return skip(format!(
+                        "C is not a 1-D [{n}] initializer of the weight's type"
+                    ))
+                }
+            }
+        }
+    }
+    NBitsReader::Site(site)
+}
+
+/// Every reader of weight `name` (owned by `g`): the `MatMulNBits` sites, the notes of readers
+/// it cannot take, and the number of all readers (graph outputs included), in `g` and in the
+/// subgraphs that read it by name.
+#[allow(clippy::too_many_arguments)] // one weight's readers under the pass options
+fn nbits_readers(
+    gr: &Graph,
+    path: &mut Path,
+    name: &str,
+    dims: &[i64],
+    dt: i32,
+    opts: &PassOptions,
+    scheme: &Scheme,
+    out: &mut (Vec<NBitsSite>, Vec<String>, usize),
+) {
+    if let Some(v) = gr.find(name) {
+        let owner = path.is_empty();
+        if !owner && gr.value(v).def != ValueDef::Outer {
+            return; // shadowed by a local definition
+        }
+        for &(n, i) in &gr.uses()[v.0 as usize] {
+            out.2 += 1;
+            match nbits_reader(gr, n, i, dims, dt, opts, scheme, path) {
+                NBitsReader::Site(s) => out.0.push(s),
+                NBitsReader::Skip(note) => out.1.push(note),
+                NBitsReader::Other => {}
+            }
+        }
+        if gr.is_graph_output(v) {
+            out.2 += 1;
+        }
+    }
+    for (id, node) in gr.live_nodes() {
+        for (k, sg) in node.subgraphs().enumerate() {
+            path.push((id, k));
+            nbits_readers(sg, path, name, dims, dt, opts, scheme, out);
+            path.pop();
+        }
+    }
+}
+
+/// Forgets the outer value `name` in `sg` and deeper (unless shadowed) once nothing reads it:
+/// the enclosing graph no longer defines it.
+fn drop_outer(sg: &mut Graph, name: &str) {
+    if let Some(v) = sg.find(name) {
+        if sg.value(v).def != ValueDef::Outer {
+            return;
+        }
+        if sg.uses()[v.0 as usize].is_empty() && !sg.is_graph_output(v) {
+            sg.value_mut(v).def = ValueDef::Undefined;
+        }
+    }
+    let ids: Vec<NodeId> = sg.order.clone();
+    for id in ids {
+        for inner in sg.node_mut(id).subgraphs_mut() {
+            drop_outer(inner, name);
+        }
+    }
+}
+
+/// The initializers written for one weight under one (orientation, scheme).
+struct NBitsMade {
+    /// Packed B, scales, zero points; or, for the float-equivalent model, the dequantized
+    /// weight alone.
+    values: Vec<Option<ValueId>>,
+    nb: crate::quant::nbits::NBits,
+}
+
+/// Replaces every MatMul and Gemm that reads a 4-bit block weight of `g` (here or in a
+/// subgraph) and that `MatMulNBits` can express by a `com.microsoft` `MatMulNBits` with the
+/// same output name. Other readers keep the float weight, which goes when nothing reads it
+/// any more. With `dequantized_weights`, the readers read the dequantized weight instead and
+/// stay as they are (the float-equivalent model). Initializers it writes are added to `done`.
+/// Returns true when it wrote a `MatMulNBits`.
+fn nbits_graph(
+    g: &mut Graph,
+    names: &mut Names,
+    opts: &PassOptions,
+    scheme: &Scheme,
+    stats: &mut PassStats,
+    done: &mut std::collections::HashSet<ValueId>,
+) -> bool {
+    let mut wrote = false;
+    for w in g.initializers() {
+        let Some(t) = g.initializer(w) else { continue };
+        let dt = t.data_type();
+        if dt != DataType::Float as i32 && dt != DataType::Float16 as i32 {
+            continue;
+        }
+        let dims = t.dims().to_vec();
+        let name = g.value(w).name.clone();
+        let mut found = (Vec::new(), Vec::new(), 0);
+        nbits_readers(
+            g,
+            &mut Vec::new(),
+            &name,
+            &dims,
+            dt,
+            opts,
+            scheme,
+            &mut found,
+        );
+        let (sites, notes, readers) = found;
+        stats
+            .notes
+            .extend(notes.into_iter().map(|n| format!("weight '{name}': {n}")));
+        // Graph inputs are left to the regular path, which says why they stay float.
+        if sites.is_empty() || g.is_graph_input(w) {
+            continue;
+        }
+        let values = match t.to_f32() {
+            Ok(v) => v,
+            Err(e) => {
+                stats
+                    .notes
+                    .push(format!("weight '{name}': {e:#}; left in float"));
+                continue;
+            }
+        };
+        let is_f16 = dt == DataType::Float16 as i32;
+        let d2 = [dims[0] as usize, dims[1] as usize];
+        let mut made: Vec<((bool, Scheme), Option<NBitsMade>)> = Vec::new();
+        let mut converted = Vec::new();
+        for site in sites {
+            let key = (site.transposed, site.scheme);
+            let pos = match made.iter().position(|(k, _)| *k == key) {
+                Some(p) => p,
+                None => {
+                    let m = crate::quant::nbits::quantize_nbits(
+                        &values,
+                        d2,
+                        site.transposed,
+                        &site.scheme,
+                        is_f16,
+                    )
+                    .map(|nb| nbits_initializers(g, names, &name, &dims, dt, nb, opts));
+                    if m.is_none() {
+                        stats.notes.push(format!(
+                            "weight '{name}' holds NaN or infinity: left in float"
+                        ));
+                    }
+                    for v in m.iter().flat_map(|m| m.values.iter().flatten()) {
+                        done.insert(*v);
+                    }
+                    made.push((key, m));
+                    made.len() - 1
+                }
+            };
+            let Some(m) = &made[pos].1 else { continue };
+            let names_of: Vec<Option<String>> = m
+                .values
+                .iter()
+                .map(|v| v.map(|v| g.value(v).name.clone()))
+                .collect();
+            let Some(gr) = graph_at_mut(g, &site.path) else {
+                continue;
+            };
+            // In a subgraph, the new initializers are outer values read by name.
+            let vals: Vec<Option<ValueId>> = if site.path.is_empty() {
+                m.values.clone()
+            } else {
+                names_of
+                    .iter()
+                    .map(|n| n.as_ref().map(|n| gr.outer_value(n)))
+                    .collect()
+            };
+            let label = gr.node(site.node).label(site.node);
+            if opts.dequantized_weights {
+                gr.set_input(site.node, 1, vals[0]);
+            } else if !rewrite_as_nbits(gr, names, &site, &m.nb, &vals) {
+                continue;
+            } else {
+                wrote = true;
+            }
+            converted.push(label);
+        }
+        if converted.is_empty() {
+            continue;
+        }
+        if converted.len() == readers {
+            g.remove_initializer(w);
+            let ids: Vec<NodeId> = g.order.clone();
+            for id in ids {
+                for sg in g.node_mut(id).subgraphs_mut() {
+                    drop_outer(sg, &name);
+                }
+            }
+        }
+        stats.changes += 1;
+        let sc = made
+            .iter()
+            .find_map(|(k, m)| m.as_ref().map(|_| k.1))
+            .unwrap_or(*scheme);
+        stats.touched.push(format!(
+            "{name}: {} {}{:?} as MatMulNBits for {}{}",
+            sc.qtype.name(),
+            if sc.symmetric {
+                "symmetric "
+            } else {
+                "asymmetric "
+            },
+            sc.granularity,
+            converted.join(", "),
+            if converted.len() < readers {
+                "; float copy kept for its other readers"
+            } else {
+                ""
+            }
+        ));
+    }
+    wrote
+}
+
+/// Writes the initializers of one packed weight into `g`: `B` uint8 `[N, k_blocks,
+/// blob_size]`, `scales` `[N, k_blocks]` in the weight's float type, `zero_points` uint8
+/// `[N, ceil(k_blocks / 2)]` when asymmetric; or, with `dequantized_weights`, the
+/// dequantized weight in the original shape and type.
+fn nbits_initializers(
+    g: &mut Graph,
+    names: &mut Names,
+    name: &str,
+    dims: &[i64],
+    dt: i32,
+    nb: crate::quant::nbits::NBits,
+    opts: &PassOptions,
+) -> NBitsMade {
+    let f16 = dt == DataType::Float16 as i32;
+    let float = |d: &[i64], v: &[f32]| {
+        if f16 {
+            let raw = v
+                .iter()
+                .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+                .collect();
+            Tensor::from_raw(dt, d, raw)
+        } else {
+            Tensor::from_f32(d, v)
+        }
+    };
+    let i64s = |d: &[usize]| d.iter().map(|&x| x as i64).collect::<Vec<i64>>();
+    let values = if opts.dequantized_weights {
+        let t = float(dims, &nb.dequantized);
+        vec![Some(g.add_initializer(
+            names,
+            &format!("{name}_dequantized"),
+            t,
+        ))]
+    } else {
+        let u8t = DataType::Uint8 as i32;
+        let b = g.add_initializer(
+            names,
+            &format!("{name}_quantized"),
+            Tensor::from_raw(u8t, &i64s(&nb.b_dims()), nb.b.clone()),
+        );
+        let s = g.add_initializer(
+            names,
+            &format!("{name}_scale"),
+            float(&i64s(&nb.scale_dims()), &nb.scales),
+        );
+        let z = nb.zero_points.as_ref().map(|z| {
+            g.add_initializer(
+                names,
+                &format!("{name}_zero_point"),
+                Tensor::from_raw(u8t, &i64s(&nb.zero_point_dims()), z.clone()),
+            )
+        });
+        vec![Some(b), Some(s), z]
+    };
+    NBitsMade { values, nb }
+}
+
+/// Replaces the MatMul or Gemm of `site` in `gr` by `MatMulNBits(A, B, scales, zero_points,
+/// -, bias)` whose output takes the node's output name. `vals` are B, scales and zero points
+/// as values of `gr`.
+fn rewrite_as_nbits(
+    gr: &mut Graph,
+    names: &mut Names,
+    site: &NBitsSite,
+    nb: &crate::quant::nbits::NBits,
+    vals: &[Option<ValueId>],
+) -> bool {
+    let node = gr.node(site.node);
+    let (Some(a), Some(Some(y))) = (
+        node.inputs.first().copied().flatten(),
+        node.outputs.first().copied(),
+    ) else {
+        return false;
+    };
+    let yname = gr.value(y).name.clone();
+    let base = if node.name().is_empty() {
+        yname.clone()
+    } else {
+        node.name().to_string()
+    };
+    let mut inputs = vec![Some(a), vals[0], vals[1], vals.get(2).copied().flatten()];
+    match site.bias {
+        Some(b) => {
+            inputs.push(None); // g_idx
+            inputs.push(Some(b));
+        }
+        None => {
+            while inputs.last() == Some(&None) {
+                inputs.pop();
+            }
+        }
+    }
+    let attrs = vec![
+        attr_int("K", nb.k as i64),
+        attr_int("N", nb.n as i64),
+        attr_int("bits", 4),
+        attr_int("block_size", nb.block_size as i64),
+    ];
+    let (_, out) = gr.add_node(
+        names,
+        "MatMulNBits",
+        NBITS_DOMAIN,
+        &format!("{base}_MatMulNBits"),
+        attrs,
+        inputs,
+        &[&format!("{yname}_MatMulNBits")],
+        Some(site.node),
+    );
+    gr.remove_node(site.node);
+    gr.transfer_name(y, out[0]);
+    gr.redirect_outputs(y, out[0]);
+    gr.replace_uses(y, out[0]);
+    true
+}
+
+/// Domain of `MatMulNBits` (imported at version 1 when the pass writes one).
+pub const NBITS_DOMAIN: &str = "com.microsoft";
+
+#[cfg(test)]
+#[path = "quantize_weights_tests.rs"]
+mod tests;

@@ -5,6 +5,7 @@
 //! round-half-to-even.
 
 pub mod calibrate;
+pub mod nbits;
 
 use std::path::PathBuf;
 
@@ -235,6 +236,19 @@ impl Scheme {
         granularity: Granularity::Channel,
         pow2: false,
     };
+}
+
+/// How weight-only quantization writes a quantized weight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightFormat {
+    /// Integer initializer + `DequantizeLinear` (or `Cast`/`Mul` below its opset): standard
+    /// ONNX, the readers stay as they are.
+    #[default]
+    Qdq,
+    /// 4-bit blocks in onnxruntime's `com.microsoft` `MatMulNBits`, which replaces the MatMul
+    /// or Gemm that reads the weight ([`nbits`]); other readers fall back to `Qdq`.
+    MatMulNBits,
 }
 
 /// A quantized tensor.
