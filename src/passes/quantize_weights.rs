@@ -15,7 +15,8 @@
 //!   per-channel accuracy: `DequantizeLinear(W_quantized, 1.0, zero_point)` then `Mul` by the
 //!   scales shaped to broadcast along the axis (int8/uint8, opset 10..12), or `Cast(to=FLOAT)`,
 //!   `Sub` zero point, `Mul` scales (older opsets and 16-bit types). The model's opset is never
-//!   raised; 4-bit types and blocks below opset 21 are refused with an error.
+//!   raised; 4-bit types and blocks below opset 21 are refused with an error (with the
+//!   `MatMulNBits` format, the weights it cannot write are left in float with a note instead).
 //!
 //! float16 weights: scales are computed in float32; at opset >= 19 the scale is stored as
 //! float16 (DequantizeLinear-19 returns the scale's type), below that a `Cast(to=FLOAT16)`
@@ -37,6 +38,31 @@
 //! quantized forms that tract cannot run). Not done: initializers that are graph inputs (a
 //! caller may override them), weights already in an integer type, weights holding NaN or
 //! infinity, and models with IR < 4 (new initializers would have to become graph inputs).
+//!
+//! **`MatMulNBits` format** (`PassOptions::weight_format = WeightFormat::MatMulNBits`, with an
+//! int4 or uint4 block scheme whose block size is a power of two >= 16): before the regular
+//! path, every MatMul (`A [.., K] @ W [K, N]`) and every Gemm with `transA = 0`, `alpha = 1`,
+//! `beta = 1` and C absent or a 1-D `[N]` initializer of the weight's type, reading a 2-D
+//! float32 or float16 initializer `W`, becomes onnxruntime's `com.microsoft` `MatMulNBits`
+//! (version 1; contract in onnxruntime `docs/ContribOperators.md`, layouts in
+//! [`crate::quant::nbits`]): `MatMulNBits(A, B, scales[, zero_points][, -, bias])` with
+//! attributes `K`, `N`, `bits = 4`, `block_size` (no `accuracy_level`: onnxruntime's default,
+//! float compute). B is uint8 `[N, k_blocks, block_size / 2]` (Gemm `transB = 1` weights are
+//! already `[N, K]`), scales `[N, k_blocks]` in the weight's type, zero points uint8
+//! `[N, ceil(k_blocks / 2)]` for asymmetric schemes only (symmetric = onnxruntime's default
+//! zero point 8), Gemm's C the bias (input 5). K that is not a multiple of the block size is
+//! padded with the zero point in the last block. The new node keeps the old node's output
+//! name, so readers and graph outputs are unchanged; the `com.microsoft` opset import
+//! (version 1) is added when one is written and the default opset is never changed. Readers
+//! it cannot take (other ops, Gemm with `transA`, `alpha`/`beta` != 1 or another C, weights
+//! that are not 2-D) keep the float weight, or get the regular `DequantizeLinear` path when
+//! the opset allows it; each one gets a note. Subgraphs that read an outer weight get their
+//! `MatMulNBits` reading the packed initializers of the enclosing graph by name. With
+//! `dequantized_weights`, the same readers read the dequantized weight
+//! (`(q - zero_point) * scale`, scales rounded to float16 for float16 weights) and stay MatMul
+//! or Gemm: tract cannot run `MatMulNBits`, so this float-equivalent model is the one checked.
+//! Not done: MatMul + Add folded into the bias (only Gemm's C is used), 2- and 8-bit
+//! `MatMulNBits`.
 
 use anyhow::{bail, Result};
 
