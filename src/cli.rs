@@ -247,6 +247,10 @@ pub struct QuantizeArgs {
     /// static: activation type, uint8 (asymmetric) or int8 (symmetric).
     #[arg(long, default_value = "uint8")]
     pub activation_type: String,
+    /// static: quantize every eligible layer, also those that onnxruntime's CPU int8 kernels
+    /// run slower than float (depthwise, 1x1 maps, few channels): for integer-only targets.
+    #[arg(long)]
+    pub all_layers: bool,
     /// dynamic: also quantize Conv as ConvInteger (slow on common CPU runtimes).
     #[arg(long)]
     pub conv_integer: bool,

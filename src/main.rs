@@ -397,6 +397,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     bf16: a.mode == Mode::Bf16,
                     calibration,
                     conv_integer: a.conv_integer,
+                    all_layers: a.all_layers,
                     node_schemes,
                     exclude_nodes: exclude_with(
                         regex(&a.exclude_nodes, "--exclude-nodes")?,

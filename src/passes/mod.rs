@@ -94,6 +94,9 @@ pub struct PassOptions {
     /// Dynamic quantization: also quantize Conv as ConvInteger (slow on common CPU runtimes,
     /// so off unless asked).
     pub conv_integer: bool,
+    /// Static quantization: also quantize the layers onnxruntime's CPU int8 kernels run
+    /// slower than float (`--all-layers`, for integer-only targets).
+    pub all_layers: bool,
 }
 
 impl PassOptions {

@@ -14,13 +14,27 @@
 //!   initializer (not a graph input) and whose input 0 is a computed activation, selected by
 //!   the pass options (`--op-types`, `--include-nodes`, `--exclude-nodes`, and the layers the
 //!   accuracy-gated fallback keeps in float).
-//! - **Left in float for speed**: depthwise Convs (one input channel per group) and Convs with
-//!   fewer than 8 input channels per group (a first layer reading an image). onnxruntime 1.32's
-//!   CPU kernels run them slower in int8 than in float: on this AVX2 machine QLinearConv took
-//!   1.5x (3x3) to 3.7x (5x5 depthwise) and 4x to 11x (3-channel 3x3) the time of the float
-//!   Conv, while 1x1 Convs ran 1.1x to 2.5x faster (ppocr-mobile-v2-cls, ppocrv4-rec). They
-//!   also cost the most accuracy with one weight scale per tensor. Exception: such a Conv that
-//!   reads a dequantized Conv output and feeds a quantized unit is quantized anyway, because
+//! - **Left in float for speed** (unless `PassOptions::all_layers`, `--all-layers`): units that
+//!   onnxruntime's CPU int8 kernels run slower than float, by the rule of [`slow_in_int8`]:
+//!   depthwise Convs, Convs with a 1x1 output map, and Convs with fewer than 64 multiply-adds
+//!   per output value, 16 output channels or 2048 weights (Gemm and MatMul are always
+//!   quantized: not measured). The rule comes from timing one Conv
+//!   between float ops, `Q -> QLinearConv -> DQ` against the float Conv, with onnxruntime 1.32
+//!   (default session options, one thread) on an AVX2 machine without VNNI; time of int8 over
+//!   float, on 24x24 / 48x48 maps:
+//!
+//!   | Conv | 8 -> 8 | 16 -> 64 | 64 -> 16 | 64 -> 64 | 128 -> 128 | on a 1x1 map |
+//!   | --- | --- | --- | --- | --- | --- | --- |
+//!   | 1x1 | 1.51 / 1.89 | 1.18 / 1.12 | 1.05 / 0.98 | 0.89 / 0.96 | 0.73 / 0.81 | 1.04 - 1.26 |
+//!   | 3x3 | 1.33 / 1.65 | 0.90 / 0.82 | 0.61 / 0.54 | 0.59 / 0.59 | 0.58 / 0.57 | 1.09 - 1.26 |
+//!
+//!   Depthwise Convs took 1.5x (3x3) to 3.7x (5x5) and 3-channel first layers 4x to 11x the
+//!   time of the float Conv. The int8 unit pays a fixed cost (QuantizeLinear, DequantizeLinear
+//!   and the NHWC transposes onnxruntime puts around QLinearConv) that only enough work wins
+//!   back. On ppocr-mobile-v2-cls, whose Convs are small and separated by hard-swish
+//!   activations, quantizing every unit made the model 1.2x to 1.3x slower than float in
+//!   onnxruntime; with the rule it ran in 0.94x. Exception: such a Conv that reads a
+//!   dequantized Conv output and feeds a quantized unit is quantized anyway, because
 //!   onnxruntime's WeightBiasQuantization would quantize it there itself (below).
 //! - **Activations**: the unit's input gets `QuantizeLinear(scale, zero_point)` ->
 //!   `DequantizeLinear`, with the range calibrated on sample inputs
@@ -286,26 +300,58 @@ fn ort_chain_end(
     v
 }
 
-/// Why a Conv with weight dims `dims` is left in float for speed, if it is: depthwise convs
-/// (one input channel per group) and convs with fewer than [`MIN_CHANNELS`] input channels per
-/// group (a first layer reading an image) run slower as QLinearConv than as float Conv on
-/// onnxruntime's CPU provider (measured with onnxruntime 1.32 on AVX2: see the module doc).
-fn slow_in_int8(node: &crate::ir::Node, dims: &[usize]) -> Option<&'static str> {
-    if !node.is("Conv") || dims.len() < 3 {
+/// Why a unit is left in float for speed, if it is: `node` is the Conv, Gemm or MatMul, `dims`
+/// its weight's dims, `axis` the weight's output-channel axis and `out` the shape of its
+/// output on the first calibration sample (`None` when not calibrated).
+///
+/// The rule comes from timing one unit between float ops (`QuantizeLinear -> QLinearConv ->
+/// DequantizeLinear` against the float Conv, each reading and feeding float ops as in a real
+/// model) with onnxruntime 1.32's CPU provider, default session options, one thread, on an
+/// AVX2 machine without VNNI: see the module documentation. An int8 unit pays a fixed cost
+/// (the QuantizeLinear and DequantizeLinear around it, and the NHWC transposes onnxruntime
+/// puts around QLinearConv) that only enough multiply-adds per output value win back:
+/// - depthwise Convs (one input channel per group): 1.5x to 3.7x slower in int8;
+/// - Convs whose output map is 1x1 (squeeze-and-excitation blocks): 1.1x to 1.25x slower
+///   whatever the channel counts;
+/// - fewer than [`MIN_REDUCTION`] multiply-adds per output value (input channels per group
+///   times kernel size), fewer than [`MIN_OUTPUTS`] output channels, or
+///   fewer than [`MIN_WEIGHTS`] weights: 1.0x to 1.9x slower (a 1x1 Conv 8 -> 8 channels on
+///   a 24x96 map: 1.89x; 16 -> 64: 1.12x; 64 -> 16: 1.05x), while 64 -> 64 ran in 0.89x to
+///   0.96x, a 3x3 Conv 16 -> 32 in 0.73x to 0.81x and 64 -> 64 in 0.59x.
+fn slow_in_int8(
+    node: &crate::ir::Node,
+    dims: &[usize],
+    axis: usize,
+    out: Option<&[usize]>,
+) -> Option<&'static str> {
+    let conv = node.is("Conv");
+    if conv && dims.len() < 3 {
         return None;
     }
-    let per_group = dims[1];
-    if node.attr_int("group", 1) > 1 && per_group == 1 {
-        Some("depthwise Conv(s)")
-    } else if per_group < MIN_CHANNELS {
-        Some("Conv(s) with fewer than 8 input channels per group")
-    } else {
-        None
+    if conv && node.attr_int("group", 1) > 1 && dims[1] == 1 {
+        return Some("depthwise Conv(s)");
     }
+    if conv && out.is_some_and(|o| o.len() >= 3 && o[2..].iter().product::<usize>() <= 1) {
+        return Some("Conv(s) with a 1x1 output map");
+    }
+    if !conv {
+        // Not measured for QLinearMatMul / MatMulIntegerToFloat / QGemm: always quantized.
+        return None;
+    }
+    let outputs = dims.get(axis).copied().unwrap_or(0);
+    let reduction: usize = dims[1..].iter().product();
+    (reduction < MIN_REDUCTION || outputs < MIN_OUTPUTS || reduction * outputs < MIN_WEIGHTS)
+        .then_some(
+            "Conv(s) with fewer than 64 multiply-adds per output value, 16 output channels or 2048 weights",
+        )
 }
 
-/// Fewest input channels per group of a Conv worth running in int8.
-const MIN_CHANNELS: usize = 8;
+/// Fewest multiply-adds per output value of a unit worth running in int8.
+const MIN_REDUCTION: usize = 64;
+/// Fewest output channels of a unit worth running in int8.
+const MIN_OUTPUTS: usize = 16;
+/// Fewest weights (per group) of a unit worth running in int8.
+const MIN_WEIGHTS: usize = 2048;
 
 /// A float32 initializer that is not a graph input: values and dims.
 fn f32_init(g: &Graph, v: ValueId) -> Option<(Vec<f32>, Vec<usize>)> {
@@ -688,7 +734,11 @@ fn run(model: &mut Model, opts: &PassOptions) -> Result<PassStats> {
         let Some((_, dims)) = f32_init(g, u.w) else {
             continue;
         };
-        if let Some(why) = slow_in_int8(node, &dims) {
+        let out_shape = cal.shapes.get(&g.value(u.out).name).map(Vec::as_slice);
+        if let Some(why) = (!opts.all_layers)
+            .then(|| slow_in_int8(node, &dims, u.axis, out_shape))
+            .flatten()
+        {
             *slow.entry(why).or_default() += 1;
             slow_units.push(u);
             continue;
@@ -1360,7 +1410,7 @@ mod tests {
         conv1.attribute.push(attr_ints("pads", &[1, 1, 1, 1]));
         let mut dw = node("Conv", "dw", &["a2", "W3"], &["c3"]);
         dw.attribute.push(attr_ints("pads", &[1, 1, 1, 1]));
-        dw.attribute.push(crate::ir::edit::attr_int("group", 8));
+        dw.attribute.push(crate::ir::edit::attr_int("group", C));
         let nodes = vec![
             conv1,
             node(
@@ -1378,32 +1428,39 @@ mod tests {
             node("Flatten", "flat", &["p"], &["f"]),
             node("Gemm", "fc", &["f", "W4", "C4"], &["y"]),
         ];
-        let mut shape = Tensor::from_i64(&[4], &[1, 8, 1, 1]).proto;
+        let mut shape = Tensor::from_i64(&[4], &[1, C, 1, 1]).proto;
         shape.name = Some("S2".into());
         let inits = vec![
-            init("W1", &[8, 8, 3, 3], &rand_vec(&mut rng, 576, -0.3, 0.3)),
-            init("b1", &[8], &rand_vec(&mut rng, 8, -0.2, 0.2)),
-            init("g1", &[8], &rand_vec(&mut rng, 8, 0.5, 1.5)),
-            init("be1", &[8], &rand_vec(&mut rng, 8, -0.3, 0.3)),
-            init("m1", &[8], &rand_vec(&mut rng, 8, -0.2, 0.2)),
-            init("v1", &[8], &rand_vec(&mut rng, 8, 0.5, 2.0)),
-            init("W2", &[8, 8, 1, 1], &rand_vec(&mut rng, 64, -0.5, 0.5)),
-            init("B2", &[8], &rand_vec(&mut rng, 8, -0.5, 0.5)),
+            init(
+                "W1",
+                &[C, C, 3, 3],
+                &rand_vec(&mut rng, N * N * 9, -0.3, 0.3),
+            ),
+            init("b1", &[C], &rand_vec(&mut rng, N, -0.2, 0.2)),
+            init("g1", &[C], &rand_vec(&mut rng, N, 0.5, 1.5)),
+            init("be1", &[C], &rand_vec(&mut rng, N, -0.3, 0.3)),
+            init("m1", &[C], &rand_vec(&mut rng, N, -0.2, 0.2)),
+            init("v1", &[C], &rand_vec(&mut rng, N, 0.5, 2.0)),
+            init("W2", &[C, C, 1, 1], &rand_vec(&mut rng, N * N, -0.5, 0.5)),
+            init("B2", &[C], &rand_vec(&mut rng, N, -0.5, 0.5)),
             shape,
-            init("W3", &[8, 1, 3, 3], &rand_vec(&mut rng, 72, -0.5, 0.5)),
-            init("W4", &[8, 5], &rand_vec(&mut rng, 40, -1.0, 1.0)),
+            init("W3", &[C, 1, 3, 3], &rand_vec(&mut rng, N * 9, -0.5, 0.5)),
+            init("W4", &[C, 5], &rand_vec(&mut rng, N * 5, -1.0, 1.0)),
             init("C4", &[5], &rand_vec(&mut rng, 5, -0.5, 0.5)),
         ];
         model_io(
             nodes,
             inits,
             opset,
-            vec![info("x", &[1, 8, 8, 8])],
-            vec![info("y", &[1, 5]), info("c3", &[1, 8, 8, 8])],
+            vec![info("x", &[1, C, 8, 8])],
+            vec![info("y", &[1, 5]), info("c3", &[1, C, 8, 8])],
         )
     }
 
-    const X: [usize; 4] = [1, 8, 8, 8];
+    /// Channels of the tiny models: enough for their Convs to pay off in int8 (`slow_in_int8`).
+    const C: i64 = 64;
+    const N: usize = C as usize;
+    const X: [usize; 4] = [1, N, 8, 8];
 
     fn import(p: pb::ModelProto) -> Model {
         crate::onnx::from_proto(p, None, "test").unwrap().0
@@ -1567,7 +1624,7 @@ mod tests {
             );
             // Per-channel weights from opset 13, per tensor below.
             let w1s = initializer(&out, "W1_scale");
-            assert_eq!(w1s.dims, if opset >= 13 { vec![8] } else { vec![] });
+            assert_eq!(w1s.dims, if opset >= 13 { vec![C] } else { vec![] });
             // Held-out inputs: another seed.
             let mut rng = ChaCha8Rng::seed_from_u64(99);
             let held: Vec<TractTensor> = (0..8).map(|_| uniform_input(&mut rng, &X)).collect();
@@ -1579,6 +1636,89 @@ mod tests {
             assert!(stats2.notes.iter().any(|n| n.contains("cached")));
             assert_eq!(out, crate::onnx::export::to_proto(&m2).unwrap());
         }
+    }
+
+    #[test]
+    fn speed_rule_follows_the_measured_timings() {
+        // (weight dims, group, output shape, left float?, int8 / float time measured)
+        type Case = (&'static [i64], i64, &'static [usize], bool, &'static str);
+        let cases: [Case; 9] = [
+            (&[8, 8, 1, 1], 1, &[1, 8, 48, 48], true, "1.89"),
+            (&[64, 16, 1, 1], 1, &[1, 64, 24, 24], true, "1.18"),
+            (&[16, 64, 1, 1], 1, &[1, 16, 24, 24], true, "1.05"),
+            (&[64, 64, 1, 1], 1, &[1, 64, 24, 24], false, "0.89"),
+            (&[32, 16, 3, 3], 1, &[1, 32, 24, 24], false, "0.73"),
+            (&[8, 8, 3, 3], 1, &[1, 8, 24, 24], true, "1.33"),
+            (&[64, 64, 1, 1], 1, &[1, 64, 1, 1], true, "1.04 - 1.26"),
+            (&[64, 1, 3, 3], 64, &[1, 64, 24, 24], true, "depthwise, 1.5"),
+            (
+                &[64, 3, 3, 3],
+                1,
+                &[1, 64, 24, 24],
+                true,
+                "3 input channels, 4",
+            ),
+        ];
+        for (dims, group, out, slow, measured) in cases {
+            let mut conv = node("Conv", "conv", &["x", "W"], &["y"]);
+            conv.attribute
+                .push(crate::ir::edit::attr_int("group", group));
+            let n: i64 = dims.iter().product();
+            let p = model_io(
+                vec![conv],
+                vec![init("W", dims, &vec![0.1; n as usize])],
+                13,
+                vec![info("x", &[1, dims[1] * group, 24, 24])],
+                vec![info("y", &[])],
+            );
+            let m = import(p);
+            let (_, node) = m.graph.live_nodes().next().unwrap();
+            let d: Vec<usize> = dims.iter().map(|&v| v as usize).collect();
+            let why = slow_in_int8(node, &d, 0, Some(out));
+            assert_eq!(
+                why.is_some(),
+                slow,
+                "{dims:?} -> {out:?} ({measured}): {why:?}"
+            );
+        }
+        // Gemm and MatMul are not covered by the rule.
+        let p = model_io(
+            vec![node("MatMul", "mm", &["x", "W"], &["y"])],
+            vec![init("W", &[8, 4], &[0.1; 32])],
+            13,
+            vec![info("x", &[1, 8])],
+            vec![info("y", &[])],
+        );
+        let m = import(p);
+        let (_, node) = m.graph.live_nodes().next().unwrap();
+        assert_eq!(slow_in_int8(node, &[8, 4], 1, Some(&[1, 4])), None);
+    }
+
+    #[test]
+    fn all_layers_quantizes_the_slow_convs_too() {
+        let src = between_quantized_convs();
+        let dir = tempfile::tempdir().unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(6);
+        write_samples(dir.path(), "cal", 4, |_| uniform_input(&mut rng, &X));
+        let mut opts = cal_opts(dir.path(), RangeMethod::MinMax, QType::Uint8);
+        opts.all_layers = true;
+        let mut m = import(src.clone());
+        let stats = QuantizeStatic.run(&mut m, &opts).unwrap();
+        assert_eq!(stats.changes, 3, "{:?}", stats.notes);
+        assert!(
+            !stats.notes.iter().any(|n| n.contains("slower")),
+            "{:?}",
+            stats.notes
+        );
+        let out = crate::onnx::export::to_proto(&m).unwrap();
+        assert_ne!(
+            named(&out, "dw").input[1],
+            "Wd",
+            "the depthwise weight is quantized"
+        );
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        let held: Vec<TractTensor> = (0..4).map(|_| uniform_input(&mut rng, &X)).collect();
+        assert!(min_cosine(&src, &out, &held) >= 0.99);
     }
 
     #[test]
@@ -1611,7 +1751,7 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(8);
         let mut dw = node("Conv", "dw", &["r1", "Wd"], &["d"]);
         dw.attribute.push(attr_ints("pads", &[1, 1, 1, 1]));
-        dw.attribute.push(crate::ir::edit::attr_int("group", 8));
+        dw.attribute.push(crate::ir::edit::attr_int("group", C));
         model_io(
             vec![
                 node("Conv", "c1", &["x", "W1"], &["o1"]),
@@ -1621,13 +1761,13 @@ mod tests {
                 node("Conv", "c3", &["r2", "W3"], &["y"]),
             ],
             vec![
-                init("W1", &[8, 8, 1, 1], &rand_vec(&mut rng, 64, -0.5, 0.5)),
-                init("Wd", &[8, 1, 3, 3], &rand_vec(&mut rng, 72, -0.5, 0.5)),
-                init("W3", &[4, 8, 1, 1], &rand_vec(&mut rng, 32, -0.5, 0.5)),
+                init("W1", &[C, C, 1, 1], &rand_vec(&mut rng, N * N, -0.5, 0.5)),
+                init("Wd", &[C, 1, 3, 3], &rand_vec(&mut rng, N * 9, -0.5, 0.5)),
+                init("W3", &[32, C, 1, 1], &rand_vec(&mut rng, 32 * N, -0.5, 0.5)),
             ],
             13,
-            vec![info("x", &[1, 8, 8, 8])],
-            vec![info("y", &[1, 4, 8, 8])],
+            vec![info("x", &[1, C, 8, 8])],
+            vec![info("y", &[1, 32, 8, 8])],
         )
     }
 
@@ -1672,22 +1812,29 @@ mod tests {
         assert!(min_cosine(&src, &out, &held) >= 0.99);
     }
 
+    /// The biases of [`huge_bias`]: 1e6 and -1e6, then 14 ordinary ones.
+    fn huge_bias_values() -> Vec<f32> {
+        let mut b = vec![1e6f32, -1e6];
+        b.extend((0..14).map(|i| i as f32 * 0.25 - 1.5));
+        b
+    }
+
     /// One Conv whose first two output channels have weights about 1e-6 and biases of 1e6:
-    /// `bias / (x_scale * w_scale)` is about 1e16, far beyond int32. The other two channels are
+    /// `bias / (x_scale * w_scale)` is about 1e16, far beyond int32. The other 14 channels are
     /// ordinary.
     fn huge_bias(opset: i64) -> pb::ModelProto {
         let mut rng = ChaCha8Rng::seed_from_u64(1);
-        let mut w: Vec<f32> = rand_vec(&mut rng, 2 * 8 * 9, -1e-6, 1e-6);
-        w.extend(rand_vec(&mut rng, 2 * 8 * 9, -0.5, 0.5));
-        let b = vec![1e6f32, -1e6, 0.5, 2.0];
+        let mut w: Vec<f32> = rand_vec(&mut rng, 2 * N * 9, -1e-6, 1e-6);
+        w.extend(rand_vec(&mut rng, 14 * N * 9, -0.5, 0.5));
+        let b = huge_bias_values();
         let mut conv = node("Conv", "conv", &["x", "W", "b"], &["c"]);
         conv.attribute.push(attr_ints("pads", &[1, 1, 1, 1]));
         model_io(
             vec![conv, node("Relu", "relu", &["c"], &["y"])],
-            vec![init("W", &[4, 8, 3, 3], &w), init("b", &[4], &b)],
+            vec![init("W", &[16, C, 3, 3], &w), init("b", &[16], &b)],
             opset,
-            vec![info("x", &[1, 8, 8, 8])],
-            vec![info("y", &[1, 4, 8, 8])],
+            vec![info("x", &[1, C, 8, 8])],
+            vec![info("y", &[1, 16, 8, 8])],
         )
     }
 
@@ -1705,7 +1852,7 @@ mod tests {
         let stats = QuantizeStatic.run(&mut m, &opts).unwrap();
         let note = stats.notes.iter().find(|n| n.contains("overflow")).unwrap();
         assert!(
-            note.contains("2 of 4 channel(s)") && note.contains("raised"),
+            note.contains("2 of 16 channel(s)") && note.contains("raised"),
             "{note}"
         );
         let out = crate::onnx::export::to_proto(&m).unwrap();
@@ -1715,7 +1862,8 @@ mod tests {
         let s = Tensor::new(initializer(&out, "b_scale").clone())
             .to_f32()
             .unwrap();
-        for (c, want) in [1e6f64, -1e6, 0.5, 2.0].iter().enumerate() {
+        for (c, want) in huge_bias_values().iter().enumerate() {
+            let want = *want as f64;
             assert!(q[c].abs() < i32::MAX as i64, "channel {c}: {}", q[c]);
             let got = q[c] as f64 * s[c] as f64;
             assert!(
@@ -1765,7 +1913,7 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(4);
         save_npz(
             &p,
-            &[("x".to_string(), uniform_input(&mut rng, &[6, 8, 8, 8]))],
+            &[("x".to_string(), uniform_input(&mut rng, &[6, N, 8, 8]))],
         )
         .unwrap();
         // Declared batch is symbolic.

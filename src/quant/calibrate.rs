@@ -317,6 +317,9 @@ fn kl_divergence(hist: &[u64], i: usize, levels: usize) -> f64 {
 pub struct Calibration {
     /// `[lo, hi]` per calibrated float tensor (tensors without a range are absent).
     pub ranges: HashMap<String, (f32, f32)>,
+    /// Shape of each calibrated tensor on the first sample (what the cost of an int8 kernel
+    /// depends on).
+    pub shapes: HashMap<String, Vec<usize>>,
     /// Samples run.
     pub samples: usize,
     /// Wall time of the calibration runs, seconds (of the first run when cached).
@@ -740,6 +743,7 @@ fn run_calibration(
     let histogram = !matches!(opts.method, RangeMethod::MinMax);
     let mut runner = Runner::new(probed)?;
     let mut stats: HashMap<String, Stats> = HashMap::new();
+    let mut shapes: HashMap<String, Vec<usize>> = HashMap::new();
     let mut count = 0usize;
     for sample in samples {
         let sample = sample?;
@@ -759,7 +763,10 @@ fn run_calibration(
             .zip(outs.iter())
             .filter(|(n, _)| names.contains(*n))
             .collect();
-        for (name, _) in &wanted {
+        for (name, v) in &wanted {
+            if count == 0 {
+                shapes.insert((*name).clone(), v.shape().to_vec());
+            }
             stats
                 .entry((*name).clone())
                 .or_insert_with(|| Stats::new(histogram));
@@ -787,6 +794,7 @@ fn run_calibration(
         .collect();
     Ok(Calibration {
         ranges,
+        shapes,
         samples: count,
         seconds: t0.elapsed().as_secs_f64(),
         cached: false,
