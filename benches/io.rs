@@ -18,95 +18,17 @@
 
 #![allow(clippy::unwrap_used, clippy::panic)]
 
+mod common;
+
 use std::fs;
-use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
-const BIN: &str = env!("CARGO_BIN_EXE_onnxopt");
-const MIB: f64 = 1024.0 * 1024.0;
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// One finished child: wall time, peak resident set in bytes, stdout, stderr, exit status.
-struct Measured {
-    wall: Duration,
-    max_rss: u64,
-    stdout: String,
-    stderr: String,
-    status: ExitStatus,
-}
-
-/// Runs `cmd` to completion and reaps it with `wait4`, which reports the child's own peak RSS.
-fn measure(cmd: &mut Command) -> Measured {
-    let out = tempfile::NamedTempFile::new().unwrap();
-    let err = tempfile::NamedTempFile::new().unwrap();
-    cmd.stdin(Stdio::null())
-        .stdout(out.reopen().unwrap())
-        .stderr(err.reopen().unwrap());
-    let start = Instant::now();
-    let child = cmd
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
-    let pid = libc::pid_t::try_from(child.id()).unwrap();
-    let mut status: libc::c_int = 0;
-    // SAFETY: rusage is plain old data, valid when zeroed.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: `pid` is our own child, not yet reaped (Child::drop does not wait); both out
-    // pointers are valid for the call.
-    let reaped = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-    let wall = start.elapsed();
-    assert_eq!(
-        reaped,
-        pid,
-        "wait4 failed: {}",
-        std::io::Error::last_os_error()
-    );
-    drop(child);
-    Measured {
-        wall,
-        // Linux reports ru_maxrss in KiB.
-        max_rss: u64::try_from(usage.ru_maxrss).unwrap_or(0) * 1024,
-        stdout: fs::read_to_string(out.path()).unwrap_or_default(),
-        stderr: fs::read_to_string(err.path()).unwrap_or_default(),
-        status: ExitStatus::from_raw(status),
-    }
-}
+use common::*;
 
 /// Best of `runs` by wall time; panics if any run fails.
-fn best_of(runs: usize, mut make: impl FnMut() -> Command) -> Measured {
-    let mut best: Option<Measured> = None;
-    for _ in 0..runs {
-        let mut cmd = make();
-        let m = measure(&mut cmd);
-        assert!(
-            m.status.success(),
-            "{cmd:?} failed: {:?}\n{}",
-            m.status,
-            m.stderr
-        );
-        if best.as_ref().is_none_or(|b| m.wall < b.wall) {
-            best = Some(m);
-        }
-    }
-    best.unwrap()
-}
-
-fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("ONNXOPT_PYTHON").filter(|p| !p.is_empty()) {
-        return PathBuf::from(p);
-    }
-    let p = repo().join("target/pyenv/bin/python");
-    assert!(
-        p.exists(),
-        "no Python with onnx: ONNXOPT_PYTHON is unset and {} does not exist; run tests/run.sh \
-         once (it builds the venv)",
-        p.display()
-    );
-    p
+fn best_of_ok(runs: usize, make: impl FnMut() -> Command) -> Measured {
+    best_of(runs, make).unwrap_or_else(|m| panic!("{:?}: {}", m.status, m.stderr))
 }
 
 fn onnxopt_roundtrip(model: &Path, out: &Path) -> Command {
@@ -127,7 +49,7 @@ fn big_model(dir: &Path, mib: u64) -> PathBuf {
     if !ok {
         println!("writing {} ...", path.display());
         let m = measure(
-            Command::new(python())
+            Command::new(test_python())
                 .arg(repo().join("tests/py/make_big.py"))
                 .arg(&path)
                 .args(["--mib", &mib.to_string()]),
@@ -147,24 +69,14 @@ struct Row {
 }
 
 fn main() {
-    let bench = std::env::args().any(|a| a == "--bench");
     let dir = repo().join("target/bench");
     fs::create_dir_all(&dir).unwrap();
-    let mut models: Vec<PathBuf> = fs::read_dir(repo().join("models"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "onnx"))
-        .collect();
-    models.sort();
 
-    if !bench {
+    if !is_bench() {
         // cargo test: one small round-trip proves the harness works; no timing.
-        let small = models
-            .iter()
-            .min_by_key(|p| fs::metadata(p).map(|m| m.len()).unwrap_or(u64::MAX))
-            .unwrap();
+        let small = smallest_model();
         let out = dir.join("smoke.onnx");
-        let m = measure(&mut onnxopt_roundtrip(small, &out));
+        let m = measure(&mut onnxopt_roundtrip(&small, &out));
         assert!(
             m.status.success(),
             "onnxopt failed on {}: {}",
@@ -183,20 +95,20 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(1024);
-    let mut cases: Vec<(PathBuf, usize)> = models.into_iter().map(|m| (m, 3)).collect();
+    let mut cases: Vec<(PathBuf, usize)> = models().into_iter().map(|m| (m, 3)).collect();
     if big_mib > 0 {
         cases.push((big_model(&dir, big_mib), 1));
     }
 
-    let py = python();
+    let py = test_python();
     let out = dir.join("out.onnx");
     let py_out = dir.join("out-python.onnx");
     let mut rows = Vec::new();
     for (model, runs) in &cases {
         let size = fs::metadata(model).unwrap().len();
-        let ours = best_of(*runs, || onnxopt_roundtrip(model, &out));
+        let ours = best_of_ok(*runs, || onnxopt_roundtrip(model, &out));
         let _ = fs::remove_file(&out);
-        let theirs = best_of(*runs, || {
+        let theirs = best_of_ok(*runs, || {
             let mut c = Command::new(&py);
             c.arg(repo().join("tests/py/load_save.py"))
                 .arg(model)
