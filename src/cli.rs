@@ -178,6 +178,9 @@ pub enum FormatArg {
     /// (--dtype int4|uint4 --granularity block, --block-size a power of two >= 16).
     #[value(name = "matmulnbits")]
     MatMulNBits,
+    /// Integer weights + Cast + Mul, which onnxruntime and tract fold into float weights when
+    /// they load the model: a smaller file at float speed (8- and 16-bit, per tensor or channel).
+    Cast,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -251,6 +254,11 @@ pub struct QuantizeArgs {
     /// run slower than float (depthwise, 1x1 maps, few channels): for integer-only targets.
     #[arg(long)]
     pub all_layers: bool,
+    /// static, dynamic: layers left in float keep float weights. By default their weights are
+    /// stored in int8 per channel as Cast + Mul, which onnxruntime and tract fold back into
+    /// float weights when they load the model (a smaller file at float speed).
+    #[arg(long)]
+    pub keep_float_weights: bool,
     /// dynamic: also quantize Conv as ConvInteger (slow on common CPU runtimes).
     #[arg(long)]
     pub conv_integer: bool,

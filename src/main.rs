@@ -325,6 +325,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
             );
             let weight_format = match a.format {
                 cli::FormatArg::Qdq => onnxopt::quant::WeightFormat::Qdq,
+                cli::FormatArg::Cast => {
+                    anyhow::ensure!(
+                        a.mode == Mode::WeightOnly,
+                        "--format cast is a weight-only format: use --mode weight-only"
+                    );
+                    anyhow::ensure!(
+                        !matches!(qtype, QType::Int4 | QType::Uint4)
+                            && !matches!(scheme.granularity, Granularity::Block(_)),
+                        "--format cast writes 8- and 16-bit weights per tensor or per channel: use --dtype int8/uint8/int16/uint16 without --granularity block"
+                    );
+                    onnxopt::quant::WeightFormat::Cast
+                }
                 cli::FormatArg::MatMulNBits => {
                     anyhow::ensure!(
                         a.mode == Mode::WeightOnly,
@@ -382,16 +394,29 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             // tract runs int8/uint8 DequantizeLinear per tensor and per axis; other forms are
             // checked on the float-equivalent model.
-            let tract_runs = matches!(qtype, QType::Int8 | QType::Uint8)
-                && !matches!(scheme.granularity, Granularity::Block(_));
+            let tract_runs = (matches!(qtype, QType::Int8 | QType::Uint8)
+                && !matches!(scheme.granularity, Granularity::Block(_)))
+                || weight_format == onnxopt::quant::WeightFormat::Cast;
+            // static and dynamic: the weights of layers left in float are stored in int8 in
+            // the cast form (folded back to float when the model is loaded).
+            let leftover = matches!(a.mode, Mode::Static | Mode::Dynamic) && !a.keep_float_weights;
+            let (passes, weight_scheme, weight_format) = if leftover {
+                (
+                    format!("cleanup,{pass},quantize_weights,cleanup"),
+                    Scheme::INT8_CHANNEL,
+                    onnxopt::quant::WeightFormat::Cast,
+                )
+            } else {
+                (format!("cleanup,{pass},cleanup"), scheme, weight_format)
+            };
             let cfg = optimize::OptimizeConfig {
                 model: a.model.clone(),
                 output: a.output.clone(),
-                passes: format!("cleanup,{pass},cleanup"),
+                passes,
                 pass_options: passes::PassOptions {
                     op_types: a.op_types.clone(),
                     include_nodes: regex(&a.include_nodes, "--include-nodes")?,
-                    weight_scheme: Some(scheme),
+                    weight_scheme: Some(weight_scheme),
                     weight_format,
                     keep_io_types: a.keep_io_types,
                     bf16: a.mode == Mode::Bf16,

@@ -23,6 +23,7 @@ use super::{by_name, Pass, PassOptions};
 use crate::ir::Tensor;
 use crate::pb::{self, attribute_proto::AttributeType, tensor_proto::DataType};
 
+mod cast;
 mod dynamic;
 
 // ---------------------------------------------------------------------------------------------

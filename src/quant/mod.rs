@@ -249,6 +249,13 @@ pub enum WeightFormat {
     /// 4-bit blocks in onnxruntime's `com.microsoft` `MatMulNBits`, which replaces the MatMul
     /// or Gemm that reads the weight ([`nbits`]); other readers fall back to `Qdq`.
     MatMulNBits,
+    /// Integer initializer + `Cast` to float + `Mul` by the scale (`Sub` of the zero point
+    /// first when asymmetric), at any opset, per tensor or per channel, 8- or 16-bit. Every
+    /// input of these nodes is a constant, so runtimes fold them into a float weight when they
+    /// load the model (onnxruntime's constant folding does, and leaves `DequantizeLinear`
+    /// alone): the file is smaller and the model runs at float speed, with its float kernels
+    /// and fusions (Conv + BatchNormalization, NCHWc) that a `DequantizeLinear` weight blocks.
+    Cast,
 }
 
 /// A quantized tensor.

@@ -546,3 +546,61 @@ fn quantize_matmulnbits_refuses_other_schemes() {
         assert!(!dir.path().join("q.onnx").exists());
     }
 }
+
+/// `--format cast` (integer weights + Cast + Mul, at any opset) on every model: checked in
+/// tract and run in onnxruntime like the other modes.
+#[test]
+fn quantize_weight_only_cast_format_on_every_model() {
+    every_model(&["--format", "cast"], 0.999);
+}
+
+/// Static mode leaves in float the Convs that onnxruntime runs slower in int8, and stores
+/// their weights in int8 in the cast form; `--keep-float-weights` keeps them float.
+#[test]
+fn quantize_static_stores_the_weights_it_leaves_in_float_in_int8() {
+    let stem = "ppocr-mobile-v2-cls";
+    let dir = tempdir();
+    let cal = samples(stem, dir.path(), 4, 7, false);
+    let float32 = |p: &Path| {
+        inspect_json(p)["parameters"]["by_dtype"]["float32"]["count"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let mut counts = Vec::new();
+    for extra in [None, Some("--keep-float-weights")] {
+        let out = dir.path().join(format!("q{}.onnx", counts.len()));
+        let mut args: Vec<OsString> = vec![
+            "quantize".into(),
+            model(stem).into(),
+            "-o".into(),
+            out.clone().into(),
+            "--mode".into(),
+            "static".into(),
+            "--calibration".into(),
+            cal.clone().into(),
+            "--inputs".into(),
+            model(stem).with_extension("npz").into(),
+        ];
+        args.extend(extra.map(OsString::from));
+        let r = run_slow(&args);
+        assert!(r.ok(), "{extra:?}: {}", r.describe());
+        let text = format!("{}{}", r.stdout, r.stderr);
+        assert!(
+            text.contains("left in float: onnxruntime's int8 kernels run them slower"),
+            "{text}"
+        );
+        py("check.py", &[&out]).expect_ok();
+        let casts = inspect_json(&out)["op_counts"]["Cast"]
+            .as_u64()
+            .unwrap_or(0);
+        counts.push((float32(&out), casts));
+    }
+    // The original's weights: 133,700 float32 values once its Constant nodes are initializers.
+    let [(f_cast, casts), (f_keep, casts_keep)] = counts[..] else {
+        unreachable!()
+    };
+    // One Cast per weight stored in int8 (the model has a few Casts of its own).
+    assert!(casts >= casts_keep + 40, "{counts:?}");
+    assert!(f_cast < 20_000, "{counts:?}");
+    assert!(f_keep > 100_000, "{counts:?}");
+}

@@ -49,7 +49,7 @@ fn dynamic_matmul_and_gemm_share_one_dynamic_quantize_and_match_in_tract() {
     // The float weights become unused; the cleanup pass drops them.
     let r = run_passes(&p, &[D, "eliminate_unused_initializers"]);
     let g = r.g();
-    assert_eq!(r.changes(), 2, "{:?}", r.notes());
+    assert_eq!(r.records[0].changes, 2, "{:?}", r.notes());
     assert_eq!(count(g, "DynamicQuantizeLinear"), 1, "{:?}", ops(g));
     assert_eq!(count(g, "MatMulInteger"), 2, "{:?}", ops(g));
     assert_eq!(count(g, "MatMul") + count(g, "Gemm"), 0, "{:?}", ops(g));
