@@ -4,12 +4,18 @@
 //! Sensitivity is measured on matched activations (the approach of NNCF's and Neural
 //! Compressor's accuracy-aware modes): the reference (the model before the lossy passes) and
 //! the quantized candidate run in tract on the same inputs with every quantizable layer's
-//! activation input and output exposed as extra graph outputs. A layer's cost is the SNR it
-//! loses, `SNR(input) - SNR(output)` in dB, where `SNR(x) = 10 log10(sum a^2 / sum (a - b)^2)`
-//! over the reference `a` and candidate `b` activations. The costliest layer not yet kept is
+//! activation input and output exposed as extra graph outputs. A layer's cost is the noise it
+//! adds relative to the signal, `10^(-SNR(output)/10) - 10^(-SNR(input)/10)`, where
+//! `SNR(x) = 10 log10(sum a^2 / sum (a - b)^2)` over the reference `a` and candidate `b`
+//! activations. A layer's output is read under its
+//! own name or, when a pass folded the ops that follow it alone (bias Add, BatchNormalization,
+//! Relu, ...) into it, under the name at the end of that chain, which is the one that survives.
+//! The costliest layer not yet kept is
 //! kept in float, the lossy passes are re-run from the snapshot, and the loop repeats until
-//! every float graph output has cosine >= target or the iteration cap is reached. One tract run
-//! of the candidate per iteration; the reference runs once.
+//! every float graph output has cosine >= target on every input set or the iteration cap is
+//! reached. The input sets are the check's inputs and, for calibrated passes, a few of the
+//! calibration samples, so that the layers kept in float do not fit one input. One tract run
+//! of the candidate per input set and iteration; the reference runs once per set.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -23,8 +29,9 @@ use crate::passes::manager::{run_pipeline, PassRecord};
 use crate::passes::quantize_weights::weight_axis;
 use crate::passes::{Pass, PassOptions};
 use crate::pb;
+use crate::quant::calibrate::Runner;
 use crate::report::Reporter;
-use crate::verify::{metrics::to_f64, tract_run};
+use crate::verify::metrics::to_f64;
 
 /// One layer kept in float.
 #[derive(Debug, Clone, Serialize)]
@@ -67,10 +74,21 @@ struct Layer {
     node: String,
     op: String,
     output: String,
+    /// Where its output can be read in a candidate: `output`, then the outputs of the ops that
+    /// follow it alone (a bias Add, a BatchNormalization, an activation), which a lossy pass
+    /// may fold into the layer, so that only the last of these names survives.
+    readable: Vec<String>,
     input: Option<String>,
 }
 
+/// Ops a quantization pass may fold into the layer before them (or fuse with it).
+const EPILOGUE: [&str; 6] = ["Add", "Mul", "Sub", "BatchNormalization", "Relu", "Clip"];
+
+/// Longest chain of epilogue ops followed after a layer's output.
+const EPILOGUE_STEPS: usize = 4;
+
 fn layers(g: &Graph, opts: &PassOptions) -> Vec<Layer> {
+    let uses = g.uses();
     let mut out = Vec::new();
     for (_, n) in g.live_nodes() {
         if !opts.selects(g, n) {
@@ -90,10 +108,29 @@ fn layers(g: &Graph, opts: &PassOptions) -> Vec<Layer> {
             matches!(g.value(v).def, ValueDef::Node(..) | ValueDef::Input)
                 .then(|| g.value(v).name.clone())
         });
+        let mut readable = vec![g.value(*o).name.clone()];
+        let mut v = *o;
+        for _ in 0..EPILOGUE_STEPS {
+            if g.is_graph_output(v) {
+                break;
+            }
+            let [(r, _)] = uses[v.0 as usize].as_slice() else {
+                break;
+            };
+            let rn = g.node(*r);
+            match rn.outputs.first() {
+                Some(Some(next)) if rn.domain().is_empty() && EPILOGUE.contains(&rn.op_type()) => {
+                    v = *next;
+                    readable.push(g.value(v).name.clone());
+                }
+                _ => break,
+            }
+        }
         out.push(Layer {
             node: n.name().to_string(),
             op: n.op_type().to_string(),
             output: g.value(*o).name.clone(),
+            readable,
             input,
         });
     }
@@ -115,12 +152,32 @@ pub fn with_probes(mut proto: pb::ModelProto, names: &BTreeSet<String>) -> pb::M
     proto
 }
 
-fn snr_db(a: &[f64], b: &[f64]) -> f64 {
+/// The noise a layer adds, relative to the signal power: `10^(-out/10) - 10^(-in/10)` for
+/// the SNRs `in` and `out` (dB) of its input and output. Unlike the SNR drop in dB, this does
+/// not rank first every layer whose input happens to be exact (120 dB): a layer taking 120 dB
+/// to 48 dB adds 1.6e-5 of noise, one taking 30 dB to 6 dB adds 0.25.
+fn added_noise(snr_in: f64, snr_out: f64) -> f64 {
+    10f64.powf(-snr_out / 10.0) - 10f64.powf(-snr_in / 10.0)
+}
+
+/// Signal power `sum a^2` and noise power `sum (a - b)^2` of a reference `a` and candidate `b`.
+fn powers(a: &[f64], b: &[f64]) -> (f64, f64) {
     let (mut sig, mut noise) = (0f64, 0f64);
     for (x, y) in a.iter().zip(b) {
         sig += x * x;
         noise += (x - y) * (x - y);
     }
+    (sig, noise)
+}
+
+#[cfg(test)]
+fn snr_db(a: &[f64], b: &[f64]) -> f64 {
+    let (sig, noise) = powers(a, b);
+    db(sig, noise)
+}
+
+/// `10 log10(sig / noise)`, within [-120, 120] dB.
+fn db(sig: f64, noise: f64) -> f64 {
     if noise == 0.0 || !noise.is_finite() {
         return if noise == 0.0 { 120.0 } else { -120.0 };
     }
@@ -169,28 +226,46 @@ fn top1(a: &[f64], b: &[f64], last: usize) -> Option<f64> {
     Some(same as f64 / rows as f64)
 }
 
+/// Runs `proto` with the values `probes` exposed on every input set; float values only.
+///
+/// Uses tract's optimized plan (several times faster; the layer costs and cosines need not be
+/// bit-exact, the final check is), and the plain typed plan when that fails.
 fn run_probed(
     proto: pb::ModelProto,
     probes: &BTreeSet<String>,
-    inputs: &[(String, Tensor)],
+    sets: &[Vec<(String, Tensor)>],
     what: &str,
-) -> Result<Outputs> {
+) -> Result<Vec<Outputs>> {
     let proto = with_probes(proto, probes);
-    let outs = tract_run::run(&proto, None, inputs).map_err(|e| anyhow::anyhow!("{what}: {e}"))?;
-    Ok(outs
-        .into_iter()
-        .filter_map(|(n, t)| {
-            let is_float = t.datum_type().is_float();
-            let last = t.shape().last().copied().unwrap_or(1);
-            is_float
-                .then(|| to_f64(&t).ok().map(|v| (n, (v, last))))
-                .flatten()
-        })
-        .collect())
+    let run = |optimize: bool| -> Result<Vec<Outputs>> {
+        let mut runner = Runner::new(&proto, optimize)?;
+        sets.iter()
+            .map(|set| {
+                let outs = runner.run(set)?;
+                Ok(runner
+                    .outputs
+                    .iter()
+                    .zip(outs.iter())
+                    .filter_map(|(n, t)| {
+                        let last = t.shape().last().copied().unwrap_or(1);
+                        t.datum_type()
+                            .is_float()
+                            .then(|| to_f64(t).ok().map(|v| (n.clone(), (v, last))))
+                            .flatten()
+                    })
+                    .collect())
+            })
+            .collect()
+    };
+    run(true)
+        .or_else(|_| run(false))
+        .with_context(|| format!("running the {what} in tract"))
 }
 
-/// Re-runs `suffix` on copies of `snapshot` until every float output of the graph has cosine
-/// >= `target` against `snapshot`, keeping the costliest layer in float each round.
+/// Re-runs `suffix` on copies of `snapshot` until every float output of the graph reaches
+/// cosine `target` against `snapshot` on every input set of `inputs` (each one value per graph
+/// input), keeping the costliest layer in float each round. Layer costs sum the signal and
+/// noise powers over the sets, so that the choice does not fit one input.
 ///
 /// Returns the final model, the pass records of its last run, and the report.
 ///
@@ -202,7 +277,7 @@ pub fn run(
     suffix: &[&'static dyn Pass],
     opts: &PassOptions,
     validate_each: bool,
-    inputs: &[(String, Tensor)],
+    inputs: &[Vec<(String, Tensor)>],
     target: f64,
     max_accuracy_drop: Option<f64>,
     max_iterations: usize,
@@ -217,7 +292,7 @@ pub fn run(
         .collect();
     let mut probes: BTreeSet<String> = BTreeSet::new();
     for l in &layers {
-        probes.insert(l.output.clone());
+        probes.extend(l.readable.iter().cloned());
         if let Some(i) = &l.input {
             probes.insert(i.clone());
         }
@@ -240,20 +315,35 @@ pub fn run(
             .context("the quantized model does not run in tract")?;
         reporter.phase_done();
         iterations += 1;
-        let min_cos = graph_outputs
-            .iter()
-            .filter_map(|n| Some(cosine(&reference.get(n)?.0, &cand.get(n)?.0)))
+        let pairs = || reference.iter().zip(&cand);
+        let min_cos = pairs()
+            .flat_map(|(r, c)| {
+                graph_outputs
+                    .iter()
+                    .filter_map(|n| Some(cosine(&r.get(n)?.0, &c.get(n)?.0)))
+            })
             .fold(1.0f64, f64::min);
-        let min_top1 = graph_outputs
-            .iter()
-            .filter_map(|n| {
-                let (a, last) = reference.get(n)?;
-                top1(a, &cand.get(n)?.0, *last)
+        let min_top1 = pairs()
+            .flat_map(|(r, c)| {
+                graph_outputs.iter().filter_map(|n| {
+                    let (a, last) = r.get(n)?;
+                    top1(a, &c.get(n)?.0, *last)
+                })
             })
             .fold(1.0f64, f64::min);
         start_cosine.get_or_insert(min_cos);
         let met = min_cos >= target && max_accuracy_drop.is_none_or(|d| 1.0 - min_top1 <= d);
         let done = met || iterations > max_iterations;
+        // The SNR of one activation over every input set (signal and noise powers summed).
+        let snr = |name: &str| -> Option<f64> {
+            let (mut sig, mut noise) = (0f64, 0f64);
+            for (r, c) in pairs() {
+                let (s, n) = powers(&r.get(name)?.0, &c.get(name)?.0);
+                sig += s;
+                noise += n;
+            }
+            Some(db(sig, noise))
+        };
         // The costliest layer not yet kept.
         let choice = (!done)
             .then(|| {
@@ -261,14 +351,16 @@ pub fn run(
                     .iter()
                     .filter(|l| !opts.keep_float.contains(&l.output))
                     .filter_map(|l| {
-                        let out = snr_db(&reference.get(&l.output)?.0, &cand.get(&l.output)?.0);
+                        // The first name the candidate still has: the layer's output, or
+                        // the end of what was folded into it.
+                        let out = l.readable.iter().find_map(|n| snr(n))?;
                         let inp = match &l.input {
-                            Some(i) => snr_db(&reference.get(i)?.0, &cand.get(i)?.0),
+                            Some(i) => snr(i)?,
                             None => 120.0,
                         };
                         Some((l, inp, out))
                     })
-                    .max_by(|a, b| (a.1 - a.2).total_cmp(&(b.1 - b.2)))
+                    .max_by(|a, b| added_noise(a.1, a.2).total_cmp(&added_noise(b.1, b.2)))
             })
             .flatten();
         match choice {
@@ -296,5 +388,64 @@ pub fn run(
                 return Ok((model, records, report));
             }
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn added_noise_ranks_a_noisy_deep_layer_above_a_clean_first_layer() {
+        // A first layer reading an exact input and losing little (120 dB -> 48 dB) against a
+        // deep layer that turns a 30 dB input into a 6 dB output: the SNR drop in dB ranked
+        // the first one higher (72 dB vs 24 dB); the noise they add ranks the deep one higher.
+        let first = added_noise(120.0, 48.0);
+        let deep = added_noise(30.0, 6.0);
+        assert!((first - 1.585e-5).abs() < 1e-8, "{first}");
+        assert!((deep - (0.251189 - 0.001)).abs() < 1e-5, "{deep}");
+        assert!(deep > first);
+        // A layer that makes things better costs nothing positive.
+        assert!(added_noise(20.0, 25.0) < 0.0);
+    }
+
+    #[test]
+    fn a_layer_is_read_at_the_end_of_what_follows_it_alone() {
+        use crate::verify::testutil::{info, init_f32, model, node, out};
+        use pb::tensor_proto::DataType;
+        let p = model(
+            vec![
+                node("Conv", "conv", &["x", "W"], &["c"], vec![]),
+                node("Add", "bias", &["c", "B"], &["a"], vec![]),
+                node("Relu", "relu", &["a"], &["r"], vec![]),
+                node("Conv", "conv2", &["r", "W2"], &["y"], vec![]),
+                node("Relu", "relu2", &["y"], &["z"], vec![]),
+                node("Neg", "neg", &["z"], &["n"], vec![]),
+            ],
+            vec![info("x", DataType::Float, &[1, 1, 4, 4])],
+            vec![out("z"), out("n")],
+            vec![
+                init_f32("W", &[2, 1, 1, 1], &[1.0, 2.0]),
+                init_f32("B", &[1, 2, 1, 1], &[0.5, -0.5]),
+                init_f32("W2", &[1, 2, 1, 1], &[1.0, 1.0]),
+            ],
+        );
+        let (m, _) = crate::onnx::from_proto(p, None, "test").unwrap();
+        let ls = layers(&m.graph, &PassOptions::default());
+        assert_eq!(ls.len(), 2);
+        // conv: its bias Add and Relu follow it alone; conv2's Relu output is a graph output,
+        // where the chain stops.
+        assert_eq!(ls[0].readable, ["c", "a", "r"]);
+        assert_eq!(ls[0].input.as_deref(), Some("x"));
+        assert_eq!(ls[1].readable, ["y", "z"]);
+        assert_eq!(ls[1].input.as_deref(), Some("r"));
+    }
+
+    #[test]
+    fn snr_of_equal_and_of_noisy_activations() {
+        assert_eq!(snr_db(&[1.0, 2.0], &[1.0, 2.0]), 120.0);
+        let s = snr_db(&[1.0, 0.0], &[1.1, 0.0]);
+        assert!((s - 20.0).abs() < 1e-9, "{s}");
     }
 }

@@ -120,6 +120,22 @@ pub fn default_gates(user: Gates, lossy: bool) -> Gates {
     g
 }
 
+/// Calibration samples the accuracy-gated fallback also checks, besides the check's inputs.
+pub const FALLBACK_CALIBRATION_SAMPLES: usize = 3;
+
+/// The first [`FALLBACK_CALIBRATION_SAMPLES`] calibration samples, when a pass calibrates.
+fn calibration_sets(
+    proto: &crate::pb::ModelProto,
+    opts: &PassOptions,
+) -> Result<Vec<Vec<(String, tract_onnx::prelude::Tensor)>>> {
+    let Some(cal) = &opts.calibration else {
+        return Ok(Vec::new());
+    };
+    crate::quant::calibrate::Samples::open(&cal.source, proto, FALLBACK_CALIBRATION_SAMPLES)?
+        .map(|s| Ok(s?.tensors))
+        .collect()
+}
+
 /// Runs `optimize`.
 ///
 /// Errors: the input cannot be loaded, a pass fails, the output cannot be written, or the
@@ -205,12 +221,14 @@ pub fn optimize(cfg: &OptimizeConfig, reporter: &dyn Reporter) -> Result<Optimiz
         if ran && (min_cosine(c).is_some_and(|m| m < target) || top1_missed) {
             let r = reference.as_ref().context("no reference")?;
             let prepared = verify::inputs::prepare_inputs(r, &cfg.inputs)?;
+            let mut sets = vec![prepared.tensors];
+            sets.extend(calibration_sets(r, &cfg.pass_options)?);
             let (m, suffix_records, fb) = crate::fallback::run(
                 snapshot,
                 suffix,
                 &check_opts,
                 cfg.validate_each,
-                &prepared.tensors,
+                &sets,
                 target,
                 cfg.gates.max_accuracy_drop,
                 FALLBACK_MAX_ITERATIONS,

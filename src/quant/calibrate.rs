@@ -555,12 +555,15 @@ impl Iterator for Samples {
     }
 }
 
-/// The model parsed once by tract, with plans built per set of input shapes.
-struct Runner {
+/// The model parsed once by tract, with plans built per set of input shapes (optimized by
+/// tract when `optimize` and tract can, else as typed).
+pub(crate) struct Runner {
     model: InferenceModel,
     inputs: Vec<String>,
-    outputs: Vec<String>,
+    /// The graph output names, in the order `run` returns their values.
+    pub(crate) outputs: Vec<String>,
     plans: Vec<(PlanKey, Arc<TypedRunnableModel>)>,
+    optimize: bool,
 }
 
 /// The input types and shapes a plan was built for.
@@ -582,7 +585,10 @@ fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
 }
 
 impl Runner {
-    fn new(proto: &pb::ModelProto) -> Result<Runner> {
+    /// Parses `proto` (tract ignores its stored value_info and output shapes).
+    ///
+    /// Errors: tract cannot read or load the model, or it reads undefined values.
+    pub(crate) fn new(proto: &pb::ModelProto, optimize: bool) -> Result<Runner> {
         guarded("loading the model", || {
             let bytes = proto.encode_to_vec();
             let onnx = tract_onnx::onnx()
@@ -615,15 +621,18 @@ impl Runner {
                 inputs,
                 outputs,
                 plans: Vec::new(),
+                optimize,
             })
         })
     }
 
-    fn run(&mut self, sample: &Sample) -> Result<TVec<TValue>> {
+    /// Runs the model on one value per graph input (by name) and returns the graph outputs.
+    ///
+    /// Errors: a graph input has no value, or tract fails or panics planning or running.
+    pub(crate) fn run(&mut self, tensors: &[(String, Tensor)]) -> Result<TVec<TValue>> {
         let mut fed: Vec<&Tensor> = Vec::new();
         for name in &self.inputs {
-            let t = sample
-                .tensors
+            let t = tensors
                 .iter()
                 .find(|(n, _)| n == name)
                 .map(|(_, t)| t)
@@ -642,7 +651,13 @@ impl Runner {
                     for (ix, t) in fed.iter().enumerate() {
                         m.set_input_fact(ix, InferenceFact::dt_shape_from_tensor(t))?;
                     }
-                    m.into_typed()?.into_runnable()
+                    let typed = m.into_typed()?;
+                    // tract's optimizer makes a model several times faster; a model it cannot
+                    // optimize runs as typed.
+                    match self.optimize.then(|| typed.clone().into_optimized()) {
+                        Some(Ok(o)) => o.into_runnable(),
+                        _ => typed.into_runnable(),
+                    }
                 })?;
                 if self.plans.len() >= 4 {
                     self.plans.remove(0);
@@ -741,14 +756,15 @@ fn run_calibration(
 ) -> Result<Calibration> {
     let t0 = Instant::now();
     let histogram = !matches!(opts.method, RangeMethod::MinMax);
-    let mut runner = Runner::new(probed)?;
+    // Ranges need not be bit-exact: tract's optimized plan, about 4x faster on ppocrv4-rec.
+    let mut runner = Runner::new(probed, true)?;
     let mut stats: HashMap<String, Stats> = HashMap::new();
     let mut shapes: HashMap<String, Vec<usize>> = HashMap::new();
     let mut count = 0usize;
     for sample in samples {
         let sample = sample?;
         let outs = runner
-            .run(&sample)
+            .run(&sample.tensors)
             .with_context(|| format!("calibration sample {}", sample.label))?;
         ensure!(
             outs.len() == runner.outputs.len(),

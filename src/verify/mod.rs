@@ -264,4 +264,4 @@ pub fn format_table(c: &Comparison) -> String {
 #[allow(clippy::unwrap_used, clippy::panic)]
 mod tests;
 #[cfg(test)]
-mod testutil;
+pub(crate) mod testutil;
