@@ -4,10 +4,13 @@
 //! Sensitivity is measured on matched activations (the approach of NNCF's and Neural
 //! Compressor's accuracy-aware modes): the reference (the model before the lossy passes) and
 //! the quantized candidate run in tract on the same inputs with every quantizable layer's
-//! activation input and output exposed as extra graph outputs. A layer's cost is the noise it
-//! adds relative to the signal, `10^(-SNR(output)/10) - 10^(-SNR(input)/10)`, where
-//! `SNR(x) = 10 log10(sum a^2 / sum (a - b)^2)` over the reference `a` and candidate `b`
-//! activations. A layer's output is read under its
+//! activation input and output exposed as extra graph outputs. A layer's cost is the SNR it
+//! loses, `SNR(input) - SNR(output)` in dB, where `SNR(x) = 10 log10(sum a^2 / sum (a - b)^2)`
+//! over the reference `a` and candidate `b` activations (summed over the input sets). This
+//! favours layers whose input is still exact, the first quantized layers; ranking by the
+//! noise power a layer adds, `10^(-out/10) - 10^(-in/10)`, was tried and chased deep layers
+//! whose noise is mostly amplified from upstream: ppocrv4-rec came out 2.17x smaller instead of
+//! 3.75x (int8 weights) and 7.46 MB instead of 6.77 MB (static), at the same target. A layer's output is read under its
 //! own name or, when a pass folded the ops that follow it alone (bias Add, BatchNormalization,
 //! Relu, ...) into it, under the name at the end of that chain, which is the one that survives.
 //! The costliest layer not yet kept is
@@ -150,14 +153,6 @@ pub fn with_probes(mut proto: pb::ModelProto, names: &BTreeSet<String>) -> pb::M
         }
     }
     proto
-}
-
-/// The noise a layer adds, relative to the signal power: `10^(-out/10) - 10^(-in/10)` for
-/// the SNRs `in` and `out` (dB) of its input and output. Unlike the SNR drop in dB, this does
-/// not rank first every layer whose input happens to be exact (120 dB): a layer taking 120 dB
-/// to 48 dB adds 1.6e-5 of noise, one taking 30 dB to 6 dB adds 0.25.
-fn added_noise(snr_in: f64, snr_out: f64) -> f64 {
-    10f64.powf(-snr_out / 10.0) - 10f64.powf(-snr_in / 10.0)
 }
 
 /// Signal power `sum a^2` and noise power `sum (a - b)^2` of a reference `a` and candidate `b`.
@@ -360,7 +355,7 @@ pub fn run(
                         };
                         Some((l, inp, out))
                     })
-                    .max_by(|a, b| added_noise(a.1, a.2).total_cmp(&added_noise(b.1, b.2)))
+                    .max_by(|a, b| (a.1 - a.2).total_cmp(&(b.1 - b.2)))
             })
             .flatten();
         match choice {
@@ -395,20 +390,6 @@ pub fn run(
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn added_noise_ranks_a_noisy_deep_layer_above_a_clean_first_layer() {
-        // A first layer reading an exact input and losing little (120 dB -> 48 dB) against a
-        // deep layer that turns a 30 dB input into a 6 dB output: the SNR drop in dB ranked
-        // the first one higher (72 dB vs 24 dB); the noise they add ranks the deep one higher.
-        let first = added_noise(120.0, 48.0);
-        let deep = added_noise(30.0, 6.0);
-        assert!((first - 1.585e-5).abs() < 1e-8, "{first}");
-        assert!((deep - (0.251189 - 0.001)).abs() < 1e-5, "{deep}");
-        assert!(deep > first);
-        // A layer that makes things better costs nothing positive.
-        assert!(added_noise(20.0, 25.0) < 0.0);
-    }
 
     #[test]
     fn a_layer_is_read_at_the_end_of_what_follows_it_alone() {
