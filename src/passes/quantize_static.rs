@@ -114,7 +114,9 @@ use crate::ir::edit::attr_int;
 use crate::ir::{Graph, Model, NodeId, Tensor, ValueId};
 use crate::pb::tensor_proto::DataType;
 use crate::quant::calibrate::calibrate;
-use crate::quant::{quantize, scale_zero_point, split_axis, Granularity, QType, Scheme};
+use crate::quant::{
+    quantize, round_clamped, scale_zero_point, split_axis, Granularity, QType, Scheme,
+};
 
 /// See the module documentation.
 pub struct QuantizeStatic;
@@ -947,7 +949,7 @@ fn run(model: &mut Model, opts: &PassOptions) -> Result<PassStats> {
             let s = mse_scale(&w, qz.scales[0]);
             qz.scales[0] = s;
             for (q, &v) in qz.q.iter_mut().zip(&w) {
-                *q = (v / s).round_ties_even().clamp(-127.0, 127.0) as i32;
+                *q = round_clamped(v / s, -127.0, 127.0) as i32;
             }
         }
         // The int32 bias, raising channel scales where it would overflow.
@@ -1224,19 +1226,23 @@ fn mse_scale(w: &[f32], max_scale: f32) -> f32 {
     let err = |s: f32| -> f64 {
         w.iter()
             .map(|&v| {
-                let d = v - (v / s).round_ties_even().clamp(-127.0, 127.0) * s;
+                let d = v - round_clamped(v / s, -127.0, 127.0) * s;
                 (d as f64) * (d as f64)
             })
             .sum()
     };
+    use rayon::prelude::*;
+    let candidates: Vec<(f64, f32)> = (60..100)
+        .into_par_iter()
+        .filter_map(|k| {
+            let s = max_scale * k as f32 / 100.0;
+            s.is_normal().then(|| (err(s), s))
+        })
+        .collect();
     let mut best = (err(max_scale), max_scale);
-    for k in 60..100 {
-        let s = max_scale * k as f32 / 100.0;
-        if s.is_normal() {
-            let e = err(s);
-            if e < best.0 {
-                best = (e, s);
-            }
+    for (e, s) in candidates {
+        if e < best.0 {
+            best = (e, s);
         }
     }
     best.1
@@ -1253,7 +1259,7 @@ fn requantize_channel(w: &[f32], dims: &[usize], axis: usize, c: usize, scale: f
     for o in 0..outer {
         let base = (o * channels + c) * inner;
         for i in base..base + inner {
-            q[i] = (w[i] / scale).round_ties_even().clamp(-127.0, 127.0) as i32;
+            q[i] = round_clamped(w[i] / scale, -127.0, 127.0) as i32;
         }
     }
 }
