@@ -1122,7 +1122,3 @@ fn rewrite_as_nbits(
 
 /// Domain of `MatMulNBits` (imported at version 1 when the pass writes one).
 pub const NBITS_DOMAIN: &str = "com.microsoft";
-
-#[cfg(test)]
-#[path = "quantize_weights_tests.rs"]
-mod tests;

@@ -25,6 +25,7 @@ use crate::pb::{self, attribute_proto::AttributeType, tensor_proto::DataType};
 
 mod cast;
 mod dynamic;
+mod nbits;
 
 // ---------------------------------------------------------------------------------------------
 // Builders

@@ -24,35 +24,14 @@ use crate::quant::{Granularity, QType, Scheme, WeightFormat};
 // ---------------------------------------------------------------------------------------------
 // Builders
 
+// Thin forms of the builders of `passes::tests`.
+
 fn vi(name: &str, dt: DataType, dims: &[i64]) -> pb::ValueInfoProto {
-    let dim = dims
-        .iter()
-        .map(|&d| pb::tensor_shape_proto::Dimension {
-            value: Some(pb::tensor_shape_proto::dimension::Value::DimValue(d)),
-            ..Default::default()
-        })
-        .collect();
-    pb::ValueInfoProto {
-        name: Some(name.into()),
-        r#type: Some(pb::TypeProto {
-            value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
-                elem_type: Some(dt as i32),
-                shape: Some(pb::TensorShapeProto { dim }),
-            })),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
+    super::info(name, dt, dims)
 }
 
 fn node(op: &str, name: &str, inputs: &[&str], outputs: &[&str]) -> pb::NodeProto {
-    pb::NodeProto {
-        op_type: Some(op.into()),
-        name: Some(name.into()),
-        input: inputs.iter().map(|s| s.to_string()).collect(),
-        output: outputs.iter().map(|s| s.to_string()).collect(),
-        ..Default::default()
-    }
+    super::node(op, name, inputs, outputs, vec![])
 }
 
 fn with_attrs(mut n: pb::NodeProto, attrs: Vec<pb::AttributeProto>) -> pb::NodeProto {
@@ -60,23 +39,13 @@ fn with_attrs(mut n: pb::NodeProto, attrs: Vec<pb::AttributeProto>) -> pb::NodeP
     n
 }
 
-fn attr_i(name: &str, v: i64) -> pb::AttributeProto {
-    crate::ir::edit::attr_int(name, v)
-}
+use super::{attr_i, model};
 
 fn init(name: &str, dt: DataType, dims: &[i64], data: &[f32]) -> pb::TensorProto {
-    let t = if dt == DataType::Float16 {
-        let raw = data
-            .iter()
-            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
-            .collect();
-        Tensor::from_raw(dt as i32, dims, raw)
+    if dt == DataType::Float16 {
+        super::f16_init(name, dims, data)
     } else {
-        Tensor::from_f32(dims, data)
-    };
-    pb::TensorProto {
-        name: Some(name.into()),
-        ..t.proto
+        super::f32_init(name, dims, data)
     }
 }
 
@@ -86,26 +55,7 @@ fn graph(
     outputs: Vec<pb::ValueInfoProto>,
     inits: Vec<pb::TensorProto>,
 ) -> pb::GraphProto {
-    pb::GraphProto {
-        name: Some("g".into()),
-        node: nodes,
-        input: inputs,
-        output: outputs,
-        initializer: inits,
-        ..Default::default()
-    }
-}
-
-fn model(opset: i64, g: pb::GraphProto) -> pb::ModelProto {
-    pb::ModelProto {
-        ir_version: Some(8),
-        opset_import: vec![pb::OperatorSetIdProto {
-            domain: Some(String::new()),
-            version: Some(opset),
-        }],
-        graph: Some(g),
-        ..Default::default()
-    }
+    super::graph("g", nodes, inputs, outputs, inits)
 }
 
 /// `n` values in [-1, 1) from a fixed seed, with a few larger ones so blocks differ in range.
