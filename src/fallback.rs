@@ -32,9 +32,8 @@ use crate::passes::manager::{run_pipeline, PassRecord};
 use crate::passes::quantize_weights::weight_axis;
 use crate::passes::{Pass, PassOptions};
 use crate::pb;
-use crate::quant::calibrate::Runner;
+use crate::quant::calibrate::{float_values, Runner};
 use crate::report::Reporter;
-use crate::verify::metrics::to_f64;
 
 /// One layer kept in float.
 #[derive(Debug, Clone, Serialize)]
@@ -156,9 +155,10 @@ pub fn with_probes(mut proto: pb::ModelProto, names: &BTreeSet<String>) -> pb::M
 }
 
 /// Signal power `sum a^2` and noise power `sum (a - b)^2` of a reference `a` and candidate `b`.
-fn powers(a: &[f64], b: &[f64]) -> (f64, f64) {
+fn powers(a: &[f32], b: &[f32]) -> (f64, f64) {
     let (mut sig, mut noise) = (0f64, 0f64);
-    for (x, y) in a.iter().zip(b) {
+    for (&x, &y) in a.iter().zip(b) {
+        let (x, y) = (x as f64, y as f64);
         sig += x * x;
         noise += (x - y) * (x - y);
     }
@@ -166,7 +166,7 @@ fn powers(a: &[f64], b: &[f64]) -> (f64, f64) {
 }
 
 #[cfg(test)]
-fn snr_db(a: &[f64], b: &[f64]) -> f64 {
+fn snr_db(a: &[f32], b: &[f32]) -> f64 {
     let (sig, noise) = powers(a, b);
     db(sig, noise)
 }
@@ -179,9 +179,10 @@ fn db(sig: f64, noise: f64) -> f64 {
     (10.0 * (sig / noise).log10()).clamp(-120.0, 120.0)
 }
 
-fn cosine(a: &[f64], b: &[f64]) -> f64 {
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
     let (mut ab, mut aa, mut bb) = (0f64, 0f64, 0f64);
-    for (x, y) in a.iter().zip(b) {
+    for (&x, &y) in a.iter().zip(b) {
+        let (x, y) = (x as f64, y as f64);
         ab += x * y;
         aa += x * x;
         bb += y * y;
@@ -196,18 +197,18 @@ fn cosine(a: &[f64], b: &[f64]) -> f64 {
 }
 
 /// Values by name: the elements and the size of the last axis.
-type Outputs = HashMap<String, (Vec<f64>, usize)>;
+type Outputs = HashMap<String, (Vec<f32>, usize)>;
 
 /// Fraction of rows (all axes but the last) whose argmax over the last axis agrees.
-fn top1(a: &[f64], b: &[f64], last: usize) -> Option<f64> {
+fn top1(a: &[f32], b: &[f32], last: usize) -> Option<f64> {
     if last < 2 || a.is_empty() || a.len() != b.len() {
         return None;
     }
-    let argmax = |r: &[f64]| {
+    let argmax = |r: &[f32]| {
         r.iter()
             .enumerate()
             .fold(
-                (0, f64::NEG_INFINITY),
+                (0, f32::NEG_INFINITY),
                 |m, (i, &v)| if v > m.1 { (i, v) } else { m },
             )
             .0
@@ -230,31 +231,35 @@ fn run_probed(
     probes: &BTreeSet<String>,
     sets: &[Vec<(String, Tensor)>],
     what: &str,
-) -> Result<Vec<Outputs>> {
+    mut each: impl FnMut(Outputs),
+) -> Result<()> {
     let proto = with_probes(proto, probes);
-    let run = |optimize: bool| -> Result<Vec<Outputs>> {
-        let mut runner = Runner::new(&proto, optimize)?;
-        sets.iter()
-            .map(|set| {
-                let outs = runner.run(set)?;
-                Ok(runner
-                    .outputs
-                    .iter()
-                    .zip(outs.iter())
-                    .filter_map(|(n, t)| {
-                        let last = t.shape().last().copied().unwrap_or(1);
-                        t.datum_type()
-                            .is_float()
-                            .then(|| to_f64(t).ok().map(|v| (n.clone(), (v, last))))
-                            .flatten()
-                    })
-                    .collect())
-            })
-            .collect()
-    };
-    run(true)
-        .or_else(|_| run(false))
-        .with_context(|| format!("running the {what} in tract"))
+    let mut runner = Runner::new(&proto, true)?;
+    for set in sets {
+        let outs = match runner.run(set) {
+            Ok(o) => o,
+            Err(_) => {
+                // tract's optimized plan failed: the plain typed plan from here on.
+                runner = Runner::new(&proto, false)?;
+                runner
+                    .run(set)
+                    .with_context(|| format!("running the {what} in tract"))?
+            }
+        };
+        each(
+            runner
+                .outputs
+                .iter()
+                .zip(outs.iter())
+                .filter_map(|(n, t)| {
+                    let last = t.shape().last().copied().unwrap_or(1);
+                    let v = float_values(t)?.into_owned();
+                    Some((n.clone(), (v, last)))
+                })
+                .collect(),
+        );
+    }
+    Ok(())
 }
 
 /// Re-runs `suffix` on copies of `snapshot` until every float output of the graph reaches
@@ -293,7 +298,10 @@ pub fn run(
         }
     }
     reporter.phase("fallback: running the reference with activations exposed");
-    let reference = run_probed(to_proto(snapshot)?, &probes, inputs, "reference")?;
+    let mut reference: Vec<Outputs> = Vec::new();
+    run_probed(to_proto(snapshot)?, &probes, inputs, "reference", |o| {
+        reference.push(o)
+    })?;
     reporter.phase_done();
     let mut opts = opts.clone();
     let mut kept: Vec<KeptLayer> = Vec::new();
@@ -306,39 +314,39 @@ pub fn run(
             "fallback: checking with {} layers in float",
             kept.len()
         ));
-        let cand = run_probed(to_proto(&model)?, &probes, inputs, "candidate")
-            .context("the quantized model does not run in tract")?;
+        // Each set's candidate values are compared with the reference as they come, then
+        // dropped: only the reference's values are held, once.
+        let (mut min_cos, mut min_top1) = (1.0f64, 1.0f64);
+        let mut sums: HashMap<String, (f64, f64)> = HashMap::new();
+        let mut set = 0;
+        run_probed(to_proto(&model)?, &probes, inputs, "candidate", |c| {
+            let r = &reference[set];
+            set += 1;
+            for n in &graph_outputs {
+                if let (Some((a, last)), Some((b, _))) = (r.get(n), c.get(n)) {
+                    min_cos = min_cos.min(cosine(a, b));
+                    if let Some(t) = top1(a, b, *last) {
+                        min_top1 = min_top1.min(t);
+                    }
+                }
+            }
+            for (name, (b, _)) in &c {
+                if let Some((a, _)) = r.get(name) {
+                    let (sig, noise) = powers(a, b);
+                    let e = sums.entry(name.clone()).or_default();
+                    e.0 += sig;
+                    e.1 += noise;
+                }
+            }
+        })
+        .context("the quantized model does not run in tract")?;
         reporter.phase_done();
         iterations += 1;
-        let pairs = || reference.iter().zip(&cand);
-        let min_cos = pairs()
-            .flat_map(|(r, c)| {
-                graph_outputs
-                    .iter()
-                    .filter_map(|n| Some(cosine(&r.get(n)?.0, &c.get(n)?.0)))
-            })
-            .fold(1.0f64, f64::min);
-        let min_top1 = pairs()
-            .flat_map(|(r, c)| {
-                graph_outputs.iter().filter_map(|n| {
-                    let (a, last) = r.get(n)?;
-                    top1(a, &c.get(n)?.0, *last)
-                })
-            })
-            .fold(1.0f64, f64::min);
         start_cosine.get_or_insert(min_cos);
         let met = min_cos >= target && max_accuracy_drop.is_none_or(|d| 1.0 - min_top1 <= d);
         let done = met || iterations > max_iterations;
         // The SNR of one activation over every input set (signal and noise powers summed).
-        let snr = |name: &str| -> Option<f64> {
-            let (mut sig, mut noise) = (0f64, 0f64);
-            for (r, c) in pairs() {
-                let (s, n) = powers(&r.get(name)?.0, &c.get(name)?.0);
-                sig += s;
-                noise += n;
-            }
-            Some(db(sig, noise))
-        };
+        let snr = |name: &str| -> Option<f64> { sums.get(name).map(|&(s, n)| db(s, n)) };
         // The costliest layer not yet kept.
         let choice = (!done)
             .then(|| {
@@ -427,6 +435,6 @@ mod tests {
     fn snr_of_equal_and_of_noisy_activations() {
         assert_eq!(snr_db(&[1.0, 2.0], &[1.0, 2.0]), 120.0);
         let s = snr_db(&[1.0, 0.0], &[1.1, 0.0]);
-        assert!((s - 20.0).abs() < 1e-9, "{s}");
+        assert!((s - 20.0).abs() < 1e-5, "{s}"); // 1.1 is not exact in f32
     }
 }

@@ -672,7 +672,7 @@ impl Runner {
 }
 
 /// The float values of a tract tensor as f32, or `None` for other types.
-fn float_values(t: &Tensor) -> Option<std::borrow::Cow<'_, [f32]>> {
+pub(crate) fn float_values(t: &Tensor) -> Option<std::borrow::Cow<'_, [f32]>> {
     match t.datum_type() {
         DatumType::F32 => t
             .try_as_plain_ram()
