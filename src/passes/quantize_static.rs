@@ -1645,6 +1645,74 @@ mod tests {
     }
 
     #[test]
+    fn opset_9_float16_and_already_quantized_models_are_left_alone_with_a_note() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = cal_opts(dir.path(), RangeMethod::MinMax, QType::Uint8);
+        let unchanged = |src: pb::ModelProto, want: &str| {
+            let mut m = import(src.clone());
+            let stats = QuantizeStatic.run(&mut m, &opts).unwrap();
+            assert_eq!(stats.changes, 0, "{:?}", stats.notes);
+            assert!(
+                stats.notes.iter().any(|n| n.contains(want)),
+                "want a note with {want:?}: {:?}",
+                stats.notes
+            );
+            let before = crate::onnx::export::to_proto(&import(src)).unwrap();
+            assert_eq!(crate::onnx::export::to_proto(&m).unwrap(), before);
+        };
+        // Opset 9 has no QuantizeLinear: nothing is calibrated or changed (no samples exist).
+        unchanged(tiny_cnn(9), "opset 9 has no QuantizeLinear");
+
+        // A float16 model: its weights are not float32.
+        let mut x16 = info("x", &[1, C, 8, 8]);
+        if let Some(pb::type_proto::Value::TensorType(t)) =
+            x16.r#type.as_mut().unwrap().value.as_mut()
+        {
+            t.elem_type = Some(DataType::Float16 as i32);
+        }
+        let mut w16 = Tensor::from_raw(
+            DataType::Float16 as i32,
+            &[C, C, 1, 1],
+            (0..N * N)
+                .flat_map(|i| half::f16::from_f32((i % 7) as f32 * 0.1 - 0.3).to_le_bytes())
+                .collect(),
+        )
+        .proto;
+        w16.name = Some("W".into());
+        let fp16 = model_io(
+            vec![node("Conv", "conv", &["x", "W"], &["y"])],
+            vec![w16],
+            13,
+            vec![x16],
+            vec![info("y", &[])],
+        );
+        unchanged(fp16, "not a float32 initializer (float16");
+
+        // Already quantized: the Conv reads a DequantizeLinear output.
+        let mut s = Tensor::from_f32(&[], &[0.02]).proto;
+        s.name = Some("s".into());
+        let mut z = Tensor::from_raw(DataType::Uint8 as i32, &[], vec![128]).proto;
+        z.name = Some("z".into());
+        let mut rng = ChaCha8Rng::seed_from_u64(12);
+        let qdq = model_io(
+            vec![
+                node("QuantizeLinear", "q", &["x", "s", "z"], &["xq"]),
+                node("DequantizeLinear", "dq", &["xq", "s", "z"], &["xd"]),
+                node("Conv", "conv", &["xd", "W"], &["y"]),
+            ],
+            vec![
+                s,
+                z,
+                init("W", &[C, C, 1, 1], &rand_vec(&mut rng, N * N, -0.5, 0.5)),
+            ],
+            13,
+            vec![info("x", &[1, C, 8, 8])],
+            vec![info("y", &[])],
+        );
+        unchanged(qdq, "already dequantized left as they are");
+    }
+
+    #[test]
     fn speed_rule_follows_the_measured_timings() {
         // (weight dims, group, output shape, left float?, int8 / float time measured)
         type Case = (&'static [i64], i64, &'static [usize], bool, &'static str);
