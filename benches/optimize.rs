@@ -198,17 +198,7 @@ fn main() {
     fs::create_dir_all(&dir).unwrap();
 
     let python = bench_python();
-    let probe = Command::new(&python)
-        .arg(repo().join("benches/py/peers.py"))
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let peers = last_json(&String::from_utf8_lossy(&probe.stdout)).unwrap_or_else(|| {
-        panic!(
-            "benches/py/peers.py failed: {}",
-            String::from_utf8_lossy(&probe.stderr)
-        )
-    });
+    let peers = probe_peers(&python);
     let version = |name: &str| peers["versions"][name].as_str().map(str::to_owned);
     assert!(
         version("onnxruntime").is_some(),

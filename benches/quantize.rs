@@ -493,17 +493,7 @@ fn main() {
     let root = repo().join("target/bench/quantize");
     fs::create_dir_all(&root).unwrap();
     let python = bench_python();
-    let probe = Command::new(&python)
-        .arg(repo().join("benches/py/peers.py"))
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let peers = last_json(&String::from_utf8_lossy(&probe.stdout)).unwrap_or_else(|| {
-        panic!(
-            "benches/py/peers.py failed: {}",
-            String::from_utf8_lossy(&probe.stderr)
-        )
-    });
+    let peers = probe_peers(&python);
     assert!(
         peers["versions"]["onnxruntime"].is_string(),
         "{} has no onnxruntime",

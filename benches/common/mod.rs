@@ -201,6 +201,22 @@ pub fn test_python() -> PathBuf {
     p
 }
 
+/// What `benches/py/peers.py` reports about the installed Python peers (versions, and which
+/// quantizers each offers). Panics with its stderr when it fails.
+pub fn probe_peers(python: &Path) -> Value {
+    let probe = Command::new(python)
+        .arg(repo().join("benches/py/peers.py"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    last_json(&String::from_utf8_lossy(&probe.stdout)).unwrap_or_else(|| {
+        panic!(
+            "benches/py/peers.py failed: {}",
+            String::from_utf8_lossy(&probe.stderr)
+        )
+    })
+}
+
 pub fn first_line(text: &str) -> String {
     text.lines()
         .map(str::trim)

@@ -1897,35 +1897,28 @@ fn quantize_weight_that_is_a_graph_output_keeps_its_float_copy() {
     assert!(c >= 0.999, "y: cosine {c}");
 }
 
-#[test]
-fn quantize_weight_local_to_an_if_branch_in_that_branch() {
-    let then_g = graph(
-        "then",
-        vec![node(
-            "MatMul",
-            "then_mm",
-            &["x", "Wt"],
-            &["then_out"],
+/// `y = If(cond)`: the then branch computes `then_out = MatMul(x, Wt)`, the else branch
+/// `else_out = MatMul(x, We)`, each weight `[k, n]` an initializer of its own branch (values
+/// from seeds `seed` and `seed + 1`); x is f32 `[2, k]`.
+fn if_with_branch_matmuls(k: i64, n: i64, seed: u64) -> pb::ModelProto {
+    let size = (k * n) as usize;
+    let branch_graph = |name: &str, w: &str, seed: u64| {
+        let out_name = format!("{name}_out");
+        graph(
+            name,
+            vec![node(
+                "MatMul",
+                &format!("{name}_mm"),
+                &["x", w],
+                &[&out_name],
+                vec![],
+            )],
             vec![],
-        )],
-        vec![],
-        vec![f32_info("then_out", &[2, 5])],
-        vec![f32_init("Wt", &[8, 5], &rand_f32(40, 31, 0.5))],
-    );
-    let else_g = graph(
-        "else",
-        vec![node(
-            "MatMul",
-            "else_mm",
-            &["x", "We"],
-            &["else_out"],
-            vec![],
-        )],
-        vec![],
-        vec![f32_info("else_out", &[2, 5])],
-        vec![f32_init("We", &[8, 5], &rand_f32(40, 32, 0.5))],
-    );
-    let p = model(
+            vec![f32_info(&out_name, &[2, n])],
+            vec![f32_init(w, &[k, n], &rand_f32(size, seed, 0.5))],
+        )
+    };
+    model(
         13,
         graph(
             "g",
@@ -1934,13 +1927,21 @@ fn quantize_weight_local_to_an_if_branch_in_that_branch() {
                 "if",
                 &["cond"],
                 &["y"],
-                vec![attr_g("then_branch", then_g), attr_g("else_branch", else_g)],
+                vec![
+                    attr_g("then_branch", branch_graph("then", "Wt", seed)),
+                    attr_g("else_branch", branch_graph("else", "We", seed + 1)),
+                ],
             )],
-            vec![info("cond", DataType::Bool, &[]), f32_info("x", &[2, 8])],
+            vec![info("cond", DataType::Bool, &[]), f32_info("x", &[2, k])],
             vec![out("y")],
             vec![],
         ),
-    );
+    )
+}
+
+#[test]
+fn quantize_weight_local_to_an_if_branch_in_that_branch() {
+    let p = if_with_branch_matmuls(8, 5, 31);
     let r = run_pass(&p, Q);
     let g = r.g();
     assert_eq!(count(g, "DequantizeLinear"), 0, "{:?}", ops(g));

@@ -247,41 +247,12 @@ fn dynamic_weights_of_an_enclosing_graph_are_left_with_a_note() {
 
 #[test]
 fn dynamic_matmul_with_its_own_weight_in_an_if_branch_is_quantized_there() {
-    let then_g = graph(
-        "then",
-        vec![node("MatMul", "then_mm", &["x", "Wt"], &["then_y"], vec![])],
-        vec![],
-        vec![f32_info("then_y", &[2, 8])],
-        vec![f32_init("Wt", &[16, 8], &rand_f32(128, 51, 0.5))],
-    );
-    let else_g = graph(
-        "else",
-        vec![node("MatMul", "else_mm", &["x", "We"], &["else_y"], vec![])],
-        vec![],
-        vec![f32_info("else_y", &[2, 8])],
-        vec![f32_init("We", &[16, 8], &rand_f32(128, 52, 0.5))],
-    );
-    let p = model(
-        13,
-        graph(
-            "g",
-            vec![node(
-                "If",
-                "if",
-                &["cond"],
-                &["y"],
-                vec![attr_g("then_branch", then_g), attr_g("else_branch", else_g)],
-            )],
-            vec![info("cond", DataType::Bool, &[]), f32_info("x", &[2, 16])],
-            vec![out("y")],
-            vec![],
-        ),
-    );
+    let p = if_with_branch_matmuls(16, 8, 51);
     let r = run_pass(&p, D);
     assert_eq!(r.changes(), 2, "{:?}", r.notes());
     let g = r.g();
     let mut new_names = Vec::new();
-    for (b, out) in [("then_branch", "then_y"), ("else_branch", "else_y")] {
+    for (b, out) in [("then_branch", "then_out"), ("else_branch", "else_out")] {
         let bg = branch(g, "if", b);
         assert_eq!(count(bg, "MatMulInteger"), 1, "{b}: {:?}", ops(bg));
         assert_eq!(count(bg, "MatMul"), 0, "{b}");

@@ -258,19 +258,7 @@ fn assert_packed(g: &pb::GraphProto, n: &pb::NodeProto, want: &Reference, k: usi
 // ---------------------------------------------------------------------------------------------
 // onnxruntime
 
-fn python() -> PathBuf {
-    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let p = std::env::var_os("ONNXOPT_PYTHON")
-        .filter(|p| !p.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo.join("target/pyenv/bin/python"));
-    assert!(
-        p.exists(),
-        "no Python with onnxruntime: set ONNXOPT_PYTHON or run tests/run.sh (looked for {})",
-        p.display()
-    );
-    p
-}
+use super::python;
 
 fn py(script: &str, args: &[&std::path::Path]) -> String {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
