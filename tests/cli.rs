@@ -1323,3 +1323,33 @@ fn inspect_json_has_the_documented_fields() {
     }
     assert_no_failures("inspect --json fields", models.len(), &failures);
 }
+
+/// Written files get the mode any new file gets, 0666 less the umask (not the temporary
+/// file's private 0600), for the model and its external data.
+#[test]
+fn output_files_follow_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempdir();
+    // Weights in initializers, so that external data is written.
+    let m = repo().join("models/magika-standard-v3-3.onnx");
+    for (umask, want) in [("022", 0o644), ("077", 0o600)] {
+        let out = dir.path().join(format!("u{umask}.onnx"));
+        let status = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "umask {umask} && exec \"$0\" optimize \"$1\" -o \"$2\" --passes none --external-data --no-check"
+            ))
+            .arg(BIN)
+            .arg(&m)
+            .arg(&out)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "umask {umask}");
+        let data = dir.path().join(format!("u{umask}.onnx.data"));
+        for f in [&out, &data] {
+            let mode = fs::metadata(f).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, want, "{} under umask {umask}: {mode:o}", f.display());
+        }
+    }
+}

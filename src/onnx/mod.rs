@@ -176,6 +176,7 @@ pub fn save_proto(proto: &mut pb::ModelProto, path: &Path, opts: &SaveOptions) -
         let mut tmp = tempfile::Builder::new()
             .prefix(&format!(".{data_name}."))
             .suffix(".tmp")
+            .permissions(output_permissions())
             .tempfile_in(&dir)
             .with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
         let written = {
@@ -196,6 +197,7 @@ pub fn save_proto(proto: &mut pb::ModelProto, path: &Path, opts: &SaveOptions) -
     let mut tmp = tempfile::Builder::new()
         .prefix(&format!(".{file_name}."))
         .suffix(".tmp")
+        .permissions(output_permissions())
         .tempfile_in(&dir)
         .with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
     let len = proto.encoded_len() as u64;
@@ -218,6 +220,13 @@ pub fn save_proto(proto: &mut pb::ModelProto, path: &Path, opts: &SaveOptions) -
     tmp.persist(path)
         .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(info)
+}
+
+/// Mode of written files: 0666 less the process umask, as for any file a program creates
+/// (the temporary file would otherwise keep tempfile's private 0600 after the rename).
+fn output_permissions() -> std::fs::Permissions {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::Permissions::from_mode(0o666)
 }
 
 fn same_file(a: &Path, b: &Path) -> bool {
