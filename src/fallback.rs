@@ -155,7 +155,20 @@ fn layers(g: &Graph, opts: &PassOptions) -> Vec<Layer> {
 pub fn with_probes(mut proto: pb::ModelProto, names: &BTreeSet<String>) -> pb::ModelProto {
     if let Some(g) = proto.graph.as_mut() {
         let existing: BTreeSet<String> = g.output.iter().map(|o| o.name().to_string()).collect();
-        for n in names.difference(&existing) {
+        // Only values the graph has (node outputs, graph inputs): a pass may have folded a
+        // probed value away, and tract panics on an output name nothing produces.
+        let produced: BTreeSet<&str> = g
+            .node
+            .iter()
+            .flat_map(|n| n.output.iter().map(String::as_str))
+            .chain(g.input.iter().map(|i| i.name()))
+            .collect();
+        let wanted: Vec<String> = names
+            .difference(&existing)
+            .filter(|n| produced.contains(n.as_str()))
+            .cloned()
+            .collect();
+        for n in &wanted {
             g.output.push(pb::ValueInfoProto {
                 name: Some(n.clone()),
                 ..Default::default()
@@ -481,6 +494,31 @@ mod tests {
             params,
         };
         assert!(rank(&layer(432), 60.0, 48.0) > rank(&layer(57_600), 60.0, 48.0));
+    }
+
+    #[test]
+    fn probes_name_only_values_the_graph_has() {
+        use crate::verify::testutil::{info, model, node, out};
+        let p = model(
+            vec![node("Relu", "relu", &["x"], &["y"], vec![])],
+            vec![info("x", pb::tensor_proto::DataType::Float, &[2])],
+            vec![out("y")],
+            vec![],
+        );
+        let names: BTreeSet<String> = ["x", "y", "folded_away"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let probed = with_probes(p, &names);
+        let outs: Vec<&str> = probed
+            .graph
+            .as_ref()
+            .unwrap()
+            .output
+            .iter()
+            .map(|o| o.name())
+            .collect();
+        assert_eq!(outs, ["y", "x"]);
     }
 
     #[test]

@@ -20,6 +20,27 @@ use onnxopt::report::Reporter;
 use onnxopt::verify::{self, Gates, InputOptions, Verification};
 use onnxopt::{onnx, passes};
 
+/// The check's inputs for `quantize`: what the options say or, when they name no input at all
+/// and calibration samples come as a folder, its first sample (real data, where generated
+/// inputs would give symbolic dims the size 1).
+fn check_inputs(
+    opts: onnxopt::verify::inputs::InputOptions,
+    calibration: Option<&std::path::Path>,
+) -> onnxopt::verify::inputs::InputOptions {
+    if opts.npz.is_some() || !opts.shapes.is_empty() || !opts.values.is_empty() {
+        return opts;
+    }
+    let first = calibration
+        .filter(|c| c.is_dir())
+        .and_then(|c| std::fs::read_dir(c).ok())
+        .and_then(|d| {
+            d.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "npz"))
+                .min()
+        });
+    onnxopt::verify::inputs::InputOptions { npz: first, ..opts }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
@@ -432,7 +453,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 },
                 save: save_options(&a.model, &a.save),
                 check: !a.no_check,
-                inputs: input_options(&a.check)?,
+                inputs: check_inputs(input_options(&a.check)?, a.calibration.as_deref()),
                 gates: gates(&a.check),
                 validate_each: false,
                 check_float_equivalent: a.mode == Mode::WeightOnly && !tract_runs,

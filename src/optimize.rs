@@ -221,8 +221,14 @@ pub fn optimize(cfg: &OptimizeConfig, reporter: &dyn Reporter) -> Result<Optimiz
         if ran && (min_cosine(c).is_some_and(|m| m < target) || top1_missed) {
             let r = reference.as_ref().context("no reference")?;
             let prepared = verify::inputs::prepare_inputs(r, &cfg.inputs)?;
+            // The check's inputs may be the first calibration sample: not twice.
+            let extra = calibration_sets(r, &cfg.pass_options)?;
             let mut sets = vec![prepared.tensors];
-            sets.extend(calibration_sets(r, &cfg.pass_options)?);
+            for s in extra {
+                if s != sets[0] {
+                    sets.push(s);
+                }
+            }
             let (m, suffix_records, fb) = crate::fallback::run(
                 snapshot,
                 suffix,
@@ -397,6 +403,18 @@ pub fn format_report(r: &OptimizeReport) -> String {
                     )
                 }
             );
+            for i in &c.inputs {
+                let from = match &i.source {
+                    verify::inputs::InputSource::Npz { path } => format!("from {}", path.display()),
+                    verify::inputs::InputSource::Value { value } => format!("all {value}"),
+                    verify::inputs::InputSource::Random {
+                        seed, low, high, ..
+                    } => format!(
+                        "generated, uniform in [{low}, {high}], seed {seed} (give real inputs with --inputs)"
+                    ),
+                };
+                let _ = writeln!(s, "input {} {} {:?}: {from}", i.name, i.dtype, i.shape);
+            }
             s.push_str(&verify::format_table(c));
         }
         None => {

@@ -604,3 +604,42 @@ fn quantize_static_stores_the_weights_it_leaves_in_float_in_int8() {
     assert!(f_cast < 20_000, "{counts:?}");
     assert!(f_keep > 100_000, "{counts:?}");
 }
+
+/// `--all-layers` quantizes the Convs static mode otherwise leaves in float; the fallback then
+/// has folded layers to put back (their old output names gone) and must still meet the gate.
+/// Without `--inputs`, the check runs on the first calibration sample, and says so.
+#[test]
+fn quantize_static_all_layers_falls_back_on_folded_layers_and_checks_a_calibration_sample() {
+    let stem = "ppocr-mobile-v2-cls";
+    let dir = tempdir();
+    let cal = samples(stem, dir.path(), 4, 7, false);
+    let out = dir.path().join("q.onnx");
+    let report = dir.path().join("q.json");
+    let r = run_slow(&[
+        "quantize".into(),
+        model(stem).into(),
+        "-o".into(),
+        out.clone().into(),
+        "--mode".into(),
+        "static".into(),
+        "--calibration".into(),
+        cal.clone().into(),
+        "--all-layers".into(),
+        "--report".into(),
+        report.clone().into(),
+    ]);
+    assert!(r.ok(), "{}", r.describe());
+    let first = cal.join("sample_000.npz");
+    let text = format!("{}{}", r.stdout, r.stderr);
+    let want = format!("input x F32 [1, 3, 48, 192]: from {}", first.display());
+    assert!(text.contains(&want), "{text}");
+    let v = read_json(&report);
+    let fb = &v["fallback"];
+    assert_eq!(fb["met"], true, "{fb}");
+    assert!(fb["kept"].as_array().unwrap().len() < 54, "{fb}");
+    assert!(v["check"]["inputs"][0]["source"]["path"]
+        .as_str()
+        .unwrap()
+        .ends_with("sample_000.npz"));
+    py("check.py", &[&out]).expect_ok();
+}
