@@ -26,7 +26,8 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Run a pass pipeline on a model and write the result (checked in tract by default).
     Optimize(OptimizeArgs),
-    /// Quantize a model (weight-only, fp16/bf16) and check the result in tract.
+    /// Quantize a model (weight-only, dynamic, calibrated static, fp16/bf16) and check the
+    /// result in tract.
     Quantize(QuantizeArgs),
     /// Run two models in tract on the same inputs and compare their outputs.
     Compare(CompareArgs),

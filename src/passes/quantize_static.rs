@@ -1178,7 +1178,10 @@ fn run(model: &mut Model, opts: &PassOptions) -> Result<PassStats> {
         .map(|(_, v)| v)
         .sum();
     stats.changes = units_done;
-    let summary: Vec<String> = counts.iter().map(|(k, v)| format!("{v} {k}")).collect();
+    let mut summary: Vec<String> = counts.iter().map(|(k, v)| format!("{v} {k}")).collect();
+    if summary.is_empty() {
+        summary.push("nothing".into());
+    }
     stats.notes.push(format!(
         "{} quantized ({} activation Q/DQ pairs, {} {} weights, {} activations){}",
         summary.join(", "),
