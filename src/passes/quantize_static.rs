@@ -701,7 +701,7 @@ fn run(model: &mut Model, opts: &PassOptions) -> Result<PassStats> {
         },
         cal.seconds,
         if cal.cached {
-            " (cached from an earlier run)"
+            " (cached: calibrated earlier in this process)"
         } else {
             ""
         }
