@@ -344,6 +344,43 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 !(scheme.pow2 && a.asymmetric),
                 "--scale pow2 is symmetric (fixed point): drop --asymmetric"
             );
+            // Options of one mode given with another are refused, not ignored.
+            let misplaced: Vec<&str> = [
+                (
+                    a.calibration.is_some() && a.mode != Mode::Static,
+                    "--calibration",
+                ),
+                (a.all_layers && a.mode != Mode::Static, "--all-layers"),
+                (a.conv_integer && a.mode != Mode::Dynamic, "--conv-integer"),
+                (
+                    a.keep_float_weights && !matches!(a.mode, Mode::Static | Mode::Dynamic),
+                    "--keep-float-weights",
+                ),
+                (
+                    qtype != QType::Int8 && matches!(a.mode, Mode::Static | Mode::Dynamic),
+                    "--dtype (static and dynamic weights are int8)",
+                ),
+                (
+                    qtype != QType::Int8 && matches!(a.mode, Mode::Fp16 | Mode::Bf16),
+                    "--dtype",
+                ),
+            ]
+            .into_iter()
+            .filter_map(|(bad, name)| bad.then_some(name))
+            .collect();
+            if !misplaced.is_empty() {
+                use clap::ValueEnum;
+                let mode = a
+                    .mode
+                    .to_possible_value()
+                    .map(|v| v.get_name().to_string())
+                    .unwrap_or_default();
+                anyhow::bail!(
+                    "{} {} not apply to --mode {mode}; `onnxopt quantize --help` says which options each mode takes",
+                    misplaced.join(", "),
+                    if misplaced.len() == 1 { "does" } else { "do" }
+                );
+            }
             let weight_format = match a.format {
                 cli::FormatArg::Qdq => onnxopt::quant::WeightFormat::Qdq,
                 cli::FormatArg::Cast => {

@@ -643,3 +643,48 @@ fn quantize_static_all_layers_falls_back_on_folded_layers_and_checks_a_calibrati
         .ends_with("sample_000.npz"));
     py("check.py", &[&out]).expect_ok();
 }
+
+/// An option of one mode given with another is refused (exit 2, naming the option and the
+/// mode), not silently ignored; nothing is written.
+#[test]
+fn quantize_options_of_another_mode_are_refused() {
+    let dir = tempdir();
+    let out = dir.path().join("q.onnx");
+    let cal = model("ppocr-mobile-v2-cls").with_extension("npz");
+    let cal = cal.to_str().unwrap();
+    for (args, named) in [
+        (
+            vec!["--calibration", cal],
+            "--calibration does not apply to --mode weight-only",
+        ),
+        (
+            vec!["--keep-float-weights"],
+            "--keep-float-weights does not apply to --mode weight-only",
+        ),
+        (
+            vec!["--mode", "dynamic", "--all-layers"],
+            "--all-layers does not apply to --mode dynamic",
+        ),
+        (
+            vec!["--mode", "fp16", "--conv-integer"],
+            "--conv-integer does not apply to --mode fp16",
+        ),
+        (
+            vec!["--mode", "static", "--calibration", cal, "--dtype", "int4"],
+            "--dtype (static and dynamic weights are int8) does not apply to --mode static",
+        ),
+    ] {
+        let mut a: Vec<OsString> = vec![
+            "quantize".into(),
+            model("ppocr-mobile-v2-cls").into(),
+            "-o".into(),
+            out.clone().into(),
+            "--no-check".into(),
+        ];
+        a.extend(args.iter().map(OsString::from));
+        let r = run_slow(&a);
+        assert_eq!(r.code, Some(2), "{args:?}: {}", r.describe());
+        assert!(r.stderr.contains(named), "{args:?}: {}", r.stderr);
+        assert!(!out.exists(), "{args:?}");
+    }
+}
