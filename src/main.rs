@@ -344,6 +344,38 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 !(scheme.pow2 && a.asymmetric),
                 "--scale pow2 is symmetric (fixed point): drop --asymmetric"
             );
+            let weight_format = match a.format {
+                cli::FormatArg::Qdq => onnxopt::quant::WeightFormat::Qdq,
+                cli::FormatArg::Cast => {
+                    anyhow::ensure!(
+                        a.mode == Mode::WeightOnly,
+                        "--format cast is a weight-only format: use --mode weight-only"
+                    );
+                    anyhow::ensure!(
+                        !matches!(qtype, QType::Int4 | QType::Uint4)
+                            && !matches!(scheme.granularity, Granularity::Block(_)),
+                        "--format cast writes 8- and 16-bit weights per tensor or per channel: use --dtype int8/uint8/int16/uint16 without --granularity block"
+                    );
+                    onnxopt::quant::WeightFormat::Cast
+                }
+                cli::FormatArg::MatMulNBits => {
+                    anyhow::ensure!(
+                        a.mode == Mode::WeightOnly,
+                        "--format matmulnbits is a weight-only format: use --mode weight-only"
+                    );
+                    anyhow::ensure!(
+                        matches!(qtype, QType::Int4 | QType::Uint4)
+                            && matches!(scheme.granularity, Granularity::Block(_)),
+                        "--format matmulnbits writes 4-bit blocks: use --dtype int4 or uint4 with --granularity block"
+                    );
+                    anyhow::ensure!(
+                        onnxopt::quant::nbits::valid_block_size(a.block_size),
+                        "--format matmulnbits: --block-size {} must be a power of two >= 16 (MatMulNBits' block_size)",
+                        a.block_size
+                    );
+                    onnxopt::quant::WeightFormat::MatMulNBits
+                }
+            };
             // Options of one mode given with another are refused, not ignored.
             let misplaced: Vec<&str> = [
                 (
@@ -381,38 +413,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     if misplaced.len() == 1 { "does" } else { "do" }
                 );
             }
-            let weight_format = match a.format {
-                cli::FormatArg::Qdq => onnxopt::quant::WeightFormat::Qdq,
-                cli::FormatArg::Cast => {
-                    anyhow::ensure!(
-                        a.mode == Mode::WeightOnly,
-                        "--format cast is a weight-only format: use --mode weight-only"
-                    );
-                    anyhow::ensure!(
-                        !matches!(qtype, QType::Int4 | QType::Uint4)
-                            && !matches!(scheme.granularity, Granularity::Block(_)),
-                        "--format cast writes 8- and 16-bit weights per tensor or per channel: use --dtype int8/uint8/int16/uint16 without --granularity block"
-                    );
-                    onnxopt::quant::WeightFormat::Cast
-                }
-                cli::FormatArg::MatMulNBits => {
-                    anyhow::ensure!(
-                        a.mode == Mode::WeightOnly,
-                        "--format matmulnbits is a weight-only format: use --mode weight-only"
-                    );
-                    anyhow::ensure!(
-                        matches!(qtype, QType::Int4 | QType::Uint4)
-                            && matches!(scheme.granularity, Granularity::Block(_)),
-                        "--format matmulnbits writes 4-bit blocks: use --dtype int4 or uint4 with --granularity block"
-                    );
-                    anyhow::ensure!(
-                        onnxopt::quant::nbits::valid_block_size(a.block_size),
-                        "--format matmulnbits: --block-size {} must be a power of two >= 16 (MatMulNBits' block_size)",
-                        a.block_size
-                    );
-                    onnxopt::quant::WeightFormat::MatMulNBits
-                }
-            };
             let (node_schemes, float_nodes) = match &a.config {
                 Some(path) => read_config(path, &scheme)?,
                 None => Default::default(),
