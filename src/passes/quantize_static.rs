@@ -1984,6 +1984,33 @@ mod tests {
     }
 
     #[test]
+    fn calibration_samples_of_the_wrong_dtype_or_shape_are_named() {
+        let cases: [(TractTensor, &str); 2] = [
+            (
+                TractTensor::zero::<f64>(&X).unwrap(),
+                "array `x` is F64 [1, 64, 8, 8], but graph input `x` is F32 [1, 64, 8, 8]",
+            ),
+            (
+                TractTensor::zero::<f32>(&[1, 3, 8, 8]).unwrap(),
+                "array `x` is F32 [1, 3, 8, 8], but graph input `x` is F32 [1, 64, 8, 8]",
+            ),
+        ];
+        for (t, want) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            save_npz(&dir.path().join("s.npz"), &[("x".to_string(), t)]).unwrap();
+            let mut m = import(tiny_cnn(13));
+            let err = QuantizeStatic
+                .run(
+                    &mut m,
+                    &cal_opts(dir.path(), RangeMethod::MinMax, QType::Uint8),
+                )
+                .unwrap_err();
+            let msg = format!("{err:#}");
+            assert!(msg.contains(want) && msg.contains("s.npz"), "{msg}");
+        }
+    }
+
+    #[test]
     fn one_npz_with_a_batch_axis_is_split_into_samples() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("batch.npz");

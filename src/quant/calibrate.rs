@@ -335,6 +335,10 @@ struct InputDecl {
     name: String,
     rank: Option<usize>,
     first_dim: Option<i64>,
+    /// ONNX element type, when declared.
+    elem: Option<i32>,
+    /// Declared dims: `Some(n)` for a fixed size, `None` for a symbolic or unknown one.
+    dims: Option<Vec<Option<i64>>>,
 }
 
 fn declared_inputs(proto: &pb::ModelProto) -> Result<Vec<InputDecl>> {
@@ -356,7 +360,22 @@ fn declared_inputs(proto: &pb::ModelProto) -> Result<Vec<InputDecl>> {
                 Some(pb::tensor_shape_proto::dimension::Value::DimValue(v)) if v > 0 => Some(v),
                 _ => None,
             });
+        let elem = i.r#type.as_ref().and_then(|t| match &t.value {
+            Some(pb::type_proto::Value::TensorType(tt)) => tt.elem_type,
+            _ => None,
+        });
+        let dims = shape.map(|s| {
+            s.dim
+                .iter()
+                .map(|d| match d.value {
+                    Some(pb::tensor_shape_proto::dimension::Value::DimValue(v)) if v > 0 => Some(v),
+                    _ => None,
+                })
+                .collect()
+        });
         out.push(InputDecl {
+            elem,
+            dims,
             name: i.name().to_string(),
             rank,
             first_dim,
@@ -508,6 +527,49 @@ fn take_input(all: &[(String, Tensor)], name: &str, file: &Path) -> Result<Tenso
         })
 }
 
+/// Checks that a sample's value for `d` has the declared element type, rank and fixed dims;
+/// the error names the sample, the array and what the graph input declares.
+fn check_against(d: &InputDecl, t: &Tensor, label: &str) -> Result<()> {
+    let declared = d
+        .elem
+        .and_then(crate::verify::inputs::datum_type_of_onnx)
+        .map(|dt| format!("{dt:?}"))
+        .unwrap_or_else(|| "of undeclared type".into());
+    let dims = d.dims.as_ref().map(|ds| {
+        ds.iter()
+            .map(|x| x.map_or("?".to_string(), |v| v.to_string()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    });
+    let want = || {
+        format!(
+            "graph input `{}` is {declared} [{}]",
+            d.name,
+            dims.clone().unwrap_or_else(|| "rank unknown".into())
+        )
+    };
+    let dtype_ok = d
+        .elem
+        .and_then(crate::verify::inputs::datum_type_of_onnx)
+        .is_none_or(|dt| dt == t.datum_type() || !(dt.is_float() || t.datum_type().is_float()));
+    let shape_ok = d.dims.as_ref().is_none_or(|ds| {
+        ds.len() == t.rank()
+            && ds
+                .iter()
+                .zip(t.shape())
+                .all(|(want, &got)| want.is_none_or(|w| w as usize == got))
+    });
+    ensure!(
+        dtype_ok && shape_ok,
+        "calibration sample {label}: array `{}` is {:?} {:?}, but {}",
+        d.name,
+        t.datum_type(),
+        t.shape(),
+        want()
+    );
+    Ok(())
+}
+
 impl Iterator for Samples {
     type Item = Result<Sample>;
 
@@ -521,10 +583,15 @@ impl Iterator for Samples {
             Source::Files(files) => {
                 let file = &files[i];
                 load_npz(file).and_then(|all| {
+                    let label = file.display().to_string();
                     let tensors = self
                         .inputs
                         .iter()
-                        .map(|d| Ok((d.name.clone(), take_input(&all, &d.name, file)?)))
+                        .map(|d| {
+                            let t = take_input(&all, &d.name, file)?;
+                            check_against(d, &t, &label)?;
+                            Ok((d.name.clone(), t))
+                        })
                         .collect::<Result<Vec<_>>>()?;
                     Ok(Sample {
                         label: file.display().to_string(),
@@ -546,11 +613,16 @@ impl Iterator for Samples {
                     Ok((name.clone(), s))
                 })
                 .collect::<Result<Vec<_>>>()
-                .map(|tensors| Sample {
-                    label: format!("{}[{i}]", file.display()),
-                    tensors,
-                })
-                .with_context(|| format!("splitting calibration file {}", file.display())),
+                .with_context(|| format!("splitting calibration file {}", file.display()))
+                .and_then(|tensors| {
+                    let label = format!("{}[{i}]", file.display());
+                    for (name, t) in &tensors {
+                        if let Some(d) = self.inputs.iter().find(|d| &d.name == name) {
+                            check_against(d, t, &label)?;
+                        }
+                    }
+                    Ok(Sample { label, tensors })
+                }),
         })
     }
 }
