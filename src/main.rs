@@ -32,12 +32,8 @@ fn check_inputs(
     }
     let first = calibration
         .filter(|c| c.is_dir())
-        .and_then(|c| std::fs::read_dir(c).ok())
-        .and_then(|d| {
-            d.filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|x| x == "npz"))
-                .min()
-        });
+        .and_then(|c| onnxopt::quant::calibrate::sample_files(c).ok())
+        .and_then(|f| f.into_iter().next());
     onnxopt::verify::inputs::InputOptions { npz: first, ..opts }
 }
 

@@ -428,12 +428,7 @@ impl Samples {
     pub fn open(path: &Path, proto: &pb::ModelProto, max: usize) -> Result<Samples> {
         let inputs = declared_inputs(proto)?;
         let source = if path.is_dir() {
-            let mut files: Vec<PathBuf> = std::fs::read_dir(path)
-                .with_context(|| format!("reading calibration folder {}", path.display()))?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|x| x.eq_ignore_ascii_case("npz")))
-                .collect();
-            files.sort();
+            let files = sample_files(path)?;
             ensure!(
                 !files.is_empty(),
                 "calibration folder {} holds no .npz file",
@@ -511,6 +506,20 @@ impl Samples {
     }
 }
 
+/// The calibration samples of a folder: its `.npz` files (any case), in name order, the
+/// order calibration reads them.
+///
+/// Errors: the folder cannot be read.
+pub fn sample_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading calibration folder {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x.eq_ignore_ascii_case("npz")))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
 fn take_input(all: &[(String, Tensor)], name: &str, file: &Path) -> Result<Tensor> {
     all.iter()
         .find(|(k, _)| k == name)
@@ -530,9 +539,8 @@ fn take_input(all: &[(String, Tensor)], name: &str, file: &Path) -> Result<Tenso
 /// Checks that a sample's value for `d` has the declared element type, rank and fixed dims;
 /// the error names the sample, the array and what the graph input declares.
 fn check_against(d: &InputDecl, t: &Tensor, label: &str) -> Result<()> {
-    let declared = d
-        .elem
-        .and_then(crate::verify::inputs::datum_type_of_onnx)
+    let declared_dt = d.elem.and_then(crate::verify::inputs::datum_type_of_onnx);
+    let declared = declared_dt
         .map(|dt| format!("{dt:?}"))
         .unwrap_or_else(|| "of undeclared type".into());
     let dims = d.dims.as_ref().map(|ds| {
@@ -548,9 +556,7 @@ fn check_against(d: &InputDecl, t: &Tensor, label: &str) -> Result<()> {
             dims.clone().unwrap_or_else(|| "rank unknown".into())
         )
     };
-    let dtype_ok = d
-        .elem
-        .and_then(crate::verify::inputs::datum_type_of_onnx)
+    let dtype_ok = declared_dt
         .is_none_or(|dt| dt == t.datum_type() || !(dt.is_float() || t.datum_type().is_float()));
     let shape_ok = d.dims.as_ref().is_none_or(|ds| {
         ds.len() == t.rank()
