@@ -1,33 +1,47 @@
 //! Accuracy-gated fallback: keep the layers that cost the most accuracy in float until the
 //! result meets the cosine target.
 //!
-//! Sensitivity is measured on matched activations (the approach of NNCF's and Neural
-//! Compressor's accuracy-aware modes): the reference (the model before the lossy passes) and
-//! the quantized candidate run in tract on the same inputs with every quantizable layer's
-//! activation input and output exposed as extra graph outputs. A layer's cost is the SNR it
-//! loses, `SNR(input) - SNR(output)` in dB (each capped at 60 dB, which counts as exact), per
-//! square root of its weight count (a small layer is cheaper to keep in float), where `SNR(x) = 10 log10(sum a^2 / sum (a - b)^2)`
-//! over the reference `a` and candidate `b` activations (summed over the input sets). This
-//! favours layers whose input is still exact, the first quantized layers; ranking by the
-//! noise power a layer adds, `10^(-out/10) - 10^(-in/10)`, was tried and chased deep layers
-//! whose noise is mostly amplified from upstream: ppocrv4-rec came out 2.17x smaller instead of
-//! 3.75x (int8 weights) and 7.46 MB instead of 6.77 MB (static), at the same target. A layer's output is read under its
-//! own name or, when a pass folded the ops that follow it alone (bias Add, BatchNormalization,
-//! Relu, ...) into it, under the name at the end of that chain, which is the one that survives.
-//! The costliest layer not yet kept is
-//! kept in float, the lossy passes are re-run from the snapshot, and the loop repeats until
-//! every float graph output has cosine >= target on every input set or the iteration cap is
-//! reached. The input sets are the check's inputs and, for calibrated passes, a few of the
-//! calibration samples, so that the layers kept in float do not fit one input. One tract run
-//! of the candidate per input set and iteration; the reference runs once per set.
+//! Sensitivity is each layer's error alone: the SNR of its output when it is the only
+//! quantized layer and its input is exact, `SNR = 10 log10(sum a^2 / sum (a - b)^2)` over the
+//! reference `a` and quantized `b` values (summed over the input sets). One tract run measures
+//! every layer: the shadow model is the reference (the model before the lossy passes) plus, for
+//! each layer, a copy of what the quantized candidate made of it (the QuantizeLinear /
+//! DequantizeLinear pair on its input, its weights' dequantization, the layer, what a pass
+//! folded into it and its output pair) reading the reference's activations. This is the
+//! per-layer "SNR of matched activations" of NNCF's and Neural Compressor's accuracy-aware
+//! modes without the noise that arrives from upstream, which matched activations of a fully
+//! quantized model mix in: ranked on those, the fallback walked ppocrv4-rec front to back and
+//! kept 29 of 47 layers in float (6.3 MB) to reach cosine 0.99.
+//!
+//! Layers are ranked by the noise-to-signal ratio they add, `10^(-SNR/10)`, per square root of
+//! their weight count (of two equally noisy layers, the smaller one, cheaper to keep in float,
+//! goes first); layers whose error is below [`EXACT_DB`] are never kept. The fallback then
+//! looks for the shortest prefix of that ranking whose layers, kept in float, make every float
+//! graph output reach the cosine target on every input set: it re-runs the lossy passes from
+//! the snapshot with the k, 2k, 4k, ... first layers kept until the target holds, then bisects
+//! between the last miss and the first hit (a handful of candidate runs, where keeping one layer
+//! per run took one run per layer kept). `k` comes from a noise model ([`first_guess`]): the
+//! output's noise as the sum of the layers' noise alone, scaled to the measured start. Once the
+//! target holds, the three largest kept layers are tried back in int8, one at a time: the
+//! ranking is an estimate and output accuracy is not monotonic in it.
+//!
+//! A candidate meets the target only if it also does in tract's plain (unoptimized) plan on
+//! the check's own inputs, which is what the final check runs: the optimized plan, several
+//! times faster, rounds differently, and on ppocrv4-rec, whose output is a softmax with near
+//! ties, the two gave cosines 0.999 and 0.985 for one candidate. The input sets are the check's inputs and, for
+//! calibrated passes, a few of the calibration samples, so that the layers kept in float do not
+//! fit one input. A layer's output is read under its own name or, when a pass folded the ops
+//! that follow it alone (bias Add, BatchNormalization, Relu, ...) into it, under the name at
+//! the end of that chain, which is the one that survives with the same meaning (the layer's own
+//! output name then holds the folded value).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use anyhow::{Context, Result};
 use serde::Serialize;
 use tract_onnx::prelude::Tensor;
 
-use crate::ir::{Graph, Model, ValueDef};
+use crate::ir::{Graph, Model};
 use crate::onnx::export::to_proto;
 use crate::passes::manager::{run_pipeline, PassRecord};
 use crate::passes::quantize_weights::weight_axis;
@@ -45,12 +59,21 @@ pub struct KeptLayer {
     pub op: String,
     /// Its first output (the key used in [`PassOptions::keep_float`]).
     pub output: String,
-    /// SNR of its activation input when it was chosen, dB.
-    pub snr_in_db: f64,
-    /// SNR of its output when it was chosen, dB.
-    pub snr_out_db: f64,
-    /// Smallest output cosine before keeping it.
-    pub cosine_before: f64,
+    /// SNR of its output when it alone is quantized and its input is exact, dB (120 = exact).
+    pub snr_alone_db: f64,
+    /// Elements of its weights.
+    pub weights: usize,
+}
+
+/// One candidate the fallback ran.
+#[derive(Debug, Clone, Serialize)]
+pub struct Tried {
+    /// Layers kept in float: the first `kept` of the ranking.
+    pub kept: usize,
+    /// Smallest cosine of any float graph output on any input set.
+    pub cosine: f64,
+    /// Whether it met the target.
+    pub met: bool,
 }
 
 /// What the fallback did.
@@ -62,14 +85,20 @@ pub struct FallbackReport {
     pub start_cosine: f64,
     /// Smallest output cosine of the result.
     pub final_cosine: f64,
-    /// Layers kept in float, in the order chosen.
+    /// Layers kept in float, costliest first.
     pub kept: Vec<KeptLayer>,
     /// Quantizable layers in the main graph.
     pub layers: usize,
+    /// Layers whose error alone was measured (the others rank last, in node order).
+    pub measured: usize,
     /// Candidate runs made.
     pub iterations: usize,
+    /// The candidates run, in order.
+    pub tried: Vec<Tried>,
     /// True when the target was met.
     pub met: bool,
+    /// Why the layers were not ranked by their error alone, when they were not.
+    pub note: Option<String>,
 }
 
 /// A quantizable layer of the main graph: node label and the activation names around it.
@@ -81,7 +110,6 @@ struct Layer {
     /// follow it alone (a bias Add, a BatchNormalization, an activation), which a lossy pass
     /// may fold into the layer, so that only the last of these names survives.
     readable: Vec<String>,
-    input: Option<String>,
     /// Elements of its weights (what keeping it in float costs in size).
     params: usize,
 }
@@ -116,10 +144,6 @@ fn layers(g: &Graph, opts: &PassOptions) -> Vec<Layer> {
         if !weighted {
             continue;
         }
-        let input = n.inputs.first().copied().flatten().and_then(|v| {
-            matches!(g.value(v).def, ValueDef::Node(..) | ValueDef::Input)
-                .then(|| g.value(v).name.clone())
-        });
         let mut readable = vec![g.value(*o).name.clone()];
         let mut v = *o;
         for _ in 0..EPILOGUE_STEPS {
@@ -130,8 +154,18 @@ fn layers(g: &Graph, opts: &PassOptions) -> Vec<Layer> {
                 break;
             };
             let rn = g.node(*r);
+            // Only ops whose other operands are constants: what a pass can fold.
+            let constant_operands = rn
+                .inputs
+                .iter()
+                .flatten()
+                .all(|&i| i == v || g.initializer(i).is_some());
             match rn.outputs.first() {
-                Some(Some(next)) if rn.domain().is_empty() && EPILOGUE.contains(&rn.op_type()) => {
+                Some(Some(next))
+                    if rn.domain().is_empty()
+                        && EPILOGUE.contains(&rn.op_type())
+                        && constant_operands =>
+                {
                     v = *next;
                     readable.push(g.value(v).name.clone());
                 }
@@ -143,7 +177,6 @@ fn layers(g: &Graph, opts: &PassOptions) -> Vec<Layer> {
             op: n.op_type().to_string(),
             output: g.value(*o).name.clone(),
             readable,
-            input,
             params,
         });
     }
@@ -178,25 +211,18 @@ pub fn with_probes(mut proto: pb::ModelProto, names: &BTreeSet<String>) -> pb::M
     proto
 }
 
-/// SNR above which an activation counts as exact, dB: int8 weights alone give 40 to 50 dB on a
-/// layer, activations in int8 less.
+/// SNR above which a layer's error alone counts as none, dB: int8 weights alone give 40 to 50
+/// dB on a layer, activations in int8 less.
 const EXACT_DB: f64 = 60.0;
 
-/// A layer's cost: the SNR it loses, `in - out` in dB, both capped at [`EXACT_DB`]. Without
-/// the cap, the first layer after an exact prefix (120 dB in) always ranked first even when it
-/// added almost no noise (50 dB out), and the fallback walked the graph in node order: on
-/// ppocr-mobile-v2-cls calibrated on one sample it kept all 54 layers in float while the 4
-/// quantized layers that cost the accuracy (4 to 12 dB out) waited their turn.
-fn cost(snr_in: f64, snr_out: f64) -> f64 {
-    snr_in.min(EXACT_DB) - snr_out.min(EXACT_DB)
-}
-
-/// The order in which layers go back to float: [`cost`] per square root of the layer's weight
-/// count, so that of two layers losing as much, the smaller one (cheaper to keep in float) goes
-/// first. On ppocrv4-rec with int8 weights, ranking by cost alone kept one large 1x1 Conv
-/// (3.03x smaller); this keeps the two stem Convs of 432 and 144 weights (3.75x).
-fn rank(l: &Layer, snr_in: f64, snr_out: f64) -> f64 {
-    cost(snr_in, snr_out) / (l.params.max(1) as f64).sqrt()
+/// A layer's place in the ranking: the noise-to-signal ratio it adds alone, `10^(-snr/10)`,
+/// per square root of its weight count. The ratio spans decades between layers (a layer with
+/// an outlier-stretched activation range at 20 dB against a well-behaved one at 45 dB is 300x
+/// noisier) where weight counts rarely differ by more than 30x in square root, so size only
+/// orders layers of similar noise; ranking the SNR in dB per square root of the weight count
+/// instead kept every small early layer of ppocrv4-rec before the noisy large ones.
+fn score(snr_alone_db: f64, weights: usize) -> f64 {
+    10f64.powf(-snr_alone_db / 10.0) / (weights.max(1) as f64).sqrt()
 }
 
 /// Signal power `sum a^2` and noise power `sum (a - b)^2` of a reference `a` and candidate `b`.
@@ -269,17 +295,18 @@ fn top1(a: &[f32], b: &[f32], last: usize) -> Option<f64> {
 
 /// Runs `proto` with the values `probes` exposed on every input set; float values only.
 ///
-/// Uses tract's optimized plan (several times faster; the layer costs and cosines need not be
-/// bit-exact, the final check is), and the plain typed plan when that fails.
+/// With `optimize`, uses tract's optimized plan (several times faster, but not bit-exact with
+/// the plain plan the final check runs), and the plain typed plan when that fails.
 fn run_probed(
     proto: pb::ModelProto,
     probes: &BTreeSet<String>,
     sets: &[Vec<(String, Tensor)>],
     what: &str,
+    optimize: bool,
     mut each: impl FnMut(Outputs),
 ) -> Result<()> {
     let proto = with_probes(proto, probes);
-    let mut runner = Runner::new(&proto, true)?;
+    let mut runner = Runner::new(&proto, optimize)?;
     for set in sets {
         let outs = match runner.run(set) {
             Ok(o) => o,
@@ -307,12 +334,229 @@ fn run_probed(
     Ok(())
 }
 
-/// Re-runs `suffix` on copies of `snapshot` until every float output of the graph reaches
-/// cosine `target` against `snapshot` on every input set of `inputs` (each one value per graph
-/// input), keeping the costliest layer in float each round. Layer costs sum the signal and
-/// noise powers over the sets, so that the choice does not fit one input.
+/// One layer's copy in the shadow model: the name of its output there, and the reference's
+/// value it is compared with.
+struct Shadow {
+    output: String,
+    reference: String,
+}
+
+/// Longest chain of nodes from a layer to the end of what was folded into it and its output
+/// pair, and most nodes in one layer's shadow.
+const SHADOW_CHAIN: usize = EPILOGUE_STEPS + 4;
+const SHADOW_NODES: usize = 64;
+
+/// `reference` with a shadow of every layer appended (see the module documentation): the
+/// candidate's nodes for that layer, renamed under `shadow<i>/`, reading the reference's
+/// activations, with the copy of the layer's output as a graph output.
 ///
-/// Returns the final model, the pass records of its last run, and the report.
+/// A layer's shadow is the candidate's node of the same name and op type, the single-reader
+/// chain from it to the last of its [`Layer::readable`] names the candidate produces, and,
+/// backwards from the inputs of those nodes, every candidate node and initializer up to values
+/// the reference computes (its node outputs and graph inputs). A layer gets no shadow
+/// (`None`) when the candidate has no such node or chain, the shadow would hold a subgraph,
+/// or the models' default-domain opsets differ.
+fn with_shadows(
+    mut reference: pb::ModelProto,
+    candidate: &pb::ModelProto,
+    layers: &[Layer],
+) -> (pb::ModelProto, Vec<Option<Shadow>>) {
+    let mut shadows: Vec<Option<Shadow>> = layers.iter().map(|_| None).collect();
+    let default_opset = |m: &pb::ModelProto| {
+        m.opset_import
+            .iter()
+            .find(|o| o.domain().is_empty())
+            .map(|o| o.version())
+    };
+    let (Some(rg), Some(cg)) = (reference.graph.as_ref(), candidate.graph.as_ref()) else {
+        return (reference, shadows);
+    };
+    if default_opset(&reference) != default_opset(candidate) {
+        return (reference, shadows);
+    }
+    let ref_inits: HashSet<&str> = rg.initializer.iter().map(|t| t.name()).collect();
+    let activations: HashSet<&str> = rg
+        .node
+        .iter()
+        .flat_map(|n| n.output.iter().map(String::as_str))
+        .chain(rg.input.iter().map(|i| i.name()))
+        .filter(|n| !n.is_empty() && !ref_inits.contains(n))
+        .collect();
+    let inits: HashMap<&str, &pb::TensorProto> =
+        cg.initializer.iter().map(|t| (t.name(), t)).collect();
+    let mut producer: HashMap<&str, usize> = HashMap::new();
+    let mut readers: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (k, n) in cg.node.iter().enumerate() {
+        for o in n.output.iter().filter(|o| !o.is_empty()) {
+            producer.insert(o, k);
+        }
+        for i in n.input.iter().filter(|i| !i.is_empty()) {
+            readers.entry(i).or_default().push(k);
+        }
+    }
+    let mut nodes_out = Vec::new();
+    let mut inits_out = Vec::new();
+    let mut outputs_out = Vec::new();
+    for (ix, l) in layers.iter().enumerate() {
+        let Some(start) = cg
+            .node
+            .iter()
+            .position(|n| n.name() == l.node && n.op_type() == l.op)
+        else {
+            continue;
+        };
+        let Some(end) = l
+            .readable
+            .iter()
+            .rev()
+            .find(|n| producer.contains_key(n.as_str()))
+        else {
+            continue;
+        };
+        // The chain from the layer to `end`, one reader at a time.
+        let mut chain = vec![start];
+        let mut v = cg.node[start].output.first().map(String::as_str);
+        while v.is_some_and(|v| v != end) && chain.len() <= SHADOW_CHAIN {
+            match v.and_then(|v| readers.get(v)).map(Vec::as_slice) {
+                Some(&[r]) => {
+                    chain.push(r);
+                    v = cg.node[r].output.first().map(String::as_str);
+                }
+                _ => v = None,
+            }
+        }
+        if v != Some(end.as_str()) {
+            continue;
+        }
+        // Backwards from the chain's inputs to the reference's activations.
+        let mut nodes: BTreeSet<usize> = chain.iter().copied().collect();
+        let mut used: BTreeSet<&str> = BTreeSet::new();
+        let mut stack: Vec<&str> = chain
+            .iter()
+            .flat_map(|&k| cg.node[k].input.iter().map(String::as_str))
+            .collect();
+        let mut ok = true;
+        while let Some(v) = stack.pop() {
+            let produced_here = producer.get(v).is_some_and(|p| nodes.contains(p));
+            if v.is_empty() || produced_here {
+                continue;
+            }
+            if inits.contains_key(v) {
+                used.insert(v);
+            } else if activations.contains(v) {
+                // read from the reference
+            } else if let Some(&p) = producer.get(v).filter(|_| nodes.len() < SHADOW_NODES) {
+                nodes.insert(p);
+                stack.extend(cg.node[p].input.iter().map(String::as_str));
+            } else {
+                ok = false;
+                break;
+            }
+        }
+        let subgraph = nodes.iter().any(|&k| {
+            cg.node[k]
+                .attribute
+                .iter()
+                .any(|a| a.g.is_some() || !a.graphs.is_empty())
+        });
+        if !ok || subgraph {
+            continue;
+        }
+        let prefix = format!("shadow{ix}/");
+        let local: HashSet<&str> = nodes
+            .iter()
+            .flat_map(|&k| cg.node[k].output.iter().map(String::as_str))
+            .chain(used.iter().copied())
+            .collect();
+        let rename = |v: &String| {
+            if local.contains(v.as_str()) {
+                format!("{prefix}{v}")
+            } else {
+                v.clone()
+            }
+        };
+        for &k in &nodes {
+            let mut n = cg.node[k].clone();
+            n.name = Some(format!("{prefix}{}", n.name()));
+            n.input = n.input.iter().map(rename).collect();
+            n.output = n.output.iter().map(rename).collect();
+            nodes_out.push(n);
+        }
+        for u in &used {
+            let mut t = inits[u].clone();
+            t.name = Some(format!("{prefix}{u}"));
+            inits_out.push(t);
+        }
+        let output = format!("{prefix}{end}");
+        outputs_out.push(pb::ValueInfoProto {
+            name: Some(output.clone()),
+            ..Default::default()
+        });
+        shadows[ix] = Some(Shadow {
+            output,
+            reference: end.clone(),
+        });
+    }
+    for o in &candidate.opset_import {
+        if !reference
+            .opset_import
+            .iter()
+            .any(|r| r.domain() == o.domain())
+        {
+            reference.opset_import.push(o.clone());
+        }
+    }
+    if let Some(g) = reference.graph.as_mut() {
+        g.node.extend(nodes_out);
+        g.initializer.extend(inits_out);
+        g.output.extend(outputs_out);
+    }
+    (reference, shadows)
+}
+
+/// A candidate's smallest output cosine and top-1 agreement over the input sets (see
+/// [`run_probed`] for `optimize`).
+fn check_candidate(
+    model: &Model,
+    reference: &[Outputs],
+    graph_outputs: &[String],
+    inputs: &[Vec<(String, Tensor)>],
+    optimize: bool,
+) -> Result<(f64, f64)> {
+    let (mut min_cos, mut min_top1) = (1.0f64, 1.0f64);
+    let mut set = 0;
+    run_probed(
+        to_proto(model)?,
+        &BTreeSet::new(),
+        inputs,
+        "candidate",
+        optimize,
+        |c| {
+            let r = &reference[set];
+            set += 1;
+            for n in graph_outputs {
+                if let (Some((a, last)), Some((b, _))) = (r.get(n), c.get(n)) {
+                    min_cos = min_cos.min(cosine(a, b));
+                    if let Some(t) = top1(a, b, *last) {
+                        min_top1 = min_top1.min(t);
+                    }
+                }
+            }
+        },
+    )
+    .context("the quantized model does not run in tract")?;
+    Ok((min_cos, min_top1))
+}
+
+/// Re-runs `suffix` on copies of `snapshot` with layers kept in float until every float output
+/// of the graph reaches cosine `target` against `snapshot` on every input set of `inputs` (each
+/// one value per graph input), and, with `max_accuracy_drop`, top-1 agrees that closely.
+/// Layers are ranked once, by their error alone; the shortest prefix of the ranking that meets
+/// the target is searched for (see the module documentation), in at most `max_iterations`
+/// candidate runs.
+///
+/// Returns the model of the shortest prefix found that meets the target (or, when none does,
+/// of the longest tried), the pass records of the run that made it, and the report.
 ///
 /// Errors: a pass fails, or tract cannot run the snapshot or a candidate (the caller has
 /// already checked that tract runs the original).
@@ -335,108 +579,250 @@ pub fn run(
         .iter()
         .map(|p| snapshot.graph.value(p.value).name.clone())
         .collect();
-    let mut probes: BTreeSet<String> = BTreeSet::new();
-    for l in &layers {
-        probes.extend(l.readable.iter().cloned());
-        if let Some(i) = &l.input {
-            probes.insert(i.clone());
-        }
-    }
-    reporter.phase("fallback: running the reference with activations exposed");
-    let mut reference: Vec<Outputs> = Vec::new();
-    run_probed(to_proto(snapshot)?, &probes, inputs, "reference", |o| {
-        reference.push(o)
-    })?;
-    reporter.phase_done();
-    let mut opts = opts.clone();
-    let mut kept: Vec<KeptLayer> = Vec::new();
-    let mut iterations = 0;
-    let mut start_cosine = None;
-    loop {
+    let candidate = |keep: &[usize]| -> Result<(Model, Vec<PassRecord>)> {
+        let mut o = opts.clone();
+        o.keep_float
+            .extend(keep.iter().map(|&i| layers[i].output.clone()));
         let mut model = snapshot.clone();
-        let records = run_pipeline(&mut model, suffix, &opts, validate_each, reporter)?;
+        let records = run_pipeline(&mut model, suffix, &o, validate_each, reporter)?;
+        Ok((model, records))
+    };
+    let first = candidate(&[])?;
+
+    reporter.phase("fallback: measuring each layer alone against the reference");
+    let (shadowed, shadows) = with_shadows(to_proto(snapshot)?, &to_proto(&first.0)?, &layers);
+    let probes: BTreeSet<String> = shadows
+        .iter()
+        .flatten()
+        .map(|s| s.reference.clone())
+        .collect();
+    let mut powers_alone = vec![(0f64, 0f64); layers.len()];
+    let mut reference: Vec<Outputs> = Vec::new();
+    let mut note = None;
+    let measured = run_probed(shadowed, &probes, inputs, "shadow model", true, |mut o| {
+        for (i, s) in shadows.iter().enumerate() {
+            if let Some(s) = s {
+                if let (Some((a, _)), Some((b, _))) = (o.get(&s.reference), o.get(&s.output)) {
+                    let (sig, noise) = powers(a, b);
+                    powers_alone[i].0 += sig;
+                    powers_alone[i].1 += noise;
+                }
+            }
+        }
+        o.retain(|k, _| graph_outputs.contains(k));
+        reference.push(o);
+    });
+    let snr_alone: Vec<Option<f64>> = match measured {
+        Ok(()) => shadows
+            .iter()
+            .zip(&powers_alone)
+            .map(|(s, &(sig, noise))| s.as_ref().map(|_| db(sig, noise)))
+            .collect(),
+        Err(e) => {
+            // tract cannot run the shadows: the reference alone, layers in node order.
+            note = Some(format!(
+                "the layers' errors alone could not be measured, so they were tried in node order: {e:#}"
+            ));
+            reference.clear();
+            run_probed(
+                to_proto(snapshot)?,
+                &BTreeSet::new(),
+                inputs,
+                "reference",
+                true,
+                |o| reference.push(o),
+            )?;
+            layers.iter().map(|_| None).collect()
+        }
+    };
+    // The check's own inputs with the plain plan, as the final check runs them: a candidate
+    // that meets the target with the optimized plan must also meet it there (on ppocrv4-rec,
+    // whose output is a softmax with near ties, the two plans gave cosine 0.999 and 0.985).
+    let mut exact_reference: Vec<Outputs> = Vec::new();
+    run_probed(
+        to_proto(snapshot)?,
+        &BTreeSet::new(),
+        &inputs[..inputs.len().min(1)],
+        "reference",
+        false,
+        |o| exact_reference.push(o),
+    )?;
+    reporter.phase_done();
+
+    // The ranking: measured layers by score, then unmeasured ones in node order.
+    let mut order: Vec<usize> = (0..layers.len())
+        .filter(|&i| snr_alone[i].is_none_or(|d| d < EXACT_DB))
+        .collect();
+    let key = |i: usize| snr_alone[i].map_or(f64::NEG_INFINITY, |d| score(d, layers[i].params));
+    order.sort_by(|&a, &b| key(b).total_cmp(&key(a)).then(a.cmp(&b)));
+
+    let mut tried: Vec<Tried> = Vec::new();
+    let mut evaluate = |kept: Vec<usize>| -> Result<Evaluated> {
+        let (model, records) = candidate(&kept)?;
         reporter.phase(&format!(
             "fallback: checking with {} layers in float",
             kept.len()
         ));
-        // Each set's candidate values are compared with the reference as they come, then
-        // dropped: only the reference's values are held, once.
-        let (mut min_cos, mut min_top1) = (1.0f64, 1.0f64);
-        let mut sums: HashMap<String, (f64, f64)> = HashMap::new();
-        let mut set = 0;
-        run_probed(to_proto(&model)?, &probes, inputs, "candidate", |c| {
-            let r = &reference[set];
-            set += 1;
-            for n in &graph_outputs {
-                if let (Some((a, last)), Some((b, _))) = (r.get(n), c.get(n)) {
-                    min_cos = min_cos.min(cosine(a, b));
-                    if let Some(t) = top1(a, b, *last) {
-                        min_top1 = min_top1.min(t);
-                    }
-                }
-            }
-            for (name, (b, _)) in &c {
-                if let Some((a, _)) = r.get(name) {
-                    let (sig, noise) = powers(a, b);
-                    let e = sums.entry(name.clone()).or_default();
-                    e.0 += sig;
-                    e.1 += noise;
-                }
-            }
-        })
-        .context("the quantized model does not run in tract")?;
+        let meets = |(cos, top1): (f64, f64)| {
+            cos >= target && max_accuracy_drop.is_none_or(|d| 1.0 - top1 <= d)
+        };
+        let (mut cos, top1) = check_candidate(&model, &reference, &graph_outputs, inputs, true)?;
+        let mut met = meets((cos, top1));
+        if met {
+            let exact = check_candidate(
+                &model,
+                &exact_reference,
+                &graph_outputs,
+                &inputs[..1],
+                false,
+            )?;
+            met = meets(exact);
+            cos = cos.min(exact.0);
+        }
         reporter.phase_done();
+        tried.push(Tried {
+            kept: kept.len(),
+            cosine: cos,
+            met,
+        });
+        Ok(Evaluated {
+            kept,
+            model,
+            records,
+            cosine: cos,
+            met,
+        })
+    };
+    let start = evaluate(Vec::new())?;
+    let start_cosine = start.cosine;
+    let mut iterations = 1;
+    // `lo`: the longest prefix known to miss; `hit`: the shortest known to meet the target;
+    // `longest`: the longest run, returned when nothing meets it.
+    let mut lo = 0;
+    let (mut hit, mut longest) = if start.met {
+        (Some(start), None)
+    } else {
+        (None, Some(start))
+    };
+    // Exponential search from the noise model's estimate: k, 2k, 4k, ... layers kept until
+    // the target holds.
+    let mut k = first_guess(&order, &snr_alone, start_cosine, target);
+    while hit.is_none() && !order.is_empty() {
+        let k_now = k.min(order.len());
+        let e = evaluate(order[..k_now].to_vec())?;
         iterations += 1;
-        start_cosine.get_or_insert(min_cos);
-        let met = min_cos >= target && max_accuracy_drop.is_none_or(|d| 1.0 - min_top1 <= d);
-        let done = met || iterations > max_iterations;
-        // The SNR of one activation over every input set (signal and noise powers summed).
-        let snr = |name: &str| -> Option<f64> { sums.get(name).map(|&(s, n)| db(s, n)) };
-        // The costliest layer not yet kept.
-        let choice = (!done)
-            .then(|| {
-                layers
-                    .iter()
-                    .filter(|l| !opts.keep_float.contains(&l.output))
-                    .filter_map(|l| {
-                        // The first name the candidate still has: the layer's output, or
-                        // the end of what was folded into it.
-                        let out = l.readable.iter().find_map(|n| snr(n))?;
-                        let inp = match &l.input {
-                            Some(i) => snr(i)?,
-                            None => 120.0,
-                        };
-                        Some((l, inp, out))
-                    })
-                    .max_by(|a, b| rank(a.0, a.1, a.2).total_cmp(&rank(b.0, b.1, b.2)))
-            })
-            .flatten();
-        match choice {
-            Some((l, inp, out)) => {
-                kept.push(KeptLayer {
-                    node: l.node.clone(),
-                    op: l.op.clone(),
-                    output: l.output.clone(),
-                    snr_in_db: inp,
-                    snr_out_db: out,
-                    cosine_before: min_cos,
-                });
-                opts.keep_float.insert(l.output.clone());
+        if e.met {
+            hit = Some(e);
+            break;
+        }
+        lo = k_now;
+        longest = Some(e);
+        if k_now == order.len() || iterations >= max_iterations {
+            break;
+        }
+        k *= 2;
+    }
+    if let Some(h) = hit.as_mut() {
+        // Bisection between the last miss and the first hit.
+        while h.kept.len() > lo + 1 && iterations < max_iterations {
+            let mid = lo + (h.kept.len() - lo) / 2;
+            let e = evaluate(order[..mid].to_vec())?;
+            iterations += 1;
+            if e.met {
+                *h = e;
+            } else {
+                lo = mid;
             }
-            None => {
-                let report = FallbackReport {
-                    target_cosine: target,
-                    start_cosine: start_cosine.unwrap_or(min_cos),
-                    final_cosine: min_cos,
-                    kept,
-                    layers: layers.len(),
-                    iterations,
-                    met,
-                };
-                return Ok((model, records, report));
+        }
+        // The ranking is a noise estimate, and output accuracy is not monotonic in it: try
+        // giving the largest kept layers back to int8, one at a time.
+        let mut largest = h.kept.clone();
+        largest.sort_by_key(|&i| std::cmp::Reverse(layers[i].params));
+        for &drop in largest.iter().take(PRUNE_TRIES) {
+            if h.kept.len() < 2 || iterations >= max_iterations {
+                break;
+            }
+            let without: Vec<usize> = h.kept.iter().copied().filter(|&i| i != drop).collect();
+            let e = evaluate(without)?;
+            iterations += 1;
+            if e.met {
+                *h = e;
             }
         }
     }
+    let chosen = hit.or(longest).context("the fallback ran no candidate")?;
+    let kept = chosen
+        .kept
+        .iter()
+        .map(|&i| KeptLayer {
+            node: layers[i].node.clone(),
+            op: layers[i].op.clone(),
+            output: layers[i].output.clone(),
+            snr_alone_db: snr_alone[i].unwrap_or(f64::NAN),
+            weights: layers[i].params,
+        })
+        .collect();
+    let report = FallbackReport {
+        target_cosine: target,
+        start_cosine,
+        final_cosine: chosen.cosine,
+        kept,
+        layers: layers.len(),
+        measured: snr_alone.iter().flatten().count(),
+        iterations,
+        tried,
+        met: chosen.met,
+        note,
+    };
+    Ok((chosen.model, chosen.records, report))
+}
+
+/// The noise-to-signal ratio of an output with cosine `cos` against its reference, assuming
+/// the error is uncorrelated with the signal: `cos = 1 / sqrt(1 + NSR)`.
+fn nsr_of_cosine(cos: f64) -> f64 {
+    if cos > 0.0 {
+        1.0 / (cos * cos) - 1.0
+    } else {
+        f64::INFINITY
+    }
+}
+
+/// Where the prefix search starts: the fewest layers of `order` that, kept in float, bring the
+/// output's noise under half the target's, if the output noise is the layers' noise alone
+/// (`10^(-snr/10)`) summed and scaled by one gain, the ratio of the measured output noise
+/// with every layer quantized (`start_cosine`) to that sum. At least 1.
+fn first_guess(order: &[usize], snr_alone: &[Option<f64>], start_cosine: f64, target: f64) -> usize {
+    let local: Vec<f64> = order
+        .iter()
+        .map(|&i| snr_alone[i].map_or(0.0, |d| 10f64.powf(-d / 10.0)))
+        .collect();
+    let total: f64 = local.iter().sum();
+    let measured = nsr_of_cosine(start_cosine);
+    if !(total > 0.0 && measured.is_finite() && target < 1.0) {
+        return 1;
+    }
+    let gain = measured / total;
+    let budget = nsr_of_cosine(target) / 2.0;
+    let (mut rest, mut k) = (total, 0);
+    while k < local.len() && gain * rest > budget {
+        rest -= local[k];
+        k += 1;
+    }
+    k.max(1)
+}
+
+/// How many of the largest kept layers the fallback tries to give back to int8 once the target
+/// holds (one candidate run each).
+const PRUNE_TRIES: usize = 3;
+
+/// A candidate the fallback made and checked.
+struct Evaluated {
+    /// Layers kept in float (indexes into the layers).
+    kept: Vec<usize>,
+    model: Model,
+    records: Vec<PassRecord>,
+    cosine: f64,
+    met: bool,
 }
 
 #[cfg(test)]
@@ -471,29 +857,98 @@ mod tests {
         // conv: its bias Add and Relu follow it alone; conv2's Relu output is a graph output,
         // where the chain stops.
         assert_eq!(ls[0].readable, ["c", "a", "r"]);
-        assert_eq!(ls[0].input.as_deref(), Some("x"));
         assert_eq!(ls[1].readable, ["y", "z"]);
-        assert_eq!(ls[1].input.as_deref(), Some("r"));
     }
 
     #[test]
-    fn an_exact_input_does_not_make_a_quiet_layer_the_costliest() {
-        // A first layer after an exact prefix, adding little noise, against a quantized layer
-        // that loses 22 dB: the second goes back to float first.
-        assert_eq!(cost(120.0, 50.0), 10.0);
-        assert!(cost(30.0, 7.7) > cost(120.0, 50.0));
-        // Both exact: nothing to gain.
-        assert_eq!(cost(120.0, 120.0), 0.0);
-        // Of two layers losing as much, the smaller one ranks first.
-        let layer = |params| Layer {
-            node: String::new(),
-            op: "Conv".into(),
-            output: String::new(),
-            readable: vec![],
-            input: None,
-            params,
+    fn a_much_noisier_layer_ranks_first_whatever_its_size() {
+        // ppocrv4-rec: a 230,400-weight Conv at 6 dB alone against a 432-weight stem Conv at
+        // 48 dB: the noisy one first.
+        assert!(score(6.0, 230_400) > score(48.0, 432));
+        // Of two layers as noisy, the smaller one first.
+        assert!(score(30.0, 432) > score(30.0, 57_600));
+        // Exact: nothing to gain.
+        assert!(score(120.0, 1) < 1e-11);
+    }
+
+    /// The shadow of a layer computes what that layer alone, quantized, makes of the
+    /// reference's input: on a two-Conv graph with int8 weights, the second layer's shadow
+    /// equals the output of the model with only that layer quantized, not that of the fully
+    /// quantized model (whose second layer reads a noisy input).
+    #[test]
+    fn a_shadow_is_the_layer_alone_on_the_reference_input() {
+        use crate::verify::testutil::{info, init_f32, model, node, out};
+        use pb::tensor_proto::DataType;
+        let w1: Vec<f32> = (0..16)
+            .map(|i| ((i * 7 % 11) as f32 - 5.0) * 0.173)
+            .collect();
+        let w2: Vec<f32> = (0..16)
+            .map(|i| ((i * 5 % 13) as f32 - 6.0) * 0.091)
+            .collect();
+        let p = model(
+            vec![
+                node("Conv", "conv1", &["x", "W1"], &["c1"], vec![]),
+                node("Add", "bias1", &["c1", "B1"], &["a1"], vec![]),
+                node("Relu", "relu1", &["a1"], &["r1"], vec![]),
+                node("Conv", "conv2", &["r1", "W2"], &["y"], vec![]),
+            ],
+            vec![info("x", DataType::Float, &[1, 4, 3, 3])],
+            vec![out("y")],
+            vec![
+                init_f32("W1", &[4, 4, 1, 1], &w1),
+                init_f32("B1", &[1, 4, 1, 1], &[0.5, -0.25, 0.125, 0.0]),
+                init_f32("W2", &[4, 4, 1, 1], &w2),
+            ],
+        );
+        let (m, _) = crate::onnx::from_proto(p, None, "test").unwrap();
+        let opts = PassOptions::default();
+        let suffix = [crate::passes::by_name("quantize_weights_int8").unwrap()];
+        let quantized = |keep: &[&str]| {
+            let mut o = opts.clone();
+            o.keep_float.extend(keep.iter().map(|s| s.to_string()));
+            let mut c = m.clone();
+            run_pipeline(&mut c, &suffix, &o, true, &crate::report::Silent).unwrap();
+            to_proto(&c).unwrap()
         };
-        assert!(rank(&layer(432), 60.0, 48.0) > rank(&layer(57_600), 60.0, 48.0));
+        let ls = layers(&m.graph, &opts);
+        let (shadowed, shadows) = with_shadows(to_proto(&m).unwrap(), &quantized(&[]), &ls);
+        let s2 = shadows[1].as_ref().unwrap();
+        assert_eq!(s2.reference, "y");
+        assert!(shadows[0].is_some());
+        let x: Vec<f32> = (0..36).map(|i| ((i * 3 % 7) as f32 - 3.0) * 0.37).collect();
+        let set = vec![(
+            "x".to_string(),
+            Tensor::from_shape(&[1, 4, 3, 3], &x).unwrap(),
+        )];
+        let run = |p: &pb::ModelProto, name: &str| -> Vec<f32> {
+            let mut r = Runner::new(p, false).unwrap();
+            let outs = r.run(&set).unwrap();
+            let ix = r.outputs.iter().position(|n| n == name).unwrap();
+            float_values(&outs[ix]).unwrap().into_owned()
+        };
+        let shadow = run(&shadowed, &s2.output);
+        let alone = run(&quantized(&["c1"]), "y");
+        let all = run(&quantized(&[]), "y");
+        let exact = run(&to_proto(&m).unwrap(), "y");
+        assert_eq!(shadow, alone);
+        assert_ne!(shadow, all);
+        assert_ne!(shadow, exact);
+        // The shadow model still computes the reference's own outputs.
+        assert_eq!(run(&shadowed, "y"), exact);
+    }
+
+    #[test]
+    fn the_search_starts_where_the_noise_model_meets_half_the_budget() {
+        // Three layers at 20, 30 and 40 dB alone (NSR 1e-2, 1e-3, 1e-4): with all quantized
+        // the output measured NSR 2 * 0.0111 (gain 2). Target 0.999 (NSR 0.002): half of it is
+        // 0.001; keeping the first leaves 2 * 0.0011 = 0.0022, the first two 2e-4.
+        let snr = [Some(20.0), Some(30.0), Some(40.0)];
+        let cos = 1.0 / (1.0 + 2.0 * 0.0111f64).sqrt();
+        assert_eq!(first_guess(&[0, 1, 2], &snr, cos, 0.999), 2);
+        // Already there, or nothing measured: start at 1.
+        assert_eq!(first_guess(&[0, 1, 2], &snr, 0.99999, 0.999), 1);
+        assert_eq!(first_guess(&[0, 1], &[None, None], 0.9, 0.999), 1);
+        assert!((nsr_of_cosine(1.0 / 2f64.sqrt()) - 1.0).abs() < 1e-12);
     }
 
     #[test]

@@ -13,7 +13,7 @@ use crate::report::{Reporter, Silent};
 use crate::verify::{self, Comparison, Gates, InputOptions, Verification};
 
 /// Version of the JSON report schema (`--report`); bumped on any incompatible change.
-pub const REPORT_SCHEMA_VERSION: u32 = 1;
+pub const REPORT_SCHEMA_VERSION: u32 = 2;
 
 /// Everything `optimize` needs, free of command-line types.
 #[derive(Debug, Clone)]
@@ -384,10 +384,23 @@ pub fn format_report(r: &OptimizeReport) -> String {
         for k in &f.kept {
             let _ = writeln!(
                 s,
-                "    {} \"{}\": SNR {:.1} dB in, {:.1} dB out",
-                k.op, k.node, k.snr_in_db, k.snr_out_db
+                "    {} \"{}\": SNR {:.1} dB alone, {} weights",
+                k.op, k.node, k.snr_alone_db, k.weights
             );
         }
+        if let Some(n) = &f.note {
+            let _ = writeln!(s, "    note: {n}");
+        }
+        let _ = writeln!(
+            s,
+            "    {} candidate runs: {}",
+            f.iterations,
+            f.tried
+                .iter()
+                .map(|t| format!("{} float -> {:.6}", t.kept, t.cosine))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
     }
     match &r.check {
         Some(c) => {
