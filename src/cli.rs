@@ -260,6 +260,18 @@ pub struct QuantizeArgs {
     /// float weights when they load the model (a smaller file at float speed).
     #[arg(long)]
     pub keep_float_weights: bool,
+    /// static: keep a model's opset 10-12. By default static mode raises it to 13 (the first
+    /// with per-channel DequantizeLinear), rewriting the few ops whose form changed, so that
+    /// weights get one scale per output channel instead of one per tensor.
+    #[arg(long)]
+    pub keep_opset: bool,
+    /// static: int8 weights use all of [-127, 127]. By default, layers whose weights are
+    /// mostly large (over a quarter above 64) and that read int8 or signed uint8 activations
+    /// (zero point >= 64) get weights in [-64, 64] (onnxruntime's `reduce_range`): on x86 CPUs
+    /// without VNNI its u8 x s8 kernels saturate with full-range weights there. Use this for
+    /// VNNI, ARM or integer-only targets.
+    #[arg(long)]
+    pub full_range_weights: bool,
     /// dynamic: also quantize Conv as ConvInteger (slow on common CPU runtimes).
     #[arg(long)]
     pub conv_integer: bool,

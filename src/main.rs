@@ -250,7 +250,13 @@ fn finish(
                 Some(Verification::Unverified { reason, .. }) => reason.clone(),
                 _ => String::new(),
             };
-            eprintln!("warning: UNVERIFIED: tract cannot run the original model ({reason}); the optimized model was written to {out} but not checked");
+            // Without -q the report above already gave tract's reason: not twice.
+            let why = if quiet {
+                format!(" ({reason})")
+            } else {
+                " (reason above)".to_string()
+            };
+            eprintln!("warning: UNVERIFIED: tract cannot run the original model{why}; the optimized model was written to {out} but not checked");
             if allow_unverified {
                 ExitCode::SUCCESS
             } else {
@@ -379,6 +385,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     "--calibration",
                 ),
                 (a.all_layers && a.mode != Mode::Static, "--all-layers"),
+                (a.keep_opset && a.mode != Mode::Static, "--keep-opset"),
+                (
+                    a.full_range_weights && a.mode != Mode::Static,
+                    "--full-range-weights",
+                ),
                 (a.conv_integer && a.mode != Mode::Dynamic, "--conv-integer"),
                 (
                     a.keep_float_weights && !matches!(a.mode, Mode::Static | Mode::Dynamic),
@@ -454,6 +465,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             // static and dynamic: the weights of layers left in float are stored in int8 in
             // the cast form (folded back to float when the model is loaded).
             let leftover = matches!(a.mode, Mode::Static | Mode::Dynamic) && !a.keep_float_weights;
+            // static: per-channel weights need opset 13.
+            let pass = if a.mode == Mode::Static && !a.keep_opset {
+                "upgrade_opset,quantize_static"
+            } else {
+                pass
+            };
             let (passes, weight_scheme, weight_format) = if leftover {
                 (
                     format!("cleanup,{pass},quantize_weights,cleanup"),
@@ -477,6 +494,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     calibration,
                     conv_integer: a.conv_integer,
                     all_layers: a.all_layers,
+                    full_range_weights: a.full_range_weights,
                     node_schemes,
                     exclude_nodes: exclude_with(
                         regex(&a.exclude_nodes, "--exclude-nodes")?,

@@ -17,6 +17,7 @@ pub mod quantize_dynamic;
 pub mod quantize_static;
 pub mod quantize_weights;
 pub mod quantize_weights_int8;
+pub mod upgrade_opset;
 
 use anyhow::{bail, Result};
 use serde::Serialize;
@@ -97,6 +98,10 @@ pub struct PassOptions {
     /// Static quantization: also quantize the layers onnxruntime's CPU int8 kernels run
     /// slower than float (`--all-layers`, for integer-only targets).
     pub all_layers: bool,
+    /// Static quantization: int8 weights use all of `[-127, 127]` even where onnxruntime's
+    /// u8 x s8 kernels on x86 CPUs without VNNI can saturate (see
+    /// [`crate::quant::REDUCED_INT8_MAX`]); by default those weights use `[-64, 64]`.
+    pub full_range_weights: bool,
 }
 
 impl PassOptions {
@@ -139,6 +144,7 @@ pub fn registry() -> Vec<&'static dyn Pass> {
         &eliminate_unused_initializers::EliminateUnusedInitializers,
         &dedupe_initializers::DedupeInitializers,
         &fold_batchnorm::FoldBatchnorm,
+        &upgrade_opset::UpgradeOpset,
         &quantize_weights_int8::QuantizeWeightsInt8,
         &quantize_weights::QuantizeWeights,
         &quantize_dynamic::QuantizeDynamic,

@@ -99,10 +99,9 @@
 //! deterministic, and calibration results are cached per process, so the fallback's re-runs
 //! with layers kept in float are cheap.
 //!
-//! Interplay with the accuracy-gated fallback: the fallback probes each layer's output by the
-//! name it had before this pass; for a Conv whose Add/BatchNormalization this pass folds, that
-//! name now holds the folded value, so the layer's measured output SNR is not comparable
-//! (running `fold_batchnorm` before this pass avoids it for BatchNormalization).
+//! Interplay with the accuracy-gated fallback: for a Conv whose Add/BatchNormalization this
+//! pass folds, the Conv's own output name now holds the folded value; the fallback reads the
+//! layer's output under the last folded op's output name, which keeps its meaning.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
@@ -116,7 +115,21 @@ use crate::pb::tensor_proto::DataType;
 use crate::quant::calibrate::calibrate;
 use crate::quant::{
     quantize, round_clamped, scale_zero_point, split_axis, Granularity, QType, Scheme,
+    REDUCED_INT8_MAX,
 };
+
+/// A uint8 activation zero point from which a layer's weights are narrowed to
+/// [`REDUCED_INT8_MAX`] (unless `PassOptions::full_range_weights`): a quarter of the range is
+/// below zero, so typical quantized values are large enough for onnxruntime's x86 u8 x s8
+/// kernels to saturate often.
+const REDUCED_ZERO_POINT: i32 = 64;
+
+/// The fraction of a layer's int8 weights above [`REDUCED_INT8_MAX`] in magnitude from which
+/// its weights are narrowed (with [`REDUCED_ZERO_POINT`]): with a fraction `f` of large
+/// weights, about `f^2` of the adjacent pairs the kernel sums are both large. A sinusoid basis
+/// has about 0.67; weights spread like a bell curve whose largest is 3 to 4 deviations out,
+/// under 0.1.
+const LARGE_WEIGHT_FRACTION: f64 = 0.25;
 
 /// See the module documentation.
 pub struct QuantizeStatic;
@@ -886,6 +899,7 @@ fn run(model: &mut Model, opts: &PassOptions) -> Result<PassStats> {
         .filter_map(|&v| Some((v, qparams_of(&cal.ranges, g, v, &act_scheme)?)))
         .collect();
     let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut reduced = 0usize;
     let mut bias_float = 0;
     for plan in chosen {
         let Planned {
@@ -952,6 +966,26 @@ fn run(model: &mut Model, opts: &PassOptions) -> Result<PassStats> {
                 *q = round_clamped(v / s, -127.0, 127.0) as i32;
             }
         }
+        // Weights in 7 bits where onnxruntime's x86 u8 x s8 kernels would saturate: the
+        // layer reads int8 activations (shifted to u8 by +128) or uint8 ones whose zero point
+        // sits high (a signed range, so quantized values far from 0 are common), and many of
+        // its weights are large, so that two large products often meet in one int16 sum. On
+        // silero-vad-16k-sequence, whose STFT Conv (a sinusoid basis) reads audio (zero point
+        // 128), full-range weights gave cosine 0.89 in onnxruntime (tract: 0.9996; onnxruntime
+        // without its fusions agreed with tract). On ppocrv4-rec, whose MatMuls read signed
+        // activations with weights mostly small against their largest, 7 bits everywhere
+        // lowered the held-out cosine in onnxruntime from 0.9984 to 0.9950: no saturation there.
+        let large = qz.q.iter().filter(|q| q.abs() > REDUCED_INT8_MAX).count();
+        let limit = if !opts.full_range_weights
+            && (x_qp.qtype == QType::Int8 || x_qp.zero_point >= REDUCED_ZERO_POINT)
+            && large as f64 > LARGE_WEIGHT_FRACTION * qz.q.len() as f64
+        {
+            qz.narrow(&w, &dims, u.axis, 127, REDUCED_INT8_MAX);
+            reduced += 1;
+            REDUCED_INT8_MAX as f32
+        } else {
+            127.0
+        };
         // The int32 bias, raising channel scales where it would overflow.
         let mut bias_q: Option<(Vec<i32>, Vec<f32>)> = None;
         if bias_ok {
@@ -985,7 +1019,7 @@ fn run(model: &mut Model, opts: &PassOptions) -> Result<PassStats> {
                             s *= 1.0001;
                         }
                         qz.scales[c] = s;
-                        requantize_channel(&w, &dims, u.axis, c, s, &mut qz.q);
+                        requantize_channel(&w, &dims, u.axis, c, s, limit, &mut qz.q);
                         max_raise = max_raise.max(s as f64 / old as f64);
                     }
                     stats.notes.push(format!(
@@ -1199,6 +1233,11 @@ fn run(model: &mut Model, opts: &PassOptions) -> Result<PassStats> {
             format!(" - opset {opset} < 13 has no per-axis DequantizeLinear")
         }
     ));
+    if reduced > 0 {
+        stats.notes.push(format!(
+            "{reduced} layer(s) with mostly large weights reading int8 or signed uint8 activations (zero point >= {REDUCED_ZERO_POINT}) have weights in [-{REDUCED_INT8_MAX}, {REDUCED_INT8_MAX}]: onnxruntime's u8 x s8 kernels on x86 CPUs without VNNI saturate with full-range weights there (--full-range-weights for other targets)"
+        ));
+    }
     if bias_float > 0 {
         stats.notes.push(format!(
             "{bias_float} bias(es) kept in float (int32 overflow, or a Gemm C that is not a [N] vector with alpha = beta = 1)"
@@ -1256,13 +1295,22 @@ fn overflow_with(b: f32, x_scale: f32, w_scale: f32) -> bool {
     !(bs.is_normal() && (b as f64 / bs as f64).abs() <= I32_MAX)
 }
 
-/// Requantizes channel `c` (along `axis`) of `w` with `scale` into `q` (symmetric int8).
-fn requantize_channel(w: &[f32], dims: &[usize], axis: usize, c: usize, scale: f32, q: &mut [i32]) {
+/// Requantizes channel `c` (along `axis`) of `w` with `scale` into `q` (symmetric, within
+/// `[-limit, limit]`).
+fn requantize_channel(
+    w: &[f32],
+    dims: &[usize],
+    axis: usize,
+    c: usize,
+    scale: f32,
+    limit: f32,
+    q: &mut [i32],
+) {
     let (outer, channels, inner) = split_axis(dims, axis);
     for o in 0..outer {
         let base = (o * channels + c) * inner;
         for i in base..base + inner {
-            q[i] = round_clamped(w[i] / scale, -127.0, 127.0) as i32;
+            q[i] = round_clamped(w[i] / scale, -limit, limit) as i32;
         }
     }
 }
@@ -1915,6 +1963,49 @@ mod tests {
         )
     }
 
+    /// conv1 reads the signed graph input (uint8 zero point near 128): its weights use
+    /// [-64, 64], which onnxruntime's x86 u8 x s8 kernels cannot saturate; conv2 reads a Relu
+    /// output (zero point 0) and keeps [-127, 127]. `full_range_weights` keeps all full.
+    #[test]
+    fn weights_reading_signed_activations_use_7_bits() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        write_samples(dir.path(), "cal", 8, |_| uniform_input(&mut rng, &X));
+        let held: Vec<TractTensor> = (0..4).map(|_| uniform_input(&mut rng, &X)).collect();
+        let q_max = |out: &pb::ModelProto, name: &str| {
+            Tensor::new(initializer(out, name).clone())
+                .to_i64()
+                .unwrap()
+                .iter()
+                .map(|v| v.abs())
+                .max()
+                .unwrap()
+        };
+        let src = tiny_cnn(13);
+        for full in [false, true] {
+            let mut opts = cal_opts(dir.path(), RangeMethod::MinMax, QType::Uint8);
+            opts.full_range_weights = full;
+            let mut m = import(src.clone());
+            let stats = QuantizeStatic.run(&mut m, &opts).unwrap();
+            let out = crate::onnx::export::to_proto(&m).unwrap();
+            let note = stats.notes.iter().find(|n| n.contains("[-64, 64]"));
+            if full {
+                assert_eq!(q_max(&out, "W1_quantized"), 127);
+                assert!(note.is_none(), "{:?}", stats.notes);
+            } else {
+                assert_eq!(q_max(&out, "W1_quantized"), 64);
+                // conv1, and fc reading the pooled output of the float depthwise Conv.
+                assert!(
+                    note.is_some_and(|n| n.starts_with("2 layer(s)")),
+                    "{:?}",
+                    stats.notes
+                );
+            }
+            assert_eq!(q_max(&out, "W2_quantized"), 127);
+            assert!(min_cosine(&src, &out, &held) >= 0.999);
+        }
+    }
+
     #[test]
     fn huge_bias_never_overflows_int32() {
         let dir = tempfile::tempdir().unwrap();
@@ -1984,11 +2075,16 @@ mod tests {
     }
 
     #[test]
-    fn calibration_samples_of_the_wrong_dtype_or_shape_are_named() {
-        let cases: [(TractTensor, &str); 2] = [
+    fn calibration_samples_of_the_wrong_dtype_or_shape_or_not_finite_are_named() {
+        let nan = TractTensor::from_shape(&X, &vec![f32::NAN; X.iter().product()]).unwrap();
+        let cases: [(TractTensor, &str); 3] = [
             (
                 TractTensor::zero::<f64>(&X).unwrap(),
                 "array `x` is F64 [1, 64, 8, 8], but graph input `x` is F32 [1, 64, 8, 8]",
+            ),
+            (
+                nan,
+                "array `x` holds 4096 NaN or infinite value(s) of 4096; calibration samples must be finite",
             ),
             (
                 TractTensor::zero::<f32>(&[1, 3, 8, 8]).unwrap(),

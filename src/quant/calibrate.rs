@@ -573,6 +573,25 @@ fn check_against(d: &InputDecl, t: &Tensor, label: &str) -> Result<()> {
         t.shape(),
         want()
     );
+    // A NaN or infinity would give the activations it reaches no finite range, so that their
+    // layers silently stay float (or a range that swamps every other sample's).
+    let bad = match t.datum_type() {
+        DatumType::F32 => t
+            .try_as_plain_ram()
+            .ok()
+            .and_then(|p| p.as_slice::<f32>().ok())
+            .map_or(0, |v| v.iter().filter(|x| !x.is_finite()).count()),
+        dt if dt.is_float() => {
+            float_values(t).map_or(0, |v| v.iter().filter(|x| !x.is_finite()).count())
+        }
+        _ => 0,
+    };
+    ensure!(
+        bad == 0,
+        "calibration sample {label}: array `{}` holds {bad} NaN or infinite value(s) of {}; calibration samples must be finite",
+        d.name,
+        t.len()
+    );
     Ok(())
 }
 

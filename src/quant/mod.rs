@@ -287,7 +287,47 @@ pub struct Quantized {
     pub scale_dims: Vec<usize>,
 }
 
+/// Largest int8 weight magnitude that onnxruntime's u8 x s8 integer kernels on x86 CPUs
+/// without VNNI cannot saturate: their AVX2 path (`vpmaddubsw`) adds two u8 x s8 products into
+/// an int16 that saturates, and `2 * 255 * 64 = 32,640` fits where `2 * 255 * 127` does not.
+/// This is onnxruntime's `reduce_range` (7-bit weights), documented in its quantization guide
+/// for non-VNNI machines.
+pub const REDUCED_INT8_MAX: i32 = 64;
+
 impl Quantized {
+    /// Narrows symmetric values (zero points 0) to `[-limit, limit]`: every scale is multiplied
+    /// by `max_q / limit` and `w` (the values that were quantized, shape `dims`, one scale per
+    /// tensor or per slice along `axis`) is quantized again with it. Block scales are left
+    /// alone.
+    pub fn narrow(&mut self, w: &[f32], dims: &[usize], axis: usize, max_q: i32, limit: i32) {
+        if limit >= max_q || self.zero_points.iter().any(|&z| z != 0) {
+            return;
+        }
+        let f = max_q as f32 / limit as f32;
+        let (_, channels, inner) = split_axis(dims, axis);
+        let per_channel = match self.scales.len() {
+            1 => false,
+            n if n == channels => true,
+            _ => return,
+        };
+        for s in &mut self.scales {
+            *s *= f;
+        }
+        let l = limit as f32;
+        for (i, (q, &v)) in self.q.iter_mut().zip(w).enumerate() {
+            let s = if per_channel {
+                self.scales[(i / inner.max(1)) % channels.max(1)]
+            } else {
+                self.scales[0]
+            };
+            *q = if s.is_normal() {
+                round_clamped(v / s, -l, l) as i32
+            } else {
+                0
+            };
+        }
+    }
+
     /// The dequantized values `(q - zero_point) * scale`, in the input's layout.
     pub fn dequantize(
         &self,

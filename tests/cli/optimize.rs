@@ -254,6 +254,16 @@ fn optimize_unverifiable_model_exits_3_and_still_writes() {
         "stderr does not name the If node {UNVERIFIABLE_NODE}: {}",
         r.describe()
     );
+    // tract's reason once: in the report, not again in the closing warning.
+    assert_eq!(
+        r.stderr
+            .lines()
+            .filter(|l| l.contains(UNVERIFIABLE_NODE))
+            .count(),
+        1,
+        "tract's reason is repeated: {}",
+        r.describe()
+    );
     assert!(
         out.exists(),
         "the optimized model was not written: {}",

@@ -605,9 +605,10 @@ fn quantize_static_stores_the_weights_it_leaves_in_float_in_int8() {
     assert!(f_keep > 100_000, "{counts:?}");
 }
 
-/// `--all-layers` quantizes the Convs static mode otherwise leaves in float; the fallback then
-/// has folded layers to put back (their old output names gone) and must still meet the gate.
-/// Without `--inputs`, the check runs on the first calibration sample, and says so.
+/// `--all-layers` quantizes the Convs static mode otherwise leaves in float; with one weight
+/// scale per tensor (`--keep-opset`: the model is opset 11), the fallback then has folded layers
+/// to put back (their old output names gone) and must still meet the gate. Without
+/// `--inputs`, the check runs on the first calibration sample, and says so.
 #[test]
 fn quantize_static_all_layers_falls_back_on_folded_layers_and_checks_a_calibration_sample() {
     let stem = "ppocr-mobile-v2-cls";
@@ -625,6 +626,7 @@ fn quantize_static_all_layers_falls_back_on_folded_layers_and_checks_a_calibrati
         "--calibration".into(),
         cal.clone().into(),
         "--all-layers".into(),
+        "--keep-opset".into(),
         "--report".into(),
         report.clone().into(),
     ]);

@@ -1,0 +1,259 @@
+//! `upgrade_opset`: the default-domain opset raised from 10, 11 or 12 to 13, the first with
+//! per-axis QuantizeLinear / DequantizeLinear (per-channel weights in QDQ form).
+//!
+//! The same output on every input: every op whose behaviour or signature changed between the
+//! model's opset and 13 is rewritten to its opset-13 form, following the adapters of ONNX's
+//! version converter (`onnx/version_converter/convert.h`, ONNX 1.17); every other op of the
+//! default domain is unchanged in meaning over those versions (its newer versions only add
+//! types). In every graph, subgraphs included:
+//! - `Squeeze`, `Unsqueeze`, `ReduceSum` (12 -> 13): the `axes` attribute becomes an int64
+//!   initializer input; `Split` (12 -> 13): the `split` attribute likewise.
+//! - `Softmax`, `LogSoftmax`, `Hardmax` (12 -> 13): before 13 they work on the input flattened to
+//!   2-D at `axis` (default 1), from 13 along `axis` alone. `axis = -1` means the same in both
+//!   and stays; any other axis becomes `Flatten(axis) -> op(axis = -1) -> Reshape(Shape(x))`,
+//!   the version converter's rewrite, exact for any rank.
+//! - `Dropout` (11 -> 12): the `ratio` attribute (default 0.5) becomes a float input.
+//! - `Clip` (10 -> 11): the `min` / `max` attributes become float inputs.
+//!
+//! Left alone, with a note saying why (the opset stays): models with `Pad`, `Resize`,
+//! `Scatter` or `Upsample` at opset 10 (their opset-11 forms differ in ways this pass does not
+//! rewrite), models whose local functions import the default domain, opsets outside 10..=12.
+//! The IR version is raised to 7 (the first that ONNX pairs with opset 13) when lower.
+
+use anyhow::Result;
+
+use super::{Pass, PassKind, PassOptions, PassStats};
+use crate::ir::edit::attr_int;
+use crate::ir::{Graph, Model, Names, NodeId, Tensor};
+
+/// See the module documentation.
+pub struct UpgradeOpset;
+
+/// The opset this pass raises models to.
+pub const TARGET_OPSET: i64 = 13;
+
+/// Ops whose opset-11 form changed in ways this pass does not rewrite (opset 10 models).
+const NOT_FROM_10: [&str; 4] = ["Pad", "Resize", "Scatter", "Upsample"];
+
+impl Pass for UpgradeOpset {
+    fn name(&self) -> &'static str {
+        "upgrade_opset"
+    }
+    fn summary(&self) -> &'static str {
+        "default-domain opset 10-12 raised to 13 (per-axis QDQ), ops rewritten to their opset-13 forms"
+    }
+    fn kind(&self) -> PassKind {
+        PassKind::Exact
+    }
+    fn run(&self, model: &mut Model, _opts: &PassOptions) -> Result<PassStats> {
+        let mut stats = PassStats::default();
+        let Some(from) = model.opset("") else {
+            return Ok(stats);
+        };
+        if !(10..TARGET_OPSET).contains(&from) {
+            return Ok(stats);
+        }
+        if model.header.functions.iter().any(|f| {
+            f.opset_import
+                .iter()
+                .any(|o| o.domain().is_empty() || o.domain() == "ai.onnx")
+        }) {
+            stats.notes.push(format!(
+                "opset {from} kept: the model's local functions import the default domain"
+            ));
+            return Ok(stats);
+        }
+        if from == 10 {
+            let mut found: Vec<String> = Vec::new();
+            model.graph.visit(&mut |g: &Graph| {
+                for (_, n) in g.live_nodes() {
+                    if n.domain().is_empty() && NOT_FROM_10.contains(&n.op_type()) {
+                        found.push(format!("{} \"{}\"", n.op_type(), n.name()));
+                    }
+                }
+            });
+            if !found.is_empty() {
+                found.sort();
+                found.dedup();
+                stats.notes.push(format!(
+                    "opset 10 kept: {} changed at opset 11 in ways this pass does not rewrite",
+                    found.join(", ")
+                ));
+                return Ok(stats);
+            }
+        }
+        let mut rewritten = 0usize;
+        model.for_each_graph_mut(&mut |g, names| {
+            rewritten += upgrade_graph(g, names, from);
+        });
+        model.set_opset("", TARGET_OPSET);
+        if model.header.ir_version() < 7 {
+            model.header.ir_version = Some(7);
+        }
+        stats.changes = 1 + rewritten;
+        stats.notes.push(format!(
+            "opset {from} -> {TARGET_OPSET}: {rewritten} node(s) rewritten to their opset-{TARGET_OPSET} form"
+        ));
+        Ok(stats)
+    }
+}
+
+/// Rewrites the nodes of `g` (not its subgraphs) from opset `from` to [`TARGET_OPSET`];
+/// returns how many were rewritten.
+fn upgrade_graph(g: &mut Graph, names: &mut Names, from: i64) -> usize {
+    let ids: Vec<NodeId> = g
+        .live_nodes()
+        .filter(|(_, n)| n.domain().is_empty())
+        .map(|(id, _)| id)
+        .collect();
+    let mut count = 0;
+    for id in ids {
+        let op = g.node(id).op_type().to_string();
+        let done = match op.as_str() {
+            "Squeeze" | "Unsqueeze" | "ReduceSum" => {
+                attr_to_input(g, names, id, "axes", 1, Kind::I64)
+            }
+            "Split" => attr_to_input(g, names, id, "split", 1, Kind::I64),
+            "Softmax" | "LogSoftmax" | "Hardmax" => softmax_axis(g, names, id),
+            "Dropout" if from <= 11 => {
+                let ratio = g.node(id).attr_float("ratio", 0.5);
+                set_default(g, id, "ratio", ratio);
+                attr_to_input(g, names, id, "ratio", 1, Kind::F32)
+            }
+            "Clip" if from == 10 => {
+                let lo = g.node(id).attr("min").is_some();
+                let hi = g.node(id).attr("max").is_some();
+                let a = attr_to_input(g, names, id, "min", 1, Kind::F32);
+                let b = attr_to_input(g, names, id, "max", 2, Kind::F32);
+                (lo || hi) && (a || b)
+            }
+            _ => false,
+        };
+        count += usize::from(done);
+    }
+    count
+}
+
+/// Element type of an attribute turned into an input.
+enum Kind {
+    I64,
+    F32,
+}
+
+/// Gives node `id` an explicit float attribute `name` = `v` when it has none (so that a
+/// default becomes an input like an explicit value).
+fn set_default(g: &mut Graph, id: NodeId, name: &str, v: f32) {
+    if g.node(id).attr(name).is_none() {
+        g.node_mut(id)
+            .proto
+            .attribute
+            .push(crate::ir::edit::attr_float(name, v));
+    }
+}
+
+/// Moves attribute `name` of node `id` to input `slot` as an initializer (ints as a 1-D int64
+/// tensor, a float as a scalar). Returns false when the node has no such attribute.
+fn attr_to_input(
+    g: &mut Graph,
+    names: &mut Names,
+    id: NodeId,
+    name: &str,
+    slot: usize,
+    kind: Kind,
+) -> bool {
+    let n = g.node(id);
+    let Some(pos) = n.proto.attribute.iter().position(|a| a.name() == name) else {
+        return false;
+    };
+    let attr = n.proto.attribute[pos].clone();
+    let base = format!(
+        "{}_{name}",
+        if n.name().is_empty() {
+            n.op_type()
+        } else {
+            n.name()
+        }
+    );
+    let tensor = match kind {
+        Kind::I64 => Tensor::from_i64(&[attr.ints.len() as i64], &attr.ints),
+        Kind::F32 => Tensor::from_f32(&[], &[attr.f.unwrap_or(0.0)]),
+    };
+    let v = g.add_initializer(names, &base, tensor);
+    g.node_mut(id).proto.attribute.remove(pos);
+    // Optional inputs between the existing ones and `slot` are empty.
+    g.set_input(id, slot, Some(v));
+    true
+}
+
+/// Softmax-family `axis` from opset-12 to opset-13 meaning (see the module documentation).
+fn softmax_axis(g: &mut Graph, names: &mut Names, id: NodeId) -> bool {
+    let n = g.node(id);
+    let axis = n.attr_int("axis", 1);
+    if axis == -1 {
+        return false;
+    }
+    let (Some(Some(x)), Some(Some(y))) = (n.inputs.first().copied(), n.outputs.first().copied())
+    else {
+        return false;
+    };
+    let base = if n.name().is_empty() {
+        n.op_type().to_string()
+    } else {
+        n.name().to_string()
+    };
+    let after = g
+        .order
+        .iter()
+        .position(|&k| k == id)
+        .and_then(|p| g.order.get(p + 1).copied());
+    let (_, shape) = g.add_node(
+        names,
+        "Shape",
+        "",
+        &format!("{base}_shape"),
+        vec![],
+        vec![Some(x)],
+        &[&format!("{base}_shape")],
+        Some(id),
+    );
+    let (_, flat) = g.add_node(
+        names,
+        "Flatten",
+        "",
+        &format!("{base}_flatten"),
+        vec![attr_int("axis", axis)],
+        vec![Some(x)],
+        &[&format!("{base}_flat")],
+        Some(id),
+    );
+    g.set_input(id, 0, Some(flat[0]));
+    {
+        let attrs = &mut g.node_mut(id).proto.attribute;
+        attrs.retain(|a| a.name() != "axis");
+        attrs.push(attr_int("axis", -1));
+    }
+    // The op's output moves to a fresh name; a Reshape back to the input's shape takes over
+    // the original value's name, readers and graph-output place.
+    let y_name = g.value(y).name.clone();
+    let (reshape, r) = g.add_node(
+        names,
+        "Reshape",
+        "",
+        &format!("{base}_reshape"),
+        vec![],
+        vec![Some(y), Some(shape[0])],
+        &[&format!("{y_name}_2d")],
+        after,
+    );
+    let r = r[0];
+    // Swap names: `r` becomes `y_name`, `y` takes `r`'s fresh name.
+    let r_name = g.value(r).name.clone();
+    g.value_mut(y).name = r_name.clone();
+    g.value_mut(r).name = y_name.clone();
+    g.by_name.insert(r_name, y);
+    g.by_name.insert(y_name, r);
+    g.replace_uses(y, r);
+    g.set_input(reshape, 0, Some(y));
+    g.redirect_outputs(y, r);
+    true
+}
