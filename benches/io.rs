@@ -152,7 +152,7 @@ fn main() {
         "speedup"
     );
     for r in &rows {
-        let size_mb = r.size as f64 / MIB;
+        let size_mb = r.size as f64 / MB;
         let secs = r.ours.wall.as_secs_f64();
         println!(
             "{:<28} {:>9.1} {:>10.3} {:>10.0} {:>10.1} {:>8.2} {:>9.3} {:>10.3} {:>10.1} {:>7.1}x",
@@ -160,11 +160,11 @@ fn main() {
             size_mb,
             secs,
             size_mb / secs,
-            r.ours.max_rss as f64 / MIB,
+            r.ours.max_rss as f64 / MB,
             r.ours.max_rss as f64 / r.size as f64,
             r.py_secs,
             r.py_wall,
-            r.py_rss as f64 / MIB,
+            r.py_rss as f64 / MB,
             r.py_secs / secs,
         );
     }

@@ -334,7 +334,7 @@ fn print_report(rows: &[ModelRow], peers: &Value, startup: &Measured, runs: usiz
         let ours = onnxopt_wall(row);
         for (i, t) in row.tools.iter().enumerate() {
             let (name, size) = if i == 0 {
-                (row.name.as_str(), format!("{:.3}", row.size as f64 / MIB))
+                (row.name.as_str(), format!("{:.3}", row.size as f64 / MB))
             } else {
                 ("", String::new())
             };
@@ -366,11 +366,11 @@ fn print_report(rows: &[ModelRow], peers: &Value, startup: &Measured, runs: usiz
                 t.tool,
                 wall,
                 opt_f(t.call_s, |c| format!("{c:.3}")),
-                m.max_rss as f64 / MIB,
+                m.max_rss as f64 / MB,
                 m.max_rss as f64 / row.size as f64,
                 opt_f(speedup, |s| format!("{s:.1}x")),
                 opt_f(vs_call, |s| format!("{s:.1}x")),
-                out_size as f64 / MIB,
+                out_size as f64 / MB,
                 row.size as f64 / out_size.max(1) as f64,
                 a.int8_tensors
                     .map(|n| n.to_string())
@@ -390,7 +390,7 @@ fn print_report(rows: &[ModelRow], peers: &Value, startup: &Measured, runs: usiz
     println!(
         "onnxopt start-up RSS (`onnxopt list-passes`, no model read): {:.1} MB; (RSS - start-up) \
          / size shows what the model itself costs",
-        startup.max_rss as f64 / MIB
+        startup.max_rss as f64 / MB
     );
     println!(
         "{:<24} {:>8} {:>14}  {:>8} {:>9}  {:>20}",

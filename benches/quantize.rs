@@ -628,13 +628,13 @@ fn print_report(rows: &[ModelRow], peers: &Value, runs: usize, latency_runs: usi
         println!(
             "{:<24} {:>7.3}  {:<29} {:>7} {:>7} {:>7} {:>7} {:>7.3} {:>7} {:>6} {:>5} {:>9} {:>9} {:>8} {ms:>7} {:>7}  {note}",
             row.name,
-            row.size as f64 / MIB,
+            row.size as f64 / MB,
             "fp32 original",
             "",
             "",
             "",
             "",
-            row.size as f64 / MIB,
+            row.size as f64 / MB,
             "1.00x",
             "",
             "",
@@ -679,9 +679,9 @@ fn print_report(rows: &[ModelRow], peers: &Value, runs: usize, latency_runs: usi
                 t.tool,
                 t.wall,
                 opt_f(t.call_s, |c| format!("{c:.3}")),
-                t.max_rss as f64 / MIB,
+                t.max_rss as f64 / MB,
                 opt_f(reference.map(|r| r / t.wall), |s| format!("{s:.1}x")),
-                out_size as f64 / MIB,
+                out_size as f64 / MB,
                 row.size as f64 / out_size.max(1) as f64,
                 t.int8_tensors
                     .map(|n| n.to_string())
@@ -775,8 +775,8 @@ fn print_report(rows: &[ModelRow], peers: &Value, runs: usize, latency_runs: usi
                 if speed >= SPEEDUP_TARGET { "met" } else { "NOT met" },
                 opt_f(cos(o), |c| format!("{c:.6}")),
                 opt_f(cos(r), |c| format!("{c:.6}")),
-                size_o as f64 / MIB,
-                size_r as f64 / MIB,
+                size_o as f64 / MB,
+                size_r as f64 / MB,
                 ms(o),
                 ms(r),
             );

@@ -15,7 +15,8 @@ use serde_json::Value;
 
 /// The onnxopt binary of this build's profile.
 pub const BIN: &str = env!("CARGO_BIN_EXE_onnxopt");
-pub const MIB: f64 = 1024.0 * 1024.0;
+/// Megabyte (10^6 bytes), the unit the tool prints sizes in.
+pub const MB: f64 = 1e6;
 
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
