@@ -774,8 +774,8 @@ pub(crate) fn float_values(t: &Tensor) -> Option<std::borrow::Cow<'_, [f32]>> {
         DatumType::F32 => t
             .try_as_plain_ram()
             .ok()
-            .and_then(|v| v.as_slice::<f32>().ok().map(|s| s.to_vec()))
-            .map(std::borrow::Cow::Owned),
+            .and_then(|v| v.as_slice::<f32>().ok())
+            .map(std::borrow::Cow::Borrowed),
         DatumType::F16 | DatumType::F64 => t
             .cast_to::<f32>()
             .ok()
