@@ -307,29 +307,42 @@ fn run_probed(
 ) -> Result<()> {
     let proto = with_probes(proto, probes);
     let mut runner = Runner::new(&proto, optimize)?;
-    for set in sets {
-        let outs = match runner.run(set) {
-            Ok(o) => o,
-            Err(_) => {
-                // tract's optimized plan failed: the plain typed plan from here on.
-                runner = Runner::new(&proto, false)?;
-                runner
-                    .run(set)
-                    .with_context(|| format!("running the {what} in tract"))?
-            }
-        };
-        each(
-            runner
-                .outputs
+    let named = |runner: &Runner, outs: &[tract_onnx::prelude::TValue]| -> Outputs {
+        runner
+            .outputs
+            .iter()
+            .zip(outs.iter())
+            .filter_map(|(n, t)| {
+                let last = t.shape().last().copied().unwrap_or(1);
+                let v = float_values(t)?.into_owned();
+                Some((n.clone(), (v, last)))
+            })
+            .collect()
+    };
+    // As many sets at a time as there are threads, handed to `each` in order.
+    let threads = rayon::current_num_threads().max(1);
+    for chunk in sets.chunks(threads) {
+        let refs: Vec<&[(String, Tensor)]> = chunk.iter().map(Vec::as_slice).collect();
+        let results = match runner.run_many(&refs) {
+            Ok(r) => r,
+            Err(_) => chunk
                 .iter()
-                .zip(outs.iter())
-                .filter_map(|(n, t)| {
-                    let last = t.shape().last().copied().unwrap_or(1);
-                    let v = float_values(t)?.into_owned();
-                    Some((n.clone(), (v, last)))
-                })
+                .map(|_| Err(anyhow::anyhow!("not run")))
                 .collect(),
-        );
+        };
+        for (set, outs) in chunk.iter().zip(results) {
+            let outs = match outs {
+                Ok(o) => o,
+                Err(_) => {
+                    // tract's optimized plan failed: the plain typed plan from here on.
+                    runner = Runner::new(&proto, false)?;
+                    runner
+                        .run(set)
+                        .with_context(|| format!("running the {what} in tract"))?
+                }
+            };
+            each(named(&runner, &outs));
+        }
     }
     Ok(())
 }
@@ -791,7 +804,12 @@ fn nsr_of_cosine(cos: f64) -> f64 {
 /// output's noise under half the target's, if the output noise is the layers' noise alone
 /// (`10^(-snr/10)`) summed and scaled by one gain, the ratio of the measured output noise
 /// with every layer quantized (`start_cosine`) to that sum. At least 1.
-fn first_guess(order: &[usize], snr_alone: &[Option<f64>], start_cosine: f64, target: f64) -> usize {
+fn first_guess(
+    order: &[usize],
+    snr_alone: &[Option<f64>],
+    start_cosine: f64,
+    target: f64,
+) -> usize {
     let local: Vec<f64> = order
         .iter()
         .map(|&i| snr_alone[i].map_or(0.0, |d| 10f64.powf(-d / 10.0)))

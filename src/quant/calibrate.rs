@@ -659,7 +659,7 @@ pub(crate) struct Runner {
     inputs: Vec<String>,
     /// The graph output names, in the order `run` returns their values.
     pub(crate) outputs: Vec<String>,
-    plans: Vec<(PlanKey, Arc<TypedRunnableModel>)>,
+    plans: Vec<(PlanKey, Plan)>,
     optimize: bool,
 }
 
@@ -727,6 +727,33 @@ impl Runner {
     ///
     /// Errors: a graph input has no value, or tract fails or panics planning or running.
     pub(crate) fn run(&mut self, tensors: &[(String, Tensor)]) -> Result<TVec<TValue>> {
+        let (plan, values) = self.prepare(tensors)?;
+        guarded("running the model", || plan.run(values))
+    }
+
+    /// [`Runner::run`] on several input sets, run in parallel (tract runs one model on one
+    /// thread; each set gets its own state on the shared plan), one result per set in the
+    /// order of `sets`. Holds every set's outputs at once.
+    ///
+    /// Errors: a set has no value for a graph input, or tract fails planning for it (the
+    /// whole call); tract fails or panics running one set (that set's result).
+    pub(crate) fn run_many(
+        &mut self,
+        sets: &[&[(String, Tensor)]],
+    ) -> Result<Vec<Result<TVec<TValue>>>> {
+        let prepared: Vec<_> = sets
+            .iter()
+            .map(|t| self.prepare(t))
+            .collect::<Result<_>>()?;
+        Ok(prepared
+            .into_par_iter()
+            .map(|(plan, values)| guarded("running the model", || plan.run(values)))
+            .collect())
+    }
+
+    /// The plan for these inputs' types and shapes (built and cached when new) and the values
+    /// to feed it, in graph input order.
+    fn prepare(&mut self, tensors: &[(String, Tensor)]) -> Result<(Plan, TVec<TValue>)> {
         let mut fed: Vec<&Tensor> = Vec::new();
         for name in &self.inputs {
             let t = tensors
@@ -764,9 +791,12 @@ impl Runner {
             }
         };
         let values: TVec<TValue> = fed.iter().map(|t| (*t).clone().into_tvalue()).collect();
-        guarded("running the model", || plan.run(values))
+        Ok((plan, values))
     }
 }
+
+/// A runnable tract plan, shared between threads.
+type Plan = Arc<TypedRunnableModel>;
 
 /// The float values of a tract tensor as f32, or `None` for other types.
 pub(crate) fn float_values(t: &Tensor) -> Option<std::borrow::Cow<'_, [f32]>> {
@@ -855,38 +885,81 @@ fn run_calibration(
     let histogram = !matches!(opts.method, RangeMethod::MinMax);
     // Ranges need not be bit-exact: tract's optimized plan, about 4x faster on ppocrv4-rec.
     let mut runner = Runner::new(probed, true)?;
-    let mut stats: HashMap<String, Stats> = HashMap::new();
-    let mut shapes: HashMap<String, Vec<usize>> = HashMap::new();
-    let mut count = 0usize;
-    for sample in samples {
-        let sample = sample?;
-        let outs = runner
-            .run(&sample.tensors)
-            .with_context(|| format!("calibration sample {}", sample.label))?;
+    let mut collected = Collected {
+        names,
+        histogram,
+        stats: HashMap::new(),
+        shapes: HashMap::new(),
+        samples: 0,
+    };
+    // Samples run in parallel, as many at a time as there are threads; statistics are updated
+    // in sample order (histograms depend on it), so the result does not depend on threads.
+    let threads = rayon::current_num_threads().max(1);
+    let mut samples = samples.peekable();
+    while samples.peek().is_some() {
+        let chunk: Vec<Sample> = samples.by_ref().take(threads).collect::<Result<_>>()?;
+        let sets: Vec<&[(String, Tensor)]> = chunk.iter().map(|s| s.tensors.as_slice()).collect();
+        let results = runner
+            .run_many(&sets)
+            .with_context(|| format!("calibration sample {}", chunk[0].label))?;
+        for (sample, outs) in chunk.iter().zip(results) {
+            let outs = outs.with_context(|| format!("calibration sample {}", sample.label))?;
+            collected.add(&runner.outputs, &outs, &sample.label)?;
+        }
+    }
+    ensure!(collected.samples > 0, "no calibration sample was read");
+    let ranges = collected
+        .stats
+        .iter()
+        .filter_map(|(n, s)| Some((n.clone(), s.range(&opts.method, opts.activation_type)?)))
+        .collect();
+    Ok(Calibration {
+        ranges,
+        shapes: collected.shapes,
+        samples: collected.samples,
+        seconds: t0.elapsed().as_secs_f64(),
+        cached: false,
+    })
+}
+
+/// Running statistics of the activations being calibrated: per name, its [`Stats`] and the
+/// shape it had in the first sample.
+struct Collected<'a> {
+    names: &'a BTreeSet<String>,
+    histogram: bool,
+    stats: HashMap<String, Stats>,
+    shapes: HashMap<String, Vec<usize>>,
+    samples: usize,
+}
+
+impl Collected<'_> {
+    /// Adds one sample's graph outputs `outs` (named `outputs`).
+    ///
+    /// Errors: tract returned another number of outputs than the model declares.
+    fn add(&mut self, outputs: &[String], outs: &TVec<TValue>, label: &str) -> Result<()> {
         ensure!(
-            outs.len() == runner.outputs.len(),
-            "calibration sample {}: tract returned {} outputs, the model declares {}",
-            sample.label,
+            outs.len() == outputs.len(),
+            "calibration sample {label}: tract returned {} outputs, the model declares {}",
             outs.len(),
-            runner.outputs.len()
+            outputs.len()
         );
-        let wanted: Vec<(&String, &TValue)> = runner
-            .outputs
+        let wanted: Vec<(&String, &TValue)> = outputs
             .iter()
             .zip(outs.iter())
-            .filter(|(n, _)| names.contains(*n))
+            .filter(|(n, _)| self.names.contains(*n))
             .collect();
         for (name, v) in &wanted {
-            if count == 0 {
-                shapes.insert((*name).clone(), v.shape().to_vec());
+            if self.samples == 0 {
+                self.shapes.insert((*name).clone(), v.shape().to_vec());
             }
-            stats
+            let histogram = self.histogram;
+            self.stats
                 .entry((*name).clone())
                 .or_insert_with(|| Stats::new(histogram));
         }
         let mut refs: Vec<(&Tensor, &mut Stats)> = Vec::new();
         let mut by_name: HashMap<&String, &TValue> = wanted.into_iter().collect();
-        for (name, st) in stats.iter_mut() {
+        for (name, st) in self.stats.iter_mut() {
             if let Some(v) = by_name.remove(name) {
                 refs.push((&**v, st));
             }
@@ -898,20 +971,9 @@ fn run_calibration(
                 st.non_finite = true; // not a float tensor: never quantized
             }
         });
-        count += 1;
+        self.samples += 1;
+        Ok(())
     }
-    ensure!(count > 0, "no calibration sample was read");
-    let ranges = stats
-        .iter()
-        .filter_map(|(n, s)| Some((n.clone(), s.range(&opts.method, opts.activation_type)?)))
-        .collect();
-    Ok(Calibration {
-        ranges,
-        shapes,
-        samples: count,
-        seconds: t0.elapsed().as_secs_f64(),
-        cached: false,
-    })
 }
 
 #[cfg(test)]
