@@ -30,11 +30,22 @@ fn check_inputs(
     if opts.npz.is_some() || !opts.shapes.is_empty() || !opts.values.is_empty() {
         return opts;
     }
-    let first = calibration
-        .filter(|c| c.is_dir())
-        .and_then(|c| onnxopt::quant::calibrate::sample_files(c).ok())
-        .and_then(|f| f.into_iter().next());
-    onnxopt::verify::inputs::InputOptions { npz: first, ..opts }
+    match calibration {
+        // A folder: its first sample file.
+        Some(c) if c.is_dir() => {
+            let first = onnxopt::quant::calibrate::sample_files(c)
+                .ok()
+                .and_then(|f| f.into_iter().next());
+            onnxopt::verify::inputs::InputOptions { npz: first, ..opts }
+        }
+        // One file of samples along axis 0: its first sample.
+        Some(c) => onnxopt::verify::inputs::InputOptions {
+            npz: Some(c.to_path_buf()),
+            npz_sample: Some(0),
+            ..opts
+        },
+        None => opts,
+    }
 }
 
 fn main() -> ExitCode {
@@ -84,6 +95,7 @@ impl Reporter for Bars {
 fn input_options(c: &CheckArgs) -> Result<InputOptions> {
     Ok(InputOptions {
         npz: c.inputs.clone(),
+        npz_sample: None,
         shapes: c
             .input_shape
             .iter()
@@ -231,6 +243,24 @@ fn finish(
     report_path: Option<&std::path::Path>,
     allow_unverified: bool,
 ) -> Result<ExitCode> {
+    // Where the results go must exist before the work starts, not only when it is written.
+    for (path, what) in [
+        (Some(cfg.output.as_path()), "output"),
+        (report_path, "--report"),
+    ] {
+        if let Some(p) = path {
+            let dir = p
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(std::path::Path::new("."));
+            anyhow::ensure!(
+                dir.is_dir(),
+                "cannot write the {what} {}: the folder {} does not exist",
+                p.display(),
+                dir.display()
+            );
+        }
+    }
     let report = optimize::optimize(cfg, reporter)?;
     if let Some(path) = report_path {
         write_json(path, &report)?;
@@ -403,6 +433,41 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     qtype != QType::Int8 && matches!(a.mode, Mode::Fp16 | Mode::Bf16),
                     "--dtype",
                 ),
+                (
+                    a.granularity != cli::GranularityArg::Channel && a.mode != Mode::WeightOnly,
+                    "--granularity (only weight-only weights take another granularity)",
+                ),
+                (
+                    a.block_size != 32
+                        && (a.mode != Mode::WeightOnly
+                            || a.granularity != cli::GranularityArg::Block),
+                    "--block-size (only with --mode weight-only --granularity block)",
+                ),
+                (a.asymmetric && a.mode != Mode::WeightOnly, "--asymmetric"),
+                (
+                    a.scale != cli::ScaleArg::Float && a.mode != Mode::WeightOnly,
+                    "--scale",
+                ),
+                (
+                    !a.keep_io_types && !matches!(a.mode, Mode::Fp16 | Mode::Bf16),
+                    "--keep-io-types",
+                ),
+                (
+                    a.calibrate_method != cli::CalibrateMethod::Minmax && a.mode != Mode::Static,
+                    "--calibrate-method",
+                ),
+                (
+                    a.percentile != 99.999 && a.mode != Mode::Static,
+                    "--percentile",
+                ),
+                (
+                    a.calibration_samples != 256 && a.mode != Mode::Static,
+                    "--calibration-samples",
+                ),
+                (
+                    a.activation_type != "uint8" && a.mode != Mode::Static,
+                    "--activation-type",
+                ),
             ]
             .into_iter()
             .filter_map(|(bad, name)| bad.then_some(name))
@@ -480,6 +545,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             } else {
                 (format!("cleanup,{pass},cleanup"), scheme, weight_format)
             };
+            let inputs = check_inputs(input_options(&a.check)?, a.calibration.as_deref());
+            if !cli.quiet && a.check.inputs.is_none() && inputs.npz.is_some() {
+                eprintln!("note: without --inputs the check runs on the first calibration sample, data the ranges were fitted to; give held-out inputs with --inputs for an unbiased figure");
+            }
             let cfg = optimize::OptimizeConfig {
                 model: a.model.clone(),
                 output: a.output.clone(),
@@ -504,7 +573,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 },
                 save: save_options(&a.model, &a.save),
                 check: !a.no_check,
-                inputs: check_inputs(input_options(&a.check)?, a.calibration.as_deref()),
+                inputs,
                 gates: gates(&a.check),
                 validate_each: false,
                 check_float_equivalent: a.mode == Mode::WeightOnly && !tract_runs,

@@ -418,7 +418,13 @@ pub fn format_report(r: &OptimizeReport) -> String {
             );
             for i in &c.inputs {
                 let from = match &i.source {
-                    verify::inputs::InputSource::Npz { path } => format!("from {}", path.display()),
+                    verify::inputs::InputSource::Npz { path, sample: None } => {
+                        format!("from {}", path.display())
+                    }
+                    verify::inputs::InputSource::Npz {
+                        path,
+                        sample: Some(i),
+                    } => format!("from {}, sample {i}", path.display()),
                     verify::inputs::InputSource::Value { value } => format!("all {value}"),
                     verify::inputs::InputSource::Random {
                         seed, low, high, ..
@@ -427,6 +433,9 @@ pub fn format_report(r: &OptimizeReport) -> String {
                     ),
                 };
                 let _ = writeln!(s, "input {} {} {:?}: {from}", i.name, i.dtype, i.shape);
+            }
+            for n in &c.notes {
+                let _ = writeln!(s, "    note: {n}");
             }
             s.push_str(&verify::format_table(c));
         }

@@ -58,7 +58,8 @@
 //! - **Weights**: int8 symmetric in `[-127, 127]` with an explicit zero point of 0
 //!   ([`crate::quant::quantize`], axes of [`weight_axis`] as in `quantize_weights`): per output
 //!   channel with DequantizeLinear-13 `axis` when the model's opset is 13 or more; per tensor
-//!   for opsets 10 to 12 (DequantizeLinear-10 has no axis; the opset is never raised). A per
+//!   for opsets 10 to 12 (DequantizeLinear-10 has no axis; this pass never raises the opset,
+//!   `quantize --mode static` runs [`super::upgrade_opset`] before it). A per
 //!   tensor Conv scale is the `max|W| / 127 * r`, `r` in `0.60, 0.61, .., 1.00`, with the
 //!   smallest squared error (clipping a few large weights gives small channels more levels:
 //!   without the fallback, the smallest held-out cosine went from 0.984 to 0.991 on
@@ -95,7 +96,7 @@
 //! (If/Loop/Scan bodies stay float, with a note), ConvTranspose, MatMul whose weight is input 0,
 //! float16 or float64 weights, already quantized inputs (a DequantizeLinear output), ops other
 //! than the units (Add, Mul, pooling, activations stay float: the int8 kernels hand float back
-//! to them), raising the opset to get per-channel weights, 16-bit activations. The pass is
+//! to them), raising the opset (the `upgrade_opset` pass does), 16-bit activations. The pass is
 //! deterministic, and calibration results are cached per process, so the fallback's re-runs
 //! with layers kept in float are cheap.
 //!

@@ -29,6 +29,10 @@ pub struct InputOptions {
     /// outputs, are ignored). When given, every real graph input without a `values` entry must
     /// be in it, with the dtype the graph declares.
     pub npz: Option<PathBuf>,
+    /// With `npz`: the file holds samples along axis 0 (a calibration batch file); feed sample
+    /// `i` alone, `a[i:i+1]` for an array of the declared rank, `a[i]` for one of rank + 1,
+    /// as calibration splits it.
+    pub npz_sample: Option<usize>,
     /// Full shapes for generated or filled inputs (`--input-shape NAME:D0,D1`): replaces the
     /// declared shape, so symbolic or unknown dims get a concrete size.
     pub shapes: Vec<(String, Vec<usize>)>,
@@ -101,6 +105,8 @@ pub enum InputSource {
     Npz {
         /// The bundle's path as given.
         path: PathBuf,
+        /// The sample taken along axis 0 ([`InputOptions::npz_sample`]), if any.
+        sample: Option<usize>,
     },
     /// Filled with one value (`--input NAME=VALUE`).
     Value {
@@ -376,7 +382,26 @@ pub fn prepare_inputs(model: &pb::ModelProto, opts: &InputOptions) -> Result<Pre
     };
     for input in &declared {
         let name = input.name.as_str();
-        let from_npz = npz.as_mut().and_then(|m| m.remove(name));
+        let mut from_npz = npz.as_mut().and_then(|m| m.remove(name));
+        if let (Some(i), Some(t)) = (
+            opts.npz_sample,
+            from_npz.take_if(|_| opts.npz_sample.is_some()),
+        ) {
+            let path = opts.npz.clone().unwrap_or_default();
+            ensure!(
+                t.rank() > 0 && i < t.shape()[0],
+                "npz file {}: array `{name}` of shape {:?} has no sample {i} on axis 0",
+                path.display(),
+                t.shape()
+            );
+            let one = t.slice(0, i, i + 1)?;
+            let stacked = input.dims.as_ref().is_some_and(|d| t.rank() == d.len() + 1);
+            from_npz = Some(if stacked {
+                one.into_shape(&t.shape()[1..])?
+            } else {
+                one
+            });
+        }
         let (tensor, source) = if let Some(value) = value_of(name) {
             let dt = match (input.dtype, &from_npz) {
                 (Some(dt), _) => dt,
@@ -421,7 +446,21 @@ pub fn prepare_inputs(model: &pb::ModelProto, opts: &InputOptions) -> Result<Pre
                     "input `{name}`: --input-shape ignored, the npz file supplies the tensor"
                 ));
             }
-            (tensor, InputSource::Npz { path })
+            let non_finite = crate::quant::calibrate::float_values(&tensor)
+                .map_or(0, |v| v.iter().filter(|x| !x.is_finite()).count());
+            if non_finite > 0 {
+                prepared.notes.push(format!(
+                    "input `{name}` holds {non_finite} NaN or infinite value(s) of {}",
+                    tensor.len()
+                ));
+            }
+            (
+                tensor,
+                InputSource::Npz {
+                    path,
+                    sample: opts.npz_sample,
+                },
+            )
         } else {
             let dt = input.dtype.with_context(|| {
                 format!(
@@ -1298,6 +1337,66 @@ mod tests {
         assert!(err.contains("nope") && err.contains("sr"), "{err}");
     }
 
+    /// A batch file (samples on axis 0) gives sample `i` alone; NaN in an npz input gives a
+    /// note.
+    #[test]
+    fn npz_sample_and_non_finite_values() {
+        let m = add_model(&[0.0; 6]); // x f32 [2, 3]
+        let dir = tempfile::tempdir().unwrap();
+        let batch = dir.path().join("batch.npz");
+        let data: Vec<f32> = (0..18).map(|v| v as f32).collect();
+        let x = Tensor::from_shape(&[3, 2, 3], &data).unwrap();
+        save_npz(&batch, &[("x".into(), x)]).unwrap();
+        let p = prepare_inputs(
+            &m,
+            &InputOptions {
+                npz: Some(batch.clone()),
+                npz_sample: Some(1),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let want = Tensor::from_shape(&[2, 3], &data[6..12]).unwrap();
+        assert_eq!(p.tensors[0].1, want);
+        assert_eq!(
+            p.info[0].source,
+            InputSource::Npz {
+                path: batch.clone(),
+                sample: Some(1)
+            }
+        );
+        let err = prepare_inputs(
+            &m,
+            &InputOptions {
+                npz: Some(batch),
+                npz_sample: Some(3),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("no sample 3"), "{err:#}");
+
+        let nan = dir.path().join("nan.npz");
+        let x =
+            Tensor::from_shape(&[2, 3], &[1.0, f32::NAN, 2.0, f32::INFINITY, 0.0, 0.0]).unwrap();
+        save_npz(&nan, &[("x".into(), x)]).unwrap();
+        let p = prepare_inputs(
+            &m,
+            &InputOptions {
+                npz: Some(nan),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert!(
+            p.notes
+                .iter()
+                .any(|n| n == "input `x` holds 2 NaN or infinite value(s) of 6"),
+            "{:?}",
+            p.notes
+        );
+    }
+
     #[test]
     fn npz_inputs_are_checked() {
         let m = add_model(&[0.0; 6]);
@@ -1315,7 +1414,13 @@ mod tests {
         .unwrap();
         assert_eq!(p.tensors.len(), 1);
         assert_eq!(p.tensors[0].1, x);
-        assert_eq!(p.info[0].source, InputSource::Npz { path: good });
+        assert_eq!(
+            p.info[0].source,
+            InputSource::Npz {
+                path: good,
+                sample: None
+            }
+        );
 
         let missing = dir.path().join("missing.npz");
         save_npz(&missing, &[("y".into(), x.clone())]).unwrap();

@@ -675,6 +675,24 @@ fn quantize_options_of_another_mode_are_refused() {
             vec!["--mode", "static", "--calibration", cal, "--dtype", "int4"],
             "--dtype (static and dynamic weights are int8) does not apply to --mode static",
         ),
+        // Scheme options that only weight-only mode reads, and calibration options only
+        // static mode reads.
+        (
+            vec!["--mode", "static", "--calibration", cal, "--granularity", "tensor", "--scale", "pow2"],
+            "--granularity (only weight-only weights take another granularity), --scale do not apply to --mode static",
+        ),
+        (
+            vec!["--mode", "dynamic", "--asymmetric", "--keep-io-types", "false"],
+            "--asymmetric, --keep-io-types do not apply to --mode dynamic",
+        ),
+        (
+            vec!["--block-size", "64"],
+            "--block-size (only with --mode weight-only --granularity block) does not apply",
+        ),
+        (
+            vec!["--calibrate-method", "entropy", "--activation-type", "int8"],
+            "--calibrate-method, --activation-type do not apply to --mode weight-only",
+        ),
     ] {
         let mut a: Vec<OsString> = vec![
             "quantize".into(),
@@ -689,4 +707,72 @@ fn quantize_options_of_another_mode_are_refused() {
         assert!(r.stderr.contains(named), "{args:?}: {}", r.stderr);
         assert!(!out.exists(), "{args:?}");
     }
+}
+
+/// Where the results go is checked before any work: an output or report in a missing folder
+/// stops at once with exit 2, naming it, and nothing is written.
+#[test]
+fn quantize_output_and_report_in_missing_folders_are_refused_up_front() {
+    let dir = tempdir();
+    let missing = dir.path().join("missing");
+    for (out, report, named) in [
+        (
+            missing.join("q.onnx"),
+            dir.path().join("r.json"),
+            "cannot write the output",
+        ),
+        (
+            dir.path().join("q.onnx"),
+            missing.join("r.json"),
+            "cannot write the --report",
+        ),
+    ] {
+        let r = run_slow(&[
+            "quantize".into(),
+            model("ppocr-mobile-v2-cls").into(),
+            "-o".into(),
+            out.clone().into(),
+            "--report".into(),
+            report.clone().into(),
+        ]);
+        assert_eq!(r.code, Some(2), "{}", r.describe());
+        assert!(
+            r.stderr.contains(named) && r.stderr.contains("does not exist"),
+            "{}",
+            r.describe()
+        );
+        assert!(!out.exists() && !report.exists());
+    }
+}
+
+/// With one calibration file of samples along axis 0 and no `--inputs`, the check runs on its
+/// first sample (not on generated inputs with symbolic dims set to 1) and says that the figure
+/// comes from calibration data.
+#[test]
+fn quantize_static_checks_the_first_sample_of_a_batch_calibration_file() {
+    let stem = "ppocr-mobile-v2-cls";
+    let dir = tempdir();
+    let batch = samples(stem, dir.path(), 4, 7, true);
+    let r = run_slow(&[
+        "quantize".into(),
+        model(stem).into(),
+        "-o".into(),
+        dir.path().join("q.onnx").into(),
+        "--mode".into(),
+        "static".into(),
+        "--calibration".into(),
+        batch.clone().into(),
+    ]);
+    assert!(r.ok(), "{}", r.describe());
+    let want = format!(
+        "input x F32 [1, 3, 48, 192]: from {}, sample 0",
+        batch.display()
+    );
+    assert!(r.stderr.contains(&want), "{}", r.describe());
+    assert!(
+        r.stderr
+            .contains("the check runs on the first calibration sample"),
+        "{}",
+        r.describe()
+    );
 }
