@@ -611,7 +611,13 @@ pub fn run(
         .collect();
     let mut powers_alone = vec![(0f64, 0f64); layers.len()];
     let mut reference: Vec<Outputs> = Vec::new();
-    let mut note = None;
+    let unmatched = shadows.iter().filter(|s| s.is_none()).count();
+    let mut note = (unmatched > 0).then(|| {
+        format!(
+            "{unmatched} of {} layers have no quantized form the shadow model could copy (left in float by the pass, or the opsets differ); they are tried last, in node order",
+            layers.len()
+        )
+    });
     let measured = run_probed(shadowed, &probes, inputs, "shadow model", true, |mut o| {
         for (i, s) in shadows.iter().enumerate() {
             if let Some(s) = s {
@@ -953,6 +959,12 @@ mod tests {
         assert_ne!(shadow, exact);
         // The shadow model still computes the reference's own outputs.
         assert_eq!(run(&shadowed, "y"), exact);
+        // A candidate at another default-domain opset gets no shadows (copied nodes would not
+        // mean the same there).
+        let mut other = quantized(&[]);
+        other.opset_import[0].version = Some(21);
+        let (_, none) = with_shadows(to_proto(&m).unwrap(), &other, &ls);
+        assert!(none.iter().all(Option::is_none));
     }
 
     #[test]
