@@ -575,17 +575,7 @@ fn check_against(d: &InputDecl, t: &Tensor, label: &str) -> Result<()> {
     );
     // A NaN or infinity would give the activations it reaches no finite range, so that their
     // layers silently stay float (or a range that swamps every other sample's).
-    let bad = match t.datum_type() {
-        DatumType::F32 => t
-            .try_as_plain_ram()
-            .ok()
-            .and_then(|p| p.as_slice::<f32>().ok())
-            .map_or(0, |v| v.iter().filter(|x| !x.is_finite()).count()),
-        dt if dt.is_float() => {
-            float_values(t).map_or(0, |v| v.iter().filter(|x| !x.is_finite()).count())
-        }
-        _ => 0,
-    };
+    let bad = non_finite(t);
     ensure!(
         bad == 0,
         "calibration sample {label}: array `{}` holds {bad} NaN or infinite value(s) of {}; calibration samples must be finite",
@@ -797,6 +787,11 @@ impl Runner {
 
 /// A runnable tract plan, shared between threads.
 type Plan = Arc<TypedRunnableModel>;
+
+/// How many of a float tensor's values are NaN or infinite (0 for other types).
+pub(crate) fn non_finite(t: &Tensor) -> usize {
+    float_values(t).map_or(0, |v| v.iter().filter(|x| !x.is_finite()).count())
+}
 
 /// The float values of a tract tensor as f32, or `None` for other types.
 pub(crate) fn float_values(t: &Tensor) -> Option<std::borrow::Cow<'_, [f32]>> {

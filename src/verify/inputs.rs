@@ -446,8 +446,7 @@ pub fn prepare_inputs(model: &pb::ModelProto, opts: &InputOptions) -> Result<Pre
                     "input `{name}`: --input-shape ignored, the npz file supplies the tensor"
                 ));
             }
-            let non_finite = crate::quant::calibrate::float_values(&tensor)
-                .map_or(0, |v| v.iter().filter(|x| !x.is_finite()).count());
+            let non_finite = crate::quant::calibrate::non_finite(&tensor);
             if non_finite > 0 {
                 prepared.notes.push(format!(
                     "input `{name}` holds {non_finite} NaN or infinite value(s) of {}",
