@@ -30,8 +30,7 @@ pub struct InputOptions {
     /// be in it, with the dtype the graph declares.
     pub npz: Option<PathBuf>,
     /// With `npz`: the file holds samples along axis 0 (a calibration batch file); feed sample
-    /// `i` alone, `a[i:i+1]` for an array of the declared rank, `a[i]` for one of rank + 1,
-    /// as calibration splits it.
+    /// `i` alone, split as [`crate::quant::calibrate::Samples`] splits it.
     pub npz_sample: Option<usize>,
     /// Full shapes for generated or filled inputs (`--input-shape NAME:D0,D1`): replaces the
     /// declared shape, so symbolic or unknown dims get a concrete size.
@@ -352,9 +351,19 @@ pub fn prepare_inputs(model: &pb::ModelProto, opts: &InputOptions) -> Result<Pre
             .map(|(_, v)| *v)
     };
 
-    let mut npz: Option<HashMap<String, Tensor>> = match &opts.npz {
-        Some(path) => Some(load_npz(path)?.into_iter().collect()),
-        None => None,
+    let mut npz: Option<HashMap<String, Tensor>> = match (&opts.npz, opts.npz_sample) {
+        (Some(path), None) => Some(load_npz(path)?.into_iter().collect()),
+        // A batch file: sample `i`, split exactly as calibration splits it (an array without
+        // the sample axis, such as a scalar, is fed whole).
+        (Some(path), Some(i)) => {
+            let sample = crate::quant::calibrate::Samples::open(path, model, i + 1)?
+                .nth(i)
+                .with_context(|| {
+                    format!("npz file {} has no sample {i} on axis 0", path.display())
+                })??;
+            Some(sample.tensors.into_iter().collect())
+        }
+        (None, _) => None,
     };
     if let (Some(npz), Some(path)) = (&npz, &opts.npz) {
         let missing: Vec<&str> = names
@@ -382,26 +391,7 @@ pub fn prepare_inputs(model: &pb::ModelProto, opts: &InputOptions) -> Result<Pre
     };
     for input in &declared {
         let name = input.name.as_str();
-        let mut from_npz = npz.as_mut().and_then(|m| m.remove(name));
-        if let (Some(i), Some(t)) = (
-            opts.npz_sample,
-            from_npz.take_if(|_| opts.npz_sample.is_some()),
-        ) {
-            let path = opts.npz.clone().unwrap_or_default();
-            ensure!(
-                t.rank() > 0 && i < t.shape()[0],
-                "npz file {}: array `{name}` of shape {:?} has no sample {i} on axis 0",
-                path.display(),
-                t.shape()
-            );
-            let one = t.slice(0, i, i + 1)?;
-            let stacked = input.dims.as_ref().is_some_and(|d| t.rank() == d.len() + 1);
-            from_npz = Some(if stacked {
-                one.into_shape(&t.shape()[1..])?
-            } else {
-                one
-            });
-        }
+        let from_npz = npz.as_mut().and_then(|m| m.remove(name));
         let (tensor, source) = if let Some(value) = value_of(name) {
             let dt = match (input.dtype, &from_npz) {
                 (Some(dt), _) => dt,
@@ -1374,6 +1364,37 @@ mod tests {
         )
         .unwrap_err();
         assert!(format!("{err:#}").contains("no sample 3"), "{err:#}");
+
+        // An input without the sample axis (a scalar) is fed whole, as calibration feeds it.
+        use crate::verify::testutil::{info, model, node, out};
+        let scaled = model(
+            vec![node("Mul", "mul", &["x", "s"], &["y"], vec![])],
+            vec![
+                info("x", pb::tensor_proto::DataType::Float, &[2, 3]),
+                info("s", pb::tensor_proto::DataType::Float, &[]),
+            ],
+            vec![out("y")],
+            vec![],
+        );
+        let with_scalar = dir.path().join("with_scalar.npz");
+        let x = Tensor::from_shape(&[3, 2, 3], &data).unwrap();
+        save_npz(
+            &with_scalar,
+            &[("x".into(), x), ("s".into(), Tensor::from(2.5f32))],
+        )
+        .unwrap();
+        let p = prepare_inputs(
+            &scaled,
+            &InputOptions {
+                npz: Some(with_scalar),
+                npz_sample: Some(2),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let want = Tensor::from_shape(&[2, 3], &data[12..18]).unwrap();
+        assert_eq!(p.tensors[0].1, want);
+        assert_eq!(p.tensors[1].1, Tensor::from(2.5f32));
 
         let nan = dir.path().join("nan.npz");
         let x =
