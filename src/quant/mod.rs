@@ -304,22 +304,18 @@ impl Quantized {
             return;
         }
         let f = max_q as f32 / limit as f32;
-        let (_, channels, inner) = split_axis(dims, axis);
-        let per_channel = match self.scales.len() {
-            1 => false,
-            n if n == channels => true,
+        let granularity = match self.scales.len() {
+            1 => Granularity::Tensor,
+            n if n == split_axis(dims, axis).1 => Granularity::Channel,
             _ => return,
         };
         for s in &mut self.scales {
             *s *= f;
         }
         let l = limit as f32;
+        let idx = ScaleIndex::new(dims, axis, granularity, axis);
         for (i, (q, &v)) in self.q.iter_mut().zip(w).enumerate() {
-            let s = if per_channel {
-                self.scales[(i / inner.max(1)) % channels.max(1)]
-            } else {
-                self.scales[0]
-            };
+            let s = self.scales[idx.of(i)];
             *q = if s.is_normal() {
                 round_clamped(v / s, -l, l) as i32
             } else {
