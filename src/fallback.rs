@@ -568,6 +568,9 @@ fn check_candidate(
 /// the target is searched for (see the module documentation), in at most `max_iterations`
 /// candidate runs.
 ///
+/// `quantized`, when the caller has it, is `suffix` already run on `snapshot` with `opts`
+/// (every layer quantized) and its pass records: the first candidate, not made again.
+///
 /// Returns the model of the shortest prefix found that meets the target (or, when none does,
 /// of the longest tried), the pass records of the run that made it, and the report.
 ///
@@ -579,6 +582,7 @@ pub fn run(
     suffix: &[&'static dyn Pass],
     opts: &PassOptions,
     validate_each: bool,
+    quantized: Option<(Model, Vec<PassRecord>)>,
     inputs: &[Vec<(String, Tensor)>],
     target: f64,
     max_accuracy_drop: Option<f64>,
@@ -600,7 +604,10 @@ pub fn run(
         let records = run_pipeline(&mut model, suffix, &o, validate_each, reporter)?;
         Ok((model, records))
     };
-    let first = candidate(&[])?;
+    let first = match quantized {
+        Some(q) => q,
+        None => candidate(&[])?,
+    };
 
     reporter.phase("fallback: measuring each layer alone against the reference");
     let (shadowed, shadows) = with_shadows(to_proto(snapshot)?, &to_proto(&first.0)?, &layers);

@@ -229,11 +229,16 @@ pub fn optimize(cfg: &OptimizeConfig, reporter: &dyn Reporter) -> Result<Optimiz
                     sets.push(s);
                 }
             }
+            // The model just checked is the fallback's first candidate, unless the check ran
+            // on the float-equivalent model.
+            let quantized =
+                (!equivalent).then(|| (model.clone(), records[prefix.len()..].to_vec()));
             let (m, suffix_records, fb) = crate::fallback::run(
                 snapshot,
                 suffix,
                 &check_opts,
                 cfg.validate_each,
+                quantized,
                 &sets,
                 target,
                 cfg.gates.max_accuracy_drop,
