@@ -116,16 +116,12 @@ fn upgrade_graph(g: &mut Graph, names: &mut Names, from: i64) -> usize {
             "Split" => attr_to_input(g, names, id, "split", 1, Kind::I64),
             "Softmax" | "LogSoftmax" | "Hardmax" => softmax_axis(g, names, id),
             "Dropout" if from <= 11 => {
-                let ratio = g.node(id).attr_float("ratio", 0.5);
-                set_default(g, id, "ratio", ratio);
-                attr_to_input(g, names, id, "ratio", 1, Kind::F32)
+                attr_to_input(g, names, id, "ratio", 1, Kind::F32(Some(0.5)))
             }
+            // Both moved (no short circuit); an absent bound stays absent.
             "Clip" if from == 10 => {
-                let lo = g.node(id).attr("min").is_some();
-                let hi = g.node(id).attr("max").is_some();
-                let a = attr_to_input(g, names, id, "min", 1, Kind::F32);
-                let b = attr_to_input(g, names, id, "max", 2, Kind::F32);
-                (lo || hi) && (a || b)
+                attr_to_input(g, names, id, "min", 1, Kind::F32(None))
+                    | attr_to_input(g, names, id, "max", 2, Kind::F32(None))
             }
             _ => false,
         };
@@ -134,25 +130,16 @@ fn upgrade_graph(g: &mut Graph, names: &mut Names, from: i64) -> usize {
     count
 }
 
-/// Element type of an attribute turned into an input.
+/// Element type of an attribute turned into an input: ints, or a float with the value an
+/// absent attribute has (`None`: an absent attribute stays an absent input).
 enum Kind {
     I64,
-    F32,
-}
-
-/// Gives node `id` an explicit float attribute `name` = `v` when it has none (so that a
-/// default becomes an input like an explicit value).
-fn set_default(g: &mut Graph, id: NodeId, name: &str, v: f32) {
-    if g.node(id).attr(name).is_none() {
-        g.node_mut(id)
-            .proto
-            .attribute
-            .push(crate::ir::edit::attr_float(name, v));
-    }
+    F32(Option<f32>),
 }
 
 /// Moves attribute `name` of node `id` to input `slot` as an initializer (ints as a 1-D int64
-/// tensor, a float as a scalar). Returns false when the node has no such attribute.
+/// tensor, a float as a scalar; an absent float with a default becomes that default). Returns
+/// false when nothing was moved.
 fn attr_to_input(
     g: &mut Graph,
     names: &mut Names,
@@ -162,10 +149,12 @@ fn attr_to_input(
     kind: Kind,
 ) -> bool {
     let n = g.node(id);
-    let Some(pos) = n.proto.attribute.iter().position(|a| a.name() == name) else {
-        return false;
+    let pos = n.proto.attribute.iter().position(|a| a.name() == name);
+    let attr = match (pos, &kind) {
+        (Some(p), _) => n.proto.attribute[p].clone(),
+        (None, Kind::F32(Some(v))) => crate::ir::edit::attr_float(name, *v),
+        (None, _) => return false,
     };
-    let attr = n.proto.attribute[pos].clone();
     let base = format!(
         "{}_{name}",
         if n.name().is_empty() {
@@ -176,10 +165,12 @@ fn attr_to_input(
     );
     let tensor = match kind {
         Kind::I64 => Tensor::from_i64(&[attr.ints.len() as i64], &attr.ints),
-        Kind::F32 => Tensor::from_f32(&[], &[attr.f.unwrap_or(0.0)]),
+        Kind::F32(_) => Tensor::from_f32(&[], &[attr.f.unwrap_or(0.0)]),
     };
     let v = g.add_initializer(names, &base, tensor);
-    g.node_mut(id).proto.attribute.remove(pos);
+    if let Some(p) = pos {
+        g.node_mut(id).proto.attribute.remove(p);
+    }
     // Optional inputs between the existing ones and `slot` are empty.
     g.set_input(id, slot, Some(v));
     true
