@@ -293,6 +293,17 @@ fn top1(a: &[f32], b: &[f32], last: usize) -> Option<f64> {
     Some(same as f64 / rows as f64)
 }
 
+/// The float values among `values` (name, tensor), as f32.
+fn named<'a>(values: impl Iterator<Item = (&'a String, &'a Tensor)>) -> Outputs {
+    values
+        .filter_map(|(n, t)| {
+            let last = t.shape().last().copied().unwrap_or(1);
+            let v = float_values(t)?.into_owned();
+            Some((n.clone(), (v, last)))
+        })
+        .collect()
+}
+
 /// Runs `proto` with the values `probes` exposed on every input set; float values only.
 ///
 /// With `optimize`, uses tract's optimized plan (several times faster, but not bit-exact with
@@ -307,17 +318,8 @@ fn run_probed(
 ) -> Result<()> {
     let proto = with_probes(proto, probes);
     let mut runner = Runner::new(&proto, optimize)?;
-    let named = |runner: &Runner, outs: &[tract_onnx::prelude::TValue]| -> Outputs {
-        runner
-            .outputs
-            .iter()
-            .zip(outs.iter())
-            .filter_map(|(n, t)| {
-                let last = t.shape().last().copied().unwrap_or(1);
-                let v = float_values(t)?.into_owned();
-                Some((n.clone(), (v, last)))
-            })
-            .collect()
+    let outputs = |runner: &Runner, outs: &[tract_onnx::prelude::TValue]| -> Outputs {
+        named(runner.outputs.iter().zip(outs.iter().map(|t| &**t)))
     };
     // As many sets at a time as there are threads, handed to `each` in order.
     let threads = rayon::current_num_threads().max(1);
@@ -341,7 +343,7 @@ fn run_probed(
                         .with_context(|| format!("running the {what} in tract"))?
                 }
             };
-            each(named(&runner, &outs));
+            each(outputs(&runner, &outs));
         }
     }
     Ok(())
@@ -568,6 +570,10 @@ fn check_candidate(
 /// the target is searched for (see the module documentation), in at most `max_iterations`
 /// candidate runs.
 ///
+/// `exact` is what the final check compares with: the original model's outputs on the first
+/// input set in tract's plain plan (see [`crate::verify::Reference`]). A candidate meets the
+/// target only if it also does so there.
+///
 /// `quantized`, when the caller has it, is `suffix` already run on `snapshot` with `opts`
 /// (every layer quantized) and its pass records: the first candidate, not made again.
 ///
@@ -584,6 +590,7 @@ pub fn run(
     validate_each: bool,
     quantized: Option<(Model, Vec<PassRecord>)>,
     inputs: &[Vec<(String, Tensor)>],
+    exact: &[(String, Tensor)],
     target: f64,
     max_accuracy_drop: Option<f64>,
     max_iterations: usize,
@@ -664,15 +671,7 @@ pub fn run(
     // The check's own inputs with the plain plan, as the final check runs them: a candidate
     // that meets the target with the optimized plan must also meet it there (on ppocrv4-rec,
     // whose output is a softmax with near ties, the two plans gave cosine 0.999 and 0.985).
-    let mut exact_reference: Vec<Outputs> = Vec::new();
-    run_probed(
-        to_proto(snapshot)?,
-        &BTreeSet::new(),
-        &inputs[..inputs.len().min(1)],
-        "reference",
-        false,
-        |o| exact_reference.push(o),
-    )?;
+    let exact_reference = vec![named(exact.iter().map(|(n, t)| (n, t)))];
     reporter.phase_done();
 
     // The ranking: measured layers by score, then unmeasured ones in node order.

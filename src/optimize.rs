@@ -1,5 +1,6 @@
 //! `onnxopt optimize`: load, run a pass pipeline, save, and check the result in tract.
 
+use std::cell::OnceCell;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -189,19 +190,28 @@ pub fn optimize(cfg: &OptimizeConfig, reporter: &dyn Reporter) -> Result<Optimiz
     let lossy = !suffix.is_empty();
     let gates = default_gates(cfg.gates, lossy);
     let dir = |p: &Path| p.parent().map(Path::to_path_buf);
+    // The reference runs once, beside the first candidate; later candidates reuse its outputs.
+    let reference_run: OnceCell<verify::Reference> = OnceCell::new();
     let compare = |candidate: &crate::pb::ModelProto| -> Result<Comparison> {
         reporter.phase("checking in tract");
-        let r = reference.as_ref().context("no reference")?;
-        let cmp = verify::compare_models(
-            r,
-            dir(&cfg.model).as_deref(),
-            candidate,
-            None,
-            &cfg.inputs,
-            &gates,
-        );
+        let cmp = match reference_run.get() {
+            Some(run) => run.compare(candidate, None, &gates),
+            None => {
+                let r = reference.as_ref().context("no reference")?;
+                let (run, cmp) = verify::Reference::run_beside(
+                    r,
+                    dir(&cfg.model).as_deref(),
+                    candidate,
+                    None,
+                    &cfg.inputs,
+                    &gates,
+                )?;
+                let _ = reference_run.set(run);
+                cmp
+            }
+        };
         reporter.phase_done();
-        cmp
+        Ok(cmp)
     };
     let mut out_proto = onnx::export::to_proto(&model)?;
     let mut check = match (&reference, equivalent) {
@@ -220,10 +230,11 @@ pub fn optimize(cfg: &OptimizeConfig, reporter: &dyn Reporter) -> Result<Optimiz
         });
         if ran && (min_cosine(c).is_some_and(|m| m < target) || top1_missed) {
             let r = reference.as_ref().context("no reference")?;
-            let prepared = verify::inputs::prepare_inputs(r, &cfg.inputs)?;
+            let run = reference_run.get().context("the check did not run")?;
+            let exact = run.outputs().context("the reference did not run")?;
             // The check's inputs may be the first calibration sample: not twice.
             let extra = calibration_sets(r, &cfg.pass_options)?;
-            let mut sets = vec![prepared.tensors];
+            let mut sets = vec![run.inputs().to_vec()];
             for s in extra {
                 if s != sets[0] {
                     sets.push(s);
@@ -240,6 +251,7 @@ pub fn optimize(cfg: &OptimizeConfig, reporter: &dyn Reporter) -> Result<Optimiz
                 cfg.validate_each,
                 quantized,
                 &sets,
+                exact,
                 target,
                 cfg.gates.max_accuracy_drop,
                 FALLBACK_MAX_ITERATIONS,

@@ -4,8 +4,9 @@
 //! ```text
 //! inputs::prepare_inputs   npz bundle | --input values | seeded random, per real graph input
 //!        |
-//! tract_run::run(reference) --Err--> Verification::Unverified (candidate not run)
+//! tract_run::run(reference) --Err--> Verification::Unverified (candidate result unused)
 //! tract_run::run(candidate) --Err--> Verification::CandidateFailed (an optimizer bug)
+//!   (the two run side by side; a [`Reference`] keeps the first for more candidates)
 //!        |
 //! metrics::compare per output (elementwise tolerance evaluated here)
 //! gate::check              --> Verification::Checked | Verification::Failed
@@ -76,7 +77,8 @@ pub struct Comparison {
 
 /// Runs `reference` and `candidate` in tract on the same inputs (prepared from the
 /// reference's graph inputs with `opts`) and compares every reference output with the
-/// candidate output of the same name under `gates`.
+/// candidate output of the same name under `gates`. The two models run at the same time, on
+/// two threads.
 ///
 /// `ref_dir` and `cand_dir` are the directories external data is read from.
 ///
@@ -91,55 +93,135 @@ pub fn compare_models(
     opts: &InputOptions,
     gates: &Gates,
 ) -> Result<Comparison> {
-    let prepared = inputs::prepare_inputs(reference, opts)?;
-    let mut comparison = Comparison {
-        inputs: prepared.info,
-        notes: prepared.notes,
-        gates: *gates,
-        outputs: vec![],
-        failures: vec![],
-        status: Verification::Checked,
-    };
-    let ref_outputs = match run(reference, ref_dir, &prepared.tensors) {
-        Ok(outputs) => outputs,
-        Err(error) => {
-            comparison.status = Verification::Unverified {
-                reason: error.to_string(),
-                error,
-            };
-            return Ok(comparison);
-        }
-    };
-    let cand_outputs = match run(candidate, cand_dir, &prepared.tensors) {
-        Ok(outputs) => outputs,
-        Err(error) => {
-            comparison.status = Verification::CandidateFailed {
-                reason: error.to_string(),
-                error,
-            };
-            return Ok(comparison);
-        }
-    };
-    let tolerance = gates.tolerance();
-    for (name, a) in &ref_outputs {
-        let row = match cand_outputs.iter().find(|(n, _)| n == name) {
-            Some((_, b)) => metrics::compare(name, a, b, tolerance),
-            None => metrics::missing(name, a),
+    Ok(Reference::run_beside(reference, ref_dir, candidate, cand_dir, opts, gates)?.1)
+}
+
+/// The reference side of a check, computed once for any number of candidates: the inputs
+/// prepared from the reference's graph inputs and the reference's outputs on them (tract's
+/// plain plan, as [`tract_run::run`]).
+pub struct Reference {
+    prepared: PreparedInputs,
+    outputs: Result<Vec<(String, tract_onnx::prelude::Tensor)>, RunError>,
+}
+
+impl Reference {
+    /// Prepares the inputs with `opts` and runs `reference` on them (`ref_dir`: where its
+    /// external data is read from).
+    ///
+    /// # Errors
+    /// Only when the inputs cannot be prepared; tract failing on the reference makes every
+    /// comparison [`Verification::Unverified`].
+    pub fn run(
+        reference: &pb::ModelProto,
+        ref_dir: Option<&Path>,
+        opts: &InputOptions,
+    ) -> Result<Reference> {
+        let prepared = inputs::prepare_inputs(reference, opts)?;
+        let outputs = run(reference, ref_dir, &prepared.tensors);
+        Ok(Reference { prepared, outputs })
+    }
+
+    /// [`Reference::run`] and the comparison of `candidate` with it, the two models run at
+    /// the same time on two threads (see [`compare_models`]).
+    ///
+    /// # Errors
+    /// As [`Reference::run`].
+    pub fn run_beside(
+        reference: &pb::ModelProto,
+        ref_dir: Option<&Path>,
+        candidate: &pb::ModelProto,
+        cand_dir: Option<&Path>,
+        opts: &InputOptions,
+        gates: &Gates,
+    ) -> Result<(Reference, Comparison)> {
+        let prepared = inputs::prepare_inputs(reference, opts)?;
+        let (outputs, cand_outputs) = rayon::join(
+            || run(reference, ref_dir, &prepared.tensors),
+            || run(candidate, cand_dir, &prepared.tensors),
+        );
+        let r = Reference { prepared, outputs };
+        let c = r.compare_outputs(|| cand_outputs, gates);
+        Ok((r, c))
+    }
+
+    /// The tensors fed, one per real graph input, in graph input order.
+    pub fn inputs(&self) -> &[(String, tract_onnx::prelude::Tensor)] {
+        &self.prepared.tensors
+    }
+
+    /// The reference's outputs in graph output order, or `None` when tract could not run it.
+    pub fn outputs(&self) -> Option<&[(String, tract_onnx::prelude::Tensor)]> {
+        self.outputs.as_deref().ok()
+    }
+
+    /// Runs `candidate` (external data read from `cand_dir`) on the reference's inputs and
+    /// compares its outputs with the reference's under `gates`; `candidate` is not run when
+    /// the reference did not run.
+    pub fn compare(
+        &self,
+        candidate: &pb::ModelProto,
+        cand_dir: Option<&Path>,
+        gates: &Gates,
+    ) -> Comparison {
+        self.compare_outputs(|| run(candidate, cand_dir, &self.prepared.tensors), gates)
+    }
+
+    /// The comparison with the candidate outputs `cand_outputs` gives, asked for only when
+    /// the reference ran.
+    fn compare_outputs(
+        &self,
+        cand_outputs: impl FnOnce() -> Result<Vec<(String, tract_onnx::prelude::Tensor)>, RunError>,
+        gates: &Gates,
+    ) -> Comparison {
+        let mut comparison = Comparison {
+            inputs: self.prepared.info.clone(),
+            notes: self.prepared.notes.clone(),
+            gates: *gates,
+            outputs: vec![],
+            failures: vec![],
+            status: Verification::Checked,
         };
-        comparison.outputs.push(row);
-    }
-    for (name, _) in &cand_outputs {
-        if !ref_outputs.iter().any(|(n, _)| n == name) {
-            comparison.notes.push(format!(
-                "candidate output `{name}` is not a reference output; not compared"
-            ));
+        let ref_outputs = match &self.outputs {
+            Ok(outputs) => outputs,
+            Err(error) => {
+                comparison.status = Verification::Unverified {
+                    reason: error.to_string(),
+                    error: error.clone(),
+                };
+                return comparison;
+            }
+        };
+        let cand_outputs = match cand_outputs() {
+            Ok(outputs) => outputs,
+            Err(error) => {
+                comparison.status = Verification::CandidateFailed {
+                    reason: error.to_string(),
+                    error,
+                };
+                return comparison;
+            }
+        };
+        let tolerance = gates.tolerance();
+        for (name, a) in ref_outputs {
+            let row = match cand_outputs.iter().find(|(n, _)| n == name) {
+                Some((_, b)) => metrics::compare(name, a, b, tolerance),
+                None => metrics::missing(name, a),
+            };
+            comparison.outputs.push(row);
         }
+        for (name, _) in &cand_outputs {
+            if !ref_outputs.iter().any(|(n, _)| n == name) {
+                comparison.notes.push(format!(
+                    "candidate output `{name}` is not a reference output; not compared"
+                ));
+            }
+        }
+        comparison.failures = check(gates, &comparison.outputs);
+        if !comparison.failures.is_empty() {
+            comparison.status = Verification::Failed;
+        }
+        comparison
     }
-    comparison.failures = check(gates, &comparison.outputs);
-    if !comparison.failures.is_empty() {
-        comparison.status = Verification::Failed;
-    }
-    Ok(comparison)
 }
 
 fn fmt_num(v: f64) -> String {
