@@ -35,6 +35,7 @@
 //! the end of that chain, which is the one that survives with the same meaning (the layer's own
 //! output name then holds the folded value).
 
+use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap, HashSet};
 
 use anyhow::{Context, Result};
@@ -682,7 +683,13 @@ pub fn run(
     order.sort_by(|&a, &b| key(b).total_cmp(&key(a)).then(a.cmp(&b)));
 
     let mut tried: Vec<Tried> = Vec::new();
+    // Every set of layers run, sorted: a prune try can give back the layer that a bisection
+    // step had already left out.
+    let seen: RefCell<BTreeSet<Vec<usize>>> = RefCell::new(BTreeSet::new());
     let mut evaluate = |kept: Vec<usize>| -> Result<Evaluated> {
+        let mut sorted = kept.clone();
+        sorted.sort_unstable();
+        seen.borrow_mut().insert(sorted);
         let (model, records) = candidate(&kept)?;
         reporter.phase(&format!(
             "fallback: checking with {} layers in float",
@@ -768,6 +775,11 @@ pub fn run(
                 break;
             }
             let without: Vec<usize> = h.kept.iter().copied().filter(|&i| i != drop).collect();
+            let mut sorted = without.clone();
+            sorted.sort_unstable();
+            if seen.borrow().contains(&sorted) {
+                continue;
+            }
             let e = evaluate(without)?;
             iterations += 1;
             if e.met {
