@@ -197,6 +197,49 @@ fn compare_models_reports_unverified_and_candidate_failures() {
 }
 
 #[test]
+fn a_reference_run_once_compares_each_candidate_as_compare_models_does() {
+    let reference = add_model(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+    let near = add_model(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.5]);
+    let mut broken = add_model(&[0.0; 6]);
+    if let Some(g) = broken.graph.as_mut() {
+        g.node[0].op_type = Some("NoSuchOp".into());
+    }
+    let opts = InputOptions {
+        seed: 3,
+        ..Default::default()
+    };
+    let gates = Gates {
+        atol: Some(1e-3),
+        ..Default::default()
+    };
+    let (run, first) =
+        crate::verify::Reference::run_beside(&reference, None, &near, None, &opts, &gates).unwrap();
+    assert_eq!(
+        first,
+        compare_models(&reference, None, &near, None, &opts, &gates).unwrap()
+    );
+    assert_eq!(first.status, Verification::Failed);
+    assert_eq!(run.inputs()[0].0, "x");
+    assert_eq!(run.outputs().unwrap()[0].0, "y");
+    // Later candidates, without running the reference again.
+    assert_eq!(run.compare(&near, None, &gates), first);
+    let same = run.compare(&reference, None, &gates);
+    assert_eq!(same.status, Verification::Checked);
+    assert_eq!(same.outputs[0].values.as_ref().unwrap().max_abs, 0.0);
+    assert!(matches!(
+        run.compare(&broken, None, &gates).status,
+        Verification::CandidateFailed { .. }
+    ));
+    // A reference tract cannot run leaves every comparison unverified.
+    let dead = crate::verify::Reference::run(&broken, None, &opts).unwrap();
+    assert!(dead.outputs().is_none());
+    assert!(matches!(
+        dead.compare(&reference, None, &gates).status,
+        Verification::Unverified { .. }
+    ));
+}
+
+#[test]
 fn compare_models_flags_a_missing_output() {
     let reference = add_model(&[0.0; 6]);
     let mut candidate = add_model(&[0.0; 6]);
