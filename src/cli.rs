@@ -270,8 +270,13 @@ pub struct QuantizeArgs {
     /// (zero point >= 64) get weights in [-64, 64] (onnxruntime's `reduce_range`): on x86 CPUs
     /// without VNNI its u8 x s8 kernels saturate with full-range weights there. Use this for
     /// VNNI, ARM or integer-only targets.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "reduce_range")]
     pub full_range_weights: bool,
+    /// static: every layer's int8 weights in [-64, 64] (onnxruntime's `reduce_range`), so that
+    /// no u8 x s8 product pair can saturate on x86 CPUs without VNNI, whatever the activations;
+    /// by default only the layers the rule above picks. Costs a bit of weight precision.
+    #[arg(long)]
+    pub reduce_range: bool,
     /// dynamic: also quantize Conv as ConvInteger (slow on common CPU runtimes).
     #[arg(long)]
     pub conv_integer: bool,

@@ -420,6 +420,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     a.full_range_weights && a.mode != Mode::Static,
                     "--full-range-weights",
                 ),
+                (a.reduce_range && a.mode != Mode::Static, "--reduce-range"),
                 (a.conv_integer && a.mode != Mode::Dynamic, "--conv-integer"),
                 (
                     a.keep_float_weights && !matches!(a.mode, Mode::Static | Mode::Dynamic),
@@ -564,6 +565,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     conv_integer: a.conv_integer,
                     all_layers: a.all_layers,
                     full_range_weights: a.full_range_weights,
+                    reduce_range: a.reduce_range,
                     node_schemes,
                     exclude_nodes: exclude_with(
                         regex(&a.exclude_nodes, "--exclude-nodes")?,

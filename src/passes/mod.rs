@@ -102,6 +102,9 @@ pub struct PassOptions {
     /// u8 x s8 kernels on x86 CPUs without VNNI can saturate (see
     /// [`crate::quant::REDUCED_INT8_MAX`]); by default those weights use `[-64, 64]`.
     pub full_range_weights: bool,
+    /// Static quantization: every layer's int8 weights in `[-64, 64]` (onnxruntime's
+    /// `reduce_range`): no u8 x s8 product pair can saturate, whatever the activations.
+    pub reduce_range: bool,
 }
 
 impl PassOptions {

@@ -978,8 +978,9 @@ fn run(model: &mut Model, opts: &PassOptions) -> Result<PassStats> {
         // activations with weights mostly small against their largest, 7 bits everywhere
         // lowered the held-out cosine in onnxruntime from 0.9984 to 0.9950: no saturation there.
         let large = qz.q.iter().filter(|q| q.abs() > REDUCED_INT8_MAX).count();
-        let saturates = (x_qp.qtype == QType::Int8 || x_qp.zero_point >= REDUCED_ZERO_POINT)
-            && large as f64 > LARGE_WEIGHT_FRACTION * qz.q.len() as f64;
+        let saturates = opts.reduce_range
+            || (x_qp.qtype == QType::Int8 || x_qp.zero_point >= REDUCED_ZERO_POINT)
+                && large as f64 > LARGE_WEIGHT_FRACTION * qz.q.len() as f64;
         let limit = if saturates && !opts.full_range_weights {
             qz.narrow(&w, &dims, u.axis, 127, REDUCED_INT8_MAX);
             reduced += 1;
@@ -1235,7 +1236,11 @@ fn run(model: &mut Model, opts: &PassOptions) -> Result<PassStats> {
             format!(" - opset {opset} < 13 has no per-axis DequantizeLinear")
         }
     ));
-    if reduced > 0 {
+    if reduced > 0 && opts.reduce_range {
+        stats.notes.push(format!(
+            "--reduce-range: the weights of all {reduced} layer(s) in [-{REDUCED_INT8_MAX}, {REDUCED_INT8_MAX}]"
+        ));
+    } else if reduced > 0 {
         stats.notes.push(format!(
             "{reduced} layer(s) with mostly large weights reading int8 or signed uint8 activations (zero point >= {REDUCED_ZERO_POINT}) have weights in [-{REDUCED_INT8_MAX}, {REDUCED_INT8_MAX}]: onnxruntime's u8 x s8 kernels on x86 CPUs without VNNI saturate with full-range weights there (--full-range-weights for other targets)"
         ));
@@ -2020,6 +2025,23 @@ mod tests {
             assert_eq!(q_max(&out, "W2_quantized"), 127);
             assert!(min_cosine(&src, &out, &held) >= 0.999);
         }
+        // `reduce_range`: conv2, which reads the Relu output, too.
+        let mut opts = cal_opts(dir.path(), RangeMethod::MinMax, QType::Uint8);
+        opts.reduce_range = true;
+        let mut m = import(src.clone());
+        let stats = QuantizeStatic.run(&mut m, &opts).unwrap();
+        let out = crate::onnx::export::to_proto(&m).unwrap();
+        assert_eq!(q_max(&out, "W1_quantized"), 64);
+        assert_eq!(q_max(&out, "W2_quantized"), 64);
+        assert!(
+            stats
+                .notes
+                .iter()
+                .any(|n| n.starts_with("--reduce-range: the weights of all 3 layer(s)")),
+            "{:?}",
+            stats.notes
+        );
+        assert!(min_cosine(&src, &out, &held) >= 0.999);
     }
 
     #[test]
