@@ -391,10 +391,6 @@ fn roundtrip_onnx_backend_models() {
     );
 }
 
-/// Real models tract cannot run (README: If branches disagreeing on output rank): `compare`
-/// must say so (exit 3, unverified) rather than fail.
-const TRACT_CANNOT_RUN: &[&str] = &["silero-vad-16k-op15"];
-
 /// The round-trip computes the same thing: `compare --atol 0 --rtol 0` in tract on the real
 /// models (their npz inputs) and on the backend test models that ship inputs
 /// (test_data_set_0, converted by pb_to_npz.py). The light_* backend models are left out:
@@ -473,8 +469,8 @@ fn roundtrip_outputs_bit_identical_in_tract() {
         match r.code {
             Some(0) => {}
             // Unverified: tract cannot run the model. Allowed for backend models (their
-            // op coverage is wide) and for the real models tract is known not to run.
-            Some(3) if !real || TRACT_CANNOT_RUN.contains(&name.as_str()) => {
+            // op coverage is wide), never for the real ones.
+            Some(3) if !real => {
                 let why = format!("{}{}", r.stdout, r.stderr);
                 let first = why.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
                 let mut first = first.trim().to_string();

@@ -63,6 +63,7 @@ use tract_onnx::prelude::{
 use super::{CalibrationOptions, QType, RangeMethod};
 use crate::pb;
 use crate::verify::inputs::load_npz;
+use crate::verify::specialize::IfResolver;
 
 /// Histogram bins per sign (the resolution of the percentile and entropy estimators).
 pub const BINS: usize = 2048;
@@ -678,6 +679,9 @@ impl Iterator for Samples {
 /// tract when `optimize` and tract can, else as typed).
 pub(crate) struct Runner {
     model: InferenceModel,
+    /// When the main graph has If nodes: they are resolved for each input set before planning
+    /// (see [`crate::verify::specialize`]).
+    ifs: Option<IfResolver>,
     inputs: Vec<String>,
     /// The graph output names, in the order `run` returns their values.
     pub(crate) outputs: Vec<String>,
@@ -685,8 +689,8 @@ pub(crate) struct Runner {
     optimize: bool,
 }
 
-/// The input types and shapes a plan was built for.
-type PlanKey = Vec<(DatumType, Vec<usize>)>;
+/// The input types and shapes a plan was built for, and how its If nodes were resolved.
+type PlanKey = (Vec<(DatumType, Vec<usize>)>, Vec<Option<bool>>);
 
 /// Runs `f`, turning a tract panic into an error.
 fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
@@ -708,23 +712,17 @@ impl Runner {
     ///
     /// Errors: tract cannot read or load the model, or it reads undefined values.
     pub(crate) fn new(proto: &pb::ModelProto, optimize: bool) -> Result<Runner> {
+        Runner::new_in(proto, optimize, None)
+    }
+
+    /// [`Runner::new`], external data read from `dir`.
+    pub(crate) fn new_in(
+        proto: &pb::ModelProto,
+        optimize: bool,
+        dir: Option<&Path>,
+    ) -> Result<Runner> {
         guarded("loading the model", || {
-            let bytes = proto.encode_to_vec();
-            let onnx = tract_onnx::onnx()
-                .with_ignore_value_info(true)
-                .with_ignore_output_shapes(true);
-            let p = onnx
-                .proto_model_for_read(&mut bytes.as_slice())
-                .context("tract cannot read the model")?;
-            let parsed = onnx
-                .parse(&p, None)
-                .context("tract cannot load the model")?;
-            ensure!(
-                parsed.unresolved_inputs.is_empty(),
-                "values used but never defined: {:?}",
-                parsed.unresolved_inputs
-            );
-            let model = parsed.model;
+            let model = parse(proto, dir)?;
             let inputs = model
                 .input_outlets()?
                 .iter()
@@ -737,6 +735,7 @@ impl Runner {
                 .unwrap_or_default();
             Ok(Runner {
                 model,
+                ifs: IfResolver::new(proto, dir),
                 inputs,
                 outputs,
                 plans: Vec::new(),
@@ -785,14 +784,24 @@ impl Runner {
                 .ok_or_else(|| anyhow!("no tensor for graph input `{name}`"))?;
             fed.push(t);
         }
-        let key: Vec<(DatumType, Vec<usize>)> = fed
+        let shapes: Vec<(DatumType, Vec<usize>)> = fed
             .iter()
             .map(|t| (t.datum_type(), t.shape().to_vec()))
             .collect();
+        let resolved = self.ifs.as_mut().map(|r| r.resolve(tensors));
+        let key = (
+            shapes,
+            resolved.as_ref().map(|r| r.1.clone()).unwrap_or_default(),
+        );
         let plan = match self.plans.iter().find(|(k, _)| *k == key) {
             Some((_, p)) => p.clone(),
             None => {
-                let mut m = self.model.clone();
+                let mut m = match &resolved {
+                    Some((p, outcome)) if !outcome.is_empty() => {
+                        guarded("loading the model", || parse(p, None))?
+                    }
+                    _ => self.model.clone(),
+                };
                 let plan = guarded("planning the model", || {
                     for (ix, t) in fed.iter().enumerate() {
                         m.set_input_fact(ix, InferenceFact::dt_shape_from_tensor(t))?;
@@ -815,6 +824,30 @@ impl Runner {
         let values: TVec<TValue> = fed.iter().map(|t| (*t).clone().into_tvalue()).collect();
         Ok((plan, values))
     }
+}
+
+/// `proto` parsed by tract (external data read from `dir`), ignoring its stored value_info
+/// and output shapes.
+///
+/// Errors: tract cannot read or load the model, or it reads undefined values.
+fn parse(proto: &pb::ModelProto, dir: Option<&Path>) -> Result<InferenceModel> {
+    let bytes = proto.encode_to_vec();
+    let onnx = tract_onnx::onnx()
+        .with_ignore_value_info(true)
+        .with_ignore_output_shapes(true);
+    let p = onnx
+        .proto_model_for_read(&mut bytes.as_slice())
+        .context("tract cannot read the model")?;
+    let dir = dir
+        .map(|d| d.to_str().context("the model's folder is not UTF-8"))
+        .transpose()?;
+    let parsed = onnx.parse(&p, dir).context("tract cannot load the model")?;
+    ensure!(
+        parsed.unresolved_inputs.is_empty(),
+        "values used but never defined: {:?}",
+        parsed.unresolved_inputs
+    );
+    Ok(parsed.model)
 }
 
 /// A runnable tract plan, shared between threads.

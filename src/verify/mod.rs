@@ -18,6 +18,7 @@
 pub mod gate;
 pub mod inputs;
 pub mod metrics;
+pub mod specialize;
 pub mod tract_run;
 
 use std::path::Path;
@@ -96,6 +97,17 @@ pub fn compare_models(
     Ok(Reference::run_beside(reference, ref_dir, candidate, cand_dir, opts, gates)?.1)
 }
 
+/// Tells, in the comparison's notes, that the reference's If nodes are resolved for the inputs
+/// (see [`specialize`]).
+fn note_ifs(reference: &pb::ModelProto, prepared: &mut PreparedInputs) {
+    if specialize::has_if(reference) {
+        prepared.notes.push(
+            "the models' If nodes were resolved for these inputs: tract ran the branches they take"
+                .to_string(),
+        );
+    }
+}
+
 /// The reference side of a check, computed once for any number of candidates: the inputs
 /// prepared from the reference's graph inputs and the reference's outputs on them (tract's
 /// plain plan, as [`tract_run::run`]).
@@ -116,7 +128,8 @@ impl Reference {
         ref_dir: Option<&Path>,
         opts: &InputOptions,
     ) -> Result<Reference> {
-        let prepared = inputs::prepare_inputs(reference, opts)?;
+        let mut prepared = inputs::prepare_inputs(reference, opts)?;
+        note_ifs(reference, &mut prepared);
         let outputs = run(reference, ref_dir, &prepared.tensors);
         Ok(Reference { prepared, outputs })
     }
@@ -134,7 +147,8 @@ impl Reference {
         opts: &InputOptions,
         gates: &Gates,
     ) -> Result<(Reference, Comparison)> {
-        let prepared = inputs::prepare_inputs(reference, opts)?;
+        let mut prepared = inputs::prepare_inputs(reference, opts)?;
+        note_ifs(reference, &mut prepared);
         let (outputs, cand_outputs) = rayon::join(
             || run(reference, ref_dir, &prepared.tensors),
             || run(candidate, cand_dir, &prepared.tensors),

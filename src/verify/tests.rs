@@ -281,10 +281,10 @@ fn load(path: &Path) -> pb::ModelProto {
 }
 
 /// Every real model runs in tract on its bundled inputs and matches onnxruntime's outputs to
-/// within 1e-3, except silero-vad-16k-op15, whose If branches disagree on output rank: tract
-/// 0.23.9 must refuse it with an error that names the If node.
+/// within 1e-3; silero-vad-16k-op15, whose If branches disagree on output rank, with its Ifs
+/// resolved for the inputs.
 #[test]
-fn real_models_match_onnxruntime_or_name_the_failing_node() {
+fn real_models_match_onnxruntime() {
     let paths = real_models();
     assert!(paths.len() >= 5, "{paths:?}");
     for path in paths {
@@ -300,24 +300,6 @@ fn real_models_match_onnxruntime_or_name_the_failing_node() {
             .map(|i| bundle.iter().find(|(n, _)| n == i.name()).unwrap().clone())
             .collect();
         let result = run(&model, path.parent(), &fed);
-        if stem == "silero-vad-16k-op15" {
-            let err = result.unwrap_err();
-            eprintln!("{stem}: {err}");
-            assert_eq!(err.op.as_deref(), Some("If"), "{err}");
-            let node = err.node.clone().unwrap();
-            let if_nodes: Vec<&str> = graph
-                .node
-                .iter()
-                .filter(|n| n.op_type() == "If")
-                .map(|n| n.name())
-                .collect();
-            assert!(
-                if_nodes.contains(&node.as_str()),
-                "{node} is not one of {if_nodes:?}"
-            );
-            assert!(!err.panicked);
-            continue;
-        }
         let outputs = result.unwrap_or_else(|e| panic!("{stem}: {e}"));
         assert_eq!(outputs.len(), graph.output.len());
         for (name, got) in &outputs {
@@ -387,9 +369,10 @@ fn a_panic_inside_tract_becomes_a_run_error_naming_the_node() {
     assert!(err.to_string().contains("tract panicked"), "{err}");
 }
 
-/// A reference tract cannot run leaves the comparison unverified, naming the node.
+/// silero-vad-16k-op15, whose If branches disagree on output rank, is checked with its Ifs
+/// resolved for the inputs, and the comparison says so.
 #[test]
-fn real_model_tract_cannot_run_is_unverified() {
+fn real_model_with_if_nodes_is_checked_on_the_branches_its_inputs_take() {
     let path = models_dir().join("silero-vad-16k-op15.onnx");
     let model = load(&path);
     let opts = InputOptions {
@@ -406,18 +389,193 @@ fn real_model_tract_cannot_run_is_unverified() {
         &Gates::default(),
     )
     .unwrap();
+    assert_eq!(c.status, Verification::Checked, "{}", format_table(&c));
+    assert_eq!(c.inputs.len(), 3);
+    assert_eq!(c.inputs[2].source, InputSource::Value { value: 16000.0 });
+    assert!(
+        c.notes.iter().any(|n| n.contains("If nodes were resolved")),
+        "{:?}",
+        c.notes
+    );
+    assert_eq!(c.outputs.len(), 2);
+    assert!(c
+        .outputs
+        .iter()
+        .all(|o| o.values.as_ref().is_some_and(|v| v.max_abs == 0.0)));
+}
+
+/// An If whose condition is not one value (here three) cannot be resolved: it stays, and the
+/// comparison is unverified, naming it.
+#[test]
+fn an_if_that_cannot_be_resolved_leaves_the_check_unverified_naming_it() {
+    let mut m = if_model();
+    let g = m.graph.as_mut().unwrap();
+    g.node[0] = node("Greater", "positive", &["x", "zero_f"], &["cond"], vec![]);
+    g.initializer.push(init_f32("zero_f", &[], &[0.0]));
+    let opts = InputOptions::default();
+    let c = compare_models(&m, None, &m, None, &opts, &Gates::default()).unwrap();
     match &c.status {
         Verification::Unverified { reason, error } => {
+            assert_eq!(error.node.as_deref(), Some("outer_if"), "{reason}");
             assert_eq!(error.op.as_deref(), Some("If"), "{reason}");
-            assert!(reason.contains("/model/"), "{reason}");
         }
         other => panic!("{other:?}"),
     }
-    assert_eq!(c.inputs.len(), 3);
-    assert_eq!(c.inputs[2].source, InputSource::Value { value: 16000.0 });
-    let table = format_table(&c);
-    assert!(
-        table.starts_with("unverified: tract could not type the model at node `/model/"),
-        "{table}"
+}
+
+/// A graph attribute holding `g`.
+fn attr_g(name: &str, g: pb::GraphProto) -> pb::AttributeProto {
+    pb::AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(pb::attribute_proto::AttributeType::Graph as i32),
+        g: Some(g),
+        ..Default::default()
+    }
+}
+
+fn branch(
+    name: &str,
+    nodes: Vec<pb::NodeProto>,
+    inits: Vec<pb::TensorProto>,
+    out_: &str,
+) -> pb::GraphProto {
+    pb::GraphProto {
+        name: Some(name.into()),
+        node: nodes,
+        initializer: inits,
+        output: vec![out(out_)],
+        ..Default::default()
+    }
+}
+
+/// silero-vad's shape at opset 15: `y = If(sr > 0)` whose branches differ in shape (then:
+/// x [1, 3, 1] squeezed to [1, 3], negated when `sr > 10000` by a nested If; else: `2 x`,
+/// still [1, 3, 1]), which tract refuses to type unresolved.
+fn if_model() -> pb::ModelProto {
+    let inner = node(
+        "If",
+        "inner_if",
+        &["big"],
+        &["t"],
+        vec![
+            attr_g(
+                "then_branch",
+                branch(
+                    "neg",
+                    vec![node("Neg", "neg", &["sq"], &["t_neg"], vec![])],
+                    vec![],
+                    "t_neg",
+                ),
+            ),
+            attr_g(
+                "else_branch",
+                branch(
+                    "keep",
+                    vec![node("Identity", "keep", &["sq"], &["t_keep"], vec![])],
+                    vec![],
+                    "t_keep",
+                ),
+            ),
+        ],
     );
+    let then_b = branch(
+        "then",
+        vec![
+            node("Squeeze", "squeeze", &["x", "axes"], &["sq"], vec![]),
+            node("Greater", "greater", &["sr", "k10"], &["big"], vec![]),
+            inner,
+        ],
+        vec![init_i64("axes", &[1], &[2])],
+        "t",
+    );
+    let else_b = branch(
+        "else",
+        vec![node("Mul", "double", &["x", "two"], &["e"], vec![])],
+        vec![init_f32("two", &[], &[2.0])],
+        "e",
+    );
+    model(
+        vec![
+            node("Greater", "positive", &["sr", "zero"], &["cond"], vec![]),
+            node(
+                "If",
+                "outer_if",
+                &["cond"],
+                &["y"],
+                vec![attr_g("then_branch", then_b), attr_g("else_branch", else_b)],
+            ),
+        ],
+        vec![
+            info("x", DataType::Float, &[1, 3, 1]),
+            info("sr", DataType::Int64, &[]),
+        ],
+        vec![out("y")],
+        vec![init_i64("k10", &[], &[10000]), init_i64("zero", &[], &[0])],
+    )
+}
+
+fn if_inputs(sr: i64) -> Vec<(String, Tensor)> {
+    let x = Tensor::from_shape(&[1, 3, 1], &[1.0f32, -2.0, 3.0]).unwrap();
+    vec![("x".into(), x), ("sr".into(), Tensor::from(sr))]
+}
+
+#[test]
+fn tract_runs_if_nodes_whose_branches_differ_by_resolving_them_for_the_inputs() {
+    let m = if_model();
+    // Both levels resolved: then, then inner then.
+    let y = run(&m, None, &if_inputs(16000)).unwrap();
+    assert_eq!(y[0].0, "y");
+    assert_eq!(y[0].1.shape(), &[1, 3]);
+    assert_eq!(f32s(&y[0].1), [-1.0, 2.0, -3.0]);
+    // Then, inner else.
+    let y = run(&m, None, &if_inputs(8000)).unwrap();
+    assert_eq!(y[0].1.shape(), &[1, 3]);
+    assert_eq!(f32s(&y[0].1), [1.0, -2.0, 3.0]);
+    // Else.
+    let y = run(&m, None, &if_inputs(-1)).unwrap();
+    assert_eq!(y[0].1.shape(), &[1, 3, 1]);
+    assert_eq!(f32s(&y[0].1), [2.0, -4.0, 6.0]);
+
+    // The resolved model names the taken branch's nodes and keeps the interface.
+    let resolved = super::specialize::inline_ifs(&m, None, &if_inputs(16000)).unwrap();
+    let g = resolved.graph.as_ref().unwrap();
+    let ops: Vec<&str> = g.node.iter().map(|n| n.op_type()).collect();
+    assert_eq!(
+        ops,
+        ["Greater", "Squeeze", "Greater", "Neg", "Identity", "Identity"]
+    );
+    assert_eq!(g.node[4].name(), "inner_if/taken_0");
+    assert_eq!(g.node[5].name(), "outer_if/taken_0");
+    assert!(g.initializer.iter().any(|t| t.name() == "axes"));
+    assert_eq!(g.output[0].name(), "y");
+    // Nothing to resolve: no copy.
+    assert!(super::specialize::inline_ifs(&add_model(&[0.0; 6]), None, &[]).is_none());
+}
+
+#[test]
+fn one_resolver_plans_each_outcome_once_and_tells_outcomes_apart() {
+    let m = if_model();
+    let mut r = super::specialize::IfResolver::new(&m, None).unwrap();
+    let (a, ka) = r.resolve(&if_inputs(16000));
+    let (b, kb) = r.resolve(&if_inputs(32000)); // another value, same branches
+    let (_, kc) = r.resolve(&if_inputs(8000)); // inner else
+    assert_eq!(ka, vec![Some(true), Some(true)]);
+    assert_eq!(ka, kb);
+    assert!(
+        std::sync::Arc::ptr_eq(&a, &b),
+        "the outcome's model is made once"
+    );
+    assert_eq!(kc, vec![Some(true), Some(false)]);
+    let (_, kd) = r.resolve(&if_inputs(-1));
+    assert_eq!(kd, vec![Some(false)]);
+    // Calibration's runner: one plan per outcome, the right branch each time.
+    let mut runner = crate::quant::calibrate::Runner::new(&m, true).unwrap();
+    for (sr, want) in [
+        (16000, vec![-1.0f32, 2.0, -3.0]),
+        (-1, vec![2.0, -4.0, 6.0]),
+        (8000, vec![1.0, -2.0, 3.0]),
+    ] {
+        let out = runner.run(&if_inputs(sr)).unwrap();
+        assert_eq!(f32s(&out[0]), want, "sr {sr}");
+    }
 }

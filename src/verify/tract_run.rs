@@ -85,6 +85,8 @@ impl std::error::Error for RunError {}
 /// its graph output name.
 ///
 /// `model_dir` is where external data files are looked up (the model file's directory).
+/// If nodes of the main graph are first resolved for `inputs` (see
+/// [`super::specialize::inline_ifs`]), so the run is the model's on exactly these inputs.
 /// `inputs` are matched to the graph's real inputs by name; tensors for names the graph does
 /// not have are ignored (so one input set can feed a reference and a candidate that dropped an
 /// unused input). tract `TDim` outputs are returned as int64.
@@ -98,6 +100,9 @@ pub fn run(
     model_dir: Option<&Path>,
     inputs: &[(String, Tensor)],
 ) -> Result<Vec<(String, Tensor)>, RunError> {
+    // tract refuses If nodes whose branches differ in type or shape: resolved for these inputs.
+    let specialized = super::specialize::inline_ifs(model, model_dir, inputs);
+    let model = specialized.as_ref().unwrap_or(model);
     let result = catch_unwind(AssertUnwindSafe(|| run_inner(model, model_dir, inputs)));
     let failed = match result {
         Ok(Ok(outputs)) => return Ok(outputs),

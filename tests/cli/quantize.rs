@@ -15,8 +15,6 @@ use serde_json::Value;
 
 use crate::common::*;
 
-const UNVERIFIABLE: &str = "silero-vad-16k-op15";
-
 const MODELS: &[&str] = &[
     "magika-standard-v3-3",
     "ppocr-mobile-v2-cls",
@@ -91,9 +89,6 @@ fn check_mode(stem: &str, mode_args: &[&str], min_cosine: f64, dir: &Path) -> Ve
         report_path.clone().into(),
     ];
     args.extend(mode_args.iter().map(OsString::from));
-    if stem == UNVERIFIABLE {
-        args.push("--allow-unverified".into());
-    }
     let r = run_slow(&args);
     if !r.ok() {
         return vec![format!("{stem}: {}", r.describe())];
@@ -118,12 +113,6 @@ fn check_mode(stem: &str, mode_args: &[&str], min_cosine: f64, dir: &Path) -> Ve
         for row in v["outputs"].as_array().unwrap() {
             match row["cosine"].as_f64() {
                 Some(c) if c >= min_cosine && row["finite"] == true => {}
-                // tract cannot run this model, so neither the check nor the fallback can hold
-                // the result to the target: the tool marks it unverified (asserted below) and
-                // onnxruntime must still run it with finite outputs.
-                Some(c) if stem == UNVERIFIABLE && row["finite"] == true => {
-                    println!("{stem} {mode_args:?}: unverified, onnxruntime cosine {c}")
-                }
                 None if row["equal"] == true => {}
                 _ => problems.push(format!("onnxruntime: {row} (want cosine >= {min_cosine})")),
             }
@@ -133,15 +122,13 @@ fn check_mode(stem: &str, mode_args: &[&str], min_cosine: f64, dir: &Path) -> Ve
     let status = report["check"]["status"]["status"].as_str().unwrap_or("");
     let want = if mode_args.contains(&"--no-check") {
         ""
-    } else if stem == UNVERIFIABLE {
-        "unverified"
     } else {
         "checked"
     };
     if status != want {
         problems.push(format!("report: check status {status:?}, want {want}"));
     }
-    if stem != UNVERIFIABLE && !want.is_empty() {
+    if !want.is_empty() {
         for o in report["check"]["outputs"].as_array().unwrap() {
             if let Some(c) = o["values"]["cosine"].as_f64() {
                 if c < min_cosine {
@@ -233,8 +220,11 @@ fn quantize_fp16_on_every_model() {
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
 
-/// Static quantization calibrates in tract, so on the model tract cannot run it stops with a
-/// clear error (exit 2, naming the node) instead of writing an uncalibrated model.
+/// Static quantization on every model. silero-vad-16k-op15 is calibrated and checked with its
+/// If nodes resolved for each input set, and takes `--reduce-range`: with full-range weights
+/// on its first encoder Conv (which the default rule leaves full), onnxruntime's u8 x s8
+/// kernels on x86 CPUs without VNNI saturate (cosine 0.981 in onnxruntime against 0.9992 in
+/// tract, on this CPU; the README says so).
 #[test]
 fn quantize_static_on_every_model() {
     let dir = tempdir();
@@ -243,39 +233,19 @@ fn quantize_static_on_every_model() {
         let d = dir.path().join(stem);
         fs::create_dir_all(&d).unwrap();
         let cal = samples(stem, &d, 4, 7, false);
-        if *stem == UNVERIFIABLE {
-            let r = run_slow(&[
-                "quantize".into(),
-                model(stem).into(),
-                "-o".into(),
-                d.join("q.onnx").into(),
-                "--mode".into(),
-                "static".into(),
-                "--calibration".into(),
-                cal.into(),
-            ]);
-            if r.code != Some(2) || !r.stderr.contains("/model/decoder/If") {
-                problems.push(format!(
-                    "{stem}: want exit 2 naming the If node: {}",
-                    r.describe()
-                ));
-            }
-            continue;
-        }
         let cal = cal.to_str().unwrap().to_string();
-        problems.extend(check_mode(
-            stem,
-            &[
-                "--mode",
-                "static",
-                "--calibration",
-                &cal,
-                "--calibration-samples",
-                "4",
-            ],
-            0.99,
-            &d,
-        ));
+        let mut args = vec![
+            "--mode",
+            "static",
+            "--calibration",
+            &cal,
+            "--calibration-samples",
+            "4",
+        ];
+        if *stem == "silero-vad-16k-op15" {
+            args.push("--reduce-range");
+        }
+        problems.extend(check_mode(stem, &args, 0.99, &d));
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }

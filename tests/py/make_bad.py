@@ -15,6 +15,8 @@ KIND (the initializer is named after the kind so error messages can be checked):
                     at offset 48 with length 16 + 32 bytes past the end (offset 48, length 48)
   dims-overflow     W ("w_huge") has dims [2^31, 2^31, 2^31, 2^31] (product overflows 64 bits)
                     and no data
+  tract-cannot-run  valid, but not for tract: Y = Add(Frobnicate(X), W), node "frobnicate" of
+                    the custom domain com.example
 
 Exit codes: 0 written, 2 unknown kind.
 """
@@ -66,6 +68,14 @@ def build(kind, out):
         with open(os.path.join(os.path.dirname(os.path.abspath(out)), "beyond.bin"), "wb") as f:
             f.write(bytes(range(64)))
         return add_model(external("w_beyond", "beyond.bin", 48, 48))
+    if kind == "tract-cannot-run":
+        nodes = [
+            helper.make_node("Frobnicate", ["X"], ["f"], name="frobnicate", domain="com.example"),
+            helper.make_node("Add", ["f", "W"], ["Y"], name="add"),
+        ]
+        m = add_model(ok_w, nodes)
+        m.opset_import.append(helper.make_opsetid("com.example", 1))
+        return m
     if kind == "dims-overflow":
         w = TensorProto(name="w_huge", data_type=TensorProto.FLOAT, dims=[2**31] * 4)
         return add_model(w)
@@ -73,7 +83,7 @@ def build(kind, out):
 
 
 KINDS = ["undefined-value", "ext-parent", "ext-absolute", "ext-missing", "ext-beyond-eof",
-         "dims-overflow"]
+         "dims-overflow", "tract-cannot-run"]
 
 
 def main(argv):

@@ -1,0 +1,364 @@
+//! Resolving a model's If nodes for one input set, so that tract can run it.
+//!
+//! tract translates an If node to one op whose outputs must have the same type and shape in
+//! both branches, whatever the condition; exporters write Ifs whose branches differ (silero-vad
+//! at opset 15: a `Squeeze` in one branch, an `Identity` in the other, on a condition computed
+//! from the input shapes), and tract refuses them. For one input set the condition is one value:
+//! [`IfResolver`] computes the conditions tract can compute (their cone of main-graph nodes,
+//! run alone) and puts the nodes of the branch taken in the If's place, round after round for
+//! nested Ifs. The result computes what the model computes on those inputs; the caller runs
+//! it on exactly those inputs.
+//!
+//! Semantics (ONNX `If`, opset 1 to 23): `cond` is a single-element bool tensor; the node's
+//! outputs are the taken branch's graph outputs, in order. A branch reads outer values by name,
+//! and names in a branch do not shadow outer names, so its nodes can move to the main graph
+//! unchanged; an If is left alone when they would collide all the same.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tract_onnx::prelude::*;
+
+use crate::pb;
+use crate::quant::calibrate::Runner;
+
+/// Most rounds of inlining (one per level of nesting).
+const MAX_ROUNDS: usize = 16;
+
+/// Whether the main graph of `model` has an If node.
+pub fn has_if(model: &pb::ModelProto) -> bool {
+    model
+        .graph
+        .as_ref()
+        .is_some_and(|g| g.node.iter().any(|n| n.op_type() == "If"))
+}
+
+/// `model` with the main graph's If nodes resolved for `inputs` (one tensor per graph input, by
+/// name; external data read from `model_dir`), as [`IfResolver::resolve`] does; `None` when
+/// nothing was resolved.
+pub fn inline_ifs(
+    model: &pb::ModelProto,
+    model_dir: Option<&Path>,
+    inputs: &[(String, Tensor)],
+) -> Option<pb::ModelProto> {
+    let mut r = IfResolver::new(model, model_dir)?;
+    let (resolved, outcome) = r.resolve(inputs);
+    outcome
+        .iter()
+        .any(Option::is_some)
+        .then(|| Arc::unwrap_or_clone(resolved))
+}
+
+/// Resolves the If nodes of one model for many input sets: each If whose condition tract can
+/// compute from the inputs is replaced by the nodes and initializers of the branch it takes,
+/// followed by one `Identity` per If output (`<if name>/taken_<i>`) from the branch's output;
+/// nested Ifs are resolved in later rounds. The conditions' cones (the main-graph nodes that
+/// compute them) are planned once per round outcome and input shapes, and each outcome's
+/// model is made once.
+///
+/// An If stays when its condition depends on another If, Loop or Scan node, when tract cannot
+/// compute it (the message is dropped: running the model then fails with tract's own error on
+/// the If), when it is not one value, or when the branch's names collide with the main graph's.
+pub struct IfResolver {
+    dir: Option<PathBuf>,
+    /// By the outcomes so far (per decided If of each round, in node order, the branch taken
+    /// or `None` when it stayed): the model they make and what the next round decides.
+    steps: HashMap<Vec<Option<bool>>, Step>,
+}
+
+struct Step {
+    model: Arc<pb::ModelProto>,
+    /// The conditions of the Ifs this round decides, in node order (one per If), and the
+    /// runner that computes them; `None` when nothing more can be decided.
+    next: Option<(Vec<String>, Runner)>,
+}
+
+impl Step {
+    fn new(model: pb::ModelProto, dir: Option<&Path>) -> Step {
+        let conditions = model
+            .graph
+            .as_ref()
+            .map(decidable_conditions)
+            .unwrap_or_default();
+        let next = if conditions.is_empty() {
+            None
+        } else {
+            let mut unique = conditions.clone();
+            unique.sort();
+            unique.dedup();
+            Runner::new_in(&cone_model(&model, &unique), false, dir)
+                .ok()
+                .map(|r| (conditions, r))
+        };
+        Step {
+            model: Arc::new(model),
+            next,
+        }
+    }
+}
+
+impl IfResolver {
+    /// A resolver for `model` (external data read from `model_dir`), or `None` when its main
+    /// graph has no If node.
+    pub fn new(model: &pb::ModelProto, model_dir: Option<&Path>) -> Option<IfResolver> {
+        if !has_if(model) {
+            return None;
+        }
+        let mut steps = HashMap::new();
+        steps.insert(Vec::new(), Step::new(model.clone(), model_dir));
+        Some(IfResolver {
+            dir: model_dir.map(Path::to_path_buf),
+            steps,
+        })
+    }
+
+    /// The model resolved for `inputs` (one tensor per graph input, by name) and the outcome
+    /// of every round, which is the same for two input sets exactly when their models are.
+    pub fn resolve(
+        &mut self,
+        inputs: &[(String, Tensor)],
+    ) -> (Arc<pb::ModelProto>, Vec<Option<bool>>) {
+        let mut key: Vec<Option<bool>> = Vec::new();
+        for _ in 0..MAX_ROUNDS {
+            // This round's outcome, and what a new step would be made from.
+            let (outcome, conditions, model) = {
+                let Some(step) = self.steps.get_mut(&key) else {
+                    break;
+                };
+                let Some((conditions, runner)) = step.next.as_mut() else {
+                    break;
+                };
+                let Ok(outs) = runner.run(inputs) else {
+                    break;
+                };
+                let values: HashMap<&str, bool> = runner
+                    .outputs
+                    .iter()
+                    .zip(outs.iter())
+                    .filter_map(|(n, t)| Some((n.as_str(), single_bool(t)?)))
+                    .collect();
+                let outcome: Vec<Option<bool>> = conditions
+                    .iter()
+                    .map(|c| values.get(c.as_str()).copied())
+                    .collect();
+                (outcome, conditions.clone(), step.model.clone())
+            };
+            if outcome.iter().all(Option::is_none) {
+                break;
+            }
+            let mut next = key.clone();
+            next.extend(&outcome);
+            if !self.steps.contains_key(&next) {
+                let mut model = (*model).clone();
+                let inlined = match model.graph.as_mut() {
+                    Some(g) => inline_round(g, &conditions, &outcome),
+                    None => false,
+                };
+                let step = if inlined {
+                    Step::new(model, self.dir.as_deref())
+                } else {
+                    Step {
+                        model: Arc::new(model),
+                        next: None,
+                    }
+                };
+                self.steps.insert(next.clone(), step);
+            }
+            key = next;
+        }
+        let model = match self.steps.get(&key) {
+            Some(s) => s.model.clone(),
+            None => self.steps[&Vec::new()].model.clone(),
+        };
+        (model, key)
+    }
+}
+
+/// The value of a one-element tensor as a bool (bool or any number, non-zero is true).
+fn single_bool(t: &Tensor) -> Option<bool> {
+    if t.len() != 1 {
+        return None;
+    }
+    t.nth(0).ok()?.cast_to_scalar::<bool>().ok()
+}
+
+/// Producers of the main graph's values: node index by output name.
+fn producers(g: &pb::GraphProto) -> HashMap<&str, usize> {
+    g.node
+        .iter()
+        .enumerate()
+        .flat_map(|(i, n)| n.output.iter().map(move |o| (o.as_str(), i)))
+        .filter(|(o, _)| !o.is_empty())
+        .collect()
+}
+
+/// The nodes (indexes, in graph order) that compute `target`, or `None` when one of them holds
+/// a subgraph.
+fn cone_of(
+    g: &pb::GraphProto,
+    produced: &HashMap<&str, usize>,
+    target: &str,
+) -> Option<Vec<usize>> {
+    let mut seen = BTreeSet::new();
+    let mut stack = vec![target];
+    while let Some(name) = stack.pop() {
+        let Some(&i) = produced.get(name) else {
+            continue; // graph input or initializer
+        };
+        if !seen.insert(i) {
+            continue;
+        }
+        let n = &g.node[i];
+        if n.attribute
+            .iter()
+            .any(|a| a.g.is_some() || !a.graphs.is_empty())
+        {
+            return None;
+        }
+        stack.extend(n.input.iter().map(String::as_str).filter(|s| !s.is_empty()));
+    }
+    Some(seen.into_iter().collect())
+}
+
+/// The conditions of the main graph's If nodes whose cone holds no subgraph, one per If, in
+/// node order.
+fn decidable_conditions(g: &pb::GraphProto) -> Vec<String> {
+    let produced = producers(g);
+    let mut out: Vec<String> = Vec::new();
+    for n in g.node.iter().filter(|n| n.op_type() == "If") {
+        let Some(cond) = n.input.first().filter(|c| !c.is_empty()) else {
+            continue;
+        };
+        if cone_of(g, &produced, cond).is_some() {
+            out.push(cond.clone());
+        }
+    }
+    out
+}
+
+/// A model computing only `targets` (its graph outputs): their cones' nodes, the initializers
+/// and graph inputs those read, and the rest of `model` (opsets, functions) as it is.
+fn cone_model(model: &pb::ModelProto, targets: &[String]) -> pb::ModelProto {
+    let mut out = model.clone();
+    let Some(g) = model.graph.as_ref() else {
+        return out;
+    };
+    let produced = producers(g);
+    let nodes: BTreeSet<usize> = targets
+        .iter()
+        .filter_map(|t| cone_of(g, &produced, t))
+        .flatten()
+        .collect();
+    let read: HashSet<&str> = nodes
+        .iter()
+        .flat_map(|&i| g.node[i].input.iter().map(String::as_str))
+        .chain(targets.iter().map(String::as_str))
+        .collect();
+    let graph = pb::GraphProto {
+        name: g.name.clone(),
+        node: nodes.iter().map(|&i| g.node[i].clone()).collect(),
+        initializer: g
+            .initializer
+            .iter()
+            .filter(|t| read.contains(t.name()))
+            .cloned()
+            .collect(),
+        sparse_initializer: g
+            .sparse_initializer
+            .iter()
+            .filter(|t| t.values.as_ref().is_some_and(|v| read.contains(v.name())))
+            .cloned()
+            .collect(),
+        input: g
+            .input
+            .iter()
+            .filter(|i| read.contains(i.name()))
+            .cloned()
+            .collect(),
+        output: targets
+            .iter()
+            .map(|t| pb::ValueInfoProto {
+                name: Some(t.clone()),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    };
+    out.graph = Some(graph);
+    out
+}
+
+/// Replaces the Ifs of `g` decided this round (the Ifs whose condition is in `conditions`, in
+/// node order, one per If) by the branch `outcome` says they take; returns whether any was.
+fn inline_round(g: &mut pb::GraphProto, conditions: &[String], outcome: &[Option<bool>]) -> bool {
+    let mut names: HashSet<String> = g
+        .node
+        .iter()
+        .flat_map(|n| n.output.iter().cloned())
+        .chain(g.initializer.iter().map(|t| t.name().to_string()))
+        .chain(g.input.iter().map(|i| i.name().to_string()))
+        .collect();
+    let mut node_names: HashSet<String> = g.node.iter().map(|n| n.name().to_string()).collect();
+    let old = std::mem::take(&mut g.node);
+    let mut extra_inits = Vec::new();
+    let mut extra_sparse = Vec::new();
+    let mut decided = conditions.iter().zip(outcome);
+    let mut inlined = false;
+    for n in old {
+        let is_decided =
+            n.op_type() == "If" && n.input.first().is_some_and(|c| conditions.contains(c));
+        let branch = match is_decided.then(|| decided.next()).flatten() {
+            Some((_, Some(c))) => {
+                let want = if *c { "then_branch" } else { "else_branch" };
+                n.attribute
+                    .iter()
+                    .find(|a| a.name() == want)
+                    .and_then(|a| a.g.as_ref())
+                    .filter(|b| fits(b, &names, &node_names))
+                    .cloned()
+            }
+            _ => None,
+        };
+        let Some(b) = branch else {
+            g.node.push(n);
+            continue;
+        };
+        inlined = true;
+        for bn in &b.node {
+            names.extend(bn.output.iter().cloned());
+            node_names.insert(bn.name().to_string());
+        }
+        names.extend(b.initializer.iter().map(|t| t.name().to_string()));
+        g.node.extend(b.node);
+        for (i, (to, from)) in n.output.iter().zip(&b.output).enumerate() {
+            if to.is_empty() {
+                continue;
+            }
+            let mut name = format!("{}/taken_{i}", n.name());
+            while !node_names.insert(name.clone()) {
+                name.push('_');
+            }
+            g.node.push(pb::NodeProto {
+                name: Some(name),
+                op_type: Some("Identity".to_string()),
+                input: vec![from.name().to_string()],
+                output: vec![to.clone()],
+                ..Default::default()
+            });
+        }
+        extra_inits.extend(b.initializer);
+        extra_sparse.extend(b.sparse_initializer);
+    }
+    g.initializer.extend(extra_inits);
+    g.sparse_initializer.extend(extra_sparse);
+    inlined
+}
+
+/// Whether branch `b`'s node outputs, node names and initializers are all new to the graph.
+fn fits(b: &pb::GraphProto, names: &HashSet<String>, node_names: &HashSet<String>) -> bool {
+    b.node.iter().all(|n| {
+        n.output.iter().all(|o| o.is_empty() || !names.contains(o))
+            && (n.name().is_empty() || !node_names.contains(n.name()))
+    }) && b.initializer.iter().all(|t| !names.contains(t.name()))
+}
