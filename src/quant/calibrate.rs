@@ -689,6 +689,10 @@ pub(crate) struct Runner {
     optimize: bool,
 }
 
+/// Most plans a [`Runner`] keeps, one per set of input shapes and way its If nodes resolve
+/// (the oldest is dropped first).
+const MAX_PLANS: usize = 16;
+
 /// The input types and shapes a plan was built for, and how its If nodes were resolved.
 type PlanKey = (Vec<(DatumType, Vec<usize>)>, Vec<Option<bool>>);
 
@@ -814,7 +818,7 @@ impl Runner {
                         _ => typed.into_runnable(),
                     }
                 })?;
-                if self.plans.len() >= 4 {
+                if self.plans.len() >= MAX_PLANS {
                     self.plans.remove(0);
                 }
                 self.plans.push((key, plan.clone()));

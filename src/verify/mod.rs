@@ -97,10 +97,10 @@ pub fn compare_models(
     Ok(Reference::run_beside(reference, ref_dir, candidate, cand_dir, opts, gates)?.1)
 }
 
-/// Tells, in the comparison's notes, that the reference's If nodes are resolved for the inputs
-/// (see [`specialize`]).
-fn note_ifs(reference: &pb::ModelProto, prepared: &mut PreparedInputs) {
-    if specialize::has_if(reference) {
+/// Tells, in the comparison's notes, that the reference's If nodes were `resolved` for the
+/// inputs (see [`specialize`]).
+fn note_ifs(resolved: bool, prepared: &mut PreparedInputs) {
+    if resolved {
         prepared.notes.push(
             "the models' If nodes were resolved for these inputs: tract ran the branches they take"
                 .to_string(),
@@ -129,8 +129,8 @@ impl Reference {
         opts: &InputOptions,
     ) -> Result<Reference> {
         let mut prepared = inputs::prepare_inputs(reference, opts)?;
-        note_ifs(reference, &mut prepared);
-        let outputs = run(reference, ref_dir, &prepared.tensors);
+        let (outputs, resolved) = tract_run::run_resolving(reference, ref_dir, &prepared.tensors);
+        note_ifs(resolved, &mut prepared);
         Ok(Reference { prepared, outputs })
     }
 
@@ -148,11 +148,11 @@ impl Reference {
         gates: &Gates,
     ) -> Result<(Reference, Comparison)> {
         let mut prepared = inputs::prepare_inputs(reference, opts)?;
-        note_ifs(reference, &mut prepared);
-        let (outputs, cand_outputs) = rayon::join(
-            || run(reference, ref_dir, &prepared.tensors),
+        let ((outputs, resolved), cand_outputs) = rayon::join(
+            || tract_run::run_resolving(reference, ref_dir, &prepared.tensors),
             || run(candidate, cand_dir, &prepared.tensors),
         );
+        note_ifs(resolved, &mut prepared);
         let r = Reference { prepared, outputs };
         let c = r.compare_outputs(|| cand_outputs, gates);
         Ok((r, c))

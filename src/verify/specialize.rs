@@ -11,8 +11,8 @@
 //!
 //! Semantics (ONNX `If`, opset 1 to 23): `cond` is a single-element bool tensor; the node's
 //! outputs are the taken branch's graph outputs, in order. A branch reads outer values by name,
-//! and names in a branch do not shadow outer names, so its nodes can move to the main graph
-//! unchanged; an If is left alone when they would collide all the same.
+//! and names in a branch do not shadow outer names, so its nodes can move to the main graph; a
+//! name a sibling branch also defined, or a repeated node name, is renamed on the way.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -43,11 +43,11 @@ pub fn inline_ifs(
     inputs: &[(String, Tensor)],
 ) -> Option<pb::ModelProto> {
     let mut r = IfResolver::new(model, model_dir)?;
-    let (resolved, outcome) = r.resolve(inputs);
-    outcome
-        .iter()
-        .any(Option::is_some)
-        .then(|| Arc::unwrap_or_clone(resolved))
+    let original = r.steps[&Vec::new()].model.clone();
+    let (resolved, _) = r.resolve(inputs);
+    let changed = !Arc::ptr_eq(&original, &resolved);
+    drop((r, original)); // `resolved` is then the only copy
+    changed.then(|| Arc::unwrap_or_clone(resolved))
 }
 
 /// Resolves the If nodes of one model for many input sets: each If whose condition tract can
@@ -57,9 +57,14 @@ pub fn inline_ifs(
 /// compute them) are planned once per round outcome and input shapes, and each outcome's
 /// model is made once.
 ///
+/// A name the taken branch defines that the main graph already has (sibling branches may
+/// reuse names) is renamed `<name>/<if name>` in the branch, and a node name likewise.
+///
 /// An If stays when its condition depends on another If, Loop or Scan node, when tract cannot
 /// compute it (the message is dropped: running the model then fails with tract's own error on
-/// the If), when it is not one value, or when the branch's names collide with the main graph's.
+/// the If), when it is not one bool, or when the If is malformed (a branch missing, or outputs
+/// that do not match the branch's); each condition is computed on its own, so one that cannot
+/// be does not hold the others back.
 pub struct IfResolver {
     dir: Option<PathBuf>,
     /// By the outcomes so far (per decided If of each round, in node order, the branch taken
@@ -69,10 +74,18 @@ pub struct IfResolver {
 
 struct Step {
     model: Arc<pb::ModelProto>,
-    /// The conditions of the Ifs this round decides, in node order (one per If), and the
-    /// runner that computes them; `None` when nothing more can be decided.
-    next: Option<(Vec<String>, Runner)>,
+    /// The conditions of the Ifs this round decides, in node order (one per If), and a runner
+    /// per distinct condition (`None` where tract cannot load its cone); `None` when nothing
+    /// more can be decided.
+    next: Option<(Vec<String>, Vec<ConditionRunner>)>,
 }
+
+/// A condition's name and the runner of its cone (`None` where tract cannot load it).
+type ConditionRunner = (String, Option<Runner>);
+
+/// Most outcomes a resolver keeps (each holds a copy of the model); past it, all but the
+/// original are dropped and made again when needed.
+const MAX_STEPS: usize = 64;
 
 impl Step {
     fn new(model: pb::ModelProto, dir: Option<&Path>) -> Step {
@@ -87,9 +100,15 @@ impl Step {
             let mut unique = conditions.clone();
             unique.sort();
             unique.dedup();
-            Runner::new_in(&cone_model(&model, &unique), false, dir)
-                .ok()
-                .map(|r| (conditions, r))
+            let runners = unique
+                .into_iter()
+                .map(|c| {
+                    let r =
+                        Runner::new_in(&cone_model(&model, std::slice::from_ref(&c)), false, dir);
+                    (c, r.ok())
+                })
+                .collect();
+            Some((conditions, runners))
         };
         Step {
             model: Arc::new(model),
@@ -126,17 +145,15 @@ impl IfResolver {
                 let Some(step) = self.steps.get_mut(&key) else {
                     break;
                 };
-                let Some((conditions, runner)) = step.next.as_mut() else {
+                let Some((conditions, runners)) = step.next.as_mut() else {
                     break;
                 };
-                let Ok(outs) = runner.run(inputs) else {
-                    break;
-                };
-                let values: HashMap<&str, bool> = runner
-                    .outputs
-                    .iter()
-                    .zip(outs.iter())
-                    .filter_map(|(n, t)| Some((n.as_str(), single_bool(t)?)))
+                let values: HashMap<&str, bool> = runners
+                    .iter_mut()
+                    .filter_map(|(c, r)| {
+                        let outs = r.as_mut()?.run(inputs).ok()?;
+                        Some((c.as_str(), single_bool(outs.first()?)?))
+                    })
                     .collect();
                 let outcome: Vec<Option<bool>> = conditions
                     .iter()
@@ -150,19 +167,20 @@ impl IfResolver {
             let mut next = key.clone();
             next.extend(&outcome);
             if !self.steps.contains_key(&next) {
-                let mut model = (*model).clone();
-                let inlined = match model.graph.as_mut() {
+                let mut changed = (*model).clone();
+                let inlined = match changed.graph.as_mut() {
                     Some(g) => inline_round(g, &conditions, &outcome),
                     None => false,
                 };
                 let step = if inlined {
-                    Step::new(model, self.dir.as_deref())
+                    Step::new(changed, self.dir.as_deref())
                 } else {
-                    Step {
-                        model: Arc::new(model),
-                        next: None,
-                    }
+                    // Nothing could go in (malformed Ifs): the same model, shared.
+                    Step { model, next: None }
                 };
+                if self.steps.len() >= MAX_STEPS {
+                    self.steps.retain(|k, _| k.is_empty());
+                }
                 self.steps.insert(next.clone(), step);
             }
             key = next;
@@ -175,9 +193,9 @@ impl IfResolver {
     }
 }
 
-/// The value of a one-element tensor as a bool (bool or any number, non-zero is true).
+/// The value of a one-element bool tensor (ONNX `If`'s `cond`).
 fn single_bool(t: &Tensor) -> Option<bool> {
-    if t.len() != 1 {
+    if t.len() != 1 || t.datum_type() != DatumType::Bool {
         return None;
     }
     t.nth(0).ok()?.cast_to_scalar::<bool>().ok()
@@ -240,7 +258,12 @@ fn decidable_conditions(g: &pb::GraphProto) -> Vec<String> {
 /// A model computing only `targets` (its graph outputs): their cones' nodes, the initializers
 /// and graph inputs those read, and the rest of `model` (opsets, functions) as it is.
 fn cone_model(model: &pb::ModelProto, targets: &[String]) -> pb::ModelProto {
-    let mut out = model.clone();
+    let mut out = pb::ModelProto {
+        ir_version: model.ir_version,
+        opset_import: model.opset_import.clone(),
+        functions: model.functions.clone(),
+        ..Default::default()
+    };
     let Some(g) = model.graph.as_ref() else {
         return out;
     };
@@ -309,36 +332,21 @@ fn inline_round(g: &mut pb::GraphProto, conditions: &[String], outcome: &[Option
         let is_decided =
             n.op_type() == "If" && n.input.first().is_some_and(|c| conditions.contains(c));
         let branch = match is_decided.then(|| decided.next()).flatten() {
-            Some((_, Some(c))) => {
-                let want = if *c { "then_branch" } else { "else_branch" };
-                n.attribute
-                    .iter()
-                    .find(|a| a.name() == want)
-                    .and_then(|a| a.g.as_ref())
-                    .filter(|b| fits(b, &names, &node_names))
-                    .cloned()
-            }
+            Some((_, Some(c))) => taken_branch(&n, *c),
             _ => None,
         };
-        let Some(b) = branch else {
+        let Some(mut b) = branch else {
             g.node.push(n);
             continue;
         };
         inlined = true;
-        for bn in &b.node {
-            names.extend(bn.output.iter().cloned());
-            node_names.insert(bn.name().to_string());
-        }
-        names.extend(b.initializer.iter().map(|t| t.name().to_string()));
+        rename_clashes(&mut b, n.name(), &mut names, &mut node_names);
         g.node.extend(b.node);
         for (i, (to, from)) in n.output.iter().zip(&b.output).enumerate() {
             if to.is_empty() {
                 continue;
             }
-            let mut name = format!("{}/taken_{i}", n.name());
-            while !node_names.insert(name.clone()) {
-                name.push('_');
-            }
+            let name = fresh(&format!("{}/taken_{i}", n.name()), &mut node_names);
             g.node.push(pb::NodeProto {
                 name: Some(name),
                 op_type: Some("Identity".to_string()),
@@ -355,10 +363,99 @@ fn inline_round(g: &mut pb::GraphProto, conditions: &[String], outcome: &[Option
     inlined
 }
 
-/// Whether branch `b`'s node outputs, node names and initializers are all new to the graph.
-fn fits(b: &pb::GraphProto, names: &HashSet<String>, node_names: &HashSet<String>) -> bool {
-    b.node.iter().all(|n| {
-        n.output.iter().all(|o| o.is_empty() || !names.contains(o))
-            && (n.name().is_empty() || !node_names.contains(n.name()))
-    }) && b.initializer.iter().all(|t| !names.contains(t.name()))
+/// A copy of If node `n`'s `then_branch` (`cond`) or `else_branch`, or `None` when the If is
+/// malformed: a branch missing, or the taken one has another number of outputs than the If.
+fn taken_branch(n: &pb::NodeProto, cond: bool) -> Option<pb::GraphProto> {
+    let branch = |name: &str| {
+        n.attribute
+            .iter()
+            .find(|a| a.name() == name)
+            .and_then(|a| a.g.as_ref())
+    };
+    let (then_b, else_b) = (branch("then_branch")?, branch("else_branch")?);
+    let b = if cond { then_b } else { else_b };
+    (b.output.len() == n.output.len()).then(|| b.clone())
+}
+
+/// `base`, or `base` followed by `_`s, whichever `taken` does not hold yet; added to `taken`.
+fn fresh(base: &str, taken: &mut HashSet<String>) -> String {
+    let mut name = base.to_string();
+    while taken.contains(&name) {
+        name.push('_');
+    }
+    taken.insert(name.clone());
+    name
+}
+
+/// Renames what branch `b` (of If `if_name`) defines that `names` already holds (node outputs,
+/// initializers; node names against `node_names`), through the whole branch, nested subgraphs
+/// included; adds what it defines to both sets.
+fn rename_clashes(
+    b: &mut pb::GraphProto,
+    if_name: &str,
+    names: &mut HashSet<String>,
+    node_names: &mut HashSet<String>,
+) {
+    let defined: Vec<String> = b
+        .node
+        .iter()
+        .flat_map(|n| n.output.iter().filter(|o| !o.is_empty()).cloned())
+        .chain(b.initializer.iter().map(|t| t.name().to_string()))
+        .chain(
+            b.sparse_initializer
+                .iter()
+                .filter_map(|t| t.values.as_ref().map(|v| v.name().to_string())),
+        )
+        .collect();
+    let mut map: HashMap<String, String> = HashMap::new();
+    for d in defined {
+        if names.contains(&d) {
+            let new = fresh(&format!("{d}/{if_name}"), names);
+            map.insert(d, new);
+        } else {
+            names.insert(d);
+        }
+    }
+    if !map.is_empty() {
+        rename_in_graph(b, &map);
+        for t in &mut b.initializer {
+            if let Some(new) = map.get(t.name()) {
+                t.name = Some(new.clone());
+            }
+        }
+        for t in &mut b.sparse_initializer {
+            if let Some(v) = t.values.as_mut() {
+                if let Some(new) = map.get(v.name()) {
+                    v.name = Some(new.clone());
+                }
+            }
+        }
+    }
+    for n in &mut b.node {
+        if !n.name().is_empty() {
+            n.name = Some(fresh(n.name(), node_names));
+        }
+    }
+}
+
+/// Renames, by `map`, the node inputs and outputs and the graph outputs of `g` and of every
+/// subgraph in it.
+fn rename_in_graph(g: &mut pb::GraphProto, map: &HashMap<String, String>) {
+    for n in &mut g.node {
+        for v in n.input.iter_mut().chain(n.output.iter_mut()) {
+            if let Some(new) = map.get(v.as_str()) {
+                *v = new.clone();
+            }
+        }
+        for a in &mut n.attribute {
+            for sub in a.g.iter_mut().chain(a.graphs.iter_mut()) {
+                rename_in_graph(sub, map);
+            }
+        }
+    }
+    for o in &mut g.output {
+        if let Some(new) = map.get(o.name()) {
+            o.name = Some(new.clone());
+        }
+    }
 }

@@ -579,3 +579,59 @@ fn one_resolver_plans_each_outcome_once_and_tells_outcomes_apart() {
         assert_eq!(f32s(&out[0]), want, "sr {sr}");
     }
 }
+
+/// Two Ifs of one name whose branches define the same names (sibling scopes may): both are
+/// resolved, the second's names renamed.
+#[test]
+fn ifs_whose_branches_reuse_names_are_all_resolved() {
+    let mut m = if_model();
+    let g = m.graph.as_mut().unwrap();
+    let mut twin = g.node[1].clone();
+    twin.output = vec!["y2".into()];
+    g.node.push(twin);
+    g.output.push(out("y2"));
+    for sr in [16000, 8000, -1] {
+        let y = run(&m, None, &if_inputs(sr)).unwrap();
+        assert_eq!(y.len(), 2);
+        assert_eq!(y[0].1, y[1].1, "sr {sr}");
+    }
+    let resolved = super::specialize::inline_ifs(&m, None, &if_inputs(16000)).unwrap();
+    let g = resolved.graph.as_ref().unwrap();
+    assert!(g.node.iter().all(|n| n.op_type() != "If"));
+    let mut names: Vec<&str> = g.node.iter().map(|n| n.name()).collect();
+    names.sort_unstable();
+    let before = names.len();
+    names.dedup();
+    assert_eq!(names.len(), before, "node names are unique: {names:?}");
+    assert!(g
+        .node
+        .iter()
+        .any(|n| n.output.iter().any(|o| o == "sq/outer_if")));
+}
+
+/// A malformed If (a branch missing, or a condition that is not bool) is not resolved: tract's
+/// own error names it.
+#[test]
+fn malformed_ifs_are_left_for_tract_to_refuse() {
+    let mut no_then = if_model();
+    no_then.graph.as_mut().unwrap().node[1]
+        .attribute
+        .retain(|a| a.name() != "then_branch");
+    let mut float_cond = if_model();
+    let g = float_cond.graph.as_mut().unwrap();
+    g.node[0] = node(
+        "Cast",
+        "to_float",
+        &["sr"],
+        &["cond"],
+        vec![attr_i("to", 1)],
+    );
+    for (what, m) in [("no then_branch", no_then), ("float cond", float_cond)] {
+        assert!(
+            super::specialize::inline_ifs(&m, None, &if_inputs(-1)).is_none(),
+            "{what}"
+        );
+        let err = run(&m, None, &if_inputs(-1)).unwrap_err();
+        assert_eq!(err.node.as_deref(), Some("outer_if"), "{err}");
+    }
+}

@@ -100,9 +100,28 @@ pub fn run(
     model_dir: Option<&Path>,
     inputs: &[(String, Tensor)],
 ) -> Result<Vec<(String, Tensor)>, RunError> {
+    run_resolving(model, model_dir, inputs).0
+}
+
+/// [`run`], and whether If nodes were resolved for the inputs.
+pub fn run_resolving(
+    model: &pb::ModelProto,
+    model_dir: Option<&Path>,
+    inputs: &[(String, Tensor)],
+) -> (Result<Vec<(String, Tensor)>, RunError>, bool) {
     // tract refuses If nodes whose branches differ in type or shape: resolved for these inputs.
     let specialized = super::specialize::inline_ifs(model, model_dir, inputs);
-    let model = specialized.as_ref().unwrap_or(model);
+    (
+        run_as_given(specialized.as_ref().unwrap_or(model), model_dir, inputs),
+        specialized.is_some(),
+    )
+}
+
+fn run_as_given(
+    model: &pb::ModelProto,
+    model_dir: Option<&Path>,
+    inputs: &[(String, Tensor)],
+) -> Result<Vec<(String, Tensor)>, RunError> {
     let result = catch_unwind(AssertUnwindSafe(|| run_inner(model, model_dir, inputs)));
     let failed = match result {
         Ok(Ok(outputs)) => return Ok(outputs),
