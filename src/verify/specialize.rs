@@ -133,7 +133,7 @@ impl IfResolver {
     }
 
     /// The model resolved for `inputs` (one tensor per graph input, by name) and the outcome
-    /// of every round, which is the same for two input sets exactly when their models are.
+    /// of every round: two input sets with the same outcome get the same model.
     pub fn resolve(
         &mut self,
         inputs: &[(String, Tensor)],
