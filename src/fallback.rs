@@ -35,6 +35,7 @@
 //! the end of that chain, which is the one that survives with the same meaning (the layer's own
 //! output name then holds the folded value).
 
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap, HashSet};
 
@@ -294,18 +295,29 @@ fn top1(a: &[f32], b: &[f32], last: usize) -> Option<f64> {
     Some(same as f64 / rows as f64)
 }
 
-/// The float values among `values` (name, tensor), as f32.
-fn named<'a>(values: impl Iterator<Item = (&'a String, &'a Tensor)>) -> Outputs {
+/// Values by name as [`Outputs`], borrowed from tract's tensors where those hold f32.
+type Views<'a> = HashMap<&'a str, (Cow<'a, [f32]>, usize)>;
+
+/// The float values among `values` (name, tensor), as f32, without a copy for f32 tensors.
+fn views<'a>(values: impl Iterator<Item = (&'a String, &'a Tensor)>) -> Views<'a> {
     values
         .filter_map(|(n, t)| {
             let last = t.shape().last().copied().unwrap_or(1);
-            let v = float_values(t)?.into_owned();
-            Some((n.clone(), (v, last)))
+            Some((n.as_str(), (float_values(t)?, last)))
         })
         .collect()
 }
 
-/// Runs `proto` with the values `probes` exposed on every input set; float values only.
+/// The values of `v` whose names `keep` accepts, copied.
+fn owned(v: &Views, keep: impl Fn(&str) -> bool) -> Outputs {
+    v.iter()
+        .filter(|(n, _)| keep(n))
+        .map(|(n, (x, last))| (n.to_string(), (x.to_vec(), *last)))
+        .collect()
+}
+
+/// Runs `proto` with the values `probes` exposed on every input set and hands `each` the float
+/// values of each set, in order (borrowed: `each` copies what it keeps).
 ///
 /// With `optimize`, uses tract's optimized plan (several times faster, but not bit-exact with
 /// the plain plan the final check runs), and the plain typed plan when that fails.
@@ -315,13 +327,10 @@ fn run_probed(
     sets: &[Vec<(String, Tensor)>],
     what: &str,
     optimize: bool,
-    mut each: impl FnMut(Outputs),
+    mut each: impl FnMut(&Views),
 ) -> Result<()> {
     let proto = with_probes(proto, probes);
     let mut runner = Runner::new(&proto, optimize)?;
-    let outputs = |runner: &Runner, outs: &[tract_onnx::prelude::TValue]| -> Outputs {
-        named(runner.outputs.iter().zip(outs.iter().map(|t| &**t)))
-    };
     // As many sets at a time as there are threads, handed to `each` in order.
     let threads = rayon::current_num_threads().max(1);
     for chunk in sets.chunks(threads) {
@@ -344,7 +353,7 @@ fn run_probed(
                         .with_context(|| format!("running the {what} in tract"))?
                 }
             };
-            each(outputs(&runner, &outs));
+            each(&views(runner.outputs.iter().zip(outs.iter().map(|t| &**t))));
         }
     }
     Ok(())
@@ -551,7 +560,7 @@ fn check_candidate(
             let r = &reference[set];
             set += 1;
             for n in graph_outputs {
-                if let (Some((a, last)), Some((b, _))) = (r.get(n), c.get(n)) {
+                if let (Some((a, last)), Some((b, _))) = (r.get(n), c.get(n.as_str())) {
                     min_cos = min_cos.min(cosine(a, b));
                     if let Some(t) = top1(a, b, *last) {
                         min_top1 = min_top1.min(t);
@@ -633,18 +642,19 @@ pub fn run(
             layers.len()
         )
     });
-    let measured = run_probed(shadowed, &probes, inputs, "shadow model", true, |mut o| {
+    let measured = run_probed(shadowed, &probes, inputs, "shadow model", true, |o| {
         for (i, s) in shadows.iter().enumerate() {
             if let Some(s) = s {
-                if let (Some((a, _)), Some((b, _))) = (o.get(&s.reference), o.get(&s.output)) {
+                if let (Some((a, _)), Some((b, _))) =
+                    (o.get(s.reference.as_str()), o.get(s.output.as_str()))
+                {
                     let (sig, noise) = powers(a, b);
                     powers_alone[i].0 += sig;
                     powers_alone[i].1 += noise;
                 }
             }
         }
-        o.retain(|k, _| graph_outputs.contains(k));
-        reference.push(o);
+        reference.push(owned(o, |k| graph_outputs.iter().any(|g| g == k)));
     });
     let snr_alone: Vec<Option<f64>> = match measured {
         Ok(()) => shadows
@@ -664,7 +674,7 @@ pub fn run(
                 inputs,
                 "reference",
                 true,
-                |o| reference.push(o),
+                |o| reference.push(owned(o, |_| true)),
             )?;
             layers.iter().map(|_| None).collect()
         }
@@ -672,7 +682,7 @@ pub fn run(
     // The check's own inputs with the plain plan, as the final check runs them: a candidate
     // that meets the target with the optimized plan must also meet it there (on ppocrv4-rec,
     // whose output is a softmax with near ties, the two plans gave cosine 0.999 and 0.985).
-    let exact_reference = vec![named(exact.iter().map(|(n, t)| (n, t)))];
+    let exact_reference = vec![owned(&views(exact.iter().map(|(n, t)| (n, t))), |_| true)];
     reporter.phase_done();
 
     // The ranking: measured layers by score, then unmeasured ones in node order.
