@@ -212,13 +212,14 @@ pub struct QuantizeArgs {
     /// What to quantize.
     #[arg(long, value_enum, default_value = "weight-only")]
     pub mode: Mode,
-    /// Integer type: int8, uint8, int16, uint16, int4, uint4.
+    /// weight-only: integer type, int8, uint8, int16, uint16, int4, uint4 (static and dynamic
+    /// weights are int8).
     #[arg(long, default_value = "int8")]
     pub dtype: String,
-    /// Scale sharing.
+    /// weight-only: scale sharing (static and dynamic: per channel where the opset allows).
     #[arg(long, value_enum, default_value = "channel")]
     pub granularity: GranularityArg,
-    /// Block size for --granularity block.
+    /// weight-only: block size for --granularity block.
     #[arg(long, default_value_t = 32)]
     pub block_size: usize,
     /// weight-only: how quantized weights are written. `matmulnbits` replaces MatMul and Gemm
@@ -226,13 +227,13 @@ pub struct QuantizeArgs {
     /// float-equivalent model).
     #[arg(long, value_enum, default_value = "qdq")]
     pub format: FormatArg,
-    /// Symmetric scales, zero point at the middle of the range (the default).
+    /// weight-only: symmetric scales, zero point at the middle of the range (the default).
     #[arg(long, conflicts_with = "asymmetric")]
     pub symmetric: bool,
-    /// Asymmetric scales: zero point from the min/max range.
+    /// weight-only: asymmetric scales, zero point from the min/max range.
     #[arg(long)]
     pub asymmetric: bool,
-    /// Float or power-of-two (fixed-point) scales.
+    /// weight-only: float or power-of-two (fixed-point) scales.
     #[arg(long, value_enum, default_value = "float")]
     pub scale: ScaleArg,
     /// static: calibration data, an .npz file (a leading batch axis holds several samples) or
