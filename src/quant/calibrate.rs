@@ -56,8 +56,8 @@ use anyhow::{anyhow, bail, ensure, Context, Result};
 use prost::Message;
 use rayon::prelude::*;
 use tract_onnx::prelude::{
-    DatumType, Framework, InferenceFact, InferenceModel, InferenceModelExt, IntoRunnable,
-    IntoTValue, TValue, TVec, Tensor, TypedRunnableModel,
+    DatumType, InferenceFact, InferenceModel, InferenceModelExt, IntoRunnable, IntoTValue, TValue,
+    TVec, Tensor, TypedRunnableModel,
 };
 
 use super::{CalibrationOptions, QType, RangeMethod};
@@ -830,28 +830,11 @@ impl Runner {
     }
 }
 
-/// `proto` parsed by tract (external data read from `dir`), ignoring its stored value_info
-/// and output shapes.
+/// `proto` parsed by tract (external data read from `dir`), as [`crate::verify::tract_run::load`].
 ///
 /// Errors: tract cannot read or load the model, or it reads undefined values.
 fn parse(proto: &pb::ModelProto, dir: Option<&Path>) -> Result<InferenceModel> {
-    let bytes = proto.encode_to_vec();
-    let onnx = tract_onnx::onnx()
-        .with_ignore_value_info(true)
-        .with_ignore_output_shapes(true);
-    let p = onnx
-        .proto_model_for_read(&mut bytes.as_slice())
-        .context("tract cannot read the model")?;
-    let dir = dir
-        .map(|d| d.to_str().context("the model's folder is not UTF-8"))
-        .transpose()?;
-    let parsed = onnx.parse(&p, dir).context("tract cannot load the model")?;
-    ensure!(
-        parsed.unresolved_inputs.is_empty(),
-        "values used but never defined: {:?}",
-        parsed.unresolved_inputs
-    );
-    Ok(parsed.model)
+    crate::verify::tract_run::load(proto, dir).context("tract cannot load the model")
 }
 
 /// A runnable tract plan, shared between threads.

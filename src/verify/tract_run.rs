@@ -197,6 +197,35 @@ fn chain(e: &anyhow::Error) -> String {
         .join(": ")
 }
 
+/// `model` read by tract (external data from `model_dir`), ignoring its stored value_info and
+/// output shapes, as every tract run here reads a model.
+///
+/// Errors: tract cannot decode or load it (tract's message), the folder is not UTF-8, or the
+/// graph reads values nothing defines.
+pub(crate) fn load(
+    model: &pb::ModelProto,
+    model_dir: Option<&Path>,
+) -> anyhow::Result<InferenceModel> {
+    let bytes = model.encode_to_vec();
+    let onnx = tract_onnx::onnx()
+        .with_ignore_value_info(true)
+        .with_ignore_output_shapes(true);
+    let proto = onnx.proto_model_for_read(&mut bytes.as_slice())?;
+    let dir = match model_dir {
+        Some(d) => Some(d.to_str().ok_or_else(|| {
+            anyhow::anyhow!("model directory {} is not valid UTF-8", d.display())
+        })?),
+        None => None,
+    };
+    let parsed = onnx.parse(&proto, dir)?;
+    anyhow::ensure!(
+        parsed.unresolved_inputs.is_empty(),
+        "values used but never defined: {:?}",
+        parsed.unresolved_inputs
+    );
+    Ok(parsed.model)
+}
+
 fn set_stage(stage: RunStage) {
     PANIC_STAGE.with(|s| s.set(stage));
 }
@@ -207,35 +236,7 @@ fn run_inner(
     inputs: &[(String, Tensor)],
 ) -> Result<Vec<(String, Tensor)>, Failure> {
     set_stage(RunStage::Load);
-    let bytes = model.encode_to_vec();
-    let onnx = tract_onnx::onnx()
-        .with_ignore_value_info(true)
-        .with_ignore_output_shapes(true);
-    let proto = onnx
-        .proto_model_for_read(&mut bytes.as_slice())
-        .map_err(Failure::at(RunStage::Load))?;
-    let dir = match model_dir {
-        Some(d) => Some(d.to_str().ok_or_else(|| Failure {
-            stage: RunStage::Load,
-            message: format!("model directory {} is not valid UTF-8", d.display()),
-            panicked: false,
-        })?),
-        None => None,
-    };
-    let parsed = onnx
-        .parse(&proto, dir)
-        .map_err(Failure::at(RunStage::Load))?;
-    if !parsed.unresolved_inputs.is_empty() {
-        return Err(Failure {
-            stage: RunStage::Load,
-            message: format!(
-                "values used but never defined: {:?}",
-                parsed.unresolved_inputs
-            ),
-            panicked: false,
-        });
-    }
-    let mut inference_model = parsed.model;
+    let mut inference_model = load(model, model_dir).map_err(Failure::at(RunStage::Load))?;
 
     set_stage(RunStage::Inputs);
     let mut fed: TVec<TValue> = tvec![];
