@@ -1,5 +1,6 @@
 //! Accuracy-gated fallback: keep the layers that cost the most accuracy in float until the
-//! result meets the cosine target.
+//! result meets the target ([`Target`]: the cosine, and the check's elementwise tolerance and
+//! top-1 gates when the user gave them).
 //!
 //! Sensitivity is each layer's error alone: the SNR of its output when it is the only
 //! quantized layer and its input is exact, `SNR = 10 log10(sum a^2 / sum (a - b)^2)` over the
@@ -51,6 +52,7 @@ use crate::passes::{Pass, PassOptions};
 use crate::pb;
 use crate::quant::calibrate::{float_values, Runner};
 use crate::report::Reporter;
+use crate::verify::metrics::{abs_error, Tolerance};
 
 /// One layer kept in float.
 #[derive(Debug, Clone, Serialize)]
@@ -74,8 +76,55 @@ pub struct Tried {
     pub kept: usize,
     /// Smallest cosine of any float graph output on any input set.
     pub cosine: f64,
+    /// Elements of float graph outputs outside `|a - b| <= atol + rtol |a|`, summed over the
+    /// input sets; `None` without `--atol`/`--rtol`.
+    pub outside_tolerance: Option<usize>,
     /// Whether it met the target.
     pub met: bool,
+}
+
+/// What a candidate must reach on every input set: the check's gates as the fallback meets
+/// them.
+#[derive(Debug, Clone, Copy)]
+pub struct Target {
+    /// Smallest cosine of every float graph output.
+    pub cosine: f64,
+    /// Largest drop of top-1 agreement (`--max-accuracy-drop`).
+    pub max_accuracy_drop: Option<f64>,
+    /// Elementwise tolerance of every float graph output (`--atol`/`--rtol`): no element
+    /// outside.
+    pub tolerance: Option<Tolerance>,
+}
+
+/// A candidate's figures over the input sets.
+#[derive(Debug, Clone, Copy)]
+struct Score {
+    /// Smallest output cosine.
+    cosine: f64,
+    /// Smallest top-1 agreement.
+    top1: f64,
+    /// Elements outside the tolerance, when there is one.
+    outside: Option<usize>,
+}
+
+impl Target {
+    fn met_by(&self, s: &Score) -> bool {
+        s.cosine >= self.cosine
+            && self.max_accuracy_drop.is_none_or(|d| 1.0 - s.top1 <= d)
+            && s.outside.is_none_or(|n| n == 0)
+    }
+}
+
+/// Elements of `b` outside `|a - b| <= atol + rtol |a|` against `a` (NaN where `a` is not NaN
+/// counts), as the check's allclose counts them.
+fn outside(a: &[f32], b: &[f32], t: Tolerance) -> usize {
+    a.iter()
+        .zip(b)
+        .filter(|(&x, &y)| {
+            let (x, y) = (f64::from(x), f64::from(y));
+            abs_error(x, y) > t.atol + t.rtol * x.abs()
+        })
+        .count()
 }
 
 /// What the fallback did.
@@ -83,6 +132,8 @@ pub struct Tried {
 pub struct FallbackReport {
     /// The cosine every float graph output had to reach.
     pub target_cosine: f64,
+    /// The elementwise tolerance every float graph output had to meet, if any.
+    pub target_tolerance: Option<Tolerance>,
     /// Smallest output cosine with every layer quantized.
     pub start_cosine: f64,
     /// Smallest output cosine of the result.
@@ -539,16 +590,18 @@ fn with_shadows(
     (reference, shadows)
 }
 
-/// A candidate's smallest output cosine and top-1 agreement over the input sets (see
-/// [`run_probed`] for `optimize`).
+/// A candidate's smallest output cosine and top-1 agreement over the input sets, and with
+/// `tolerance` its elements outside it (see [`run_probed`] for `optimize`).
 fn check_candidate(
     model: &Model,
     reference: &[Outputs],
     graph_outputs: &[String],
     inputs: &[Vec<(String, Tensor)>],
     optimize: bool,
-) -> Result<(f64, f64)> {
+    tolerance: Option<Tolerance>,
+) -> Result<Score> {
     let (mut min_cos, mut min_top1) = (1.0f64, 1.0f64);
+    let mut out = tolerance.map(|_| 0usize);
     let mut set = 0;
     run_probed(
         to_proto(model)?,
@@ -565,17 +618,25 @@ fn check_candidate(
                     if let Some(t) = top1(a, b, *last) {
                         min_top1 = min_top1.min(t);
                     }
+                    if let (Some(n), Some(t)) = (out.as_mut(), tolerance) {
+                        *n += outside(a, b, t);
+                    }
                 }
             }
         },
     )
     .context("the quantized model does not run in tract")?;
-    Ok((min_cos, min_top1))
+    Ok(Score {
+        cosine: min_cos,
+        top1: min_top1,
+        outside: out,
+    })
 }
 
 /// Re-runs `suffix` on copies of `snapshot` with layers kept in float until every float output
-/// of the graph reaches cosine `target` against `snapshot` on every input set of `inputs` (each
-/// one value per graph input), and, with `max_accuracy_drop`, top-1 agrees that closely.
+/// of the graph meets `target` against `snapshot` on every input set of `inputs` (each one
+/// value per graph input): cosine, and, when given, top-1 agreement and the elementwise
+/// tolerance.
 /// Layers are ranked once, by their error alone; the shortest prefix of the ranking that meets
 /// the target is searched for (see the module documentation), in at most `max_iterations`
 /// candidate runs.
@@ -601,8 +662,7 @@ pub fn run(
     quantized: Option<(Model, Vec<PassRecord>)>,
     inputs: &[Vec<(String, Tensor)>],
     exact: &[(String, Tensor)],
-    target: f64,
-    max_accuracy_drop: Option<f64>,
+    target: &Target,
     max_iterations: usize,
     reporter: &dyn Reporter,
 ) -> Result<(Model, Vec<PassRecord>, FallbackReport)> {
@@ -705,11 +765,9 @@ pub fn run(
             "fallback: checking with {} layers in float",
             kept.len()
         ));
-        let meets = |(cos, top1): (f64, f64)| {
-            cos >= target && max_accuracy_drop.is_none_or(|d| 1.0 - top1 <= d)
-        };
-        let (mut cos, top1) = check_candidate(&model, &reference, &graph_outputs, inputs, true)?;
-        let mut met = meets((cos, top1));
+        let tol = target.tolerance;
+        let mut score = check_candidate(&model, &reference, &graph_outputs, inputs, true, tol)?;
+        let mut met = target.met_by(&score);
         if met {
             let exact = check_candidate(
                 &model,
@@ -717,14 +775,18 @@ pub fn run(
                 &graph_outputs,
                 &inputs[..inputs.len().min(1)],
                 false,
+                tol,
             )?;
-            met = meets(exact);
-            cos = cos.min(exact.0);
+            met = target.met_by(&exact);
+            score.cosine = score.cosine.min(exact.cosine);
+            score.outside = score.outside.zip(exact.outside).map(|(a, b)| a.max(b));
         }
+        let cos = score.cosine;
         reporter.phase_done();
         tried.push(Tried {
             kept: kept.len(),
             cosine: cos,
+            outside_tolerance: score.outside,
             met,
         });
         Ok(Evaluated {
@@ -748,7 +810,7 @@ pub fn run(
     };
     // Exponential search from the noise model's estimate: k, 2k, 4k, ... layers kept until
     // the target holds.
-    let mut k = first_guess(&order, &snr_alone, start_cosine, target);
+    let mut k = first_guess(&order, &snr_alone, start_cosine, target.cosine);
     while hit.is_none() && !order.is_empty() {
         let k_now = k.min(order.len());
         let e = evaluate(order[..k_now].to_vec())?;
@@ -810,7 +872,8 @@ pub fn run(
         })
         .collect();
     let report = FallbackReport {
-        target_cosine: target,
+        target_cosine: target.cosine,
+        target_tolerance: target.tolerance,
         start_cosine,
         final_cosine: chosen.cosine,
         kept,
@@ -1032,6 +1095,39 @@ mod tests {
             .map(|o| o.name())
             .collect();
         assert_eq!(outs, ["y", "x"]);
+    }
+
+    #[test]
+    fn a_candidate_meets_the_target_only_within_the_tolerance() {
+        let t = Tolerance {
+            atol: 0.01,
+            rtol: 0.1,
+        };
+        // Allowed: 0.01 + 0.1 |a|, so 0.06 at a = 0.5 and 0.01 at a = 0; NaN is outside.
+        let a = [0.5, 0.5, 0.0, 0.0, 1.0];
+        let b = [0.559, 0.561, 0.009, -0.011, f32::NAN];
+        assert_eq!(outside(&a, &b, t), 3);
+        let target = Target {
+            cosine: 0.99,
+            max_accuracy_drop: None,
+            tolerance: Some(t),
+        };
+        let score = |outside| Score {
+            cosine: 0.999,
+            top1: 1.0,
+            outside,
+        };
+        assert!(target.met_by(&score(Some(0))));
+        assert!(!target.met_by(&score(Some(1))));
+        let cosine_only = Target {
+            tolerance: None,
+            ..target
+        };
+        assert!(cosine_only.met_by(&score(None)));
+        assert!(!cosine_only.met_by(&Score {
+            cosine: 0.98,
+            ..score(None)
+        }));
     }
 
     #[test]

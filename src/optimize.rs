@@ -228,7 +228,13 @@ pub fn optimize(cfg: &OptimizeConfig, reporter: &dyn Reporter) -> Result<Optimiz
                 .filter_map(|o| o.values.as_ref().and_then(|v| v.top1_agreement))
                 .any(|t| 1.0 - t > d)
         });
-        if ran && (min_cosine(c).is_some_and(|m| m < target) || top1_missed) {
+        let tolerance_missed = c.outputs.iter().any(|o| {
+            o.values
+                .as_ref()
+                .and_then(|v| v.allclose.as_ref())
+                .is_some_and(|a| a.violations > 0)
+        });
+        if ran && (min_cosine(c).is_some_and(|m| m < target) || top1_missed || tolerance_missed) {
             let r = reference.as_ref().context("no reference")?;
             let run = reference_run.get().context("the check did not run")?;
             let exact = run.outputs().context("the reference did not run")?;
@@ -252,8 +258,11 @@ pub fn optimize(cfg: &OptimizeConfig, reporter: &dyn Reporter) -> Result<Optimiz
                 quantized,
                 &sets,
                 exact,
-                target,
-                cfg.gates.max_accuracy_drop,
+                &crate::fallback::Target {
+                    cosine: target,
+                    max_accuracy_drop: cfg.gates.max_accuracy_drop,
+                    tolerance: gates.tolerance(),
+                },
                 FALLBACK_MAX_ITERATIONS,
                 reporter,
             )?;
@@ -390,10 +399,14 @@ pub fn format_report(r: &OptimizeReport) -> String {
     if let Some(f) = &r.fallback {
         let _ = writeln!(
             s,
-            "\nfallback    {} of {} layers kept in float to reach cosine {} ({:.6} -> {:.6}{})",
+            "\nfallback    {} of {} layers kept in float to reach cosine {}{} ({:.6} -> {:.6}{})",
             f.kept.len(),
             f.layers,
             f.target_cosine,
+            f.target_tolerance.map_or(String::new(), |t| format!(
+                " within atol {} + rtol {} |a|",
+                t.atol, t.rtol
+            )),
             f.start_cosine,
             f.final_cosine,
             if f.met { "" } else { ", target NOT met" }
@@ -414,7 +427,10 @@ pub fn format_report(r: &OptimizeReport) -> String {
             f.iterations,
             f.tried
                 .iter()
-                .map(|t| format!("{} float -> {:.6}", t.kept, t.cosine))
+                .map(|t| match t.outside_tolerance {
+                    Some(n) => format!("{} float -> {:.6} ({n} outside)", t.kept, t.cosine),
+                    None => format!("{} float -> {:.6}", t.kept, t.cosine),
+                })
                 .collect::<Vec<_>>()
                 .join(", ")
         );

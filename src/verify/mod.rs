@@ -230,12 +230,34 @@ impl Reference {
                 ));
             }
         }
+        if gates.min_cosine.is_some() && tolerance.is_none() {
+            comparison
+                .notes
+                .extend(one_element_notes(&comparison.outputs));
+        }
         comparison.failures = check(gates, &comparison.outputs);
         if !comparison.failures.is_empty() {
             comparison.status = Verification::Failed;
         }
         comparison
     }
+}
+
+/// A note per float output of one element (a scalar score, a speech probability): its cosine
+/// is 1 whenever the signs agree, so the cosine gate cannot see its error.
+fn one_element_notes(outputs: &[metrics::OutputMetrics]) -> Vec<String> {
+    outputs
+        .iter()
+        .filter_map(|o| {
+            let v = o.values.as_ref().filter(|v| !v.integer && v.elements == 1)?;
+            Some(format!(
+                "output `{}` has one element: its cosine is 1 whenever the signs agree, so the cosine gate cannot see its error (here {} absolute, {} relative); --atol/--rtol gate it, and the accuracy-gated fallback then meets them too",
+                o.name,
+                fmt_num(v.max_abs),
+                fmt_num(v.max_rel)
+            ))
+        })
+        .collect()
 }
 
 fn fmt_num(v: f64) -> String {

@@ -635,3 +635,24 @@ fn malformed_ifs_are_left_for_tract_to_refuse() {
         assert_eq!(err.node.as_deref(), Some("outer_if"), "{err}");
     }
 }
+
+#[test]
+fn a_one_element_float_output_gets_a_note_that_its_cosine_is_blind() {
+    let t = |v: &[f32]| Tensor::from_shape(&[1, v.len()], v).unwrap();
+    let rows = vec![
+        metrics::compare("p", &t(&[0.5]), &t(&[0.6]), None),
+        metrics::compare("y", &t(&[0.5, 1.0]), &t(&[0.6, 1.0]), None),
+    ];
+    // 20% off, and the cosine still says 1.
+    assert_eq!(rows[0].values.as_ref().unwrap().cosine, Some(1.0));
+    let notes = one_element_notes(&rows);
+    assert_eq!(notes.len(), 1, "{notes:?}");
+    assert!(
+        notes[0].starts_with("output `p` has one element"),
+        "{notes:?}"
+    );
+    assert!(notes[0].contains("2.000e-1 relative"), "{notes:?}");
+    // Integer outputs have no cosine to be blind.
+    let i = Tensor::from_shape(&[1], &[3i64]).unwrap();
+    assert!(one_element_notes(&[metrics::compare("n", &i, &i, None)]).is_empty());
+}

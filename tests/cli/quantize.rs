@@ -616,6 +616,74 @@ fn quantize_static_all_layers_falls_back_on_folded_layers_and_checks_a_calibrati
     py("check.py", &[&out]).expect_ok();
 }
 
+/// silero-vad-16k-op15's `output` (the speech probability) has one element, so its cosine is
+/// 1 whatever the error: the check says so in a note. With `--atol`/`--rtol`, the fallback
+/// keeps layers in float until no element of any output is outside the tolerance, on every
+/// input set it runs, and the check then holds it.
+#[test]
+fn quantize_static_fallback_meets_the_tolerance_gate_a_one_element_output_needs() {
+    let stem = "silero-vad-16k-op15";
+    let dir = tempdir();
+    let cal = samples(stem, dir.path(), 8, 7, false);
+    let run = |extra: &[&str], name: &str| -> Value {
+        let out = dir.path().join(format!("{name}.onnx"));
+        let report = dir.path().join(format!("{name}.json"));
+        let mut args: Vec<OsString> = vec![
+            "quantize".into(),
+            model(stem).into(),
+            "-o".into(),
+            out.into(),
+            "--mode".into(),
+            "static".into(),
+            "--calibration".into(),
+            cal.clone().into(),
+            "--inputs".into(),
+            model(stem).with_extension("npz").into(),
+            "--report".into(),
+            report.clone().into(),
+        ];
+        args.extend(extra.iter().map(OsString::from));
+        let r = run_slow(&args);
+        assert!(r.ok(), "{}", r.describe());
+        read_json(&report)
+    };
+    let plain = run(&[], "plain");
+    let notes = plain["check"]["notes"].as_array().unwrap();
+    assert!(
+        notes.iter().any(|n| n
+            .as_str()
+            .unwrap()
+            .starts_with("output `output` has one element: its cosine is 1")),
+        "{notes:?}"
+    );
+    let gated = run(&["--atol", "0.06", "--rtol", "0.05"], "gated");
+    let fb = &gated["fallback"];
+    assert_eq!(fb["met"], true, "{fb}");
+    assert_eq!(fb["target_tolerance"]["atol"], 0.06, "{fb}");
+    let tried = fb["tried"].as_array().unwrap();
+    assert!(tried[0]["outside_tolerance"].as_u64().unwrap() > 0, "{fb}");
+    let chosen = tried
+        .iter()
+        .filter(|t| t["met"] == true)
+        .map(|t| t["kept"].as_u64().unwrap())
+        .min()
+        .unwrap();
+    assert_eq!(
+        chosen as usize,
+        fb["kept"].as_array().unwrap().len(),
+        "{fb}"
+    );
+    for o in gated["check"]["outputs"].as_array().unwrap() {
+        assert_eq!(o["values"]["allclose"]["violations"], 0, "{o}");
+    }
+    assert_eq!(gated["outcome"], "ok", "{gated}");
+    // The tolerance took the note's place.
+    let notes = gated["check"]["notes"].as_array().unwrap();
+    assert!(!notes
+        .iter()
+        .any(|n| n.as_str().unwrap().contains("one element")));
+}
+
 /// An option of one mode given with another is refused (exit 2, naming the option and the
 /// mode), not silently ignored; nothing is written.
 #[test]
