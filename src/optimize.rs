@@ -237,7 +237,6 @@ pub fn optimize(cfg: &OptimizeConfig, reporter: &dyn Reporter) -> Result<Optimiz
         if ran && (min_cosine(c).is_some_and(|m| m < target) || top1_missed || tolerance_missed) {
             let r = reference.as_ref().context("no reference")?;
             let run = reference_run.get().context("the check did not run")?;
-            let exact = run.outputs().context("the reference did not run")?;
             // The check's inputs may be the first calibration sample: not twice.
             let extra = calibration_sets(r, &cfg.pass_options)?;
             let mut sets = vec![run.inputs().to_vec()];
@@ -250,14 +249,14 @@ pub fn optimize(cfg: &OptimizeConfig, reporter: &dyn Reporter) -> Result<Optimiz
             // on the float-equivalent model.
             let quantized =
                 (!equivalent).then(|| (model.clone(), records[prefix.len()..].to_vec()));
-            let (m, suffix_records, fb) = crate::fallback::run(
+            let (m, suffix_records, fb, final_check) = crate::fallback::run(
                 snapshot,
                 suffix,
                 &check_opts,
                 cfg.validate_each,
                 quantized,
                 &sets,
-                exact,
+                &compare,
                 &crate::fallback::Target {
                     cosine: target,
                     max_accuracy_drop: cfg.gates.max_accuracy_drop,
@@ -285,7 +284,10 @@ pub fn optimize(cfg: &OptimizeConfig, reporter: &dyn Reporter) -> Result<Optimiz
                 )?);
             }
             out_proto = onnx::export::to_proto(&model)?;
-            check = Some(compare(&checked)?);
+            check = Some(match final_check {
+                Some(c) => c,
+                None => compare(&checked)?,
+            });
             fallback = Some(fb);
         }
     }
@@ -427,9 +429,15 @@ pub fn format_report(r: &OptimizeReport) -> String {
             f.iterations,
             f.tried
                 .iter()
-                .map(|t| match t.outside_tolerance {
-                    Some(n) => format!("{} float -> {:.6} ({n} outside)", t.kept, t.cosine),
-                    None => format!("{} float -> {:.6}", t.kept, t.cosine),
+                .map(|t| {
+                    // `~`: an estimate on the switched model.
+                    let arrow = if t.estimated { "~" } else { "->" };
+                    match t.outside_tolerance {
+                        Some(n) => {
+                            format!("{} float {arrow} {:.6} ({n} outside)", t.kept, t.cosine)
+                        }
+                        None => format!("{} float {arrow} {:.6}", t.kept, t.cosine),
+                    }
                 })
                 .collect::<Vec<_>>()
                 .join(", ")

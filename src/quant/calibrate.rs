@@ -748,6 +748,12 @@ impl Runner {
         })
     }
 
+    /// Plans built so far.
+    #[cfg(test)]
+    pub(crate) fn plans(&self) -> usize {
+        self.plans.len()
+    }
+
     /// Runs the model on one value per graph input (by name) and returns the graph outputs.
     ///
     /// Errors: a graph input has no value, or tract fails or panics planning or running.

@@ -664,7 +664,7 @@ fn quantize_static_fallback_meets_the_tolerance_gate_a_one_element_output_needs(
     assert!(tried[0]["outside_tolerance"].as_u64().unwrap() > 0, "{fb}");
     let chosen = tried
         .iter()
-        .filter(|t| t["met"] == true)
+        .filter(|t| t["met"] == true && t["estimated"] == false)
         .map(|t| t["kept"].as_u64().unwrap())
         .min()
         .unwrap();
