@@ -73,6 +73,23 @@ fn samples(stem: &str, dir: &Path, n: usize, seed: u64, batch: bool) -> PathBuf 
     }
 }
 
+/// `quantize MODEL -o OUT --mode static --calibration CAL --inputs MODEL.npz` for one of the
+/// shipped models.
+fn static_args(stem: &str, out: &Path, cal: &Path) -> Vec<OsString> {
+    vec![
+        "quantize".into(),
+        model(stem).into(),
+        "-o".into(),
+        out.into(),
+        "--mode".into(),
+        "static".into(),
+        "--calibration".into(),
+        cal.into(),
+        "--inputs".into(),
+        model(stem).with_extension("npz").into(),
+    ]
+}
+
 /// Runs `quantize` on one model and returns the problems found (empty = all good).
 fn check_mode(stem: &str, mode_args: &[&str], min_cosine: f64, dir: &Path) -> Vec<String> {
     let m = model(stem);
@@ -539,18 +556,7 @@ fn quantize_static_stores_the_weights_it_leaves_in_float_in_int8() {
     let mut counts = Vec::new();
     for extra in [None, Some("--keep-float-weights")] {
         let out = dir.path().join(format!("q{}.onnx", counts.len()));
-        let mut args: Vec<OsString> = vec![
-            "quantize".into(),
-            model(stem).into(),
-            "-o".into(),
-            out.clone().into(),
-            "--mode".into(),
-            "static".into(),
-            "--calibration".into(),
-            cal.clone().into(),
-            "--inputs".into(),
-            model(stem).with_extension("npz").into(),
-        ];
+        let mut args = static_args(stem, &out, &cal);
         args.extend(extra.map(OsString::from));
         let r = run_slow(&args);
         assert!(r.ok(), "{extra:?}: {}", r.describe());
@@ -628,20 +634,8 @@ fn quantize_static_fallback_meets_the_tolerance_gate_a_one_element_output_needs(
     let run = |extra: &[&str], name: &str| -> Value {
         let out = dir.path().join(format!("{name}.onnx"));
         let report = dir.path().join(format!("{name}.json"));
-        let mut args: Vec<OsString> = vec![
-            "quantize".into(),
-            model(stem).into(),
-            "-o".into(),
-            out.into(),
-            "--mode".into(),
-            "static".into(),
-            "--calibration".into(),
-            cal.clone().into(),
-            "--inputs".into(),
-            model(stem).with_extension("npz").into(),
-            "--report".into(),
-            report.clone().into(),
-        ];
+        let mut args = static_args(stem, &out, &cal);
+        args.extend(["--report".into(), report.clone().into()]);
         args.extend(extra.iter().map(OsString::from));
         let r = run_slow(&args);
         assert!(r.ok(), "{}", r.describe());
