@@ -752,7 +752,13 @@ impl Score {
     ) {
         for n in graph_outputs {
             if let (Some((a, last)), Some((b, _))) = (r.get(n), c.get(n.as_str())) {
-                self.cosine = self.cosine.min(cosine(a, b));
+                // A NaN cosine (a NaN in an output) is no match at all, as in the final check.
+                let cos = cosine(a, b);
+                self.cosine = if cos.is_nan() {
+                    -1.0
+                } else {
+                    self.cosine.min(cos)
+                };
                 if let Some(t) = top1(a, b, *last) {
                     self.top1 = self.top1.min(t);
                 }
@@ -1443,6 +1449,18 @@ mod tests {
             r.run(&s).unwrap();
         }
         assert_eq!(r.plans(), 1);
+    }
+
+    #[test]
+    fn a_nan_in_a_candidate_output_misses_any_target() {
+        let r: Outputs = [("y".to_string(), (vec![1.0, 2.0, 3.0], 3))].into();
+        let c: Views = [("y", (Cow::Owned(vec![1.0, f32::NAN, 3.0]), 3))].into();
+        let mut score = Score::new(None);
+        score.add(&r, &c, &["y".to_string()], None);
+        assert_eq!(score.cosine, -1.0);
+        let c: Views = [("y", (Cow::Owned(vec![1.0, 2.0, 3.0]), 3))].into();
+        score.add(&r, &c, &["y".to_string()], None);
+        assert_eq!(score.cosine, -1.0);
     }
 
     #[test]
