@@ -301,6 +301,7 @@ fn with_switches(
     let Some(g) = shadowed.graph.as_mut() else {
         return (shadowed, switches);
     };
+    let base = unused_prefix(&[g], "switch");
     let mut producer: HashMap<String, (usize, usize)> = HashMap::new();
     for (k, n) in g.node.iter().enumerate() {
         for (j, o) in n.output.iter().enumerate() {
@@ -315,11 +316,11 @@ fn with_switches(
         let Some((k, j)) = producer.remove(&s.reference) else {
             continue;
         };
-        let on = format!("switch{i}/on");
-        let float = format!("switch{i}/float");
+        let on = format!("{base}{i}/on");
+        let float = format!("{base}{i}/float");
         g.node[k].output[j] = float.clone();
         wheres.push(pb::NodeProto {
-            name: Some(format!("switch{i}/Where")),
+            name: Some(format!("{base}{i}/Where")),
             op_type: Some("Where".into()),
             input: vec![on.clone(), s.output.clone(), float],
             output: vec![s.reference.clone()],
@@ -520,6 +521,39 @@ struct Shadow {
     reference: String,
 }
 
+/// `base` followed by a number (`base`, `base1`, ...) that no name of `graphs` (nodes, values,
+/// initializers, graph inputs and outputs, subgraphs included) starts with: the prefix of the
+/// names the fallback adds to its internal models, so that they cannot take an existing name.
+fn unused_prefix(graphs: &[&pb::GraphProto], base: &str) -> String {
+    fn names<'a>(g: &'a pb::GraphProto, out: &mut Vec<&'a str>) {
+        for n in &g.node {
+            out.push(n.name());
+            out.extend(n.input.iter().chain(&n.output).map(String::as_str));
+            for a in &n.attribute {
+                for sub in a.g.iter().chain(&a.graphs) {
+                    names(sub, out);
+                }
+            }
+        }
+        out.extend(g.initializer.iter().map(|t| t.name()));
+        out.extend(g.input.iter().chain(&g.output).map(|v| v.name()));
+    }
+    let mut all = Vec::new();
+    for g in graphs {
+        names(g, &mut all);
+    }
+    (0..)
+        .map(|k| {
+            if k == 0 {
+                base.to_string()
+            } else {
+                format!("{base}{k}_")
+            }
+        })
+        .find(|p| !all.iter().any(|n| n.starts_with(p.as_str())))
+        .unwrap_or_else(|| base.to_string())
+}
+
 /// Longest chain of nodes from a layer to the end of what was folded into it and its output
 /// pair, and most nodes in one layer's shadow.
 const SHADOW_CHAIN: usize = EPILOGUE_STEPS + 4;
@@ -563,6 +597,7 @@ fn with_shadows(
         .collect();
     let inits: HashMap<&str, &pb::TensorProto> =
         cg.initializer.iter().map(|t| (t.name(), t)).collect();
+    let base = unused_prefix(&[rg, cg], "shadow");
     let mut producer: HashMap<&str, usize> = HashMap::new();
     let mut readers: HashMap<&str, Vec<usize>> = HashMap::new();
     for (k, n) in cg.node.iter().enumerate() {
@@ -641,7 +676,7 @@ fn with_shadows(
         if !ok || subgraph {
             continue;
         }
-        let prefix = format!("shadow{ix}/");
+        let prefix = format!("{base}{ix}/");
         let local: HashSet<&str> = nodes
             .iter()
             .flat_map(|&k| cg.node[k].output.iter().map(String::as_str))
@@ -1449,6 +1484,32 @@ mod tests {
             r.run(&s).unwrap();
         }
         assert_eq!(r.plans(), 1);
+    }
+
+    #[test]
+    fn internal_names_avoid_every_name_of_the_model_subgraphs_included() {
+        use crate::verify::testutil::{info, model, node, out};
+        use pb::tensor_proto::DataType;
+        let mut p = model(
+            vec![node("Relu", "r", &["x"], &["switch0/on"], vec![])],
+            vec![info("x", DataType::Float, &[1])],
+            vec![out("switch0/on")],
+            vec![],
+        );
+        let g = p.graph.clone().unwrap();
+        assert_eq!(unused_prefix(&[&g], "switch"), "switch1_");
+        assert_eq!(unused_prefix(&[&g], "shadow"), "shadow");
+        // A name inside an If branch counts too.
+        let mut branch = g.clone();
+        branch.node[0].output[0] = "shadow7".into();
+        let graph = p.graph.as_mut().unwrap();
+        graph.node[0].attribute.push(pb::AttributeProto {
+            name: Some("then_branch".into()),
+            g: Some(branch),
+            ..Default::default()
+        });
+        let g = p.graph.unwrap();
+        assert_eq!(unused_prefix(&[&g], "shadow"), "shadow1_");
     }
 
     #[test]
