@@ -49,20 +49,20 @@ pub struct CheckArgs {
     /// Seed for generated inputs.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Gate: |a - b| <= atol + rtol * |a| on every element of every output.
-    #[arg(long)]
+    /// Gate: |a - b| <= atol + rtol * |a| on every element of every output (finite, >= 0).
+    #[arg(long, value_parser = non_negative)]
     pub atol: Option<f64>,
-    /// Gate: relative tolerance of the same check.
-    #[arg(long)]
+    /// Gate: relative tolerance of the same check (finite, >= 0).
+    #[arg(long, value_parser = non_negative)]
     pub rtol: Option<f64>,
-    /// Gate: smallest cosine similarity per float output (default 0.99 for lossy pipelines,
-    /// 0.9999 otherwise, when no gate is given).
-    #[arg(long)]
+    /// Gate: smallest cosine similarity per float output, in [-1, 1] (default 0.99 for lossy
+    /// pipelines, 0.9999 otherwise, when no gate is given).
+    #[arg(long, value_parser = cosine_limit)]
     pub min_cosine: Option<f64>,
     /// Gate: largest accuracy drop per classification-like output, measured as 1 - top-1
-    /// agreement with the original (e.g. 0.01 = at most 1% of rows change their argmax).
-    /// Also a target of the accuracy-gated fallback.
-    #[arg(long, value_name = "FRACTION")]
+    /// agreement with the original (e.g. 0.01 = at most 1% of rows change their argmax), in
+    /// [0, 1]. Also a target of the accuracy-gated fallback.
+    #[arg(long, value_name = "FRACTION", value_parser = fraction)]
     pub max_accuracy_drop: Option<f64>,
     /// Exit 0 instead of 3 when tract cannot run the original model.
     #[arg(long)]
@@ -311,4 +311,31 @@ pub struct QuantizeArgs {
     /// Write the report as JSON to this file.
     #[arg(long, value_name = "FILE.json")]
     pub report: Option<PathBuf>,
+}
+
+/// A gate value: a finite number within `[lo, hi]` (`want` says so in the error).
+fn gate_value(s: &str, lo: f64, hi: f64, want: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .parse()
+        .map_err(|e| format!("`{s}` is not a number: {e}"))?;
+    if v.is_finite() && (lo..=hi).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("expected {want}"))
+    }
+}
+
+/// `--atol`, `--rtol`: finite and not negative.
+fn non_negative(s: &str) -> Result<f64, String> {
+    gate_value(s, 0.0, f64::MAX, "a finite number >= 0")
+}
+
+/// `--min-cosine`: a cosine, in [-1, 1].
+fn cosine_limit(s: &str) -> Result<f64, String> {
+    gate_value(s, -1.0, 1.0, "a cosine in [-1, 1]")
+}
+
+/// `--max-accuracy-drop`: a fraction, in [0, 1].
+fn fraction(s: &str) -> Result<f64, String> {
+    gate_value(s, 0.0, 1.0, "a fraction in [0, 1]")
 }

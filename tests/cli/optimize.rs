@@ -393,3 +393,31 @@ fn list_passes_lists_every_pass_file() {
         r.stdout
     );
 }
+
+/// A gate value that cannot be met or means nothing (NaN, a negative tolerance, a cosine
+/// above 1, a drop above 1) is refused with exit 2, naming the option and what it takes.
+#[test]
+fn impossible_gate_values_are_refused() {
+    let m = model("ppocr-mobile-v2-cls");
+    for (arg, want) in [
+        ("--rtol=nan", "expected a finite number >= 0"),
+        ("--atol=-1", "expected a finite number >= 0"),
+        ("--min-cosine=2", "expected a cosine in [-1, 1]"),
+        ("--min-cosine=nan", "expected a cosine in [-1, 1]"),
+        ("--max-accuracy-drop=1.5", "expected a fraction in [0, 1]"),
+    ] {
+        let r = onnxopt(
+            &[m.as_os_str(), m.as_os_str(), std::ffi::OsStr::new(arg)]
+                .iter()
+                .map(|s| s.to_os_string())
+                .fold(vec![OsString::from("compare")], |mut v, s| {
+                    v.push(s);
+                    v
+                }),
+        );
+        assert_eq!(r.code, Some(2), "{arg}: {}", r.describe());
+        assert!(r.stderr.contains(want), "{arg}: {}", r.stderr);
+        let name = arg.split('=').next().unwrap();
+        assert!(r.stderr.contains(name), "{arg}: {}", r.stderr);
+    }
+}
