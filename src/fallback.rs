@@ -16,7 +16,8 @@
 //!
 //! Layers are ranked by the noise-to-signal ratio they add, `10^(-SNR/10)`, per square root of
 //! their weight count (of two equally noisy layers, the smaller one, cheaper to keep in float,
-//! goes first); layers whose error is below [`EXACT_DB`] are never kept. The fallback then
+//! goes first); layers whose error is below [`EXACT_DB`] rank last, after those whose error
+//! could not be measured (only a tight tolerance sees them). The fallback then
 //! looks for the shortest prefix of that ranking whose layers, kept in float, make every float
 //! graph output reach the cosine target on every input set: it re-runs the lossy passes from
 //! the snapshot with the k, 2k, 4k, ... first layers kept until the target holds, then bisects
@@ -30,13 +31,14 @@
 //! search first runs on the switched model ([`with_switches`]): the shadow model in which each
 //! layer's value is chosen, by a bool input, between its float value and its quantized copy,
 //! so that one plan serves every candidate. It is trusted only when, with every layer
-//! quantized, it gives the real start's cosine ([`faithful`]): it does on ppocrv4-rec to the
-//! last digit; on the silero models it does not (its noise 11% and 31% off). Its shortest hit
-//! is then made and checked for real; when the switched model is not trusted or its hit misses
-//! for real, the search runs again on real candidates.
-//! On ppocrv4-rec the fallback went from 10 real candidates to the real start (run beside the
-//! measurement of the layers, on the other thread), 10 estimates (0.27 s each) and one real
-//! candidate: static int8 from 12.7 s to 7.4 to 8.2 s.
+//! quantized, it gives the real start's outputs ([`faithful`]): it does on ppocrv4-rec to the
+//! last digit; on the silero models it does not (its noise 11% and 31% off). When trusted, each
+//! estimate that meets the target is made for real and given the final check (tract's plain
+//! plan on the check's inputs), the switched model standing for its optimized-plan runs;
+//! otherwise the search runs on real candidates. On ppocrv4-rec the fallback went from 10 real
+//! candidates to the real start (run beside the measurement of the layers, on the other
+//! thread), 10 estimates (0.27 s each) and 3 final checks of real candidates: static int8 from
+//! 12.7 s to 7.4 to 8.2 s.
 //!
 //! A candidate meets the target only if it also does in tract's plain (unoptimized) plan on
 //! the check's own inputs, which is what the final check runs: the optimized plan, several
@@ -56,7 +58,7 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use tract_onnx::prelude::Tensor;
 
-use crate::ir::{Graph, Model};
+use crate::ir::{Graph, Model, ValueId};
 use crate::onnx::export::to_proto;
 use crate::passes::manager::{run_pipeline, PassRecord};
 use crate::passes::quantize_weights::weight_axis;
@@ -89,6 +91,9 @@ pub struct Tried {
     pub kept: usize,
     /// Smallest cosine of any float graph output on any input set.
     pub cosine: f64,
+    /// Smallest top-1 agreement of any output on any input set; `None` when no output has one
+    /// (see [`crate::verify::metrics::ValueMetrics::top1_agreement`]).
+    pub top1: Option<f64>,
     /// Elements of float graph outputs outside `|a - b| <= atol + rtol |a|`, summed over the
     /// input sets; `None` without `--atol`/`--rtol`.
     pub outside_tolerance: Option<usize>,
@@ -117,8 +122,8 @@ pub struct Target {
 struct Score {
     /// Smallest output cosine.
     cosine: f64,
-    /// Smallest top-1 agreement.
-    top1: f64,
+    /// Smallest top-1 agreement, when an output has one.
+    top1: Option<f64>,
     /// Elements outside the tolerance, when there is one.
     outside: Option<usize>,
 }
@@ -126,7 +131,9 @@ struct Score {
 impl Target {
     fn met_by(&self, s: &Score) -> bool {
         s.cosine >= self.cosine
-            && self.max_accuracy_drop.is_none_or(|d| 1.0 - s.top1 <= d)
+            && self
+                .max_accuracy_drop
+                .is_none_or(|d| s.top1.is_none_or(|t| 1.0 - t <= d))
             && s.outside.is_none_or(|n| n == 0)
     }
 }
@@ -150,17 +157,20 @@ pub struct FallbackReport {
     pub target_cosine: f64,
     /// The elementwise tolerance every float graph output had to meet, if any.
     pub target_tolerance: Option<Tolerance>,
-    /// Smallest output cosine with every layer quantized.
+    /// The largest top-1 agreement drop allowed, if any (`--max-accuracy-drop`).
+    pub target_max_accuracy_drop: Option<f64>,
+    /// Smallest output cosine with every layer quantized, over the fallback's input sets in
+    /// tract's optimized plan (the check's table gives the plain plan on the check's inputs).
     pub start_cosine: f64,
     /// Smallest output cosine of the result.
     pub final_cosine: f64,
     /// Layers kept in float, costliest first.
     pub kept: Vec<KeptLayer>,
-    /// Quantizable layers in the main graph.
+    /// Quantizable layers, in the main graph and its subgraphs.
     pub layers: usize,
     /// Layers whose error alone was measured (the others rank last, in node order).
     pub measured: usize,
-    /// Candidate runs made.
+    /// Candidate runs made: estimates and real candidates (the entries of `tried`).
     pub iterations: usize,
     /// The candidates run, in order.
     pub tried: Vec<Tried>,
@@ -181,6 +191,8 @@ struct Layer {
     readable: Vec<String>,
     /// Elements of its weights (what keeping it in float costs in size).
     params: usize,
+    /// It is in a subgraph (it gets no shadow).
+    in_subgraph: bool,
 }
 
 /// Ops a quantization pass may fold into the layer before them (or fuse with it).
@@ -189,10 +201,32 @@ const EPILOGUE: [&str; 6] = ["Add", "Mul", "Sub", "BatchNormalization", "Relu", 
 /// Longest chain of epilogue ops followed after a layer's output.
 const EPILOGUE_STEPS: usize = 4;
 
+/// The quantizable layers of `g` and, after them, of its subgraphs (If, Loop and Scan bodies,
+/// whose layers have no shadow: they rank with the unmeasured ones, and the passes keep them
+/// in float by the same output name).
 fn layers(g: &Graph, opts: &PassOptions) -> Vec<Layer> {
-    let uses = g.uses();
     let mut out = Vec::new();
+    layers_in(g, &[], opts, &mut out);
+    out
+}
+
+/// [`layers`] of `g`, whose weights may be initializers of `g` or of the graphs enclosing it,
+/// `outer` (innermost last).
+fn layers_in(g: &Graph, outer: &[&Graph], opts: &PassOptions, out: &mut Vec<Layer>) {
+    let uses = g.uses();
+    // An initializer of `g`, or of the innermost enclosing graph that has one by that name.
+    let weight = |v: ValueId| {
+        g.initializer(v).or_else(|| {
+            let name = &g.value(v).name;
+            outer
+                .iter()
+                .rev()
+                .find_map(|o| o.find(name).and_then(|w| o.initializer(w)))
+        })
+    };
+    let mut subgraphs = Vec::new();
     for (_, n) in g.live_nodes() {
+        subgraphs.extend(n.subgraphs());
         if !opts.selects(g, n) {
             continue;
         }
@@ -201,7 +235,7 @@ fn layers(g: &Graph, opts: &PassOptions) -> Vec<Layer> {
             .iter()
             .enumerate()
             .filter_map(|(i, v)| {
-                let t = v.and_then(|v| g.initializer(v))?;
+                let t = v.and_then(weight)?;
                 weight_axis(n, i, t.dims().len())?;
                 t.len().ok()
             })
@@ -247,9 +281,14 @@ fn layers(g: &Graph, opts: &PassOptions) -> Vec<Layer> {
             output: g.value(*o).name.clone(),
             readable,
             params,
+            in_subgraph: !outer.is_empty(),
         });
     }
-    out
+    let mut scopes = outer.to_vec();
+    scopes.push(g);
+    for sub in subgraphs {
+        layers_in(sub, &scopes, opts, out);
+    }
 }
 
 /// `proto` with the named values of its main graph appended as graph outputs (names only:
@@ -612,6 +651,9 @@ fn with_shadows(
     let mut inits_out = Vec::new();
     let mut outputs_out = Vec::new();
     for (ix, l) in layers.iter().enumerate() {
+        if l.in_subgraph {
+            continue;
+        }
         let Some(start) = cg
             .node
             .iter()
@@ -758,7 +800,7 @@ impl Score {
                 score.cosine.min(cos)
             };
             if let Some(t) = v.top1_agreement {
-                score.top1 = score.top1.min(t);
+                score.top1 = Some(score.top1.map_or(t, |s| s.min(t)));
             }
             if let (Some(n), Some(a)) = (score.outside.as_mut(), &v.allclose) {
                 *n += a.violations;
@@ -771,7 +813,7 @@ impl Score {
     fn new(tolerance: Option<Tolerance>) -> Score {
         Score {
             cosine: 1.0,
-            top1: 1.0,
+            top1: None,
             outside: tolerance.map(|_| 0),
         }
     }
@@ -795,7 +837,7 @@ impl Score {
                     self.cosine.min(cos)
                 };
                 if let Some(t) = top1(a, b, *last) {
-                    self.top1 = self.top1.min(t);
+                    self.top1 = Some(self.top1.map_or(t, |s| s.min(t)));
                 }
                 if let (Some(n), Some(t)) = (self.outside.as_mut(), tolerance) {
                     *n += outside(a, b, t);
@@ -914,7 +956,7 @@ pub fn run(
     let unmatched = shadows.iter().filter(|s| s.is_none()).count();
     let mut note = (unmatched > 0).then(|| {
         format!(
-            "{unmatched} of {} layers have no quantized form the shadow model could copy (left in float by the pass, or the opsets differ); they are tried last, in node order",
+            "{unmatched} of {} layers have no quantized form the shadow model could copy (in a subgraph, left in float by the pass, or the opsets differ); they are tried last, in node order",
             layers.len()
         )
     });
@@ -986,12 +1028,17 @@ pub fn run(
     };
     reporter.phase_done();
 
-    // The ranking: measured layers by score, then unmeasured ones in node order.
-    let mut order: Vec<usize> = (0..layers.len())
-        .filter(|&i| snr_alone[i].is_none_or(|d| d < EXACT_DB))
-        .collect();
+    // The ranking: measured layers by score, then unmeasured ones in node order, then the
+    // layers whose error alone is below `EXACT_DB` (which only a tight tolerance sees).
+    let exact_alone = |i: usize| snr_alone[i].is_some_and(|d| d >= EXACT_DB);
     let key = |i: usize| snr_alone[i].map_or(f64::NEG_INFINITY, |d| score(d, layers[i].params));
-    order.sort_by(|&a, &b| key(b).total_cmp(&key(a)).then(a.cmp(&b)));
+    let mut order: Vec<usize> = (0..layers.len()).collect();
+    order.sort_by(|&a, &b| {
+        exact_alone(a)
+            .cmp(&exact_alone(b))
+            .then(key(b).total_cmp(&key(a)))
+            .then(a.cmp(&b))
+    });
 
     let tried: RefCell<Vec<Tried>> = RefCell::new(Vec::new());
     let tol = target.tolerance;
@@ -1036,6 +1083,7 @@ pub fn run(
         tried.borrow_mut().push(Tried {
             kept: kept.len(),
             cosine: score.cosine,
+            top1: score.top1,
             outside_tolerance: score.outside,
             met,
             estimated: false,
@@ -1067,19 +1115,19 @@ pub fn run(
     };
     // Every layer quantized, for real: the search's start.
     let start = evaluate_made(Vec::new(), first, Some(&start_outputs))?;
-    let mut iterations = 1;
     let start_cosine = start.1;
-    // Then on the switched model, one plan for every candidate, when it gives the real start's
-    // accuracy (it does when every quantized op belongs to a layer's copy: on ppocrv4-rec to
-    // the last digit; models with quantized ops between layers, or layers without a copy,
-    // differ); its shortest hit is then made and checked for real. When the switched model is
-    // not faithful, or its hit misses, the search runs on real candidates.
-    let mut confirmed = None;
+    // Then on the switched model, one plan for every candidate, when with every layer
+    // quantized it gives the real start's outputs (see `faithful`). Each estimate that meets
+    // the target is then made for real and given the final check (tract's plain plan on the
+    // check's inputs); the switched model stands for its optimized-plan runs. When the switched
+    // model is not faithful, the search runs on real candidates.
+    let mut guided = None;
     if let Some(p) = estimator
         .as_mut()
-        .filter(|_| switches.iter().any(Option::is_some))
+        .filter(|_| !start.2 && switches.iter().any(Option::is_some))
     {
-        let mut estimate = |kept: Vec<usize>| -> Result<((), f64, bool)> {
+        // An estimate: its score, and the values of every input set.
+        let mut estimate = |kept: &[usize], keep_outputs: bool| -> Result<(Score, Vec<Outputs>)> {
             reporter.phase(&format!(
                 "fallback: estimating with {} layers in float",
                 kept.len()
@@ -1087,41 +1135,84 @@ pub fn run(
             let keep: HashSet<usize> = kept.iter().copied().collect();
             let sets = switched_sets(&|i| !keep.contains(&i));
             let mut score = Score::new(tol);
+            let mut outs = Vec::new();
             let mut set = 0;
             p.run(&sets, "switched model", |c| {
                 score.add(&reference[set], c, &graph_outputs, tol);
+                if keep_outputs {
+                    outs.push(owned(c, |k| graph_outputs.iter().any(|g| g == k)));
+                }
                 set += 1;
             })?;
             reporter.phase_done();
-            let met = target.met_by(&score);
             tried.borrow_mut().push(Tried {
                 kept: kept.len(),
                 cosine: score.cosine,
+                top1: score.top1,
                 outside_tolerance: score.outside,
-                met,
+                met: target.met_by(&score),
                 estimated: true,
             });
-            Ok(((), score.cosine, met))
+            Ok((score, outs))
         };
-        let est_start = estimate(Vec::new())?;
-        iterations += 1;
-        if faithful(est_start.1, start_cosine) {
-            let found = searching.run(est_start, estimate)?;
-            iterations += found.iterations - 1;
-            if let Some((kept, ())) = found.hit.filter(|(k, _)| !k.is_empty()) {
-                let (e, _, met) = evaluate(kept)?;
-                iterations += 1;
-                if met {
-                    confirmed = Some(e);
+        let (est_start, est_outputs) = estimate(&[], true)?;
+        if faithful(&reference, &start_outputs, &est_outputs) {
+            let step = |kept: Vec<usize>| -> Result<(Option<Evaluated>, f64, bool)> {
+                let (score, _) = estimate(&kept, false)?;
+                if !target.met_by(&score) {
+                    return Ok((None, score.cosine, false));
                 }
-            }
+                let (model, records) = candidate(&kept)?;
+                reporter.phase(&format!(
+                    "fallback: checking with {} layers in float",
+                    kept.len()
+                ));
+                let c = exact(&to_proto(&model)?)?;
+                reporter.phase_done();
+                let checked = Score::of(&c, tol)?;
+                let met = target.met_by(&checked);
+                let cosine = score.cosine.min(checked.cosine);
+                tried.borrow_mut().push(Tried {
+                    kept: kept.len(),
+                    cosine,
+                    top1: checked.top1,
+                    outside_tolerance: checked.outside,
+                    met,
+                    estimated: false,
+                });
+                let e = Evaluated {
+                    kept,
+                    model,
+                    records,
+                    cosine,
+                    met,
+                    comparison: Some(c),
+                };
+                Ok((Some(e), cosine, met))
+            };
+            let found = searching.run((None, est_start.cosine, false), step)?;
+            guided = Some(found);
         }
     }
-    let chosen = match confirmed {
-        Some(e) => e,
+    let chosen = match guided {
+        Some(found) => match found.hit.or(found.longest) {
+            Some((_, Some(e))) => e,
+            Some((kept, None)) => {
+                // Nothing met the target: the longest estimate, made for real.
+                let (model, records) = candidate(&kept)?;
+                Evaluated {
+                    kept,
+                    model,
+                    records,
+                    cosine: f64::NAN,
+                    met: false,
+                    comparison: None,
+                }
+            }
+            None => bail!("the fallback ran no candidate"),
+        },
         None => {
             let found = searching.run(start, evaluate)?;
-            iterations += found.iterations - 1;
             found
                 .hit
                 .or(found.longest)
@@ -1140,27 +1231,47 @@ pub fn run(
             weights: layers[i].params,
         })
         .collect();
+    let tried = tried.into_inner();
     let report = FallbackReport {
         target_cosine: target.cosine,
         target_tolerance: target.tolerance,
+        target_max_accuracy_drop: target.max_accuracy_drop,
         start_cosine,
         final_cosine: chosen.cosine,
         kept,
         layers: layers.len(),
         measured: snr_alone.iter().flatten().count(),
-        iterations,
-        tried: tried.into_inner(),
+        iterations: tried.len(),
+        tried,
         met: chosen.met,
         note,
     };
     Ok((chosen.model, chosen.records, report, chosen.comparison))
 }
 
-/// Whether the switched model's output cosine with every layer quantized, `estimated`, is that
-/// of the real candidate, `real`: their noise-to-signal ratios within 2%.
-fn faithful(estimated: f64, real: f64) -> bool {
-    let (e, r) = (nsr_of_cosine(estimated), nsr_of_cosine(real));
-    e.is_finite() && r.is_finite() && (e - r).abs() <= 0.02 * r.max(f64::MIN_POSITIVE)
+/// Whether the switched model, with every layer quantized, gives the real start's outputs:
+/// on every float graph output (over the input sets), its distance to the real start's values
+/// is within 2% in power of the real start's error, `sum (est - real)^2 <= 0.02 sum (real -
+/// ref)^2` (both 0 when the real start is exact). Each of `reference`, `real` and `estimated`
+/// holds one [`Outputs`] per input set.
+fn faithful(reference: &[Outputs], real: &[Outputs], estimated: &[Outputs]) -> bool {
+    let mut per_output: HashMap<&str, (f64, f64)> = HashMap::new();
+    if reference.len() != real.len() || real.len() != estimated.len() {
+        return false;
+    }
+    for ((r, q), e) in reference.iter().zip(real).zip(estimated) {
+        for (name, (a, _)) in r {
+            let (Some((b, _)), Some((c, _))) = (q.get(name), e.get(name)) else {
+                return false;
+            };
+            let p = per_output.entry(name.as_str()).or_default();
+            p.0 += powers(a, b).1;
+            p.1 += powers(b, c).1;
+        }
+    }
+    per_output
+        .values()
+        .all(|&(error, distance)| distance.is_finite() && distance <= 0.02 * error)
 }
 
 /// A bool scalar.
@@ -1173,7 +1284,6 @@ fn tensor0(v: bool) -> Tensor {
 struct Found<T> {
     hit: Option<(Vec<usize>, T)>,
     longest: Option<(Vec<usize>, T)>,
-    iterations: usize,
 }
 
 /// The search for the shortest prefix of the ranking that meets the target (see the module
@@ -1269,11 +1379,7 @@ impl Search<'_> {
                 }
             }
         }
-        Ok(Found {
-            hit,
-            longest,
-            iterations,
-        })
+        Ok(Found { hit, longest })
     }
 }
 
@@ -1513,6 +1619,79 @@ mod tests {
     }
 
     #[test]
+    fn layers_in_if_branches_are_candidates_with_outer_scope_weights() {
+        use crate::verify::testutil::{info, init_f32, model, node, out};
+        use pb::tensor_proto::DataType;
+        let branch = |name: &str, w: &str| pb::GraphProto {
+            name: Some(name.into()),
+            node: vec![node(
+                "MatMul",
+                &format!("{name}_mm"),
+                &["x", w],
+                &[&format!("{name}_y")],
+                vec![],
+            )],
+            output: vec![out(&format!("{name}_y"))],
+            ..Default::default()
+        };
+        let mut p = model(
+            vec![
+                node("MatMul", "mm0", &["x", "W0"], &["h"], vec![]),
+                node("If", "if", &["c"], &["y"], vec![]),
+            ],
+            vec![
+                info("x", DataType::Float, &[1, 4]),
+                info("c", DataType::Bool, &[]),
+            ],
+            vec![out("h"), out("y")],
+            vec![
+                init_f32("W0", &[4, 4], &[0.5; 16]),
+                init_f32("Wt", &[4, 2], &[0.25; 8]),
+            ],
+        );
+        let then_branch = {
+            let mut b = branch("then", "Wt");
+            b.initializer.clear();
+            b
+        };
+        let mut else_branch = branch("else", "We");
+        else_branch
+            .initializer
+            .push(init_f32("We", &[4, 3], &[0.125; 12]));
+        let g = p.graph.as_mut().unwrap();
+        g.node[1].attribute = vec![
+            pb::AttributeProto {
+                name: Some("then_branch".into()),
+                r#type: Some(pb::attribute_proto::AttributeType::Graph as i32),
+                g: Some(then_branch),
+                ..Default::default()
+            },
+            pb::AttributeProto {
+                name: Some("else_branch".into()),
+                r#type: Some(pb::attribute_proto::AttributeType::Graph as i32),
+                g: Some(else_branch),
+                ..Default::default()
+            },
+        ];
+        let (m, _) = crate::onnx::from_proto(p, None, "test").unwrap();
+        let ls = layers(&m.graph, &PassOptions::default());
+        let got: Vec<(&str, usize, bool)> = ls
+            .iter()
+            .map(|l| (l.node.as_str(), l.params, l.in_subgraph))
+            .collect();
+        // The then branch reads its weight from the main graph's initializers.
+        assert_eq!(
+            got,
+            vec![
+                ("mm0", 16, false),
+                ("then_mm", 8, true),
+                ("else_mm", 12, true)
+            ]
+        );
+        assert_eq!(ls[1].output, "then_y");
+    }
+
+    #[test]
     fn a_nan_in_a_candidate_output_misses_any_target() {
         let r: Outputs = [("y".to_string(), (vec![1.0, 2.0, 3.0], 3))].into();
         let c: Views = [("y", (Cow::Owned(vec![1.0, f32::NAN, 3.0]), 3))].into();
@@ -1526,13 +1705,32 @@ mod tests {
 
     #[test]
     fn the_switched_model_is_trusted_only_when_it_gives_the_real_start() {
-        assert!(faithful(0.986229, 0.986229));
-        // ppocrv4-rec: equal to the last digit. silero-vad-16k-sequence: 0.99772 against
-        // 0.99668 (a noise ratio 31% lower).
-        assert!(!faithful(0.997719, 0.996681));
-        assert!(faithful(0.99900, 0.99901));
-        assert!(!faithful(f64::NAN, 0.99));
-        assert!(!faithful(1.0, 0.99));
+        let set = |y: &[f32], p: f32| -> Outputs {
+            [
+                ("y".to_string(), (y.to_vec(), y.len())),
+                ("p".to_string(), (vec![p], 1)),
+            ]
+            .into()
+        };
+        let reference = vec![set(&[1.0, 2.0, 3.0], 0.5)];
+        let real = vec![set(&[1.1, 2.0, 2.9], 0.52)];
+        // Equal to the real start: trusted.
+        assert!(faithful(&reference, &real, &real.clone()));
+        // 1% of the real error's power away on both outputs: trusted.
+        let near = vec![set(&[1.11, 2.0, 2.9], 0.5218)];
+        assert!(faithful(&reference, &real, &near));
+        // The one-element output off by as much as its real error: not trusted, whatever the
+        // cosines (1 for one element) say.
+        let off = vec![set(&[1.1, 2.0, 2.9], 0.54)];
+        assert!(!faithful(&reference, &real, &off));
+        // An exact real start needs an exact estimate; a missing output or set is not trusted.
+        assert!(!faithful(&reference, &reference, &real));
+        assert!(faithful(&reference, &reference, &reference.clone()));
+        assert!(!faithful(&reference, &real, &[]));
+        let missing: Vec<Outputs> = vec![[("y".to_string(), (vec![1.1, 2.0, 2.9], 3))].into()];
+        assert!(!faithful(&reference, &real, &missing));
+        let nan = vec![set(&[1.1, f32::NAN, 2.9], 0.52)];
+        assert!(!faithful(&reference, &real, &nan));
     }
 
     #[test]
@@ -1591,7 +1789,7 @@ mod tests {
         };
         let score = |outside| Score {
             cosine: 0.999,
-            top1: 1.0,
+            top1: Some(1.0),
             outside,
         };
         assert!(target.met_by(&score(Some(0))));
@@ -1603,6 +1801,20 @@ mod tests {
         assert!(cosine_only.met_by(&score(None)));
         assert!(!cosine_only.met_by(&Score {
             cosine: 0.98,
+            ..score(None)
+        }));
+        // A top-1 drop counts only when an output has a top-1.
+        let top1 = Target {
+            max_accuracy_drop: Some(0.0),
+            ..cosine_only
+        };
+        assert!(top1.met_by(&score(None)));
+        assert!(!top1.met_by(&Score {
+            top1: Some(0.975),
+            ..score(None)
+        }));
+        assert!(top1.met_by(&Score {
+            top1: None,
             ..score(None)
         }));
     }

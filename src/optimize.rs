@@ -228,9 +228,12 @@ pub fn optimize(cfg: &OptimizeConfig, reporter: &dyn Reporter) -> Result<Optimiz
                 .filter_map(|o| o.values.as_ref().and_then(|v| v.top1_agreement))
                 .any(|t| 1.0 - t > d)
         });
+        // Float outputs only: the fallback compares those (an integer output's failure is
+        // the check's to report).
         let tolerance_missed = c.outputs.iter().any(|o| {
             o.values
                 .as_ref()
+                .filter(|v| !v.integer)
                 .and_then(|v| v.allclose.as_ref())
                 .is_some_and(|a| a.violations > 0)
         });
@@ -408,7 +411,9 @@ pub fn format_report(r: &OptimizeReport) -> String {
             f.target_tolerance.map_or(String::new(), |t| format!(
                 " within atol {} + rtol {} |a|",
                 t.atol, t.rtol
-            )),
+            )) + &f
+                .target_max_accuracy_drop
+                .map_or(String::new(), |d| format!(", top-1 drop <= {d}")),
             f.start_cosine,
             f.final_cosine,
             if f.met { "" } else { ", target NOT met" }
@@ -416,8 +421,15 @@ pub fn format_report(r: &OptimizeReport) -> String {
         for k in &f.kept {
             let _ = writeln!(
                 s,
-                "    {} \"{}\": SNR {:.1} dB alone, {} weights",
-                k.op, k.node, k.snr_alone_db, k.weights
+                "    {} \"{}\": {}, {} weights",
+                k.op,
+                k.node,
+                if k.snr_alone_db.is_nan() {
+                    "error alone not measured".to_string()
+                } else {
+                    format!("SNR {:.1} dB alone", k.snr_alone_db)
+                },
+                k.weights
             );
         }
         if let Some(n) = &f.note {
@@ -432,12 +444,14 @@ pub fn format_report(r: &OptimizeReport) -> String {
                 .map(|t| {
                     // `~`: an estimate on the switched model.
                     let arrow = if t.estimated { "~" } else { "->" };
-                    match t.outside_tolerance {
-                        Some(n) => {
-                            format!("{} float {arrow} {:.6} ({n} outside)", t.kept, t.cosine)
-                        }
-                        None => format!("{} float {arrow} {:.6}", t.kept, t.cosine),
+                    let mut s = format!("{} float {arrow} {:.6}", t.kept, t.cosine);
+                    if let Some(n) = t.outside_tolerance {
+                        s.push_str(&format!(" ({n} outside)"));
                     }
+                    if let (Some(_), Some(top1)) = (f.target_max_accuracy_drop, t.top1) {
+                        s.push_str(&format!(" (top-1 {:.1}%)", top1 * 100.0));
+                    }
+                    s
                 })
                 .collect::<Vec<_>>()
                 .join(", ")

@@ -406,15 +406,13 @@ fn impossible_gate_values_are_refused() {
         ("--min-cosine=nan", "expected a cosine in [-1, 1]"),
         ("--max-accuracy-drop=1.5", "expected a fraction in [0, 1]"),
     ] {
-        let r = onnxopt(
-            &[m.as_os_str(), m.as_os_str(), std::ffi::OsStr::new(arg)]
-                .iter()
-                .map(|s| s.to_os_string())
-                .fold(vec![OsString::from("compare")], |mut v, s| {
-                    v.push(s);
-                    v
-                }),
-        );
+        let args: Vec<OsString> = vec![
+            "compare".into(),
+            m.clone().into(),
+            m.clone().into(),
+            arg.into(),
+        ];
+        let r = onnxopt(&args);
         assert_eq!(r.code, Some(2), "{arg}: {}", r.describe());
         assert!(r.stderr.contains(want), "{arg}: {}", r.stderr);
         let name = arg.split('=').next().unwrap();
