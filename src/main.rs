@@ -614,6 +614,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&cmp)?);
             } else {
+                for n in &cmp.notes {
+                    println!("note: {n}");
+                }
                 print!("{}", verify::format_table(&cmp));
             }
             Ok(match cmp.status {

@@ -348,6 +348,20 @@ fn compare_model_with_itself_is_exact() {
     );
 }
 
+/// `compare` prints the check's notes above its table (here: silero op15's If nodes were
+/// resolved for the inputs).
+#[test]
+fn compare_prints_the_notes() {
+    let m = model("silero-vad-16k-op15");
+    let r = compare(&m, &m, &m.with_extension("npz"), &[]);
+    assert!(r.ok(), "{}", r.describe());
+    let note = r
+        .stdout
+        .find("note: the models' If nodes were resolved for these inputs")
+        .unwrap_or_else(|| panic!("no note: {}", r.stdout));
+    assert!(note < r.stdout.find("max abs").unwrap(), "{}", r.stdout);
+}
+
 #[test]
 fn compare_detects_a_scaled_weight() {
     let dir = tempdir();
