@@ -1157,10 +1157,11 @@ pub fn run(
         };
         let (est_start, est_outputs) = estimate(&[], true)?;
         if faithful(&reference, &start_outputs, &est_outputs) {
-            let step = |kept: Vec<usize>| -> Result<(Option<Evaluated>, f64, bool)> {
+            // The payload: the real candidate when one was made, else the estimate's cosine.
+            let step = |kept: Vec<usize>| -> Result<(Result<Evaluated, f64>, f64, bool)> {
                 let (score, _) = estimate(&kept, false)?;
                 if !target.met_by(&score) {
-                    return Ok((None, score.cosine, false));
+                    return Ok((Err(score.cosine), score.cosine, false));
                 }
                 let (model, records) = candidate(&kept)?;
                 reporter.phase(&format!(
@@ -1188,23 +1189,23 @@ pub fn run(
                     met,
                     comparison: Some(c),
                 };
-                Ok((Some(e), cosine, met))
+                Ok((Ok(e), cosine, met))
             };
-            let found = searching.run((None, est_start.cosine, false), step)?;
+            let found = searching.run((Err(est_start.cosine), est_start.cosine, false), step)?;
             guided = Some(found);
         }
     }
     let chosen = match guided {
         Some(found) => match found.hit.or(found.longest) {
-            Some((_, Some(e))) => e,
-            Some((kept, None)) => {
+            Some((_, Ok(e))) => e,
+            Some((kept, Err(cosine))) => {
                 // Nothing met the target: the longest estimate, made for real.
                 let (model, records) = candidate(&kept)?;
                 Evaluated {
                     kept,
                     model,
                     records,
-                    cosine: f64::NAN,
+                    cosine,
                     met: false,
                     comparison: None,
                 }
