@@ -104,6 +104,20 @@ pub struct Tried {
     pub estimated: bool,
 }
 
+impl Tried {
+    /// A candidate with `kept` layers in float, its figures and verdict.
+    fn new(kept: usize, score: &Score, met: bool, estimated: bool) -> Tried {
+        Tried {
+            kept,
+            cosine: score.cosine,
+            top1: score.top1,
+            outside_tolerance: score.outside,
+            met,
+            estimated,
+        }
+    }
+}
+
 /// What a candidate must reach on every input set: the check's gates as the fallback meets
 /// them.
 #[derive(Debug, Clone, Copy)]
@@ -1080,14 +1094,9 @@ pub fn run(
             comparison = Some(c);
         }
         reporter.phase_done();
-        tried.borrow_mut().push(Tried {
-            kept: kept.len(),
-            cosine: score.cosine,
-            top1: score.top1,
-            outside_tolerance: score.outside,
-            met,
-            estimated: false,
-        });
+        tried
+            .borrow_mut()
+            .push(Tried::new(kept.len(), &score, met, false));
         let cosine = score.cosine;
         Ok((
             Evaluated {
@@ -1145,14 +1154,10 @@ pub fn run(
                 set += 1;
             })?;
             reporter.phase_done();
-            tried.borrow_mut().push(Tried {
-                kept: kept.len(),
-                cosine: score.cosine,
-                top1: score.top1,
-                outside_tolerance: score.outside,
-                met: target.met_by(&score),
-                estimated: true,
-            });
+            let met = target.met_by(&score);
+            tried
+                .borrow_mut()
+                .push(Tried::new(kept.len(), &score, met, true));
             Ok((score, outs))
         };
         let (est_start, est_outputs) = estimate(&[], true)?;
@@ -1173,14 +1178,10 @@ pub fn run(
                 let checked = Score::of(&c, tol)?;
                 let met = target.met_by(&checked);
                 let cosine = score.cosine.min(checked.cosine);
-                tried.borrow_mut().push(Tried {
-                    kept: kept.len(),
-                    cosine,
-                    top1: checked.top1,
-                    outside_tolerance: checked.outside,
-                    met,
-                    estimated: false,
-                });
+                let shown = Score { cosine, ..checked };
+                tried
+                    .borrow_mut()
+                    .push(Tried::new(kept.len(), &shown, met, false));
                 let e = Evaluated {
                     kept,
                     model,
