@@ -50,11 +50,12 @@ pub struct CheckArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Gate: |a - b| <= atol + rtol * |a| on every element of every output (finite, >= 0).
-    #[arg(long, value_parser = non_negative)]
-    pub atol: Option<f64>,
-    /// Gate: relative tolerance of the same check (finite, >= 0).
-    #[arg(long, value_parser = non_negative)]
-    pub rtol: Option<f64>,
+    /// `NAME:X` sets the tolerance of one output only (repeatable; the last colon splits).
+    #[arg(long, value_name = "[NAME:]X", value_parser = per_output)]
+    pub atol: Vec<(Option<String>, f64)>,
+    /// Gate: relative tolerance of the same check (finite, >= 0); `NAME:X` as for `--atol`.
+    #[arg(long, value_name = "[NAME:]X", value_parser = per_output)]
+    pub rtol: Vec<(Option<String>, f64)>,
     /// Gate: smallest cosine similarity per float output, in [-1, 1] (default 0.99 for lossy
     /// pipelines, 0.9999 otherwise, when no gate is given).
     #[arg(long, value_parser = cosine_limit)]
@@ -330,6 +331,15 @@ fn non_negative(s: &str) -> Result<f64, String> {
     gate_value(s, 0.0, f64::MAX, "a finite number >= 0")
 }
 
+/// `--atol`, `--rtol`: `X` or `NAME:X` (split at the last colon: ONNX names may hold colons),
+/// `X` finite and not negative.
+fn per_output(s: &str) -> Result<(Option<String>, f64), String> {
+    match s.rsplit_once(':') {
+        Some((name, x)) if !name.is_empty() => Ok((Some(name.to_string()), non_negative(x)?)),
+        _ => Ok((None, non_negative(s)?)),
+    }
+}
+
 /// `--min-cosine`: a cosine, in [-1, 1].
 fn cosine_limit(s: &str) -> Result<f64, String> {
     gate_value(s, -1.0, 1.0, "a cosine in [-1, 1]")
@@ -338,4 +348,23 @@ fn cosine_limit(s: &str) -> Result<f64, String> {
 /// `--max-accuracy-drop`: a fraction, in [0, 1].
 fn fraction(s: &str) -> Result<f64, String> {
     gate_value(s, 0.0, 1.0, "a fraction in [0, 1]")
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tolerance_names_its_output_before_the_last_colon() {
+        assert_eq!(per_output("0.01"), Ok((None, 0.01)));
+        assert_eq!(per_output("output:0.01"), Ok((Some("output".into()), 0.01)));
+        assert_eq!(
+            per_output("onnx::LSTM_209:1e-3"),
+            Ok((Some("onnx::LSTM_209".into()), 1e-3))
+        );
+        assert!(per_output("output:-1").unwrap_err().contains(">= 0"));
+        assert!(per_output("output:nan").is_err());
+        assert!(per_output(":0.1").is_err());
+    }
 }

@@ -66,6 +66,7 @@ use crate::passes::{Pass, PassOptions};
 use crate::pb;
 use crate::quant::calibrate::{float_values, Runner};
 use crate::report::Reporter;
+use crate::verify::gate::OutputTolerance;
 use crate::verify::metrics::{abs_error, Tolerance};
 use crate::verify::{Comparison, Verification};
 
@@ -120,7 +121,7 @@ impl Tried {
 
 /// What a candidate must reach on every input set: the check's gates as the fallback meets
 /// them.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Target {
     /// Smallest cosine of every float graph output.
     pub cosine: f64,
@@ -129,6 +130,8 @@ pub struct Target {
     /// Elementwise tolerance of every float graph output (`--atol`/`--rtol`): no element
     /// outside.
     pub tolerance: Option<Tolerance>,
+    /// Tolerances of named outputs, in place of `tolerance` for those.
+    pub output_tolerances: Vec<OutputTolerance>,
 }
 
 /// A candidate's figures over the input sets.
@@ -143,6 +146,20 @@ struct Score {
 }
 
 impl Target {
+    /// The tolerance of the output `name`: its own, else `tolerance`.
+    fn tolerance_for(&self, name: &str) -> Option<Tolerance> {
+        self.output_tolerances
+            .iter()
+            .find(|t| t.output == name)
+            .map(|t| t.tolerance)
+            .or(self.tolerance)
+    }
+
+    /// Whether any output has a tolerance.
+    fn has_tolerance(&self) -> bool {
+        self.tolerance.is_some() || !self.output_tolerances.is_empty()
+    }
+
     fn met_by(&self, s: &Score) -> bool {
         s.cosine >= self.cosine
             && self
@@ -171,6 +188,8 @@ pub struct FallbackReport {
     pub target_cosine: f64,
     /// The elementwise tolerance every float graph output had to meet, if any.
     pub target_tolerance: Option<Tolerance>,
+    /// Tolerances of named outputs, in place of `target_tolerance` for those.
+    pub target_output_tolerances: Vec<OutputTolerance>,
     /// The largest top-1 agreement drop allowed, if any (`--max-accuracy-drop`).
     pub target_max_accuracy_drop: Option<f64>,
     /// Smallest output cosine with every layer quantized, over the fallback's input sets in
@@ -790,7 +809,7 @@ impl Score {
     /// with `tolerance`, elements outside it.
     ///
     /// Errors: the candidate did not run.
-    fn of(c: &Comparison, tolerance: Option<Tolerance>) -> Result<Score> {
+    fn of(c: &Comparison, tolerance: bool) -> Result<Score> {
         match &c.status {
             Verification::Checked | Verification::Failed => {}
             Verification::Unverified { reason, .. }
@@ -824,23 +843,17 @@ impl Score {
     }
 
     /// Before any input set: every figure at its best.
-    fn new(tolerance: Option<Tolerance>) -> Score {
+    fn new(tolerance: bool) -> Score {
         Score {
             cosine: 1.0,
             top1: None,
-            outside: tolerance.map(|_| 0),
+            outside: tolerance.then_some(0),
         }
     }
 
     /// Folds in one input set: the candidate's values `c` against the reference's `r`, over
     /// the float graph outputs.
-    fn add(
-        &mut self,
-        r: &Outputs,
-        c: &Views,
-        graph_outputs: &[String],
-        tolerance: Option<Tolerance>,
-    ) {
+    fn add(&mut self, r: &Outputs, c: &Views, graph_outputs: &[String], target: &Target) {
         for n in graph_outputs {
             if let (Some((a, last)), Some((b, _))) = (r.get(n), c.get(n.as_str())) {
                 // A NaN cosine (a NaN in an output) is no match at all, as in the final check.
@@ -853,8 +866,8 @@ impl Score {
                 if let Some(t) = top1(a, b, *last) {
                     self.top1 = Some(self.top1.map_or(t, |s| s.min(t)));
                 }
-                if let (Some(n), Some(t)) = (self.outside.as_mut(), tolerance) {
-                    *n += outside(a, b, t);
+                if let (Some(count), Some(t)) = (self.outside.as_mut(), target.tolerance_for(n)) {
+                    *count += outside(a, b, t);
                 }
             }
         }
@@ -869,9 +882,9 @@ fn check_candidate(
     graph_outputs: &[String],
     inputs: &[Vec<(String, Tensor)>],
     optimize: bool,
-    tolerance: Option<Tolerance>,
+    target: &Target,
 ) -> Result<Score> {
-    let mut score = Score::new(tolerance);
+    let mut score = Score::new(target.has_tolerance());
     let mut set = 0;
     run_probed(
         to_proto(model)?,
@@ -880,7 +893,7 @@ fn check_candidate(
         "candidate",
         optimize,
         |c| {
-            score.add(&reference[set], c, graph_outputs, tolerance);
+            score.add(&reference[set], c, graph_outputs, target);
             set += 1;
         },
     )
@@ -1055,7 +1068,7 @@ pub fn run(
     });
 
     let tried: RefCell<Vec<Tried>> = RefCell::new(Vec::new());
-    let tol = target.tolerance;
+    let tol = target.has_tolerance();
     // A real candidate: the passes re-run with `kept` in float, checked in tract's optimized
     // plan on every input set and, when it meets the target there, in the plain plan on the
     // check's inputs.
@@ -1077,11 +1090,11 @@ pub fn run(
                         .iter()
                         .map(|(n, (v, last))| (n.as_str(), (Cow::Borrowed(v.as_slice()), *last)))
                         .collect();
-                    score.add(r, &c, &graph_outputs, tol);
+                    score.add(r, &c, &graph_outputs, target);
                 }
                 score
             }
-            None => check_candidate(&model, &reference, &graph_outputs, inputs, true, tol)?,
+            None => check_candidate(&model, &reference, &graph_outputs, inputs, true, target)?,
         };
         let mut met = target.met_by(&score);
         let mut comparison = None;
@@ -1147,7 +1160,7 @@ pub fn run(
             let mut outs = Vec::new();
             let mut set = 0;
             p.run(&sets, "switched model", |c| {
-                score.add(&reference[set], c, &graph_outputs, tol);
+                score.add(&reference[set], c, &graph_outputs, target);
                 if keep_outputs {
                     outs.push(owned(c, |k| graph_outputs.iter().any(|g| g == k)));
                 }
@@ -1237,6 +1250,7 @@ pub fn run(
     let report = FallbackReport {
         target_cosine: target.cosine,
         target_tolerance: target.tolerance,
+        target_output_tolerances: target.output_tolerances.clone(),
         target_max_accuracy_drop: target.max_accuracy_drop,
         start_cosine,
         final_cosine: chosen.cosine,
@@ -1697,11 +1711,17 @@ mod tests {
     fn a_nan_in_a_candidate_output_misses_any_target() {
         let r: Outputs = [("y".to_string(), (vec![1.0, 2.0, 3.0], 3))].into();
         let c: Views = [("y", (Cow::Owned(vec![1.0, f32::NAN, 3.0]), 3))].into();
-        let mut score = Score::new(None);
-        score.add(&r, &c, &["y".to_string()], None);
+        let target = Target {
+            cosine: 0.99,
+            max_accuracy_drop: None,
+            tolerance: None,
+            output_tolerances: vec![],
+        };
+        let mut score = Score::new(false);
+        score.add(&r, &c, &["y".to_string()], &target);
         assert_eq!(score.cosine, -1.0);
         let c: Views = [("y", (Cow::Owned(vec![1.0, 2.0, 3.0]), 3))].into();
-        score.add(&r, &c, &["y".to_string()], None);
+        score.add(&r, &c, &["y".to_string()], &target);
         assert_eq!(score.cosine, -1.0);
     }
 
@@ -1788,6 +1808,7 @@ mod tests {
             cosine: 0.99,
             max_accuracy_drop: None,
             tolerance: Some(t),
+            output_tolerances: vec![],
         };
         let score = |outside| Score {
             cosine: 0.999,
@@ -1798,7 +1819,7 @@ mod tests {
         assert!(!target.met_by(&score(Some(1))));
         let cosine_only = Target {
             tolerance: None,
-            ..target
+            ..target.clone()
         };
         assert!(cosine_only.met_by(&score(None)));
         assert!(!cosine_only.met_by(&Score {
@@ -1808,7 +1829,7 @@ mod tests {
         // A top-1 drop counts only when an output has a top-1.
         let top1 = Target {
             max_accuracy_drop: Some(0.0),
-            ..cosine_only
+            ..cosine_only.clone()
         };
         assert!(top1.met_by(&score(None)));
         assert!(!top1.met_by(&Score {

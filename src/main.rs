@@ -116,12 +116,42 @@ fn regex(r: &Option<String>, flag: &str) -> Result<Option<regex::Regex>> {
         .transpose()
 }
 
+/// The gates of the check options: an unnamed `--atol`/`--rtol` (the last one given) for
+/// every output, a named one for that output (with the unnamed value, or 0, for the other
+/// half).
 fn gates(c: &CheckArgs) -> Gates {
+    let unnamed =
+        |v: &[(Option<String>, f64)]| v.iter().rev().find_map(|(n, x)| n.is_none().then_some(*x));
+    let (atol, rtol) = (unnamed(&c.atol), unnamed(&c.rtol));
+    let mut names: Vec<&String> = c
+        .atol
+        .iter()
+        .chain(&c.rtol)
+        .filter_map(|(n, _)| n.as_ref())
+        .collect();
+    names.sort();
+    names.dedup();
+    let named = |v: &[(Option<String>, f64)], name: &String| {
+        v.iter()
+            .rev()
+            .find_map(|(n, x)| (n.as_ref() == Some(name)).then_some(*x))
+    };
+    let output_tolerances = names
+        .into_iter()
+        .map(|n| verify::gate::OutputTolerance {
+            output: n.clone(),
+            tolerance: verify::metrics::Tolerance {
+                atol: named(&c.atol, n).or(atol).unwrap_or(0.0),
+                rtol: named(&c.rtol, n).or(rtol).unwrap_or(0.0),
+            },
+        })
+        .collect();
     Gates {
-        atol: c.atol,
-        rtol: c.rtol,
+        atol,
+        rtol,
         min_cosine: c.min_cosine,
         max_accuracy_drop: c.max_accuracy_drop,
+        output_tolerances,
     }
 }
 

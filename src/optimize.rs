@@ -115,7 +115,8 @@ fn figures(model: &crate::ir::Model, path: &Path, bytes: u64) -> ModelFigures {
 /// Default gates: `min_cosine` 0.99 for a pipeline with a lossy pass, 0.9999 otherwise.
 pub fn default_gates(user: Gates, lossy: bool) -> Gates {
     let mut g = user;
-    if g.min_cosine.is_none() && g.atol.is_none() && g.rtol.is_none() {
+    // A tolerance of named outputs only leaves the others to the default cosine.
+    if g.min_cosine.is_none() && g.tolerance().is_none() {
         g.min_cosine = Some(if lossy { 0.99 } else { 0.9999 });
     }
     g
@@ -188,7 +189,7 @@ pub fn optimize(cfg: &OptimizeConfig, reporter: &dyn Reporter) -> Result<Optimiz
         reporter,
     )?);
     let lossy = !suffix.is_empty();
-    let gates = default_gates(cfg.gates, lossy);
+    let gates = default_gates(cfg.gates.clone(), lossy);
     let dir = |p: &Path| p.parent().map(Path::to_path_buf);
     // The reference runs once, beside the first candidate; later candidates reuse its outputs.
     let reference_run: OnceCell<verify::Reference> = OnceCell::new();
@@ -264,6 +265,7 @@ pub fn optimize(cfg: &OptimizeConfig, reporter: &dyn Reporter) -> Result<Optimiz
                     cosine: target,
                     max_accuracy_drop: cfg.gates.max_accuracy_drop,
                     tolerance: gates.tolerance(),
+                    output_tolerances: gates.output_tolerances.clone(),
                 },
                 FALLBACK_MAX_ITERATIONS,
                 reporter,
@@ -412,12 +414,27 @@ pub fn format_report(r: &OptimizeReport) -> String {
                 " within atol {} + rtol {} |a|",
                 t.atol, t.rtol
             )) + &f
-                .target_max_accuracy_drop
-                .map_or(String::new(), |d| format!(", top-1 drop <= {d}")),
+                .target_output_tolerances
+                .iter()
+                .map(|o| {
+                    format!(
+                        ", `{}` within atol {} + rtol {} |a|",
+                        o.output, o.tolerance.atol, o.tolerance.rtol
+                    )
+                })
+                .collect::<String>()
+                + &f.target_max_accuracy_drop
+                    .map_or(String::new(), |d| format!(", top-1 drop <= {d}")),
             f.start_cosine,
             f.final_cosine,
             if f.met { "" } else { ", target NOT met" }
         );
+        if f.layers > 0 && f.kept.len() == f.layers {
+            let _ = writeln!(
+                s,
+                "    note: every quantizable layer is kept in float: the result is not quantized (only the storage of weights left in float may be); loosen the target or check it on more inputs"
+            );
+        }
         for k in &f.kept {
             let _ = writeln!(
                 s,

@@ -10,7 +10,7 @@ use serde::Serialize;
 use super::metrics::{OutputMetrics, Tolerance};
 
 /// The limits to check. A gate that is `None` is not checked.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct Gates {
     /// Absolute tolerance of the elementwise check `|a - b| <= atol + rtol |a|` (as
     /// `numpy.allclose`, `a` the reference); 0 when only `rtol` is given.
@@ -23,10 +23,25 @@ pub struct Gates {
     /// axis): `1 - top1_agreement`, the fraction of rows whose argmax changed, since no labels
     /// are at hand (`--max-accuracy-drop`).
     pub max_accuracy_drop: Option<f64>,
+    /// Tolerances of named outputs (`--atol NAME:X`, `--rtol NAME:X`, as Polygraphy's), in
+    /// place of `atol`/`rtol` for those outputs.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub output_tolerances: Vec<OutputTolerance>,
+}
+
+/// The elementwise tolerance of one named output.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct OutputTolerance {
+    /// Graph output name.
+    pub output: String,
+    /// Its tolerance.
+    #[serde(flatten)]
+    pub tolerance: Tolerance,
 }
 
 impl Gates {
-    /// The elementwise tolerance to evaluate, when `atol` or `rtol` is set.
+    /// The elementwise tolerance of outputs not named in `output_tolerances`, when `atol` or
+    /// `rtol` is set.
     pub fn tolerance(&self) -> Option<Tolerance> {
         if self.atol.is_none() && self.rtol.is_none() {
             return None;
@@ -35,6 +50,20 @@ impl Gates {
             atol: self.atol.unwrap_or(0.0),
             rtol: self.rtol.unwrap_or(0.0),
         })
+    }
+
+    /// The elementwise tolerance of the output `name`: its own, else [`Gates::tolerance`].
+    pub fn tolerance_for(&self, name: &str) -> Option<Tolerance> {
+        self.output_tolerances
+            .iter()
+            .find(|t| t.output == name)
+            .map(|t| t.tolerance)
+            .or_else(|| self.tolerance())
+    }
+
+    /// Whether any output has an elementwise tolerance.
+    pub fn has_tolerance(&self) -> bool {
+        self.tolerance().is_some() || !self.output_tolerances.is_empty()
     }
 }
 
@@ -102,7 +131,7 @@ pub fn check(gates: &Gates, outputs: &[OutputMetrics]) -> Vec<GateFailure> {
             });
             continue;
         };
-        if let (Some(_), Some(ac)) = (gates.tolerance(), &v.allclose) {
+        if let (Some(_), Some(ac)) = (gates.tolerance_for(name), &v.allclose) {
             if ac.violations > 0 {
                 failures.push(GateFailure {
                     output: name.clone(),
@@ -186,6 +215,7 @@ mod tests {
             rtol: None,
             min_cosine: None,
             max_accuracy_drop: None,
+            ..Default::default()
         };
         let a = t32(&[2, 3], &[0.0, 1.0, 2.0, 3.0, 4.0, 5.0]);
         let b = t32(&[2, 3], &[0.0, 1.0, 2.0, 3.0, 4.5, 5.0]);
@@ -216,6 +246,7 @@ mod tests {
             rtol: None,
             min_cosine: Some(0.99),
             max_accuracy_drop: None,
+            ..Default::default()
         };
         let a = t32(&[2], &[1.0, 0.0]);
         let b = t32(&[2], &[0.0, 1.0]);
@@ -229,12 +260,46 @@ mod tests {
     }
 
     #[test]
+    fn a_named_output_tolerance_takes_the_place_of_the_default() {
+        let t = |atol: f64| Tolerance { atol, rtol: 0.0 };
+        let gates = Gates {
+            atol: Some(0.5),
+            output_tolerances: vec![OutputTolerance {
+                output: "p".into(),
+                tolerance: t(0.01),
+            }],
+            ..Default::default()
+        };
+        assert_eq!(gates.tolerance_for("p"), Some(t(0.01)));
+        assert_eq!(gates.tolerance_for("state"), Some(t(0.5)));
+        let a = t32(&[1], &[0.5]);
+        let b = t32(&[1], &[0.55]);
+        // 0.05 off: outside p's 0.01, inside the default 0.5.
+        let rows = [
+            compare("p", &a, &b, gates.tolerance_for("p")),
+            compare("state", &a, &b, gates.tolerance_for("state")),
+        ];
+        let failures = check(&gates, &rows);
+        assert_eq!(failures.len(), 1, "{failures:?}");
+        assert_eq!(failures[0].output, "p");
+        assert_eq!(failures[0].gate, GateKind::Allclose);
+        // Named only: the other outputs have no tolerance.
+        let named = Gates {
+            atol: None,
+            ..gates
+        };
+        assert_eq!(named.tolerance_for("state"), None);
+        assert!(named.has_tolerance());
+    }
+
+    #[test]
     fn nan_cosine_fails_the_cosine_gate() {
         let gates = Gates {
             atol: None,
             rtol: None,
             min_cosine: Some(0.5),
             max_accuracy_drop: None,
+            ..Default::default()
         };
         let failures = check(
             &gates,
@@ -272,6 +337,7 @@ mod tests {
             rtol: Some(0.1),
             min_cosine: None,
             max_accuracy_drop: None,
+            ..Default::default()
         };
         assert_eq!(
             g.tolerance(),

@@ -190,7 +190,7 @@ impl Reference {
         let mut comparison = Comparison {
             inputs: self.prepared.info.clone(),
             notes: self.prepared.notes.clone(),
-            gates: *gates,
+            gates: gates.clone(),
             outputs: vec![],
             failures: vec![],
             status: Verification::Checked,
@@ -215,10 +215,9 @@ impl Reference {
                 return comparison;
             }
         };
-        let tolerance = gates.tolerance();
         for (name, a) in ref_outputs {
             let row = match cand_outputs.iter().find(|(n, _)| n == name) {
-                Some((_, b)) => metrics::compare(name, a, b, tolerance),
+                Some((_, b)) => metrics::compare(name, a, b, gates.tolerance_for(name)),
                 None => metrics::missing(name, a),
             };
             comparison.outputs.push(row);
@@ -230,10 +229,14 @@ impl Reference {
                 ));
             }
         }
-        if gates.min_cosine.is_some() && tolerance.is_none() {
-            comparison
-                .notes
-                .extend(one_element_notes(&comparison.outputs));
+        if gates.min_cosine.is_some() {
+            let ungated: Vec<metrics::OutputMetrics> = comparison
+                .outputs
+                .iter()
+                .filter(|o| gates.tolerance_for(&o.name).is_none())
+                .cloned()
+                .collect();
+            comparison.notes.extend(one_element_notes(&ungated));
         }
         comparison.failures = check(gates, &comparison.outputs);
         if !comparison.failures.is_empty() {
@@ -254,10 +257,11 @@ fn one_element_notes(outputs: &[metrics::OutputMetrics]) -> Vec<String> {
                 .as_ref()
                 .filter(|v| !v.integer && v.elements == 1 && v.max_abs != 0.0)?;
             Some(format!(
-                "output `{}` has one element: its cosine is 1 whenever the signs agree, so the cosine gate cannot see its error (here {} absolute, {} relative); --atol/--rtol gate it",
+                "output `{}` has one element: its cosine is 1 whenever the signs agree, so the cosine gate cannot see its error (here {} absolute, {} relative); `--atol {}:X` gates it alone",
                 o.name,
                 fmt_num(v.max_abs),
-                fmt_num(v.max_rel)
+                fmt_num(v.max_rel),
+                o.name
             ))
         })
         .collect()

@@ -146,6 +146,7 @@ fn compare_models_checks_and_fails_gates() {
         rtol: Some(1e-3),
         min_cosine: Some(0.999),
         max_accuracy_drop: None,
+        ..Default::default()
     };
     let c = compare_models(&reference, None, &candidate, None, &opts, &gates).unwrap();
     assert_eq!(c.status, Verification::Failed);
@@ -335,6 +336,7 @@ fn real_model_compared_with_itself_on_generated_inputs() {
         rtol: Some(0.0),
         min_cosine: Some(1.0),
         max_accuracy_drop: None,
+        ..Default::default()
     };
     let c = compare_models(
         &model,

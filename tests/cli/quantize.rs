@@ -676,6 +676,37 @@ fn quantize_static_fallback_meets_the_tolerance_gate_a_one_element_output_needs(
     assert!(!notes
         .iter()
         .any(|n| n.as_str().unwrap().contains("one element")));
+
+    // The probability alone, within half its error in the plain run (`stateN` keeps the
+    // default cosine gate).
+    let error = plain["check"]["outputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["name"] == "output")
+        .unwrap()["values"]["max_abs"]
+        .as_f64()
+        .unwrap();
+    assert!(error > 0.0);
+    let atol = error / 2.0;
+    let one = run(&["--atol", &format!("output:{atol}")], "one");
+    let fb = &one["fallback"];
+    assert_eq!(fb["met"], true, "{fb}");
+    assert_eq!(
+        fb["target_output_tolerances"][0]["output"], "output",
+        "{fb}"
+    );
+    assert!(fb["target_tolerance"].is_null(), "{fb}");
+    assert_eq!(one["gates"]["min_cosine"], 0.99, "{}", one["gates"]);
+    for o in one["check"]["outputs"].as_array().unwrap() {
+        let allclose = &o["values"]["allclose"];
+        if o["name"] == "output" {
+            assert_eq!(allclose["violations"], 0, "{o}");
+            assert_eq!(allclose["tolerance"]["atol"], atol, "{o}");
+        } else {
+            assert!(allclose.is_null(), "{o}");
+        }
+    }
 }
 
 /// An option of one mode given with another is refused (exit 2, naming the option and the
