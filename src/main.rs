@@ -624,7 +624,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 let (m, _) = onnx::load(p)?;
                 onnx::export::to_proto(&m)
             };
-            let r = load(&a.reference)?;
+            let (reference_model, _) = onnx::load(&a.reference)?;
+            verify::gate::check_output_names(
+                &gates(&a.check),
+                &reference_model.graph,
+                &a.reference,
+            )?;
+            let r = onnx::export::to_proto(&reference_model)?;
             let c = load(&a.candidate)?;
             let dir = |p: &std::path::Path| p.parent().map(|d| d.to_path_buf());
             let g = optimize::default_gates(gates(&a.check), false);

@@ -149,6 +149,7 @@ pub fn optimize(cfg: &OptimizeConfig, reporter: &dyn Reporter) -> Result<Optimiz
     reporter.phase("loading");
     let (mut model, info) = onnx::load(&cfg.model)?;
     reporter.phase_done();
+    crate::verify::gate::check_output_names(&cfg.gates, &model.graph, &cfg.model)?;
     let ext_in: u64 = info.external.iter().map(|e| e.2).sum();
     let before = figures(&model, &cfg.model, info.file_size + ext_in);
     let reference = if cfg.check {

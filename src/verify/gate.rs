@@ -67,6 +67,44 @@ impl Gates {
     }
 }
 
+/// Checks that every output named in `gates.output_tolerances` is a graph output of `graph`
+/// (the model read from `path`).
+///
+/// Errors: names every one that is not, with the graph outputs there are.
+pub fn check_output_names(
+    gates: &Gates,
+    graph: &crate::ir::Graph,
+    path: &std::path::Path,
+) -> anyhow::Result<()> {
+    let outputs: Vec<&str> = graph
+        .outputs
+        .iter()
+        .map(|o| graph.value(o.value).name.as_str())
+        .collect();
+    let unknown: Vec<&str> = gates
+        .output_tolerances
+        .iter()
+        .map(|t| t.output.as_str())
+        .filter(|n| !outputs.contains(n))
+        .collect();
+    anyhow::ensure!(
+        unknown.is_empty(),
+        "{}: --atol/--rtol name {} but the graph outputs are {}",
+        path.display(),
+        unknown
+            .iter()
+            .map(|n| format!("`{n}`"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        outputs
+            .iter()
+            .map(|n| format!("`{n}`"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok(())
+}
+
 /// Which gate failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]

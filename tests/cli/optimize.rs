@@ -409,7 +409,8 @@ fn list_passes_lists_every_pass_file() {
 }
 
 /// A gate value that cannot be met or means nothing (NaN, a negative tolerance, a cosine
-/// above 1, a drop above 1) is refused with exit 2, naming the option and what it takes.
+/// above 1, a drop above 1, a tolerance of an output the model does not have) is refused with
+/// exit 2, naming the option and what it takes.
 #[test]
 fn impossible_gate_values_are_refused() {
     let m = model("ppocr-mobile-v2-cls");
@@ -419,6 +420,10 @@ fn impossible_gate_values_are_refused() {
         ("--min-cosine=2", "expected a cosine in [-1, 1]"),
         ("--min-cosine=nan", "expected a cosine in [-1, 1]"),
         ("--max-accuracy-drop=1.5", "expected a fraction in [0, 1]"),
+        (
+            "--atol=nosuch:0.1",
+            "name `nosuch` but the graph outputs are `save_infer_model/scale_0.tmp_1`",
+        ),
     ] {
         let args: Vec<OsString> = vec![
             "compare".into(),
