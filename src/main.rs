@@ -371,6 +371,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 validate_each: a.validate,
                 check_float_equivalent: false,
                 fallback_target: fallback_target(a.no_fallback, &a.check),
+                check_notes: vec![],
             };
             finish(
                 &cfg,
@@ -577,8 +578,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 (format!("cleanup,{pass},cleanup"), scheme, weight_format)
             };
             let inputs = check_inputs(input_options(&a.check)?, a.calibration.as_deref());
-            if !cli.quiet && a.check.inputs.is_none() && inputs.npz.is_some() {
-                eprintln!("note: without --inputs the check runs on the first calibration sample, data the ranges were fitted to; give held-out inputs with --inputs for an unbiased figure");
+            let mut check_notes = Vec::new();
+            if a.check.inputs.is_none() && inputs.npz.is_some() {
+                check_notes.push("without --inputs the check runs on the first calibration sample, data the ranges were fitted to; give held-out inputs with --inputs for an unbiased figure".to_string());
             }
             let cfg = optimize::OptimizeConfig {
                 model: a.model.clone(),
@@ -610,6 +612,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 validate_each: false,
                 check_float_equivalent: a.mode == Mode::WeightOnly && !tract_runs,
                 fallback_target: fallback_target(a.no_fallback, &a.check),
+                check_notes,
             };
             finish(
                 &cfg,

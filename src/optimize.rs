@@ -43,6 +43,8 @@ pub struct OptimizeConfig {
     /// Accuracy-gated fallback: the cosine every float output must reach, `None` to disable.
     /// Only used when the pipeline has a lossy pass and the check runs.
     pub fallback_target: Option<f64>,
+    /// Notes the caller adds to the check's (e.g. that its inputs are calibration data).
+    pub check_notes: Vec<String>,
 }
 
 /// Default target of the accuracy-gated fallback when the user gives no `--min-cosine`.
@@ -306,6 +308,9 @@ pub fn optimize(cfg: &OptimizeConfig, reporter: &dyn Reporter) -> Result<Optimiz
         &cfg.output,
         saved.model_bytes + saved.external.as_ref().map_or(0, |e| e.1),
     );
+    if let Some(c) = check.as_mut() {
+        c.notes.extend(cfg.check_notes.iter().cloned());
+    }
     let outcome = match check.as_ref().map(|c| &c.status) {
         None | Some(Verification::Checked) => Outcome::Ok,
         Some(Verification::Failed | Verification::CandidateFailed { .. }) => Outcome::GateFailed,

@@ -2309,6 +2309,7 @@ mod tests {
             validate_each: true,
             check_float_equivalent: false,
             fallback_target: Some(crate::optimize::DEFAULT_FALLBACK_COSINE),
+            check_notes: vec![],
         };
         let t0 = std::time::Instant::now();
         let report = crate::optimize::optimize(&cfg, &crate::report::Silent).unwrap();

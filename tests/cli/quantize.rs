@@ -619,6 +619,9 @@ fn quantize_static_all_layers_falls_back_on_folded_layers_and_checks_a_calibrati
         .as_str()
         .unwrap()
         .ends_with("sample_000.npz"));
+    // The report says so too, not only the terminal.
+    let notes = v["check"]["notes"].to_string();
+    assert!(notes.contains("data the ranges were fitted to"), "{notes}");
     py("check.py", &[&out]).expect_ok();
 }
 
