@@ -88,8 +88,11 @@ pub struct KeptLayer {
 /// One candidate the fallback ran.
 #[derive(Debug, Clone, Serialize)]
 pub struct Tried {
-    /// Layers kept in float: the first `kept` of the ranking.
+    /// Layers kept in float: the first `kept` of the ranking, or such a prefix with one
+    /// layer given back to int8.
     pub kept: usize,
+    /// Their node names, in ranking order.
+    pub nodes: Vec<String>,
     /// Smallest cosine of any float graph output on any input set.
     pub cosine: f64,
     /// Smallest top-1 agreement of any output on any input set; `None` when no output has one
@@ -106,10 +109,11 @@ pub struct Tried {
 }
 
 impl Tried {
-    /// A candidate with `kept` layers in float, its figures and verdict.
-    fn new(kept: usize, score: &Score, met: bool, estimated: bool) -> Tried {
+    /// A candidate with the layers `kept` in float, its figures and verdict.
+    fn new(kept: &[usize], layers: &[Layer], score: &Score, met: bool, estimated: bool) -> Tried {
         Tried {
-            kept,
+            kept: kept.len(),
+            nodes: kept.iter().map(|&i| layers[i].node.clone()).collect(),
             cosine: score.cosine,
             top1: score.top1,
             outside_tolerance: score.outside,
@@ -1109,7 +1113,7 @@ pub fn run(
         reporter.phase_done();
         tried
             .borrow_mut()
-            .push(Tried::new(kept.len(), &score, met, false));
+            .push(Tried::new(&kept, &layers, &score, met, false));
         let cosine = score.cosine;
         Ok((
             Evaluated {
@@ -1170,7 +1174,7 @@ pub fn run(
             let met = target.met_by(&score);
             tried
                 .borrow_mut()
-                .push(Tried::new(kept.len(), &score, met, true));
+                .push(Tried::new(kept, &layers, &score, met, true));
             Ok((score, outs))
         };
         let (est_start, est_outputs) = estimate(&[], true)?;
@@ -1194,7 +1198,7 @@ pub fn run(
                 let shown = Score { cosine, ..checked };
                 tried
                     .borrow_mut()
-                    .push(Tried::new(kept.len(), &shown, met, false));
+                    .push(Tried::new(&kept, &layers, &shown, met, false));
                 let e = Evaluated {
                     kept,
                     model,
