@@ -250,6 +250,11 @@ pub struct QuantizeArgs {
     /// static: most calibration samples to read.
     #[arg(long, default_value_t = 256)]
     pub calibration_samples: usize,
+    /// static: calibration samples (the first N) on which the accuracy-gated fallback also
+    /// meets its target, besides the check's inputs. More samples make the kept layers fit
+    /// more inputs, at the cost of a longer search.
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    pub fallback_samples: usize,
     /// static: activation type, uint8 (asymmetric) or int8 (symmetric).
     #[arg(long, default_value = "uint8")]
     pub activation_type: String,

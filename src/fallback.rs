@@ -205,6 +205,9 @@ pub struct FallbackReport {
     pub kept: Vec<KeptLayer>,
     /// Quantizable layers, in the main graph and its subgraphs.
     pub layers: usize,
+    /// Input sets every candidate was measured on: the check's inputs and the calibration
+    /// samples of `--fallback-samples`.
+    pub input_sets: usize,
     /// Layers whose error alone was measured (the others rank last, in node order).
     pub measured: usize,
     /// Candidate runs made: estimates and real candidates (the entries of `tried`).
@@ -1260,6 +1263,7 @@ pub fn run(
         final_cosine: chosen.cosine,
         kept,
         layers: layers.len(),
+        input_sets: inputs.len(),
         measured: snr_alone.iter().flatten().count(),
         iterations: tried.len(),
         tried,

@@ -371,6 +371,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 validate_each: a.validate,
                 check_float_equivalent: false,
                 fallback_target: fallback_target(a.no_fallback, &a.check),
+                fallback_samples: optimize::FALLBACK_CALIBRATION_SAMPLES,
                 check_notes: vec![],
             };
             finish(
@@ -497,6 +498,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     "--calibration-samples",
                 ),
                 (
+                    a.fallback_samples != 3 && a.mode != Mode::Static,
+                    "--fallback-samples",
+                ),
+                (
                     a.activation_type != "uint8" && a.mode != Mode::Static,
                     "--activation-type",
                 ),
@@ -612,6 +617,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 validate_each: false,
                 check_float_equivalent: a.mode == Mode::WeightOnly && !tract_runs,
                 fallback_target: fallback_target(a.no_fallback, &a.check),
+                fallback_samples: a.fallback_samples,
                 check_notes,
             };
             finish(

@@ -43,6 +43,9 @@ pub struct OptimizeConfig {
     /// Accuracy-gated fallback: the cosine every float output must reach, `None` to disable.
     /// Only used when the pipeline has a lossy pass and the check runs.
     pub fallback_target: Option<f64>,
+    /// Calibration samples (the first ones) the fallback also meets its target on, besides
+    /// the check's inputs (default [`FALLBACK_CALIBRATION_SAMPLES`]).
+    pub fallback_samples: usize,
     /// Notes the caller adds to the check's (e.g. that its inputs are calibration data).
     pub check_notes: Vec<String>,
 }
@@ -124,18 +127,23 @@ pub fn default_gates(user: Gates, lossy: bool) -> Gates {
     g
 }
 
-/// Calibration samples the accuracy-gated fallback also checks, besides the check's inputs.
+/// Calibration samples the accuracy-gated fallback also checks by default, besides the check's
+/// inputs.
 pub const FALLBACK_CALIBRATION_SAMPLES: usize = 3;
 
-/// The first [`FALLBACK_CALIBRATION_SAMPLES`] calibration samples, when a pass calibrates.
+/// The first `n` calibration samples, when a pass calibrates.
 fn calibration_sets(
     proto: &crate::pb::ModelProto,
     opts: &PassOptions,
+    n: usize,
 ) -> Result<Vec<Vec<(String, tract_onnx::prelude::Tensor)>>> {
     let Some(cal) = &opts.calibration else {
         return Ok(Vec::new());
     };
-    crate::quant::calibrate::Samples::open(&cal.source, proto, FALLBACK_CALIBRATION_SAMPLES)?
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    crate::quant::calibrate::Samples::open(&cal.source, proto, n)?
         .map(|s| Ok(s?.tensors))
         .collect()
 }
@@ -245,7 +253,7 @@ pub fn optimize(cfg: &OptimizeConfig, reporter: &dyn Reporter) -> Result<Optimiz
             let r = reference.as_ref().context("no reference")?;
             let run = reference_run.get().context("the check did not run")?;
             // The check's inputs may be the first calibration sample: not twice.
-            let extra = calibration_sets(r, &cfg.pass_options)?;
+            let extra = calibration_sets(r, &cfg.pass_options, cfg.fallback_samples)?;
             let mut sets = vec![run.inputs().to_vec()];
             for s in extra {
                 if s != sets[0] {

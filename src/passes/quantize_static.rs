@@ -2309,6 +2309,7 @@ mod tests {
             validate_each: true,
             check_float_equivalent: false,
             fallback_target: Some(crate::optimize::DEFAULT_FALLBACK_COSINE),
+            fallback_samples: crate::optimize::FALLBACK_CALIBRATION_SAMPLES,
             check_notes: vec![],
         };
         let t0 = std::time::Instant::now();

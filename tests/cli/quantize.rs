@@ -603,6 +603,9 @@ fn quantize_static_all_layers_falls_back_on_folded_layers_and_checks_a_calibrati
         cal.clone().into(),
         "--all-layers".into(),
         "--keep-opset".into(),
+        // The first calibration sample is the check's input: one more set.
+        "--fallback-samples".into(),
+        "2".into(),
         "--report".into(),
         report.clone().into(),
     ]);
@@ -614,6 +617,7 @@ fn quantize_static_all_layers_falls_back_on_folded_layers_and_checks_a_calibrati
     let v = read_json(&report);
     let fb = &v["fallback"];
     assert_eq!(fb["met"], true, "{fb}");
+    assert_eq!(fb["input_sets"], 2, "{fb}");
     assert!(fb["kept"].as_array().unwrap().len() < 54, "{fb}");
     assert!(v["check"]["inputs"][0]["source"]["path"]
         .as_str()
@@ -736,6 +740,10 @@ fn quantize_options_of_another_mode_are_refused() {
         (
             vec!["--mode", "fp16", "--conv-integer"],
             "--conv-integer does not apply to --mode fp16",
+        ),
+        (
+            vec!["--mode", "dynamic", "--fallback-samples", "5"],
+            "--fallback-samples does not apply to --mode dynamic",
         ),
         (
             vec!["--mode", "static", "--calibration", cal, "--dtype", "int4"],
