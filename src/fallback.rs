@@ -174,13 +174,13 @@ impl Target {
 }
 
 /// Elements of `b` outside `|a - b| <= atol + rtol |a|` against `a` (NaN where `a` is not NaN
-/// counts), as the check's allclose counts them.
+/// counts), as the check's allclose counts them ([`Tolerance::violated`]).
 fn outside(a: &[f32], b: &[f32], t: Tolerance) -> usize {
     a.iter()
         .zip(b)
         .filter(|(&x, &y)| {
             let (x, y) = (f64::from(x), f64::from(y));
-            abs_error(x, y) > t.atol + t.rtol * x.abs()
+            t.violated(x, abs_error(x, y))
         })
         .count()
 }
@@ -1812,6 +1812,8 @@ mod tests {
         let a = [0.5, 0.5, 0.0, 0.0, 1.0];
         let b = [0.559, 0.561, 0.009, -0.011, f32::NAN];
         assert_eq!(outside(&a, &b, t), 3);
+        // An infinite error is outside even where rtol |a| allows infinity, as in the check.
+        assert_eq!(outside(&[f32::INFINITY], &[1.0], t), 1);
         let target = Target {
             cosine: 0.99,
             max_accuracy_drop: None,

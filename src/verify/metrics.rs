@@ -31,6 +31,19 @@ pub struct Tolerance {
     pub rtol: f64,
 }
 
+impl Tolerance {
+    /// The error allowed at reference value `a`: `atol + rtol |a|`.
+    pub fn allowed(&self, a: f64) -> f64 {
+        self.atol + self.rtol * a.abs()
+    }
+
+    /// Whether the error `err` (see [`abs_error`]) at reference value `a` is outside the
+    /// tolerance: an infinite error always is.
+    pub fn violated(&self, a: f64, err: f64) -> bool {
+        err.is_infinite() || err > self.allowed(a)
+    }
+}
+
 /// Dtype and shape of one side of a comparison.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct TensorSummary {
@@ -329,9 +342,8 @@ impl Partial {
                 p.noise += err * err;
             }
             if let Some(t) = tol {
-                let allowed = t.atol + t.rtol * x.abs();
-                let violated = err.is_infinite() || err > allowed;
-                if violated {
+                let allowed = t.allowed(x);
+                if t.violated(x, err) {
                     p.violations += 1;
                     let excess = if err.is_infinite() {
                         f64::INFINITY
@@ -443,7 +455,7 @@ pub fn compare_values(
             a: a_w,
             b: b_w,
             error: abs_error(a_w, b_w),
-            allowed: t.atol + t.rtol * a_w.abs(),
+            allowed: t.allowed(a_w),
         }
     });
     ValueMetrics {
