@@ -230,13 +230,8 @@ impl Reference {
             }
         }
         if gates.min_cosine.is_some() {
-            let ungated: Vec<metrics::OutputMetrics> = comparison
-                .outputs
-                .iter()
-                .filter(|o| gates.tolerance_for(&o.name).is_none())
-                .cloned()
-                .collect();
-            comparison.notes.extend(one_element_notes(&ungated));
+            let notes = one_element_notes(&comparison.outputs, gates);
+            comparison.notes.extend(notes);
         }
         comparison.failures = check(gates, &comparison.outputs);
         if !comparison.failures.is_empty() {
@@ -246,11 +241,13 @@ impl Reference {
     }
 }
 
-/// A note per float output of one element (a scalar score, a speech probability): its cosine
-/// is 1 whenever the signs agree, so the cosine gate cannot see its error.
-fn one_element_notes(outputs: &[metrics::OutputMetrics]) -> Vec<String> {
+/// A note per float output of one element (a scalar score, a speech probability) that no
+/// tolerance of `gates` covers: its cosine is 1 whenever the signs agree, so the cosine gate
+/// cannot see its error.
+fn one_element_notes(outputs: &[metrics::OutputMetrics], gates: &Gates) -> Vec<String> {
     outputs
         .iter()
+        .filter(|o| gates.tolerance_for(&o.name).is_none())
         .filter_map(|o| {
             let v = o
                 .values

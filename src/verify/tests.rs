@@ -647,7 +647,19 @@ fn a_one_element_float_output_gets_a_note_that_its_cosine_is_blind() {
     ];
     // 20% off, and the cosine still says 1.
     assert_eq!(rows[0].values.as_ref().unwrap().cosine, Some(1.0));
-    let notes = one_element_notes(&rows);
+    // A tolerance of `p` gates it: no note.
+    let gated = Gates {
+        output_tolerances: vec![gate::OutputTolerance {
+            output: "p".into(),
+            tolerance: metrics::Tolerance {
+                atol: 0.01,
+                rtol: 0.0,
+            },
+        }],
+        ..Default::default()
+    };
+    assert!(one_element_notes(&rows, &gated).is_empty());
+    let notes = one_element_notes(&rows, &Gates::default());
     assert_eq!(notes.len(), 1, "{notes:?}");
     assert!(
         notes[0].starts_with("output `p` has one element"),
@@ -656,5 +668,7 @@ fn a_one_element_float_output_gets_a_note_that_its_cosine_is_blind() {
     assert!(notes[0].contains("2.000e-1 relative"), "{notes:?}");
     // Integer outputs have no cosine to be blind.
     let i = Tensor::from_shape(&[1], &[3i64]).unwrap();
-    assert!(one_element_notes(&[metrics::compare("n", &i, &i, None)]).is_empty());
+    assert!(
+        one_element_notes(&[metrics::compare("n", &i, &i, None)], &Gates::default()).is_empty()
+    );
 }
