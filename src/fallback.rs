@@ -66,7 +66,7 @@ use crate::passes::{Pass, PassOptions};
 use crate::pb;
 use crate::quant::calibrate::{float_values, Runner};
 use crate::report::Reporter;
-use crate::verify::gate::OutputTolerance;
+use crate::verify::gate::{Gates, OutputTolerance};
 use crate::verify::metrics::{abs_error, Tolerance};
 use crate::verify::{Comparison, Verification};
 
@@ -127,15 +127,12 @@ impl Tried {
 /// them.
 #[derive(Debug, Clone)]
 pub struct Target {
-    /// Smallest cosine of every float graph output.
+    /// Smallest cosine of every float graph output (the fallback's own, in place of
+    /// `gates.min_cosine`).
     pub cosine: f64,
-    /// Largest drop of top-1 agreement (`--max-accuracy-drop`).
-    pub max_accuracy_drop: Option<f64>,
-    /// Elementwise tolerance of every float graph output (`--atol`/`--rtol`): no element
-    /// outside.
-    pub tolerance: Option<Tolerance>,
-    /// Tolerances of named outputs, in place of `tolerance` for those.
-    pub output_tolerances: Vec<OutputTolerance>,
+    /// The check's gates: the top-1 drop (`--max-accuracy-drop`) and the elementwise
+    /// tolerances (`--atol`/`--rtol`, no element outside) of the float graph outputs.
+    pub gates: Gates,
 }
 
 /// A candidate's figures over the input sets.
@@ -150,23 +147,10 @@ struct Score {
 }
 
 impl Target {
-    /// The tolerance of the output `name`: its own, else `tolerance`.
-    fn tolerance_for(&self, name: &str) -> Option<Tolerance> {
-        self.output_tolerances
-            .iter()
-            .find(|t| t.output == name)
-            .map(|t| t.tolerance)
-            .or(self.tolerance)
-    }
-
-    /// Whether any output has a tolerance.
-    fn has_tolerance(&self) -> bool {
-        self.tolerance.is_some() || !self.output_tolerances.is_empty()
-    }
-
     fn met_by(&self, s: &Score) -> bool {
         s.cosine >= self.cosine
             && self
+                .gates
                 .max_accuracy_drop
                 .is_none_or(|d| s.top1.is_none_or(|t| 1.0 - t <= d))
             && s.outside.is_none_or(|n| n == 0)
@@ -873,7 +857,9 @@ impl Score {
                 if let Some(t) = top1(a, b, *last) {
                     self.top1 = Some(self.top1.map_or(t, |s| s.min(t)));
                 }
-                if let (Some(count), Some(t)) = (self.outside.as_mut(), target.tolerance_for(n)) {
+                if let (Some(count), Some(t)) =
+                    (self.outside.as_mut(), target.gates.tolerance_for(n))
+                {
                     *count += outside(a, b, t);
                 }
             }
@@ -891,7 +877,7 @@ fn check_candidate(
     optimize: bool,
     target: &Target,
 ) -> Result<Score> {
-    let mut score = Score::new(target.has_tolerance());
+    let mut score = Score::new(target.gates.has_tolerance());
     let mut set = 0;
     run_probed(
         to_proto(model)?,
@@ -1075,7 +1061,7 @@ pub fn run(
     });
 
     let tried: RefCell<Vec<Tried>> = RefCell::new(Vec::new());
-    let tol = target.has_tolerance();
+    let tol = target.gates.has_tolerance();
     // A real candidate: the passes re-run with `kept` in float, checked in tract's optimized
     // plan on every input set and, when it meets the target there, in the plain plan on the
     // check's inputs.
@@ -1256,9 +1242,9 @@ pub fn run(
     let tried = tried.into_inner();
     let report = FallbackReport {
         target_cosine: target.cosine,
-        target_tolerance: target.tolerance,
-        target_output_tolerances: target.output_tolerances.clone(),
-        target_max_accuracy_drop: target.max_accuracy_drop,
+        target_tolerance: target.gates.tolerance(),
+        target_output_tolerances: target.gates.output_tolerances.clone(),
+        target_max_accuracy_drop: target.gates.max_accuracy_drop,
         start_cosine,
         final_cosine: chosen.cosine,
         kept,
@@ -1721,9 +1707,7 @@ mod tests {
         let c: Views = [("y", (Cow::Owned(vec![1.0, f32::NAN, 3.0]), 3))].into();
         let target = Target {
             cosine: 0.99,
-            max_accuracy_drop: None,
-            tolerance: None,
-            output_tolerances: vec![],
+            gates: Gates::default(),
         };
         let mut score = Score::new(false);
         score.add(&r, &c, &["y".to_string()], &target);
@@ -1816,9 +1800,11 @@ mod tests {
         assert_eq!(outside(&[f32::INFINITY], &[1.0], t), 1);
         let target = Target {
             cosine: 0.99,
-            max_accuracy_drop: None,
-            tolerance: Some(t),
-            output_tolerances: vec![],
+            gates: Gates {
+                atol: Some(t.atol),
+                rtol: Some(t.rtol),
+                ..Gates::default()
+            },
         };
         let score = |outside| Score {
             cosine: 0.999,
@@ -1828,8 +1814,8 @@ mod tests {
         assert!(target.met_by(&score(Some(0))));
         assert!(!target.met_by(&score(Some(1))));
         let cosine_only = Target {
-            tolerance: None,
-            ..target.clone()
+            cosine: 0.99,
+            gates: Gates::default(),
         };
         assert!(cosine_only.met_by(&score(None)));
         assert!(!cosine_only.met_by(&Score {
@@ -1838,8 +1824,11 @@ mod tests {
         }));
         // A top-1 drop counts only when an output has a top-1.
         let top1 = Target {
-            max_accuracy_drop: Some(0.0),
-            ..cosine_only.clone()
+            cosine: 0.99,
+            gates: Gates {
+                max_accuracy_drop: Some(0.0),
+                ..Gates::default()
+            },
         };
         assert!(top1.met_by(&score(None)));
         assert!(!top1.met_by(&Score {

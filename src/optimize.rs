@@ -274,9 +274,7 @@ pub fn optimize(cfg: &OptimizeConfig, reporter: &dyn Reporter) -> Result<Optimiz
                 &compare,
                 &crate::fallback::Target {
                     cosine: target,
-                    max_accuracy_drop: cfg.gates.max_accuracy_drop,
-                    tolerance: gates.tolerance(),
-                    output_tolerances: gates.output_tolerances.clone(),
+                    gates: gates.clone(),
                 },
                 FALLBACK_MAX_ITERATIONS,
                 reporter,
