@@ -817,20 +817,34 @@ impl Score {
             if v.integer {
                 continue;
             }
-            let cos = v.cosine.unwrap_or(1.0);
-            score.cosine = if cos.is_nan() {
-                -1.0
-            } else {
-                score.cosine.min(cos)
-            };
-            if let Some(t) = v.top1_agreement {
-                score.top1 = Some(score.top1.map_or(t, |s| s.min(t)));
-            }
+            score.fold(v.cosine.unwrap_or(1.0), v.top1_agreement);
             if let (Some(n), Some(a)) = (score.outside.as_mut(), &v.allclose) {
                 *n += a.violations;
             }
         }
         Ok(score)
+    }
+
+    /// Folds in one output's cosine and top-1 agreement. A NaN cosine (a NaN in an output) is
+    /// no match at all, as in the final check.
+    fn fold(&mut self, cosine: f64, top1: Option<f64>) {
+        self.cosine = if cosine.is_nan() {
+            -1.0
+        } else {
+            self.cosine.min(cosine)
+        };
+        if let Some(t) = top1 {
+            self.top1 = Some(self.top1.map_or(t, |s| s.min(t)));
+        }
+    }
+
+    /// The worse figures of two runs of one candidate (the optimized plan on every input set,
+    /// the final check on the check's inputs).
+    fn worst(self, other: &Score) -> Score {
+        let mut w = self;
+        w.fold(other.cosine, other.top1);
+        w.outside = w.outside.zip(other.outside).map(|(a, b)| a.max(b));
+        w
     }
 
     /// Before any input set: every figure at its best.
@@ -847,16 +861,7 @@ impl Score {
     fn add(&mut self, r: &Outputs, c: &Views, graph_outputs: &[String], target: &Target) {
         for n in graph_outputs {
             if let (Some((a, last)), Some((b, _))) = (r.get(n), c.get(n.as_str())) {
-                // A NaN cosine (a NaN in an output) is no match at all, as in the final check.
-                let cos = cosine(a, b);
-                self.cosine = if cos.is_nan() {
-                    -1.0
-                } else {
-                    self.cosine.min(cos)
-                };
-                if let Some(t) = top1(a, b, *last) {
-                    self.top1 = Some(self.top1.map_or(t, |s| s.min(t)));
-                }
+                self.fold(cosine(a, b), top1(a, b, *last));
                 if let (Some(count), Some(t)) =
                     (self.outside.as_mut(), target.gates.tolerance_for(n))
                 {
@@ -1063,30 +1068,18 @@ pub fn run(
     let tried: RefCell<Vec<Tried>> = RefCell::new(Vec::new());
     let tol = target.gates.has_tolerance();
     // A real candidate: the passes re-run with `kept` in float, checked in tract's optimized
-    // plan on every input set and, when it meets the target there, in the plain plan on the
-    // check's inputs.
-    // `ran`: the candidate's graph outputs on every input set in the optimized plan, when
-    // already run.
+    // plan on every input set (unless `known` gives that score: the real start's outputs, or
+    // a faithful estimate) and, when it meets the target there, by the final check.
     let evaluate_made = |kept: Vec<usize>,
                          (model, records): (Model, Vec<PassRecord>),
-                         ran: Option<&[Outputs]>|
+                         known: Option<Score>|
      -> Result<(Evaluated, f64, bool)> {
         reporter.phase(&format!(
             "fallback: checking with {} layers in float",
             kept.len()
         ));
-        let mut score = match ran {
-            Some(outs) => {
-                let mut score = Score::new(tol);
-                for (r, c) in reference.iter().zip(outs) {
-                    let c: Views = c
-                        .iter()
-                        .map(|(n, (v, last))| (n.as_str(), (Cow::Borrowed(v.as_slice()), *last)))
-                        .collect();
-                    score.add(r, &c, &graph_outputs, target);
-                }
-                score
-            }
+        let mut score = match known {
+            Some(score) => score,
             None => check_candidate(&model, &reference, &graph_outputs, inputs, true, target)?,
         };
         let mut met = target.met_by(&score);
@@ -1095,8 +1088,7 @@ pub fn run(
             let c = exact(&to_proto(&model)?)?;
             let exact = Score::of(&c, tol)?;
             met = target.met_by(&exact);
-            score.cosine = score.cosine.min(exact.cosine);
-            score.outside = score.outside.zip(exact.outside).map(|(a, b)| a.max(b));
+            score = score.worst(&exact);
             comparison = Some(c);
         }
         reporter.phase_done();
@@ -1129,7 +1121,15 @@ pub fn run(
         max_iterations,
     };
     // Every layer quantized, for real: the search's start.
-    let start = evaluate_made(Vec::new(), first, Some(&start_outputs))?;
+    let mut start_score = Score::new(tol);
+    for (r, c) in reference.iter().zip(&start_outputs) {
+        let c: Views = c
+            .iter()
+            .map(|(n, (v, last))| (n.as_str(), (Cow::Borrowed(v.as_slice()), *last)))
+            .collect();
+        start_score.add(r, &c, &graph_outputs, target);
+    }
+    let start = evaluate_made(Vec::new(), first, Some(start_score))?;
     let start_cosine = start.1;
     // Then on the switched model, one plan for every candidate, when with every layer
     // quantized it gives the real start's outputs (see `faithful`). Each estimate that meets
@@ -1174,28 +1174,8 @@ pub fn run(
                 if !target.met_by(&score) {
                     return Ok((Err(score.cosine), score.cosine, false));
                 }
-                let (model, records) = candidate(&kept)?;
-                reporter.phase(&format!(
-                    "fallback: checking with {} layers in float",
-                    kept.len()
-                ));
-                let c = exact(&to_proto(&model)?)?;
-                reporter.phase_done();
-                let checked = Score::of(&c, tol)?;
-                let met = target.met_by(&checked);
-                let cosine = score.cosine.min(checked.cosine);
-                let shown = Score { cosine, ..checked };
-                tried
-                    .borrow_mut()
-                    .push(Tried::new(&kept, &layers, &shown, met, false));
-                let e = Evaluated {
-                    kept,
-                    model,
-                    records,
-                    cosine,
-                    met,
-                    comparison: Some(c),
-                };
+                let made = candidate(&kept)?;
+                let (e, cosine, met) = evaluate_made(kept, made, Some(score))?;
                 Ok((Ok(e), cosine, met))
             };
             let found = searching.run((Err(est_start.cosine), est_start.cosine, false), step)?;
