@@ -13,9 +13,10 @@
 //! Keys that are not graph inputs are ignored (bundles also hold reference outputs). Errors
 //! name the sample file and the graph input that is missing.
 //!
-//! The model runs in tract as written (no tract optimisation), with the tensors to calibrate
-//! appended as graph outputs ([`crate::fallback::with_probes`]); the execution plan is built
-//! once per distinct set of input shapes and reused for every sample of those shapes.
+//! The model runs in tract's optimized plan (as typed where tract cannot optimize it), with
+//! the tensors to calibrate appended as graph outputs ([`crate::fallback::with_probes`]), so
+//! tract keeps them; the plan is built once per distinct set of input shapes and reused for
+//! every sample of those shapes, and as many samples run at a time as rayon has threads.
 //!
 //! Range estimators ([`RangeMethod`]):
 //! - **MinMax**: the smallest and largest value seen.
