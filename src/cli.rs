@@ -37,8 +37,10 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct CheckArgs {
-    /// Inputs as an .npz file whose keys are graph input names (other keys are ignored).
-    #[arg(long, value_name = "FILE.npz")]
+    /// Inputs as an .npz file whose keys are graph input names (other keys are ignored), or
+    /// a folder of them: each .npz in it, in name order, is one input set, and the gates hold
+    /// on every set (lowest cosine, largest errors, top-1 over all rows).
+    #[arg(long, value_name = "FILE.npz|DIR")]
     pub inputs: Option<PathBuf>,
     /// Shape of a generated input, for symbolic dims: NAME:D0,D1,... (repeatable).
     #[arg(long = "input-shape", value_name = "NAME:D0,D1,..")]

@@ -908,7 +908,7 @@ fn check_candidate(
 /// candidate runs.
 ///
 /// `exact` is the final check: it compares a candidate with the original in tract's plain plan
-/// on the first input set (see [`crate::verify::Reference::compare`]). A candidate meets the
+/// on the check's input sets (see [`crate::verify::Reference::compare`]). A candidate meets the
 /// target only if it also does so there.
 ///
 /// `quantized`, when the caller has it, is `suffix` already run on `snapshot` with `opts`

@@ -254,9 +254,9 @@ pub fn optimize(cfg: &OptimizeConfig, reporter: &dyn Reporter) -> Result<Optimiz
             let run = reference_run.get().context("the check did not run")?;
             // The check's inputs may be the first calibration sample: not twice.
             let extra = calibration_sets(r, &cfg.pass_options, cfg.fallback_samples)?;
-            let mut sets = vec![run.inputs().to_vec()];
+            let mut sets: Vec<_> = run.input_sets().map(<[_]>::to_vec).collect();
             for s in extra {
-                if s != sets[0] {
+                if !sets.contains(&s) {
                     sets.push(s);
                 }
             }

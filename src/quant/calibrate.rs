@@ -546,7 +546,7 @@ impl Samples {
 /// Errors: the folder cannot be read.
 pub fn sample_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .with_context(|| format!("reading calibration folder {}", dir.display()))?
+        .with_context(|| format!("reading sample folder {}", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x.eq_ignore_ascii_case("npz")))
         .collect();

@@ -149,6 +149,13 @@ impl fmt::Display for GateFailure {
     }
 }
 
+/// ` of input set NAME` for a figure of one set among several, else nothing.
+fn of_set(set: &Option<String>) -> String {
+    set.as_ref()
+        .map(|s| format!(" of input set {s}"))
+        .unwrap_or_default()
+}
+
 /// Checks every output against the gates; returns one failure per output and broken gate, in
 /// output order. Outputs that could not be compared always fail.
 pub fn check(gates: &Gates, outputs: &[OutputMetrics]) -> Vec<GateFailure> {
@@ -181,12 +188,13 @@ pub fn check(gates: &Gates, outputs: &[OutputMetrics]) -> Vec<GateFailure> {
                     b: Some(ac.b),
                     message: format!(
                         "output `{name}`: {} of {} elements outside atol {:e} + rtol {:e} * |a|; \
-                         worst at {:?}: |a - b| = {:.4e} > {:.4e} (a = {}, b = {})",
+                         worst at {:?}{}: |a - b| = {:.4e} > {:.4e} (a = {}, b = {})",
                         ac.violations,
                         v.elements,
                         ac.tolerance.atol,
                         ac.tolerance.rtol,
                         ac.worst_index,
+                        of_set(&ac.set),
                         ac.error,
                         ac.allowed,
                         ac.a,
@@ -225,8 +233,13 @@ pub fn check(gates: &Gates, outputs: &[OutputMetrics]) -> Vec<GateFailure> {
                     a: Some(v.worst_a),
                     b: Some(v.worst_b),
                     message: format!(
-                        "output `{name}`: cosine {cos:.6} < {min}; largest error at {:?}: a = {}, b = {} (|a - b| = {:.4e})",
-                        v.worst_index, v.worst_a, v.worst_b, v.max_abs
+                        "output `{name}`: cosine {cos:.6}{} < {min}; largest error at {:?}{}: a = {}, b = {} (|a - b| = {:.4e})",
+                        of_set(&v.cosine_set).replace(" of", " on"),
+                        v.worst_index,
+                        of_set(&v.worst_set),
+                        v.worst_a,
+                        v.worst_b,
+                        v.max_abs
                     ),
                 });
             }

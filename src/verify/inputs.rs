@@ -300,6 +300,56 @@ where
     Ok(())
 }
 
+/// The input sets of a check: one per `.npz` file, in name order, when `opts.npz` is a
+/// folder (each prepared by [`prepare_inputs`] with that file), else the one set
+/// [`prepare_inputs`] gives. Each set comes with its label: the file's name, or `""` for the
+/// single set.
+///
+/// # Errors
+/// The folder cannot be read or holds no `.npz` file; one error listing every file that
+/// cannot be prepared (each message names the file and the graph input, as
+/// [`prepare_inputs`]).
+pub fn prepare_input_sets(
+    model: &pb::ModelProto,
+    opts: &InputOptions,
+) -> Result<Vec<(String, PreparedInputs)>> {
+    let Some(dir) = opts.npz.as_ref().filter(|p| p.is_dir()) else {
+        return Ok(vec![(String::new(), prepare_inputs(model, opts)?)]);
+    };
+    let files = crate::quant::calibrate::sample_files(dir)?;
+    ensure!(
+        !files.is_empty(),
+        "input folder {} holds no .npz file",
+        dir.display()
+    );
+    let mut sets = Vec::with_capacity(files.len());
+    let mut problems = Vec::new();
+    for file in files {
+        let label = file
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let one = InputOptions {
+            npz: Some(file),
+            npz_sample: None,
+            ..opts.clone()
+        };
+        match prepare_inputs(model, &one) {
+            Ok(p) => sets.push((label, p)),
+            Err(e) => problems.push(format!("{e:#}")),
+        }
+    }
+    ensure!(
+        problems.is_empty(),
+        "{} of the {} files in input folder {} cannot be fed:\n  {}",
+        problems.len(),
+        problems.len() + sets.len(),
+        dir.display(),
+        problems.join("\n  ")
+    );
+    Ok(sets)
+}
+
 /// Builds one tensor per real graph input (graph inputs that are not initializers), in graph
 /// input order; see [`InputOptions`] for precedence.
 ///

@@ -122,6 +122,12 @@ pub struct ValueMetrics {
     pub worst_b: f64,
     /// The elementwise tolerance check, when a tolerance was given.
     pub allclose: Option<AllClose>,
+    /// Over several input sets ([`merge_values`]): the set `worst_index` is in.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub worst_set: Option<String>,
+    /// Over several input sets: the set with the lowest cosine, the one reported.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cosine_set: Option<String>,
 }
 
 /// Result of the elementwise tolerance check.
@@ -146,6 +152,9 @@ pub struct AllClose {
     /// atol + rtol |a| there.
     #[serde(serialize_with = "ser_f64")]
     pub allowed: f64,
+    /// Over several input sets ([`merge_values`]): the set `worst_index` is in.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub set: Option<String>,
 }
 
 fn ser_f64<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
@@ -456,6 +465,7 @@ pub fn compare_values(
             b: b_w,
             error: abs_error(a_w, b_w),
             allowed: t.allowed(a_w),
+            set: None,
         }
     });
     ValueMetrics {
@@ -476,7 +486,102 @@ pub fn compare_values(
         worst_a: if empty { 0.0 } else { a[p.max_err_at] },
         worst_b: if empty { 0.0 } else { b[p.max_err_at] },
         allclose,
+        worst_set: None,
+        cosine_set: None,
     }
+}
+
+/// `x` ranks above `y` as an error: larger, a NaN above any number (first one wins ties).
+fn above(x: f64, y: f64) -> bool {
+    (x.is_nan() && !y.is_nan()) || x > y
+}
+
+/// The figures of one output over several input sets, from each set's label, figures and
+/// reference shape (in set order):
+/// - elements, mismatches and tolerance violations summed; mean abs over every element;
+/// - max abs and max rel the largest (a NaN above any number), `worst_index` in the set
+///   named by `worst_set`;
+/// - cosine and SNR the lowest of the sets (a NaN below any number), so a gate on them holds
+///   on every set; `cosine_set` names the set of the cosine;
+/// - top-1 agreement over every set's rows (all axes but the last), from the sets that have it;
+/// - the tolerance check's worst element the one furthest outside over all sets
+///   (largest `|a-b| - allowed`, an infinite error first), its set in `set`.
+///
+/// Returns `None` for no set. Every set must hold the same kind of output (integer or not).
+pub fn merge_values(sets: &[(&str, &ValueMetrics, &[usize])]) -> Option<ValueMetrics> {
+    let (first_label, first, _) = sets.first()?;
+    let mut m = (*first).clone();
+    if sets.len() == 1 {
+        return Some(m);
+    }
+    m.worst_set = Some(first_label.to_string());
+    m.cosine_set = m.cosine.map(|_| first_label.to_string());
+    if let Some(a) = m.allclose.as_mut() {
+        a.set = (a.violations > 0).then(|| first_label.to_string());
+    }
+    let mut total_abs = first.mean_abs * first.elements as f64;
+    let rows = |v: &ValueMetrics, shape: &[usize]| match shape.last() {
+        Some(&last) if last > 0 => (v.elements / last) as f64,
+        _ => 0.0,
+    };
+    let mut top1 = first
+        .top1_agreement
+        .map(|t| (t * rows(first, sets[0].2), rows(first, sets[0].2)));
+    for &(label, v, shape) in &sets[1..] {
+        m.elements += v.elements;
+        m.mismatches += v.mismatches;
+        total_abs += v.mean_abs * v.elements as f64;
+        if above(v.max_abs, m.max_abs) {
+            m.max_abs = v.max_abs;
+            m.worst_index = v.worst_index.clone();
+            m.worst_a = v.worst_a;
+            m.worst_b = v.worst_b;
+            m.worst_set = Some(label.to_string());
+        }
+        if above(v.max_rel, m.max_rel) {
+            m.max_rel = v.max_rel;
+        }
+        if let (Some(c), Some(mc)) = (v.cosine, m.cosine) {
+            if above(-c, -mc) {
+                m.cosine = Some(c);
+                m.cosine_set = Some(label.to_string());
+            }
+        }
+        if let (Some(s), Some(ms)) = (v.snr_db, m.snr_db) {
+            if above(-s, -ms) {
+                m.snr_db = Some(s);
+            }
+        }
+        if let Some(t) = v.top1_agreement {
+            let r = rows(v, shape);
+            let (agree, all) = top1.unwrap_or((0.0, 0.0));
+            top1 = Some((agree + t * r, all + r));
+        }
+        if let (Some(a), Some(b)) = (m.allclose.as_mut(), v.allclose.as_ref()) {
+            let excess = |c: &AllClose| {
+                if c.error.is_infinite() {
+                    f64::INFINITY
+                } else {
+                    c.error - c.allowed
+                }
+            };
+            if b.violations > 0 && (a.violations == 0 || above(excess(b), excess(a))) {
+                let total = a.violations + b.violations;
+                *a = b.clone();
+                a.violations = total;
+                a.set = Some(label.to_string());
+            } else {
+                a.violations += b.violations;
+            }
+        }
+    }
+    m.mean_abs = if m.elements == 0 {
+        0.0
+    } else {
+        total_abs / m.elements as f64
+    };
+    m.top1_agreement = top1.and_then(|(agree, all)| (all > 0.0).then(|| agree / all));
+    Some(m)
 }
 
 /// `numpy.argmax` of one row: the first NaN, else the first maximum.
@@ -532,6 +637,52 @@ mod tests {
         assert_eq!(v.worst_index, vec![1, 1]);
         assert_eq!((v.worst_a, v.worst_b), (4.0, 3.0));
         assert!(v.allclose.is_none());
+    }
+
+    #[test]
+    fn merged_sets_take_the_worst_figures_and_pool_counts_and_rows() {
+        let tol = Some(Tolerance {
+            atol: 0.1,
+            rtol: 0.0,
+        });
+        // Set p: two rows of 2, one argmax flips, one element 0.5 outside.
+        let p = compare(
+            "y",
+            &t32(&[2, 2], &[1.0, 0.0, 0.0, 1.0]),
+            &t32(&[2, 2], &[1.0, 0.0, 0.5, 0.4]),
+            tol,
+        );
+        // Set q: four rows of 2, a NaN in the candidate (outside, worst).
+        let q = compare(
+            "y",
+            &t32(&[4, 2], &[1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0]),
+            &t32(&[4, 2], &[1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, f32::NAN]),
+            tol,
+        );
+        let (pv, qv) = (p.values.unwrap(), q.values.unwrap());
+        let sets = [("p", &pv, &[2usize, 2][..]), ("q", &qv, &[4usize, 2][..])];
+        let m = merge_values(&sets).unwrap();
+        assert_eq!(m.elements, 12);
+        assert_eq!(m.mismatches, pv.mismatches + qv.mismatches);
+        assert!(m.max_abs.is_infinite() || m.max_abs.is_nan());
+        assert_eq!(m.worst_set.as_deref(), Some("q"));
+        // The NaN cosine of q is the lowest.
+        assert!(m.cosine.unwrap().is_nan());
+        assert_eq!(m.cosine_set.as_deref(), Some("q"));
+        // 1 of 2 rows of p and 3 of 4 rows of q agree (the NaN is q's last row's argmax).
+        assert_eq!(m.top1_agreement, Some(4.0 / 6.0));
+        let a = m.allclose.unwrap();
+        assert_eq!(a.violations, 3);
+        assert_eq!(a.set.as_deref(), Some("q"));
+        assert_eq!(a.worst_index, vec![3, 1]);
+        // One set is returned as it is; no set gives nothing.
+        assert_eq!(merge_values(&sets[..1]), Some(pv.clone()));
+        assert_eq!(merge_values(&[]), None);
+        // Without the NaN set, p's figures and mean abs over its elements.
+        let m = merge_values(&[sets[0], sets[0]]).unwrap();
+        assert_eq!(m.mean_abs, pv.mean_abs);
+        assert_eq!(m.worst_set.as_deref(), Some("p"));
+        assert_eq!(m.allclose.unwrap().violations, 4);
     }
 
     #[test]

@@ -24,6 +24,7 @@ pub mod tract_run;
 use std::path::Path;
 
 use anyhow::Result;
+use rayon::prelude::*;
 use serde::Serialize;
 
 pub use gate::{check, GateFailure, GateKind, Gates};
@@ -61,8 +62,14 @@ pub enum Verification {
 /// Everything a comparison found.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Comparison {
-    /// The inputs fed to both models: names, dtypes, shapes and where they came from.
+    /// The inputs fed to both models: names, dtypes, shapes and where they came from (the
+    /// first set's, when there are several).
     pub inputs: Vec<InputInfo>,
+    /// The labels (file names) of the input sets, in order, when there are several (an input
+    /// folder); empty for one set. The figures are then merged over the sets as
+    /// [`metrics::merge_values`] says.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub input_sets: Vec<String>,
     /// Notes from input preparation and output matching (defaulted dims, extra outputs).
     pub notes: Vec<String>,
     /// The gates checked.
@@ -108,17 +115,28 @@ fn note_ifs(resolved: bool, prepared: &mut PreparedInputs) {
     }
 }
 
-/// The reference side of a check, computed once for any number of candidates: the inputs
-/// prepared from the reference's graph inputs and the reference's outputs on them (tract's
-/// plain plan, as [`tract_run::run`]).
-pub struct Reference {
+/// A model's outputs in graph output order, or why tract could not run it.
+type Outputs = Result<Vec<(String, tract_onnx::prelude::Tensor)>, RunError>;
+
+/// One input set of a [`Reference`]: its label (the file's name, `""` for a single set), the
+/// inputs and the reference's outputs on them.
+struct RefSet {
+    label: String,
     prepared: PreparedInputs,
-    outputs: Result<Vec<(String, tract_onnx::prelude::Tensor)>, RunError>,
+    outputs: Outputs,
+}
+
+/// The reference side of a check, computed once for any number of candidates: the input
+/// sets prepared from the reference's graph inputs (one, or one per file of an input folder,
+/// see [`inputs::prepare_input_sets`]) and the reference's outputs on each (tract's plain
+/// plan, as [`tract_run::run`]).
+pub struct Reference {
+    sets: Vec<RefSet>,
 }
 
 impl Reference {
-    /// Prepares the inputs with `opts` and runs `reference` on them (`ref_dir`: where its
-    /// external data is read from).
+    /// Prepares the input sets with `opts` and runs `reference` on them (`ref_dir`: where its
+    /// external data is read from), the sets in parallel.
     ///
     /// # Errors
     /// Only when the inputs cannot be prepared; tract failing on the reference makes every
@@ -128,10 +146,20 @@ impl Reference {
         ref_dir: Option<&Path>,
         opts: &InputOptions,
     ) -> Result<Reference> {
-        let mut prepared = inputs::prepare_inputs(reference, opts)?;
-        let (outputs, resolved) = tract_run::run_resolving(reference, ref_dir, &prepared.tensors);
-        note_ifs(resolved, &mut prepared);
-        Ok(Reference { prepared, outputs })
+        let sets = inputs::prepare_input_sets(reference, opts)?
+            .into_par_iter()
+            .map(|(label, mut prepared)| {
+                let (outputs, resolved) =
+                    tract_run::run_resolving(reference, ref_dir, &prepared.tensors);
+                note_ifs(resolved, &mut prepared);
+                RefSet {
+                    label,
+                    prepared,
+                    outputs,
+                }
+            })
+            .collect();
+        Ok(Reference { sets })
     }
 
     /// [`Reference::run`] and the comparison of `candidate` with it, the two models run at
@@ -147,48 +175,114 @@ impl Reference {
         opts: &InputOptions,
         gates: &Gates,
     ) -> Result<(Reference, Comparison)> {
-        let mut prepared = inputs::prepare_inputs(reference, opts)?;
-        let ((outputs, resolved), cand_outputs) = rayon::join(
-            || tract_run::run_resolving(reference, ref_dir, &prepared.tensors),
-            || run(candidate, cand_dir, &prepared.tensors),
+        let (sets, cand): (Vec<RefSet>, Vec<Outputs>) =
+            inputs::prepare_input_sets(reference, opts)?
+                .into_par_iter()
+                .map(|(label, mut prepared)| {
+                    let ((outputs, resolved), cand) = rayon::join(
+                        || tract_run::run_resolving(reference, ref_dir, &prepared.tensors),
+                        || run(candidate, cand_dir, &prepared.tensors),
+                    );
+                    note_ifs(resolved, &mut prepared);
+                    let set = RefSet {
+                        label,
+                        prepared,
+                        outputs,
+                    };
+                    (set, cand)
+                })
+                .unzip();
+        let r = Reference { sets };
+        let mut cand = cand.into_iter().map(Some).collect::<Vec<_>>();
+        let c = r.compare_sets(
+            |i| cand[i].take().expect("one candidate run per set"),
+            gates,
         );
-        note_ifs(resolved, &mut prepared);
-        let r = Reference { prepared, outputs };
-        let c = r.compare_outputs(|| cand_outputs, gates);
         Ok((r, c))
     }
 
-    /// The tensors fed, one per real graph input, in graph input order.
+    /// The tensors of the first input set, one per real graph input, in graph input order.
     pub fn inputs(&self) -> &[(String, tract_onnx::prelude::Tensor)] {
-        &self.prepared.tensors
+        &self.sets[0].prepared.tensors
     }
 
-    /// The reference's outputs in graph output order, or `None` when tract could not run it.
+    /// Every input set's tensors, in set order (file name order for an input folder).
+    pub fn input_sets(&self) -> impl Iterator<Item = &[(String, tract_onnx::prelude::Tensor)]> {
+        self.sets.iter().map(|s| s.prepared.tensors.as_slice())
+    }
+
+    /// The reference's outputs on the first input set in graph output order, or `None` when
+    /// tract could not run it.
     pub fn outputs(&self) -> Option<&[(String, tract_onnx::prelude::Tensor)]> {
-        self.outputs.as_deref().ok()
+        self.sets[0].outputs.as_deref().ok()
     }
 
-    /// Runs `candidate` (external data read from `cand_dir`) on the reference's inputs and
-    /// compares its outputs with the reference's under `gates`; `candidate` is not run when
-    /// the reference did not run.
+    /// Runs `candidate` (external data read from `cand_dir`) on each of the reference's input
+    /// sets (in parallel) and compares its outputs with the reference's under `gates` (over
+    /// several sets as [`metrics::merge_values`] says); `candidate` is not run on a set the
+    /// reference did not run on.
     pub fn compare(
         &self,
         candidate: &pb::ModelProto,
         cand_dir: Option<&Path>,
         gates: &Gates,
     ) -> Comparison {
-        self.compare_outputs(|| run(candidate, cand_dir, &self.prepared.tensors), gates)
+        let runs: Vec<Option<Outputs>> = self
+            .sets
+            .par_iter()
+            .map(|s| {
+                s.outputs
+                    .is_ok()
+                    .then(|| run(candidate, cand_dir, &s.prepared.tensors))
+            })
+            .collect();
+        let mut runs = runs;
+        self.compare_sets(
+            |i| {
+                runs[i]
+                    .take()
+                    .expect("the candidate ran where the reference did")
+            },
+            gates,
+        )
     }
 
-    /// The comparison with the candidate outputs `cand_outputs` gives, asked for only when
-    /// the reference ran.
-    fn compare_outputs(
+    /// The comparison the candidate's outputs on each set (`cand_outputs(i)` for set `i`,
+    /// asked for only when the reference ran on it) give: each set compared, then merged.
+    fn compare_sets(
         &self,
-        cand_outputs: impl FnOnce() -> Result<Vec<(String, tract_onnx::prelude::Tensor)>, RunError>,
+        mut cand_outputs: impl FnMut(usize) -> Outputs,
         gates: &Gates,
     ) -> Comparison {
+        let per_set: Vec<Comparison> = self
+            .sets
+            .iter()
+            .enumerate()
+            .map(|(i, set)| set.compare_outputs(|| cand_outputs(i), gates))
+            .collect();
+        let labels: Vec<&str> = self.sets.iter().map(|s| s.label.as_str()).collect();
+        let mut comparison = merge(per_set, &labels);
+        if matches!(comparison.status, Verification::Checked) {
+            if gates.min_cosine.is_some() {
+                let notes = one_element_notes(&comparison.outputs, gates);
+                comparison.notes.extend(notes);
+            }
+            comparison.failures = check(gates, &comparison.outputs);
+            if !comparison.failures.is_empty() {
+                comparison.status = Verification::Failed;
+            }
+        }
+        comparison
+    }
+}
+
+impl RefSet {
+    /// This set's comparison before gates are checked: inputs, notes, status and one row per
+    /// reference output.
+    fn compare_outputs(&self, cand_outputs: impl FnOnce() -> Outputs, gates: &Gates) -> Comparison {
         let mut comparison = Comparison {
             inputs: self.prepared.info.clone(),
+            input_sets: vec![],
             notes: self.prepared.notes.clone(),
             gates: gates.clone(),
             outputs: vec![],
@@ -229,16 +323,73 @@ impl Reference {
                 ));
             }
         }
-        if gates.min_cosine.is_some() {
-            let notes = one_element_notes(&comparison.outputs, gates);
-            comparison.notes.extend(notes);
-        }
-        comparison.failures = check(gates, &comparison.outputs);
-        if !comparison.failures.is_empty() {
-            comparison.status = Verification::Failed;
-        }
         comparison
     }
+}
+
+/// One comparison from the comparisons of the input sets `labels` (in set order): the first
+/// set's inputs, every distinct note, and per output the figures of [`metrics::merge_values`]
+/// (a row that could not be compared on some set keeps that set's problem). A set where tract
+/// failed makes the whole comparison fail that way, its reason naming the set. Gates are not
+/// checked here.
+fn merge(mut per_set: Vec<Comparison>, labels: &[&str]) -> Comparison {
+    if per_set.len() == 1 {
+        return per_set.pop().expect("one set");
+    }
+    let on = |label: &str, what: &str| format!("on input set {label}: {what}");
+    let mut merged = per_set[0].clone();
+    merged.input_sets = labels.iter().map(|l| l.to_string()).collect();
+    merged.notes.clear();
+    for c in &per_set {
+        for n in &c.notes {
+            if !merged.notes.contains(n) {
+                merged.notes.push(n.clone());
+            }
+        }
+    }
+    let failed = per_set
+        .iter()
+        .zip(labels)
+        .find(|(c, _)| matches!(c.status, Verification::Unverified { .. }))
+        .or_else(|| {
+            per_set
+                .iter()
+                .zip(labels)
+                .find(|(c, _)| matches!(c.status, Verification::CandidateFailed { .. }))
+        });
+    if let Some((c, label)) = failed {
+        merged.outputs.clear();
+        merged.status = match &c.status {
+            Verification::Unverified { reason, error } => Verification::Unverified {
+                reason: on(label, reason),
+                error: error.clone(),
+            },
+            Verification::CandidateFailed { reason, error } => Verification::CandidateFailed {
+                reason: on(label, reason),
+                error: error.clone(),
+            },
+            other => other.clone(),
+        };
+        return merged;
+    }
+    for (i, row) in merged.outputs.iter_mut().enumerate() {
+        let rows: Vec<(&str, &OutputMetrics)> = per_set
+            .iter()
+            .zip(labels)
+            .filter_map(|(c, l)| Some((*l, c.outputs.get(i)?)))
+            .collect();
+        if let Some((label, bad)) = rows.iter().find(|(_, r)| r.values.is_none()) {
+            *row = (*bad).clone();
+            row.problem = Some(on(label, bad.problem.as_deref().unwrap_or("no values")));
+            continue;
+        }
+        let values: Vec<(&str, &ValueMetrics, &[usize])> = rows
+            .iter()
+            .filter_map(|(l, r)| Some((*l, r.values.as_ref()?, r.reference.shape.as_slice())))
+            .collect();
+        row.values = metrics::merge_values(&values);
+    }
+    merged
 }
 
 /// A note per float output of one element (a scalar score, a speech probability) that no
@@ -252,7 +403,8 @@ fn one_element_notes(outputs: &[metrics::OutputMetrics], gates: &Gates) -> Vec<S
             let v = o
                 .values
                 .as_ref()
-                .filter(|v| !v.integer && v.elements == 1 && v.max_abs != 0.0)?;
+                .filter(|v| !v.integer && v.max_abs != 0.0)
+                .filter(|_| o.reference.shape.iter().product::<usize>() == 1)?;
             Some(format!(
                 "output `{}` has one element: its cosine is 1 whenever the signs agree, so the cosine gate cannot see its error (here {} absolute, {} relative); `--atol {}:X` gates it alone",
                 o.name,
@@ -297,6 +449,12 @@ pub fn format_table(c: &Comparison) -> String {
     };
     out.push_str(&status);
     out.push('\n');
+    if let (Some(first), Some(last)) = (c.input_sets.first(), c.input_sets.last()) {
+        out.push_str(&format!(
+            "over {} input sets ({first} .. {last}): max abs and max rel the largest, cosine and SNR the lowest set's, mean abs and top-1 over all of them\n",
+            c.input_sets.len()
+        ));
+    }
     if !c.outputs.is_empty() {
         let header = [
             "output", "max abs", "mean abs", "max rel", "cosine", "SNR dB", "top-1", "status",
@@ -373,6 +531,20 @@ pub fn format_table(c: &Comparison) -> String {
             }
             out.push_str(line.trim_end());
             out.push('\n');
+        }
+    }
+    for o in &c.outputs {
+        if let Some(v) = o.values.as_ref().filter(|_| c.input_sets.len() > 1) {
+            let mut at = vec![];
+            if let Some(set) = &v.cosine_set {
+                at.push(format!("lowest cosine on {set}"));
+            }
+            if let (Some(set), true) = (&v.worst_set, v.max_abs != 0.0) {
+                at.push(format!("largest |a - b| on {set}"));
+            }
+            if !at.is_empty() {
+                out.push_str(&format!("  {}: {}\n", o.name, at.join(", ")));
+            }
         }
     }
     for f in &c.failures {

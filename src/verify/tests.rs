@@ -672,3 +672,109 @@ fn a_one_element_float_output_gets_a_note_that_its_cosine_is_blind() {
         one_element_notes(&[metrics::compare("n", &i, &i, None)], &Gates::default()).is_empty()
     );
 }
+
+/// y = Relu(x), x float [2, 3].
+fn relu_model() -> pb::ModelProto {
+    model(
+        vec![node("Relu", "relu", &["x"], &["y"], vec![])],
+        vec![info("x", DataType::Float, &[2, 3])],
+        vec![out("y")],
+        vec![],
+    )
+}
+
+#[test]
+fn an_input_folder_checks_every_file_and_names_the_sets_of_the_worst_figures() {
+    let dir = tempfile::tempdir().unwrap();
+    let x = |v: [f32; 6]| vec![("x".to_string(), Tensor::from_shape(&[2, 3], &v).unwrap())];
+    // Relu changes nothing on the positive set, and halves the mixed one.
+    inputs::save_npz(
+        &dir.path().join("a_positive.npz"),
+        &x([1., 2., 3., 4., 5., 6.]),
+    )
+    .unwrap();
+    inputs::save_npz(
+        &dir.path().join("b_mixed.npz"),
+        &x([1., -1., 2., -2., 3., -3.]),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("notes.txt"), "not a sample").unwrap();
+    let opts = InputOptions {
+        npz: Some(dir.path().to_path_buf()),
+        ..Default::default()
+    };
+    let gates = Gates {
+        min_cosine: Some(0.99),
+        ..Default::default()
+    };
+    let identity = add_model(&[0.0; 6]);
+    let c = compare_models(&identity, None, &relu_model(), None, &opts, &gates).unwrap();
+    assert_eq!(c.input_sets, vec!["a_positive.npz", "b_mixed.npz"]);
+    let v = c.outputs[0].values.as_ref().unwrap();
+    assert_eq!(v.elements, 12);
+    assert_eq!(v.max_abs, 3.0);
+    assert_eq!(v.worst_index, vec![1, 2]);
+    assert_eq!(v.worst_set.as_deref(), Some("b_mixed.npz"));
+    assert_eq!(v.mean_abs, 0.5); // (0 * 6 + (1 + 2 + 3)) / 12
+                                 // b's cosine: 14 / sqrt(28 * 14); a's is 1.
+    assert!((v.cosine.unwrap() - 0.5f64.sqrt()).abs() < 1e-6);
+    assert_eq!(v.cosine_set.as_deref(), Some("b_mixed.npz"));
+    assert_eq!(v.top1_agreement, Some(1.0));
+    assert_eq!(c.status, Verification::Failed);
+    assert!(c.failures[0]
+        .message
+        .contains("cosine 0.707107 on input set b_mixed.npz"));
+    let table = format_table(&c);
+    assert!(
+        table.contains("over 2 input sets (a_positive.npz .. b_mixed.npz)"),
+        "{table}"
+    );
+    assert!(table.contains("y: lowest cosine on b_mixed.npz, largest |a - b| on b_mixed.npz"));
+    // The same folder with the positive file alone passes, as one set would.
+    std::fs::remove_file(dir.path().join("b_mixed.npz")).unwrap();
+    let one = compare_models(&identity, None, &relu_model(), None, &opts, &gates).unwrap();
+    assert_eq!(one.status, Verification::Checked);
+    assert!(one.input_sets.is_empty());
+    let json = serde_json::to_string(&one).unwrap();
+    assert!(
+        !json.contains("input_sets") && !json.contains("cosine_set"),
+        "{json}"
+    );
+}
+
+#[test]
+fn an_input_folder_reports_every_file_that_cannot_be_fed() {
+    let dir = tempfile::tempdir().unwrap();
+    let ok = vec![(
+        "x".to_string(),
+        Tensor::from_shape(&[2, 3], &[1f32; 6]).unwrap(),
+    )];
+    inputs::save_npz(&dir.path().join("a.npz"), &ok).unwrap();
+    let wrong = vec![(
+        "z".to_string(),
+        Tensor::from_shape(&[2, 3], &[1f32; 6]).unwrap(),
+    )];
+    inputs::save_npz(&dir.path().join("b.npz"), &wrong).unwrap();
+    std::fs::write(dir.path().join("c.npz"), b"truncated").unwrap();
+    let opts = InputOptions {
+        npz: Some(dir.path().to_path_buf()),
+        ..Default::default()
+    };
+    let m = add_model(&[0.0; 6]);
+    let e = format!(
+        "{:#}",
+        compare_models(&m, None, &m, None, &opts, &Gates::default()).unwrap_err()
+    );
+    assert!(e.contains("2 of the 3 files in input folder"), "{e}");
+    assert!(
+        e.contains("b.npz") && e.contains("lacks graph input") && e.contains("c.npz"),
+        "{e}"
+    );
+    let empty = tempfile::tempdir().unwrap();
+    let opts = InputOptions {
+        npz: Some(empty.path().to_path_buf()),
+        ..Default::default()
+    };
+    let e = compare_models(&m, None, &m, None, &opts, &Gates::default()).unwrap_err();
+    assert!(e.to_string().contains("holds no .npz file"), "{e}");
+}

@@ -850,3 +850,64 @@ fn quantize_static_checks_the_first_sample_of_a_batch_calibration_file() {
         r.describe()
     );
 }
+
+#[test]
+fn quantize_static_with_an_input_folder_meets_the_gate_on_each_file() {
+    let stem = "silero-vad-16k-op15";
+    let dir = tempdir();
+    let cal = samples(stem, dir.path(), 8, 7, false);
+    let held = samples(stem, dir.path(), 4, 99, false);
+    let out = dir.path().join("q.onnx");
+    let report = dir.path().join("q.json");
+    let mut args = static_args(stem, &out, &cal);
+    let at = args.iter().position(|a| a == "--inputs").unwrap();
+    args[at + 1] = held.clone().into();
+    args.extend(["--min-cosine", "0.999", "--report"].map(OsString::from));
+    args.push(report.clone().into());
+    let r = run_slow(&args);
+    assert!(r.ok(), "{}", r.describe());
+    assert!(r.stderr.contains("over 4 input sets"), "{}", r.describe());
+    let rep = read_json(&report);
+    let names: Vec<&str> = rep["check"]["input_sets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap())
+        .collect();
+    assert_eq!(names.len(), 4, "{rep}");
+    assert!(names.windows(2).all(|w| w[0] < w[1]), "{names:?}");
+    assert_eq!(rep["outcome"], "ok", "{rep}");
+    // The fallback met its target on the 4 held-out sets and 3 calibration samples.
+    assert_eq!(rep["fallback"]["input_sets"], 7, "{}", rep["fallback"]);
+    assert_eq!(rep["fallback"]["met"], true, "{}", rep["fallback"]);
+    // Each file alone, through the one-file path, meets the gate, and the folder's cosine per
+    // output is the lowest of them.
+    let cosines = |inputs: &Path| -> Vec<f64> {
+        let c = onnxopt(&[
+            "compare".as_ref(),
+            model(stem).as_os_str(),
+            out.as_os_str(),
+            "--inputs".as_ref(),
+            inputs.as_os_str(),
+            "--min-cosine".as_ref(),
+            "0.999".as_ref(),
+            "--json".as_ref(),
+        ]);
+        assert!(c.ok(), "{}: {}", inputs.display(), c.describe());
+        let v: Value = serde_json::from_str(&c.stdout).unwrap();
+        v["outputs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o["values"]["cosine"].as_f64().unwrap())
+            .collect()
+    };
+    let whole = cosines(&held);
+    let mut lowest = vec![f64::INFINITY; whole.len()];
+    for name in &names {
+        for (l, c) in lowest.iter_mut().zip(cosines(&held.join(name))) {
+            *l = l.min(c);
+        }
+    }
+    assert_eq!(whole, lowest);
+}
