@@ -24,13 +24,12 @@ pub mod tract_run;
 use std::path::Path;
 
 use anyhow::Result;
-use rayon::prelude::*;
 use serde::Serialize;
 
 pub use gate::{check, GateFailure, GateKind, Gates};
 pub use inputs::{InputInfo, InputOptions, InputSource, PreparedInputs};
 pub use metrics::{OutputMetrics, Tolerance, ValueMetrics};
-pub use tract_run::{run, RunError, RunStage};
+pub use tract_run::{run, run_sets, RunError, RunStage};
 
 use crate::pb;
 
@@ -146,11 +145,18 @@ impl Reference {
         ref_dir: Option<&Path>,
         opts: &InputOptions,
     ) -> Result<Reference> {
-        let sets = inputs::prepare_input_sets(reference, opts)?
-            .into_par_iter()
-            .map(|(label, mut prepared)| {
-                let (outputs, resolved) =
-                    tract_run::run_resolving(reference, ref_dir, &prepared.tensors);
+        let prepared = inputs::prepare_input_sets(reference, opts)?;
+        let tensors: Vec<&[_]> = prepared.iter().map(|(_, p)| p.tensors.as_slice()).collect();
+        let ran = tract_run::run_sets(reference, ref_dir, &tensors);
+        Ok(Reference::of(prepared, ran))
+    }
+
+    /// The reference of the prepared sets and the reference's runs on them.
+    fn of(prepared: Vec<(String, PreparedInputs)>, ran: Vec<(Outputs, bool)>) -> Reference {
+        let sets = prepared
+            .into_iter()
+            .zip(ran)
+            .map(|((label, mut prepared), (outputs, resolved))| {
                 note_ifs(resolved, &mut prepared);
                 RefSet {
                     label,
@@ -159,7 +165,7 @@ impl Reference {
                 }
             })
             .collect();
-        Ok(Reference { sets })
+        Reference { sets }
     }
 
     /// [`Reference::run`] and the comparison of `candidate` with it, the two models run at
@@ -175,25 +181,14 @@ impl Reference {
         opts: &InputOptions,
         gates: &Gates,
     ) -> Result<(Reference, Comparison)> {
-        let (sets, cand): (Vec<RefSet>, Vec<Outputs>) =
-            inputs::prepare_input_sets(reference, opts)?
-                .into_par_iter()
-                .map(|(label, mut prepared)| {
-                    let ((outputs, resolved), cand) = rayon::join(
-                        || tract_run::run_resolving(reference, ref_dir, &prepared.tensors),
-                        || run(candidate, cand_dir, &prepared.tensors),
-                    );
-                    note_ifs(resolved, &mut prepared);
-                    let set = RefSet {
-                        label,
-                        prepared,
-                        outputs,
-                    };
-                    (set, cand)
-                })
-                .unzip();
-        let r = Reference { sets };
-        let mut cand = cand.into_iter().map(Some).collect::<Vec<_>>();
+        let prepared = inputs::prepare_input_sets(reference, opts)?;
+        let tensors: Vec<&[_]> = prepared.iter().map(|(_, p)| p.tensors.as_slice()).collect();
+        let (ran, cand) = rayon::join(
+            || tract_run::run_sets(reference, ref_dir, &tensors),
+            || tract_run::run_sets(candidate, cand_dir, &tensors),
+        );
+        let r = Reference::of(prepared, ran);
+        let mut cand: Vec<Option<Outputs>> = cand.into_iter().map(|(o, _)| Some(o)).collect();
         let c = r.compare_sets(
             |i| cand[i].take().expect("one candidate run per set"),
             gates,
@@ -227,16 +222,21 @@ impl Reference {
         cand_dir: Option<&Path>,
         gates: &Gates,
     ) -> Comparison {
-        let runs: Vec<Option<Outputs>> = self
-            .sets
-            .par_iter()
-            .map(|s| {
-                s.outputs
-                    .is_ok()
-                    .then(|| run(candidate, cand_dir, &s.prepared.tensors))
-            })
+        // The candidate runs on the sets the reference ran on.
+        let ran: Vec<usize> = (0..self.sets.len())
+            .filter(|&i| self.sets[i].outputs.is_ok())
             .collect();
-        let mut runs = runs;
+        let tensors: Vec<&[_]> = ran
+            .iter()
+            .map(|&i| self.sets[i].prepared.tensors.as_slice())
+            .collect();
+        let mut runs: Vec<Option<Outputs>> = (0..self.sets.len()).map(|_| None).collect();
+        for (&i, (o, _)) in ran
+            .iter()
+            .zip(tract_run::run_sets(candidate, cand_dir, &tensors))
+        {
+            runs[i] = Some(o);
+        }
         self.compare_sets(
             |i| {
                 runs[i]

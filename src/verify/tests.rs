@@ -778,3 +778,39 @@ fn an_input_folder_reports_every_file_that_cannot_be_fed() {
     let e = compare_models(&m, None, &m, None, &opts, &Gates::default()).unwrap_err();
     assert!(e.to_string().contains("holds no .npz file"), "{e}");
 }
+
+#[test]
+fn run_sets_gives_each_set_what_run_gives_it() {
+    // x declared [batch, 3]: two sets of one shape share a plan, the third gets its own.
+    let m = model(
+        vec![node("Relu", "relu", &["x"], &["y"], vec![])],
+        vec![dims_info(
+            "x",
+            DataType::Float,
+            &[Dim::P("batch"), Dim::N(3)],
+        )],
+        vec![out("y")],
+        vec![],
+    );
+    let set = |rows: usize, v: f32| {
+        let data: Vec<f32> = (0..rows * 3).map(|i| v * (i as f32 - 2.0)).collect();
+        vec![(
+            "x".to_string(),
+            Tensor::from_shape(&[rows, 3], &data).unwrap(),
+        )]
+    };
+    let sets = [set(2, 1.0), set(2, -1.0), set(4, 0.5), vec![]];
+    let refs: Vec<&[(String, Tensor)]> = sets.iter().map(|s| s.as_slice()).collect();
+    let all = run_sets(&m, None, &refs);
+    assert_eq!(all.len(), 4);
+    for (s, (got, resolved)) in sets[..3].iter().zip(&all) {
+        assert!(!resolved);
+        assert_eq!(got.as_ref().unwrap(), &run(&m, None, s).unwrap());
+    }
+    assert_eq!(
+        f32s(&all[1].0.as_ref().unwrap()[0].1),
+        vec![2.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+    );
+    // A set without the input fails alone, at the input stage.
+    assert_eq!(all[3].0.as_ref().unwrap_err().stage, RunStage::Inputs);
+}

@@ -117,12 +117,95 @@ pub fn run_resolving(
     )
 }
 
+/// A model's outputs by graph output name, or why tract could not run it.
+pub type Ran = Result<Vec<(String, Tensor)>, RunError>;
+
+/// [`run_resolving`] on several input sets, one result per set in order. Sets whose If nodes
+/// resolve the same way and whose tensors have the same types and shapes share one load,
+/// typing and plan, and the sets run in parallel: N sets of one shape cost one plan and N
+/// runs instead of N of each. Each set's outputs are those [`run_resolving`] gives.
+pub fn run_sets(
+    model: &pb::ModelProto,
+    model_dir: Option<&Path>,
+    sets: &[&[(String, Tensor)]],
+) -> Vec<(Ran, bool)> {
+    use rayon::prelude::*;
+    let specialized: Vec<Option<pb::ModelProto>> = sets
+        .par_iter()
+        .map(|inputs| super::specialize::inline_ifs(model, model_dir, inputs))
+        .collect();
+    // Groups of sets that one plan serves: same resolved model, same types and shapes fed.
+    type Key = (Option<Vec<u8>>, Vec<(String, DatumType, Vec<usize>)>);
+    let mut groups: Vec<(Key, Vec<usize>)> = vec![];
+    for (i, inputs) in sets.iter().enumerate() {
+        let key: Key = (
+            specialized[i].as_ref().map(|m| m.encode_to_vec()),
+            inputs
+                .iter()
+                .map(|(n, t)| (n.clone(), t.datum_type(), t.shape().to_vec()))
+                .collect(),
+        );
+        match groups.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, members)) => members.push(i),
+            None => groups.push((key, vec![i])),
+        }
+    }
+    let mut results: Vec<Option<Ran>> = (0..sets.len()).map(|_| None).collect();
+    for (_, members) in groups {
+        let m = specialized[members[0]].as_ref().unwrap_or(model);
+        match guarded(m, || plan_for(m, model_dir, sets[members[0]])) {
+            Err(e) => {
+                for &i in &members {
+                    results[i] = Some(Err(e.clone()));
+                }
+            }
+            Ok((plan, names)) => {
+                let ran: Vec<_> = members
+                    .par_iter()
+                    .map(|&i| guarded(m, || execute(&plan, &names, m, sets[i])))
+                    .collect();
+                for (&i, r) in members.iter().zip(ran) {
+                    results[i] = Some(r);
+                }
+            }
+        }
+    }
+    results
+        .into_iter()
+        .zip(specialized)
+        .map(|(r, s)| {
+            let r = r.unwrap_or_else(|| {
+                Err(RunError {
+                    stage: RunStage::Load,
+                    node: None,
+                    op: None,
+                    message: "input set not run".to_string(),
+                    panicked: false,
+                })
+            });
+            (r, s.is_some())
+        })
+        .collect()
+}
+
 fn run_as_given(
     model: &pb::ModelProto,
     model_dir: Option<&Path>,
     inputs: &[(String, Tensor)],
 ) -> Result<Vec<(String, Tensor)>, RunError> {
-    let result = catch_unwind(AssertUnwindSafe(|| run_inner(model, model_dir, inputs)));
+    guarded(model, || {
+        let (plan, names) = plan_for(model, model_dir, inputs)?;
+        execute(&plan, &names, model, inputs)
+    })
+}
+
+/// Runs `f`, one step of running `model` in tract, turning its failure, or a panic inside
+/// tract (with the stage and node it happened at), into a [`RunError`].
+fn guarded<T>(
+    model: &pb::ModelProto,
+    f: impl FnOnce() -> Result<T, Failure>,
+) -> Result<T, RunError> {
+    let result = catch_unwind(AssertUnwindSafe(f));
     let failed = match result {
         Ok(Ok(outputs)) => return Ok(outputs),
         Ok(Err(failed)) => failed,
@@ -230,34 +313,28 @@ fn set_stage(stage: RunStage) {
     PANIC_STAGE.with(|s| s.set(stage));
 }
 
-fn run_inner(
+/// A plan built for one set of input types and shapes, and its graph input names in order.
+type Planned = (Arc<TypedRunnableModel>, Vec<String>);
+
+/// Loads `model`, sets every input's fact from the tensor of `inputs` of its name, types it
+/// and builds the plan (no tract optimizer).
+fn plan_for(
     model: &pb::ModelProto,
     model_dir: Option<&Path>,
     inputs: &[(String, Tensor)],
-) -> Result<Vec<(String, Tensor)>, Failure> {
+) -> Result<Planned, Failure> {
     set_stage(RunStage::Load);
     let mut inference_model = load(model, model_dir).map_err(Failure::at(RunStage::Load))?;
 
     set_stage(RunStage::Inputs);
-    let mut fed: TVec<TValue> = tvec![];
     let outlets = inference_model
         .input_outlets()
         .map_err(Failure::at(RunStage::Inputs))?
         .to_vec();
+    let mut names = Vec::with_capacity(outlets.len());
     for (ix, outlet) in outlets.iter().enumerate() {
         let name = inference_model.node(outlet.node).name.clone();
-        let tensor = inputs
-            .iter()
-            .find(|(n, _)| *n == name)
-            .map(|(_, t)| t)
-            .ok_or_else(|| Failure {
-                stage: RunStage::Inputs,
-                message: format!(
-                    "no tensor fed for graph input `{name}`; fed: {:?}",
-                    inputs.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>()
-                ),
-                panicked: false,
-            })?;
+        let tensor = fed_tensor(inputs, &name)?;
         inference_model
             .set_input_fact(ix, InferenceFact::dt_shape_from_tensor(tensor))
             .map_err(|e| {
@@ -265,7 +342,7 @@ fn run_inner(
                     e.context(format!("setting the fact of input `{name}`")),
                 )
             })?;
-        fed.push(tensor.clone().into_tvalue());
+        names.push(name);
     }
 
     set_stage(RunStage::Type);
@@ -274,6 +351,38 @@ fn run_inner(
         .map_err(Failure::at(RunStage::Type))?;
     set_stage(RunStage::Plan);
     let plan = typed.into_runnable().map_err(Failure::at(RunStage::Plan))?;
+    Ok((plan, names))
+}
+
+/// The tensor of `inputs` fed to the graph input `name`.
+fn fed_tensor<'a>(inputs: &'a [(String, Tensor)], name: &str) -> Result<&'a Tensor, Failure> {
+    inputs
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, t)| t)
+        .ok_or_else(|| Failure {
+            stage: RunStage::Inputs,
+            message: format!(
+                "no tensor fed for graph input `{name}`; fed: {:?}",
+                inputs.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>()
+            ),
+            panicked: false,
+        })
+}
+
+/// Runs `plan` (graph inputs `names`) of `model` on `inputs` and returns the outputs by graph
+/// output name.
+fn execute(
+    plan: &Arc<TypedRunnableModel>,
+    names: &[String],
+    model: &pb::ModelProto,
+    inputs: &[(String, Tensor)],
+) -> Result<Vec<(String, Tensor)>, Failure> {
+    set_stage(RunStage::Inputs);
+    let fed: TVec<TValue> = names
+        .iter()
+        .map(|n| fed_tensor(inputs, n).map(|t| t.clone().into_tvalue()))
+        .collect::<Result<_, _>>()?;
     set_stage(RunStage::Run);
     let mut state = plan.spawn().map_err(Failure::at(RunStage::Run))?;
     let outputs = state
