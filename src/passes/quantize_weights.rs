@@ -24,8 +24,8 @@
 //!   but folds these): a smaller file that runs at float speed.
 //!
 //! float16 weights: scales are computed in float32; at opset >= 19 the scale is stored as
-//! float16 (DequantizeLinear-19 returns the scale's type), below that a `Cast(to=FLOAT16)`
-//! follows. float64 and bfloat16 weights are left in float with a note.
+//! float16 (DequantizeLinear-19 returns the scale's type), below that, and in the cast form at
+//! any opset, a `Cast(to=FLOAT16)` follows. float64 and bfloat16 weights are left in float with a note.
 //!
 //! The output channel axis per op: Conv 0 (`[M, C/g, k..]`), ConvTranspose 1
 //! (`[C, M/g, k..]`; with groups, channels of different groups at the same position share a
@@ -479,7 +479,8 @@ fn apply(
     // float16 weights end in a Cast to float16 (except DequantizeLinear-19 with a float16
     // scale): then the Cast's output is the final value and the float32 one before it gets a
     // name of its own.
-    let needs_cast = is_f16 && !(opset >= dq_opset(scheme) && opset >= 19);
+    let cast_form = opts.weight_format == WeightFormat::Cast;
+    let needs_cast = is_f16 && (cast_form || !(opset >= dq_opset(scheme) && opset >= 19));
     let (float_name, final_name) = if needs_cast {
         (format!("{name}_dequantized_float32"), out_base.clone())
     } else {
@@ -493,7 +494,6 @@ fn apply(
     let zp_tensor =
         |zdims: &[i64]| Tensor::from_raw(qtype.onnx_type(), zdims, qtype.pack(&qz.zero_points));
     let mut last: ValueId;
-    let cast_form = opts.weight_format == WeightFormat::Cast;
     if opset >= dq_opset(scheme) && !cast_form {
         let scale_t = if is_f16 && opset >= 19 {
             let raw: Vec<u8> = qz

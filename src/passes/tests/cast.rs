@@ -120,3 +120,23 @@ fn cast_format_refuses_4_bit_and_blocks() {
         );
     }
 }
+
+#[test]
+fn cast_format_on_fp16_weights_casts_back_to_fp16_at_every_opset() {
+    // At opset >= 19 the DequantizeLinear form keeps an fp16 scale; the cast form computes in
+    // float32 there too and needs the Cast back, or the Conv reads float32 beside an fp16 x.
+    for opset in [13, 19, 21] {
+        let p = fp16_conv_model(opset);
+        let r = run_passes_with(&p, &[W], &cast_opts(Scheme::INT8_CHANNEL));
+        let g = r.g();
+        let back = producer(g, &node_named(g, "conv").input[1]).unwrap();
+        assert_eq!(back.op_type(), "Cast", "opset {opset}: {:?}", ops(g));
+        assert_eq!(
+            attr_of(back, "to").and_then(|a| a.i),
+            Some(DataType::Float16 as i64),
+            "opset {opset}"
+        );
+        assert_onnx_checker_accepts(&r.proto, &format!("fp16-cast-opset{opset}"));
+        assert_close_in_tract(&p, &r.proto, &[("x", fp16_input())], 0.999);
+    }
+}
