@@ -1162,6 +1162,14 @@ impl Pass for ConvertFp16 {
         let opset = model.opset("").unwrap_or(1);
         let can_add_inits = super::can_add_initializers(model);
         let a = analyse(&model.graph, opset, target, can_add_inits, opts)?;
+        if opts.bf16 && a.converted.is_empty() {
+            // Nothing computes in bfloat16, so nothing is gained; and below opset 13 not even
+            // a Cast admits bfloat16, so a bfloat16 graph interface would not load.
+            stats.notes.push(format!(
+                "no op of this model admits bfloat16 at opset {opset} (most do from opset 13 on): model left unchanged"
+            ));
+            return Ok(stats);
+        }
         let has32 = a.types.contains(&Some(FLOAT));
         if !has32 {
             let reduced = a
@@ -1221,11 +1229,6 @@ impl Pass for ConvertFp16 {
             stats.notes.push(format!(
                 "graph outputs left float32 (a graph input or weight passed through): {}",
                 counts.io_kept.join(", ")
-            ));
-        }
-        if opts.bf16 && a.converted.is_empty() {
-            stats.notes.push(format!(
-                "no op of this model admits bfloat16 at opset {opset}"
             ));
         }
         Ok(stats)
@@ -1722,6 +1725,33 @@ mod tests {
         assert_eq!(cast_to(cin), BFLOAT16 as i64);
         assert!(stats.notes[0].contains("bfloat16"), "{:?}", stats.notes);
         check_onnx(&q);
+    }
+
+    #[test]
+    fn bf16_where_no_op_admits_it_leaves_the_model_and_its_interface_unchanged() {
+        // Opset 11: neither MatMul, Add nor Relu (nor Cast) admits bfloat16. A bfloat16 graph
+        // input would need a Cast from bfloat16, which the checker and onnxruntime refuse.
+        let p = model(
+            11,
+            vec![
+                node("MatMul", &["x", "w"], &["h"]),
+                node("Relu", &["h"], &["y"]),
+            ],
+            vec![info("x", DataType::Float, &[2, 4])],
+            vec![out("y", &[2, 3])],
+            vec![f32_init("w", &[4, 3], &values(12, 12))],
+        );
+        for keep_io in [false, true] {
+            let (q, stats) = convert(&p, &opts(keep_io, true));
+            assert_eq!(q, p, "keep_io_types {keep_io}");
+            assert!(
+                stats.notes.iter().any(|n| n.contains(
+                    "no op of this model admits bfloat16 at opset 11 (most do from opset 13 on): model left unchanged"
+                )),
+                "{:?}",
+                stats.notes
+            );
+        }
     }
 
     #[test]
