@@ -36,10 +36,9 @@ fn run_adds() {
     assert_eq!(f32s(&out[0].1), vec![1.5, 2.5, 3.5, 4.5, 5.5, 6.5]);
 }
 
-#[test]
-fn run_takes_concrete_shapes_from_the_inputs_fed() {
-    // x declared [batch, 3]; fed [4, 3].
-    let m = model(
+/// y = Relu(x), x float [batch, 3].
+fn relu_batch_model() -> pb::ModelProto {
+    model(
         vec![node("Relu", "relu", &["x"], &["y"], vec![])],
         vec![dims_info(
             "x",
@@ -48,7 +47,13 @@ fn run_takes_concrete_shapes_from_the_inputs_fed() {
         )],
         vec![out("y")],
         vec![],
-    );
+    )
+}
+
+#[test]
+fn run_takes_concrete_shapes_from_the_inputs_fed() {
+    // x declared [batch, 3]; fed [4, 3].
+    let m = relu_batch_model();
     let x = Tensor::from_shape(&[4, 3], &[-1.0f32; 12]).unwrap();
     let out = run(
         &m,
@@ -782,16 +787,7 @@ fn an_input_folder_reports_every_file_that_cannot_be_fed() {
 #[test]
 fn run_sets_gives_each_set_what_run_gives_it() {
     // x declared [batch, 3]: two sets of one shape share a plan, the third gets its own.
-    let m = model(
-        vec![node("Relu", "relu", &["x"], &["y"], vec![])],
-        vec![dims_info(
-            "x",
-            DataType::Float,
-            &[Dim::P("batch"), Dim::N(3)],
-        )],
-        vec![out("y")],
-        vec![],
-    );
+    let m = relu_batch_model();
     let set = |rows: usize, v: f32| {
         let data: Vec<f32> = (0..rows * 3).map(|i| v * (i as f32 - 2.0)).collect();
         vec![(
