@@ -183,16 +183,22 @@ impl Reference {
     ) -> Result<(Reference, Comparison)> {
         let prepared = inputs::prepare_input_sets(reference, opts)?;
         let tensors: Vec<&[_]> = prepared.iter().map(|(_, p)| p.tensors.as_slice()).collect();
+        let cast = as_declared(candidate, &tensors);
+        let cand_tensors: Vec<&[_]> = match &cast {
+            Some(c) => c.iter().map(Vec::as_slice).collect(),
+            None => tensors.clone(),
+        };
         let (ran, cand) = rayon::join(
             || tract_run::run_sets(reference, ref_dir, &tensors),
-            || tract_run::run_sets(candidate, cand_dir, &tensors),
+            || tract_run::run_sets(candidate, cand_dir, &cand_tensors),
         );
         let r = Reference::of(prepared, ran);
         let mut cand: Vec<Option<Outputs>> = cand.into_iter().map(|(o, _)| Some(o)).collect();
-        let c = r.compare_sets(
+        let mut c = r.compare_sets(
             |i| cand[i].take().expect("one candidate run per set"),
             gates,
         );
+        note_cast(cast.is_some(), &mut c);
         Ok((r, c))
     }
 
@@ -230,21 +236,28 @@ impl Reference {
             .iter()
             .map(|&i| self.sets[i].prepared.tensors.as_slice())
             .collect();
+        let cast = as_declared(candidate, &tensors);
+        let cand_tensors: Vec<&[_]> = match &cast {
+            Some(c) => c.iter().map(Vec::as_slice).collect(),
+            None => tensors,
+        };
         let mut runs: Vec<Option<Outputs>> = (0..self.sets.len()).map(|_| None).collect();
         for (&i, (o, _)) in ran
             .iter()
-            .zip(tract_run::run_sets(candidate, cand_dir, &tensors))
+            .zip(tract_run::run_sets(candidate, cand_dir, &cand_tensors))
         {
             runs[i] = Some(o);
         }
-        self.compare_sets(
+        let mut c = self.compare_sets(
             |i| {
                 runs[i]
                     .take()
                     .expect("the candidate ran where the reference did")
             },
             gates,
-        )
+        );
+        note_cast(cast.is_some(), &mut c);
+        c
     }
 
     /// The comparison the candidate's outputs on each set (`cand_outputs(i)` for set `i`,
@@ -390,6 +403,67 @@ fn merge(mut per_set: Vec<Comparison>, labels: &[&str]) -> Comparison {
         row.values = metrics::merge_values(&values);
     }
     merged
+}
+
+/// The input sets as `model` declares its graph inputs: a float tensor fed to a graph input
+/// of another float type (a float16 interface after an fp16 conversion without
+/// keep_io_types) is cast to that type. `None` when no tensor needs a cast.
+fn as_declared(
+    model: &pb::ModelProto,
+    sets: &[&[(String, tract_onnx::prelude::Tensor)]],
+) -> Option<Vec<Vec<(String, tract_onnx::prelude::Tensor)>>> {
+    let declared: Vec<(&str, tract_onnx::prelude::DatumType)> = model
+        .graph
+        .as_ref()?
+        .input
+        .iter()
+        .filter_map(|i| {
+            let elem = match i.r#type.as_ref()?.value.as_ref()? {
+                pb::type_proto::Value::TensorType(t) => t.elem_type?,
+                _ => return None,
+            };
+            Some((i.name(), inputs::datum_type_of_onnx(elem)?))
+        })
+        .filter(|(_, dt)| dt.is_float())
+        .collect();
+    let wanted = |name: &str, t: &tract_onnx::prelude::Tensor| {
+        declared
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|&(_, dt)| dt)
+            .filter(|&dt| t.datum_type().is_float() && dt != t.datum_type())
+    };
+    if !sets
+        .iter()
+        .any(|s| s.iter().any(|(n, t)| wanted(n, t).is_some()))
+    {
+        return None;
+    }
+    Some(
+        sets.iter()
+            .map(|s| {
+                s.iter()
+                    .map(|(n, t)| {
+                        let t = match wanted(n, t).and_then(|dt| t.cast_to_dt(dt).ok()) {
+                            Some(c) => c.into_owned(),
+                            None => t.clone(),
+                        };
+                        (n.clone(), t)
+                    })
+                    .collect()
+            })
+            .collect(),
+    )
+}
+
+/// Tells, in `c`'s notes, that the candidate's float inputs of another type were fed the
+/// same values cast to it.
+fn note_cast(cast: bool, c: &mut Comparison) {
+    if cast {
+        c.notes.push(
+            "the candidate declares float inputs of another type than the reference (e.g. float16): it was fed the same values cast to that type".to_string(),
+        );
+    }
 }
 
 /// A note per float output of one element (a scalar score, a speech probability) that no

@@ -810,3 +810,44 @@ fn run_sets_gives_each_set_what_run_gives_it() {
     // A set without the input fails alone, at the input stage.
     assert_eq!(all[3].0.as_ref().unwrap_err().stage, RunStage::Inputs);
 }
+
+#[test]
+fn a_candidate_with_float16_inputs_is_fed_the_same_values_cast_to_float16() {
+    // fp16 conversion without keep_io_types: the candidate's interface is float16.
+    let half = model(
+        vec![node("Relu", "relu", &["x"], &["y"], vec![])],
+        vec![info("x", DataType::Float16, &[2, 3])],
+        vec![out("y")],
+        vec![],
+    );
+    let opts = InputOptions {
+        seed: 5,
+        ..Default::default()
+    };
+    let gates = Gates {
+        min_cosine: Some(0.9999),
+        ..Default::default()
+    };
+    let (run, c) =
+        crate::verify::Reference::run_beside(&relu_model(), None, &half, None, &opts, &gates)
+            .unwrap();
+    assert_eq!(c.status, Verification::Checked, "{}", format_table(&c));
+    assert!(
+        c.notes.iter().any(|n| n.contains("cast to that type")),
+        "{:?}",
+        c.notes
+    );
+    let v = c.outputs[0].values.as_ref().unwrap();
+    assert!(
+        v.max_abs > 0.0 && v.max_abs < 1e-3,
+        "float16 rounding only: {}",
+        v.max_abs
+    );
+    assert_eq!(
+        run.compare(&half, None, &gates).status,
+        Verification::Checked
+    );
+    // A float32 candidate gets no cast and no note.
+    let same = run.compare(&relu_model(), None, &gates);
+    assert!(same.notes.is_empty(), "{:?}", same.notes);
+}
