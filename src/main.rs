@@ -516,8 +516,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     .to_possible_value()
                     .map(|v| v.get_name().to_string())
                     .unwrap_or_default();
+                // Weight-only options also depend on the granularity (--block-size on blocks).
+                let context = match (a.mode, a.granularity.to_possible_value()) {
+                    (Mode::WeightOnly, Some(g)) => {
+                        format!("--mode {mode} --granularity {}", g.get_name())
+                    }
+                    _ => format!("--mode {mode}"),
+                };
                 anyhow::bail!(
-                    "{} {} not apply to --mode {mode}; `onnxopt quantize --help` says which options each mode takes",
+                    "{} {} not apply to {context}; `onnxopt quantize --help` says which options each mode takes",
                     misplaced.join(", "),
                     if misplaced.len() == 1 { "does" } else { "do" }
                 );

@@ -761,7 +761,7 @@ fn quantize_options_of_another_mode_are_refused() {
         ),
         (
             vec!["--block-size", "64"],
-            "--block-size (only with --mode weight-only --granularity block) does not apply",
+            "--block-size (only with --mode weight-only --granularity block) does not apply to --mode weight-only --granularity channel;",
         ),
         (
             vec!["--calibrate-method", "entropy", "--activation-type", "int8"],
