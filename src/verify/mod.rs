@@ -183,22 +183,17 @@ impl Reference {
     ) -> Result<(Reference, Comparison)> {
         let prepared = inputs::prepare_input_sets(reference, opts)?;
         let tensors: Vec<&[_]> = prepared.iter().map(|(_, p)| p.tensors.as_slice()).collect();
-        let cast = as_declared(candidate, &tensors);
-        let cand_tensors: Vec<&[_]> = match &cast {
-            Some(c) => c.iter().map(Vec::as_slice).collect(),
-            None => tensors.clone(),
-        };
-        let (ran, cand) = rayon::join(
+        let (ran, (cand, cast)) = rayon::join(
             || tract_run::run_sets(reference, ref_dir, &tensors),
-            || tract_run::run_sets(candidate, cand_dir, &cand_tensors),
+            || run_candidate(candidate, cand_dir, &tensors),
         );
         let r = Reference::of(prepared, ran);
-        let mut cand: Vec<Option<Outputs>> = cand.into_iter().map(|(o, _)| Some(o)).collect();
+        let mut cand: Vec<Option<Outputs>> = cand.into_iter().map(Some).collect();
         let mut c = r.compare_sets(
             |i| cand[i].take().expect("one candidate run per set"),
             gates,
         );
-        note_cast(cast.is_some(), &mut c);
+        note_cast(cast, &mut c);
         Ok((r, c))
     }
 
@@ -236,16 +231,9 @@ impl Reference {
             .iter()
             .map(|&i| self.sets[i].prepared.tensors.as_slice())
             .collect();
-        let cast = as_declared(candidate, &tensors);
-        let cand_tensors: Vec<&[_]> = match &cast {
-            Some(c) => c.iter().map(Vec::as_slice).collect(),
-            None => tensors,
-        };
+        let (outputs, cast) = run_candidate(candidate, cand_dir, &tensors);
         let mut runs: Vec<Option<Outputs>> = (0..self.sets.len()).map(|_| None).collect();
-        for (&i, (o, _)) in ran
-            .iter()
-            .zip(tract_run::run_sets(candidate, cand_dir, &cand_tensors))
-        {
+        for (&i, o) in ran.iter().zip(outputs) {
             runs[i] = Some(o);
         }
         let mut c = self.compare_sets(
@@ -256,7 +244,7 @@ impl Reference {
             },
             gates,
         );
-        note_cast(cast.is_some(), &mut c);
+        note_cast(cast, &mut c);
         c
     }
 
@@ -454,6 +442,26 @@ fn as_declared(
             })
             .collect(),
     )
+}
+
+/// Runs `candidate` on `sets` (see [`tract_run::run_sets`]), each float input cast to the type
+/// the candidate declares (see [`as_declared`]); returns its outputs per set and whether a
+/// cast was needed.
+fn run_candidate(
+    candidate: &pb::ModelProto,
+    cand_dir: Option<&Path>,
+    sets: &[&[(String, tract_onnx::prelude::Tensor)]],
+) -> (Vec<Outputs>, bool) {
+    let cast = as_declared(candidate, sets);
+    let fed: Vec<&[_]> = match &cast {
+        Some(c) => c.iter().map(Vec::as_slice).collect(),
+        None => sets.to_vec(),
+    };
+    let outputs = tract_run::run_sets(candidate, cand_dir, &fed)
+        .into_iter()
+        .map(|(o, _)| o)
+        .collect();
+    (outputs, cast.is_some())
 }
 
 /// Tells, in `c`'s notes, that the candidate's float inputs of another type were fed the
