@@ -67,7 +67,7 @@ pub struct CheckArgs {
     /// [0, 1]. Also a target of the accuracy-gated fallback.
     #[arg(long, value_name = "FRACTION", value_parser = fraction)]
     pub max_accuracy_drop: Option<f64>,
-    /// Exit 0 instead of 3 when tract cannot run the original model.
+    /// Exit 0 instead of 3 when tract cannot run the original model (or a bfloat16 result).
     #[arg(long)]
     pub allow_unverified: bool,
 }
@@ -281,9 +281,10 @@ pub struct QuantizeArgs {
     /// VNNI, ARM or integer-only targets.
     #[arg(long, conflicts_with = "reduce_range")]
     pub full_range_weights: bool,
-    /// static: every layer's int8 weights in [-64, 64] (onnxruntime's `reduce_range`), so that
-    /// no u8 x s8 product pair can saturate on x86 CPUs without VNNI, whatever the activations;
-    /// by default only the layers the rule above picks. Costs a bit of weight precision.
+    /// static and dynamic: every layer's int8 weights in [-64, 64] (onnxruntime's
+    /// `reduce_range`), so that no u8 x s8 product pair can saturate on x86 CPUs without VNNI,
+    /// whatever the activations; by default static narrows only the layers the rule above
+    /// picks and dynamic none. Costs a bit of weight precision.
     #[arg(long)]
     pub reduce_range: bool,
     /// dynamic: also quantize Conv as ConvInteger (slow on common CPU runtimes).

@@ -9,7 +9,10 @@
 //! Y_i = MatMulInteger(A_q, B_quantized, A_zp)              (int32, MatMulInteger-10)
 //! Y   = Mul(Cast(Y_i, to=FLOAT), Mul(A_scale, B_scale))    (B_scale: [N])
 //! ```
-//! which onnxruntime fuses into its DynamicQuantizeMatMul kernel. `Gemm(A, B, C)` with
+//! which onnxruntime fuses into its DynamicQuantizeMatMul kernel. With
+//! `PassOptions::reduce_range` the weights lie in `[-64, 64]` (onnxruntime's `reduce_range`):
+//! x86 CPUs without VNNI sum pairs of uint8 x int8 products in int16, which full-range
+//! weights can saturate. `Gemm(A, B, C)` with
 //! `transA = 0` and `alpha = beta = 1` takes the same form on `B` (transposed ahead of time when
 //! `transB = 1`) followed by `Add(C)`. With `PassOptions::conv_integer`, `Conv(X, W, b)` becomes
 //! `ConvInteger(X_q, W_quantized, X_zp)` (ConvInteger-10) with the same rescaling (the scale
@@ -35,7 +38,7 @@ use super::{can_add_initializers, Pass, PassKind, PassOptions, PassStats};
 use crate::ir::edit::attr_int;
 use crate::ir::{Graph, Model, Names, NodeId, Tensor, ValueDef, ValueId};
 use crate::pb::tensor_proto::DataType;
-use crate::quant::{quantize, Scheme};
+use crate::quant::{quantize, Scheme, REDUCED_INT8_MAX};
 
 /// See the module documentation.
 pub struct QuantizeDynamic;
@@ -70,6 +73,13 @@ impl Pass for QuantizeDynamic {
         model.for_each_graph_mut(&mut |g, names| {
             quantize_graph(g, names, opts, &mut stats);
         });
+        if stats.changes > 0 {
+            stats.notes.push(if opts.reduce_range {
+                format!("--reduce-range: int8 weights in [-{REDUCED_INT8_MAX}, {REDUCED_INT8_MAX}], so no pair of uint8 activation x int8 weight products can saturate onnxruntime's u8 x s8 kernels")
+            } else {
+                "int8 weights use [-127, 127] beside uint8 activations: onnxruntime's u8 x s8 kernels on x86 CPUs without VNNI can saturate a pair of products there, which the tract check cannot show; --reduce-range rules it out for such targets".to_string()
+            });
+        }
         Ok(stats)
     }
 }
@@ -273,7 +283,8 @@ fn quantize_graph(g: &mut Graph, names: &mut Names, opts: &PassOptions, stats: &
         let qw = match done.entry(key) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {
-                let Some(qw) = quantize_weight(g, names, &t, &wname, site.kind) else {
+                let Some(qw) = quantize_weight(g, names, &t, &wname, site.kind, opts.reduce_range)
+                else {
                     stats.notes.push(format!(
                         "{label}: weight '{wname}' holds NaN, infinity or unreadable data: left in float"
                     ));
@@ -407,13 +418,15 @@ fn quantize_graph(g: &mut Graph, names: &mut Names, opts: &PassOptions, stats: &
 
 /// Quantizes a weight for the integer op: MatMul wants `[K, N]` (transposed from Gemm's
 /// `[N, K]` when needed) with scales per column; ConvInteger wants `[M, C/g, k..]` with scales
-/// per output channel. Symmetric int8, zero point 0 (so no weight zero point input).
+/// per output channel. Symmetric int8, zero point 0 (so no weight zero point input); in
+/// `[-64, 64]` with `reduce_range`.
 fn quantize_weight(
     g: &mut Graph,
     names: &mut Names,
     t: &Tensor,
     wname: &str,
     kind: SiteKind,
+    reduce_range: bool,
 ) -> Option<QWeight> {
     let values = t.to_f32().ok()?;
     let dims: Vec<usize> = t.dims().iter().map(|&d| d.max(0) as usize).collect();
@@ -434,7 +447,10 @@ fn quantize_weight(
         SiteKind::Conv => (values, dims, 0),
     };
     let block_axis = if axis == 0 { 1 } else { 0 };
-    let qz = quantize(&values, &dims, axis, block_axis, &Scheme::INT8_CHANNEL)?;
+    let mut qz = quantize(&values, &dims, axis, block_axis, &Scheme::INT8_CHANNEL)?;
+    if reduce_range {
+        qz.narrow(&values, &dims, axis, 127, REDUCED_INT8_MAX);
+    }
     let dims_i64: Vec<i64> = dims.iter().map(|&d| d as i64).collect();
     let q = g.add_initializer(
         names,

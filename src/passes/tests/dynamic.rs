@@ -277,3 +277,47 @@ fn dynamic_matmul_with_its_own_weight_in_an_if_branch_is_quantized_there() {
         assert_close_in_tract(&p, &r.proto, &inputs, 0.999);
     }
 }
+
+/// `reduce_range` (onnxruntime's option of the same name): every int8 weight lies in
+/// [-64, 64] and each column's largest value reaches 64, so no pair of uint8 x int8 products
+/// can exceed int16 in onnxruntime's u8 x s8 kernels; without it the columns reach 127. Both
+/// notes say which, and the reduced model still computes the same thing in tract.
+#[test]
+fn dynamic_reduce_range_keeps_int8_weights_within_64() {
+    let p = matmul_and_gemm(13);
+    let largest = |r: &Ran| -> Vec<i32> {
+        nodes(r.g(), "MatMulInteger")
+            .iter()
+            .map(|n| {
+                let w = init(r.g(), &n.input[1]).unwrap();
+                let raw = w.raw_data.as_ref().unwrap();
+                raw.iter().map(|&b| i32::from(b as i8).abs()).max().unwrap()
+            })
+            .collect()
+    };
+    let full = run_passes(&p, &[D]);
+    assert_eq!(largest(&full), [127, 127]);
+    assert!(
+        full.notes()
+            .iter()
+            .any(|n| n.contains("--reduce-range rules it out")),
+        "{:?}",
+        full.notes()
+    );
+    let opts = PassOptions {
+        reduce_range: true,
+        ..Default::default()
+    };
+    let reduced = run_passes_with(&p, &[D], &opts);
+    assert_eq!(largest(&reduced), [64, 64]);
+    assert!(
+        reduced
+            .notes()
+            .iter()
+            .any(|n| n.starts_with("--reduce-range: int8 weights in [-64, 64]")),
+        "{:?}",
+        reduced.notes()
+    );
+    let c = assert_close_in_tract(&p, &reduced.proto, &matmul_inputs(), 0.999);
+    assert_eq!(c.len(), 3);
+}
