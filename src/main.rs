@@ -1,7 +1,7 @@
 //! The `onnxopt` binary: clap -> config -> library call -> exit code.
 //!
 //! Exit codes: 0 success, 1 accuracy gate failed (output still written), 2 error,
-//! 3 unverified (tract cannot run the original; 0 with --allow-unverified).
+//! 3 unverified (tract cannot run the original, or a bfloat16 result; 0 with --allow-unverified).
 
 mod cli;
 
@@ -188,6 +188,23 @@ fn read_config(
         .with_context(|| format!("{}: not valid JSON", path.display()))?;
     let mut schemes = NodeSchemes::new();
     let mut float = Vec::new();
+    match &v {
+        serde_json::Value::Object(top) => {
+            let unknown: Vec<String> = top
+                .keys()
+                .filter(|k| k.as_str() != "nodes")
+                .map(|k| format!("\"{k}\""))
+                .collect();
+            if !unknown.is_empty() {
+                anyhow::bail!(
+                    "{}: unknown top-level field {} (a config holds only \"nodes\")",
+                    path.display(),
+                    unknown.join(", ")
+                );
+            }
+        }
+        _ => anyhow::bail!("{}: expected a JSON object with \"nodes\"", path.display()),
+    }
     let nodes = match v.get("nodes") {
         Some(serde_json::Value::Object(m)) => m.clone(),
         None => Default::default(),
@@ -243,6 +260,35 @@ fn read_config(
         }
     }
     Ok((schemes, float))
+}
+
+/// The selections of the command line and the config file that must name something in the
+/// model (checked once it is loaded).
+fn selectors(
+    op_types: &[String],
+    include: &Option<String>,
+    exclude: &Option<String>,
+    config: Option<(&std::path::Path, Vec<String>)>,
+) -> Result<Vec<passes::Selector>> {
+    let mut out = Vec::new();
+    if !op_types.is_empty() {
+        out.push(passes::Selector::OpTypes(op_types.to_vec()));
+    }
+    for (r, flag) in [(include, "--include-nodes"), (exclude, "--exclude-nodes")] {
+        if let Some(re) = regex(r, flag)? {
+            out.push(passes::Selector::NodeRegex {
+                flag: flag.to_string(),
+                re,
+            });
+        }
+    }
+    if let Some((path, names)) = config.filter(|(_, n)| !n.is_empty()) {
+        out.push(passes::Selector::NodeNames {
+            origin: format!("--config {}", path.display()),
+            names,
+        });
+    }
+    Ok(out)
 }
 
 /// `--exclude-nodes` combined with the node names a config keeps in float.
@@ -312,11 +358,11 @@ fn finish(
             };
             // Without -q the report above already gave tract's reason: not twice.
             let why = if quiet {
-                format!(" ({reason})")
+                reason
             } else {
-                " (reason above)".to_string()
+                "the check could not run (reason above)".to_string()
             };
-            eprintln!("warning: UNVERIFIED: tract cannot run the original model{why}; the optimized model was written to {out} but not checked");
+            eprintln!("warning: UNVERIFIED: {why}; the optimized model was written to {out} but not checked");
             if allow_unverified {
                 ExitCode::SUCCESS
             } else {
@@ -369,10 +415,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 inputs: input_options(&a.check)?,
                 gates: gates(&a.check),
                 validate_each: a.validate,
-                check_float_equivalent: false,
                 fallback_target: fallback_target(a.no_fallback, &a.check),
                 fallback_samples: optimize::FALLBACK_CALIBRATION_SAMPLES,
                 check_notes: vec![],
+                selectors: selectors(&a.op_types, &a.include_nodes, &a.exclude_nodes, None)?,
             };
             finish(
                 &cfg,
@@ -452,7 +498,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     a.full_range_weights && a.mode != Mode::Static,
                     "--full-range-weights",
                 ),
-                (a.reduce_range && a.mode != Mode::Static, "--reduce-range"),
+                (
+                    a.reduce_range && !matches!(a.mode, Mode::Static | Mode::Dynamic),
+                    "--reduce-range",
+                ),
                 (a.conv_integer && a.mode != Mode::Dynamic, "--conv-integer"),
                 (
                     a.keep_float_weights && !matches!(a.mode, Mode::Static | Mode::Dynamic),
@@ -533,6 +582,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 Some(path) => read_config(path, &scheme)?,
                 None => Default::default(),
             };
+            if a.mode != Mode::WeightOnly && !node_schemes.is_empty() {
+                anyhow::bail!(
+                    "{}: per-node schemes ({}) apply to --mode weight-only; with --mode {} a config can only keep nodes in float (\"node\": \"float\")",
+                    a.config.as_deref().map_or_else(String::new, |p| p.display().to_string()),
+                    node_schemes.keys().map(|k| format!("\"{k}\"")).collect::<Vec<_>>().join(", "),
+                    clap::ValueEnum::to_possible_value(&a.mode)
+                        .map(|v| v.get_name().to_string())
+                        .unwrap_or_default()
+                );
+            }
+            let config_names: Vec<String> =
+                node_schemes.keys().chain(&float_nodes).cloned().collect();
             let pass = match a.mode {
                 Mode::WeightOnly => "quantize_weights",
                 Mode::Fp16 | Mode::Bf16 => "convert_fp16",
@@ -566,11 +627,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 }),
                 (_, None) => None,
             };
-            // tract runs int8/uint8 DequantizeLinear per tensor and per axis; other forms are
-            // checked on the float-equivalent model.
-            let tract_runs = (matches!(qtype, QType::Int8 | QType::Uint8)
-                && !matches!(scheme.granularity, Granularity::Block(_)))
-                || weight_format == onnxopt::quant::WeightFormat::Cast;
             // static and dynamic: the weights of layers left in float are stored in int8 in
             // the cast form (folded back to float when the model is loaded).
             let leftover = matches!(a.mode, Mode::Static | Mode::Dynamic) && !a.keep_float_weights;
@@ -622,10 +678,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 inputs,
                 gates: gates(&a.check),
                 validate_each: false,
-                check_float_equivalent: a.mode == Mode::WeightOnly && !tract_runs,
                 fallback_target: fallback_target(a.no_fallback, &a.check),
                 fallback_samples: a.fallback_samples,
                 check_notes,
+                selectors: selectors(
+                    &a.op_types,
+                    &a.include_nodes,
+                    &a.exclude_nodes,
+                    a.config.as_deref().map(|p| (p, config_names)),
+                )?,
             };
             finish(
                 &cfg,

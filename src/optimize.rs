@@ -4,7 +4,7 @@ use std::cell::OnceCell;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
 use crate::inspect::{parameters, Params};
@@ -37,9 +37,6 @@ pub struct OptimizeConfig {
     pub gates: Gates,
     /// Validate the IR after every pass (always on in debug builds).
     pub validate_each: bool,
-    /// Check the float-equivalent model (the lossy passes write dequantized weights in place)
-    /// instead of the quantized one, for forms tract cannot run (4-bit, 16-bit, blocks).
-    pub check_float_equivalent: bool,
     /// Accuracy-gated fallback: the cosine every float output must reach, `None` to disable.
     /// Only used when the pipeline has a lossy pass and the check runs.
     pub fallback_target: Option<f64>,
@@ -48,6 +45,9 @@ pub struct OptimizeConfig {
     pub fallback_samples: usize,
     /// Notes the caller adds to the check's (e.g. that its inputs are calibration data).
     pub check_notes: Vec<String>,
+    /// The user's selections (`--op-types`, node regexes, config node names); a run where
+    /// one names nothing in the model stops with an error naming each.
+    pub selectors: Vec<passes::Selector>,
 }
 
 /// Default target of the accuracy-gated fallback when the user gives no `--min-cosine`.
@@ -61,7 +61,8 @@ pub enum Outcome {
     Ok,
     /// Written, but a gate failed or the result did not run in tract although the original did.
     GateFailed,
-    /// Written, but tract cannot run the original, so nothing was verified.
+    /// Written, but tract cannot run the original (or the result is bfloat16), so nothing was
+    /// verified.
     Unverified,
 }
 
@@ -160,6 +161,15 @@ pub fn optimize(cfg: &OptimizeConfig, reporter: &dyn Reporter) -> Result<Optimiz
     let (mut model, info) = onnx::load(&cfg.model)?;
     reporter.phase_done();
     crate::verify::gate::check_output_names(&cfg.gates, &model.graph, &cfg.model)?;
+    let unmatched = passes::unmatched_selectors(&model, &cfg.selectors);
+    if !unmatched.is_empty() {
+        bail!(
+            "{}: {} selection(s) name nothing in the model:\n  {}",
+            cfg.model.display(),
+            unmatched.len(),
+            unmatched.join("\n  ")
+        );
+    }
     let ext_in: u64 = info.external.iter().map(|e| e.2).sum();
     let before = figures(&model, &cfg.model, info.file_size + ext_in);
     let reference = if cfg.check {
@@ -179,14 +189,9 @@ pub fn optimize(cfg: &OptimizeConfig, reporter: &dyn Reporter) -> Result<Optimiz
         cfg.validate_each,
         reporter,
     )?;
-    let equivalent = cfg.check_float_equivalent && !suffix.is_empty();
-    let snapshot =
-        (cfg.check && (cfg.fallback_target.is_some() || equivalent) && !suffix.is_empty())
-            .then(|| model.clone());
-    // The options of the model that is checked: the float-equivalent model (dequantized
-    // weights in place) when tract cannot run the quantized form.
-    let mut check_opts = cfg.pass_options.clone();
-    check_opts.dequantized_weights = equivalent;
+    // The model before the lossy passes: the fallback's starting point, and where the
+    // float-equivalent model is made from when tract cannot run the quantized form.
+    let snapshot = (cfg.check && !suffix.is_empty()).then(|| model.clone());
     let checked_proto = |opts: &PassOptions| -> Result<crate::pb::ModelProto> {
         let mut m = snapshot.as_ref().context("no snapshot")?.clone();
         passes::manager::run_pipeline(&mut m, suffix, opts, cfg.validate_each, &Silent)?;
@@ -199,6 +204,11 @@ pub fn optimize(cfg: &OptimizeConfig, reporter: &dyn Reporter) -> Result<Optimiz
         cfg.validate_each,
         reporter,
     )?);
+    // The check runs the float-equivalent model (dequantized weights in place) when the
+    // result holds weight forms tract cannot run.
+    let equivalent = snapshot.is_some() && verify::tract_lacks_weight_forms(&model);
+    let mut check_opts = cfg.pass_options.clone();
+    check_opts.dequantized_weights = equivalent;
     let lossy = !suffix.is_empty();
     let gates = default_gates(cfg.gates.clone(), lossy);
     let dir = |p: &Path| p.parent().map(Path::to_path_buf);
@@ -231,6 +241,19 @@ pub fn optimize(cfg: &OptimizeConfig, reporter: &dyn Reporter) -> Result<Optimiz
         (Some(_), true) => Some(compare(&checked_proto(&check_opts)?)?),
         (None, _) => None,
     };
+    // tract cannot load bfloat16: a bf16 result it could not run is unverified, not wrong.
+    if let Some(c) = check.as_mut() {
+        if let Verification::CandidateFailed { reason, error } = &c.status {
+            if verify::holds_bfloat16(&model) {
+                c.status = Verification::Unverified {
+                    reason: format!(
+                        "the result computes in bfloat16, which tract cannot run, so it was not checked; check it on its bf16 target (GPU or accelerator) ({reason})"
+                    ),
+                    error: error.clone(),
+                };
+            }
+        }
+    }
     let mut fallback = None;
     if let (Some(snapshot), Some(target), Some(c)) = (&snapshot, cfg.fallback_target, &check) {
         let ran = matches!(c.status, Verification::Checked | Verification::Failed);
@@ -529,4 +552,80 @@ pub fn format_report(r: &OptimizeReport) -> String {
     }
     let _ = writeln!(s, "total       {:.0} ms", r.total_ms);
     s
+}
+
+#[cfg(test)]
+mod tests {
+    // Tests fail by panicking: unwrap and panic! are the point here.
+    #![allow(clippy::unwrap_used, clippy::panic)]
+    use super::*;
+    use crate::pb::tensor_proto::DataType;
+    use crate::quant::{Granularity, QType, Scheme};
+    use crate::verify::testutil::{info, init_f32, model, node, out};
+
+    /// Whichever way a form tract cannot run gets into the result (here int4 blocks chosen
+    /// for one node by a config, over an int8 per-channel default), the check runs on the
+    /// float-equivalent model and says so; before, such a result was checked as written and
+    /// failed ("accuracy check failed" where tract lacked the op). An all-int8 result is
+    /// checked as written.
+    #[test]
+    fn a_form_tract_cannot_run_is_checked_on_the_float_equivalent_model() {
+        let dir = tempfile::tempdir().unwrap();
+        let w: Vec<f32> = (0..100 * 8)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
+            .collect();
+        let mut p = model(
+            vec![
+                node("MatMul", "mm", &["x", "W"], &["y"], vec![]),
+                node("MatMul", "mm2", &["x", "W2"], &["y2"], vec![]),
+            ],
+            vec![info("x", DataType::Float, &[2, 100])],
+            vec![out("y"), out("y2")],
+            vec![init_f32("W", &[100, 8], &w), init_f32("W2", &[100, 8], &w)],
+        );
+        p.opset_import[0].version = Some(21);
+        p.ir_version = Some(10);
+        let src = dir.path().join("m.onnx");
+        std::fs::write(&src, prost::Message::encode_to_vec(&p)).unwrap();
+        let run = |schemes: &[(&str, Scheme)]| {
+            let cfg = OptimizeConfig {
+                model: src.clone(),
+                output: dir.path().join("q.onnx"),
+                passes: "quantize_weights".into(),
+                pass_options: PassOptions {
+                    weight_scheme: Some(Scheme::INT8_CHANNEL),
+                    node_schemes: schemes.iter().map(|(n, s)| (n.to_string(), *s)).collect(),
+                    ..Default::default()
+                },
+                save: Default::default(),
+                check: true,
+                inputs: Default::default(),
+                gates: Default::default(),
+                validate_each: true,
+                fallback_target: None,
+                fallback_samples: 0,
+                check_notes: vec![],
+                selectors: vec![],
+            };
+            optimize(&cfg, &Silent).unwrap()
+        };
+        let int4 = Scheme {
+            qtype: QType::Int4,
+            symmetric: true,
+            granularity: Granularity::Block(32),
+            pow2: false,
+        };
+        let r = run(&[("mm", int4)]);
+        assert_eq!(r.checked_model, "float-equivalent");
+        let c = r.check.as_ref().unwrap();
+        assert_eq!(c.status, Verification::Checked, "{:?}", c.failures);
+        assert!(
+            r.passes[0].touched.iter().any(|t| t.starts_with("W: int4")),
+            "{:?}",
+            r.passes[0].touched
+        );
+        let r = run(&[]);
+        assert_eq!(r.checked_model, "quantized");
+        assert_eq!(r.check.as_ref().unwrap().status, Verification::Checked);
+    }
 }

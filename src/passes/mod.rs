@@ -126,6 +126,87 @@ impl PassOptions {
     }
 }
 
+/// A selection the user made that must name something in the model. A misspelt op type,
+/// node regex or config node name would otherwise select nothing (or, for an exclusion,
+/// exclude nothing), and the run would succeed while doing something else than asked.
+#[derive(Debug, Clone)]
+pub enum Selector {
+    /// `--op-types`: every op type must be that of some node (op types are case-sensitive).
+    OpTypes(Vec<String>),
+    /// `--include-nodes` / `--exclude-nodes`: the regex must match some node's name.
+    NodeRegex {
+        /// The flag, for the message.
+        flag: String,
+        /// The regex.
+        re: regex::Regex,
+    },
+    /// A config file's node names: each must be the name of some node.
+    NodeNames {
+        /// Where the names come from (e.g. `--config q.json`), for the message.
+        origin: String,
+        /// The names.
+        names: Vec<String>,
+    },
+}
+
+/// Every selector of `selectors` that names nothing in `model` (its graph and every
+/// subgraph), one message each, naming the flag, what was given and what the model has.
+pub fn unmatched_selectors(model: &Model, selectors: &[Selector]) -> Vec<String> {
+    let mut names = std::collections::BTreeSet::new();
+    let mut ops = std::collections::BTreeSet::new();
+    model.graph.visit(&mut |g| {
+        for (_, n) in g.live_nodes() {
+            names.insert(n.name().to_string());
+            ops.insert(n.op_type().to_string());
+        }
+    });
+    let mut problems = Vec::new();
+    for s in selectors {
+        match s {
+            Selector::OpTypes(wanted) => {
+                let missing: Vec<&str> = wanted
+                    .iter()
+                    .filter(|o| !ops.contains(o.as_str()))
+                    .map(String::as_str)
+                    .collect();
+                if !missing.is_empty() {
+                    problems.push(format!(
+                        "--op-types {}: no node has that op type (op types are case-sensitive; the model has {})",
+                        missing.join(","),
+                        ops.iter().map(String::as_str).collect::<Vec<_>>().join(", ")
+                    ));
+                }
+            }
+            Selector::NodeRegex { flag, re } => {
+                if !names.iter().any(|n| re.is_match(n)) {
+                    problems.push(format!(
+                        "{flag} {}: matches none of the model's {} node names",
+                        re.as_str(),
+                        names.iter().filter(|n| !n.is_empty()).count()
+                    ));
+                }
+            }
+            Selector::NodeNames {
+                origin,
+                names: given,
+            } => {
+                let missing: Vec<String> = given
+                    .iter()
+                    .filter(|n| !names.contains(n.as_str()))
+                    .map(|n| format!("\"{n}\""))
+                    .collect();
+                if !missing.is_empty() {
+                    problems.push(format!(
+                        "{origin}: no node is named {} (names are matched exactly)",
+                        missing.join(", ")
+                    ));
+                }
+            }
+        }
+    }
+    problems
+}
+
 /// A pass over the IR.
 pub trait Pass: Sync {
     /// The pass name: its file name under `src/passes/`.

@@ -2307,10 +2307,10 @@ mod tests {
             },
             gates: Default::default(),
             validate_each: true,
-            check_float_equivalent: false,
             fallback_target: Some(crate::optimize::DEFAULT_FALLBACK_COSINE),
             fallback_samples: crate::optimize::FALLBACK_CALIBRATION_SAMPLES,
             check_notes: vec![],
+            selectors: vec![],
         };
         let t0 = std::time::Instant::now();
         let report = crate::optimize::optimize(&cfg, &crate::report::Silent).unwrap();

@@ -306,6 +306,24 @@ fn quantize_graph(
             .iter()
             .find_map(|((n, _), _)| opts.node_schemes.get(g.node(*n).name()).copied())
             .unwrap_or(*scheme);
+        let mut node_scheme = node_scheme;
+        // Blocks along an axis shorter than the block (a depthwise Conv's C/group = 1) would
+        // give one scale per `numel / extent` values, up to one per value, and make the file
+        // larger: such a weight is quantized per channel instead.
+        if let Granularity::Block(bs) = node_scheme.granularity {
+            let dims = t.dims();
+            let extent = dims.get(block_axis).copied().unwrap_or(0);
+            let channels = dims.get(axis).copied().unwrap_or(0);
+            let numel: i64 = dims.iter().product();
+            // One block per (channel, spatial position): more scales than per channel.
+            if extent < bs as i64 && extent * channels > 0 && numel / (extent * channels) > 1 {
+                stats.notes.push(format!(
+                    "weight '{name}' {:?}: its reduction axis {block_axis} has {extent} value(s), fewer than the block size {bs}: quantized per channel (axis {axis}) instead of one scale per {extent} value(s)",
+                    t.dims()
+                ));
+                node_scheme.granularity = Granularity::Channel;
+            }
+        }
         plans.push(Plan {
             scheme: node_scheme,
             block_axis,

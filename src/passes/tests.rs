@@ -26,6 +26,7 @@ use crate::pb::{self, attribute_proto::AttributeType, tensor_proto::DataType};
 mod cast;
 mod dynamic;
 mod nbits;
+mod selection;
 mod upgrade;
 
 // ---------------------------------------------------------------------------------------------

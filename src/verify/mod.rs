@@ -29,7 +29,7 @@ use serde::Serialize;
 pub use gate::{check, GateFailure, GateKind, Gates};
 pub use inputs::{InputInfo, InputOptions, InputSource, PreparedInputs};
 pub use metrics::{OutputMetrics, Tolerance, ValueMetrics};
-pub use tract_run::{run, run_sets, RunError, RunStage};
+pub use tract_run::{holds_bfloat16, run, run_sets, tract_lacks_weight_forms, RunError, RunStage};
 
 use crate::pb;
 
@@ -41,7 +41,8 @@ pub enum Verification {
     Checked,
     /// Both models ran and at least one gate failed (see [`Comparison::failures`]).
     Failed,
-    /// tract cannot run the reference, so nothing was compared; the candidate was not run.
+    /// tract cannot run the reference, so nothing was compared and the candidate was not
+    /// run; or (set by `optimize`) the candidate is in a form tract cannot load (bfloat16).
     Unverified {
         /// One line: stage, node, op and tract's message.
         reason: String,

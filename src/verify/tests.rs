@@ -851,3 +851,120 @@ fn a_candidate_with_float16_inputs_is_fed_the_same_values_cast_to_float16() {
     let same = run.compare(&relu_model(), None, &gates);
     assert!(same.notes.is_empty(), "{:?}", same.notes);
 }
+
+/// A float16 `Gemm(A, B, C)` (valid ONNX; onnxruntime runs it) fails to type in tract 0.23,
+/// whose Gemm multiplies C by a float32 beta. tract runs it once split into Gemm + Add, with
+/// exact values: x = [[1, 2]], B = [[1, 0, 2], [0, 1, -1]], C = [0.5, 0.25, -4] gives
+/// [[1.5, 2.25, -4]] for the Cast(to float16) input and its Cast back, also inside an If
+/// branch. A float32 Gemm with a bias is left as tract reads it.
+#[test]
+fn float16_gemm_with_a_bias_runs_in_tract() {
+    let f16 = |name: &str, dims: &[i64], v: &[f32]| pb::TensorProto {
+        name: Some(name.into()),
+        dims: dims.to_vec(),
+        data_type: Some(DataType::Float16 as i32),
+        raw_data: Some(
+            v.iter()
+                .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+                .collect::<Vec<u8>>()
+                .into(),
+        ),
+        ..Default::default()
+    };
+    let gemm_in = |g: &str, cast_out: &str| {
+        vec![
+            node(
+                "Cast",
+                &format!("{g}_in"),
+                &["x"],
+                &[&format!("{g}_x16")],
+                vec![attr_i("to", 10)],
+            ),
+            node(
+                "Gemm",
+                g,
+                &[&format!("{g}_x16"), "B", "C"],
+                &[&format!("{g}_y16")],
+                vec![],
+            ),
+            node(
+                "Cast",
+                &format!("{g}_out"),
+                &[&format!("{g}_y16")],
+                &[cast_out],
+                vec![attr_i("to", 1)],
+            ),
+        ]
+    };
+    let mut m = model(
+        gemm_in("gemm", "y"),
+        vec![info("x", DataType::Float, &[1, 2])],
+        vec![out("y")],
+        vec![
+            f16("B", &[2, 3], &[1.0, 0.0, 2.0, 0.0, 1.0, -1.0]),
+            f16("C", &[3], &[0.5, 0.25, -4.0]),
+        ],
+    );
+    let x = vec![(
+        "x".to_string(),
+        Tensor::from_shape(&[1, 2], &[1f32, 2.0]).unwrap(),
+    )];
+    let ran = run(&m, None, &x).unwrap();
+    assert_eq!(f32s(&ran[0].1), vec![1.5, 2.25, -4.0]);
+    // The same Gemm inside an If branch.
+    let branch = |name: &str, cast_out: &str| pb::GraphProto {
+        name: Some(name.into()),
+        node: gemm_in(&format!("{name}_gemm"), cast_out),
+        output: vec![out(cast_out)],
+        ..Default::default()
+    };
+    let g = m.graph.as_mut().unwrap();
+    g.node = vec![node(
+        "If",
+        "if",
+        &["cond"],
+        &["y"],
+        vec![
+            pb::AttributeProto {
+                name: Some("then_branch".into()),
+                r#type: Some(pb::attribute_proto::AttributeType::Graph as i32),
+                g: Some(branch("then", "t_y")),
+                ..Default::default()
+            },
+            pb::AttributeProto {
+                name: Some("else_branch".into()),
+                r#type: Some(pb::attribute_proto::AttributeType::Graph as i32),
+                g: Some(branch("else", "e_y")),
+                ..Default::default()
+            },
+        ],
+    )];
+    g.input.push(info("cond", DataType::Bool, &[]));
+    let mut xc = x.clone();
+    xc.push(("cond".into(), Tensor::from(true)));
+    let ran = run(&m, None, &xc).unwrap();
+    assert_eq!(f32s(&ran[0].1), vec![1.5, 2.25, -4.0]);
+    // float32 with a bias and beta = 0.5: tract's own Gemm.
+    let m = model(
+        vec![node(
+            "Gemm",
+            "gemm",
+            &["x", "B", "C"],
+            &["y"],
+            vec![pb::AttributeProto {
+                name: Some("beta".into()),
+                r#type: Some(pb::attribute_proto::AttributeType::Float as i32),
+                f: Some(0.5),
+                ..Default::default()
+            }],
+        )],
+        vec![info("x", DataType::Float, &[1, 2])],
+        vec![out("y")],
+        vec![
+            init_f32("B", &[2, 3], &[1.0, 0.0, 2.0, 0.0, 1.0, -1.0]),
+            init_f32("C", &[3], &[0.5, 0.25, -4.0]),
+        ],
+    );
+    let ran = run(&m, None, &x).unwrap();
+    assert_eq!(f32s(&ran[0].1), vec![1.25, 2.125, -2.0]);
+}

@@ -6,6 +6,7 @@
 //! from the tensor fed, and the model is typed and planned without tract's optimizer, so the
 //! run computes the graph as written, not a rewrite of it.
 
+use std::collections::HashSet;
 use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
@@ -17,6 +18,53 @@ use serde::Serialize;
 use tract_onnx::prelude::*;
 
 use crate::pb;
+
+/// Whether `model` holds weight forms that are valid ONNX but that tract cannot run:
+/// `DequantizeLinear` of an initializer other than int8/uint8 (4- and 16-bit types), or with
+/// a non-zero `block_size` (opset-21 blocks), and `com.microsoft` `MatMulNBits`. A quantized
+/// model with these is checked on its float-equivalent model (dequantized weights in place).
+pub fn tract_lacks_weight_forms(model: &crate::ir::Model) -> bool {
+    let mut found = false;
+    model.graph.visit(&mut |g| {
+        found |= g.live_nodes().any(|(_, n)| {
+            if n.domain() == "com.microsoft" && n.op_type() == "MatMulNBits" {
+                return true;
+            }
+            if !n.is("DequantizeLinear") {
+                return false;
+            }
+            let narrow = n
+                .inputs
+                .first()
+                .copied()
+                .flatten()
+                .and_then(|x| g.initializer(x))
+                .is_some_and(|t| {
+                    t.data_type() != pb::tensor_proto::DataType::Int8 as i32
+                        && t.data_type() != pb::tensor_proto::DataType::Uint8 as i32
+                });
+            narrow || n.attr_int("block_size", 0) != 0
+        });
+    });
+    found
+}
+
+/// Whether `model` computes in bfloat16 (an initializer of that type or a `Cast` to it):
+/// tract cannot load such a model.
+pub fn holds_bfloat16(model: &crate::ir::Model) -> bool {
+    let bf16 = pb::tensor_proto::DataType::Bfloat16 as i32;
+    let mut found = false;
+    model.graph.visit(&mut |g| {
+        found |= g.live_nodes().any(|(_, n)| {
+            n.is("Cast") && n.attr_int("to", 0) == i64::from(bf16)
+                || n.inputs
+                    .iter()
+                    .flatten()
+                    .any(|&v| g.initializer(v).is_some_and(|t| t.data_type() == bf16))
+        });
+    });
+    found
+}
 
 /// The step at which tract gave up.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -293,7 +341,10 @@ pub(crate) fn load(
     let onnx = tract_onnx::onnx()
         .with_ignore_value_info(true)
         .with_ignore_output_shapes(true);
-    let proto = onnx.proto_model_for_read(&mut bytes.as_slice())?;
+    let mut proto = onnx.proto_model_for_read(&mut bytes.as_slice())?;
+    if let Some(g) = proto.graph.as_mut() {
+        split_float16_gemm_bias(g);
+    }
     let dir = match model_dir {
         Some(d) => Some(d.to_str().ok_or_else(|| {
             anyhow::anyhow!("model directory {} is not valid UTF-8", d.display())
@@ -307,6 +358,78 @@ pub(crate) fn load(
         parsed.unresolved_inputs
     );
     Ok(parsed.model)
+}
+
+/// Rewrites, in tract's copy of a graph and its subgraphs, each `Gemm(A, B, C)` with
+/// `alpha = beta = 1` and a float16 `C` (an initializer, or a `Cast` to float16) into
+/// `Add(Gemm(A, B), C)`. tract 0.23 wires Gemm's `beta * C` with a float32 `beta`, so a
+/// float16 Gemm with a bias yields float32 and fails to type ("expected F16 got F32"),
+/// although the model is valid and onnxruntime runs it. With `beta = 1` the two forms compute
+/// the same values in tract (`1 * C` is exact); the Add keeps the Gemm's name and output.
+fn split_float16_gemm_bias(g: &mut tract_onnx::pb::GraphProto) {
+    use tract_onnx::pb;
+    const F16: i32 = 10;
+    let mut f16: HashSet<String> = g
+        .initializer
+        .iter()
+        .filter(|t| t.data_type == F16)
+        .map(|t| t.name.clone())
+        .collect();
+    for n in &g.node {
+        let to = n.attribute.iter().find(|a| a.name == "to").map(|a| a.i);
+        if n.op_type == "Cast" && n.domain.is_empty() && to == Some(i64::from(F16)) {
+            f16.extend(n.output.iter().cloned());
+        }
+    }
+    let float = |n: &pb::NodeProto, name: &str| {
+        n.attribute
+            .iter()
+            .find(|a| a.name == name)
+            .map_or(1.0, |a| a.f)
+    };
+    let flag = |n: &pb::NodeProto, name: &str| {
+        n.attribute
+            .iter()
+            .find(|a| a.name == name)
+            .map_or(0, |a| a.i)
+    };
+    let mut out = Vec::with_capacity(g.node.len());
+    for mut n in std::mem::take(&mut g.node) {
+        for a in &mut n.attribute {
+            if let Some(sub) = a.g.as_mut() {
+                split_float16_gemm_bias(sub);
+            }
+            for sub in &mut a.graphs {
+                split_float16_gemm_bias(sub);
+            }
+        }
+        let splits = n.op_type == "Gemm"
+            && n.domain.is_empty()
+            && n.input.len() == 3
+            && f16.contains(&n.input[2])
+            && n.output.len() == 1
+            && float(&n, "alpha") == 1.0
+            && float(&n, "beta") == 1.0
+            && flag(&n, "transA") == 0;
+        if !splits {
+            out.push(n);
+            continue;
+        }
+        let c = n.input.pop().unwrap_or_default();
+        let ab = format!("{}/tract_ab", n.output[0]);
+        let ab_node = format!("{}/tract_ab", n.name);
+        let add = pb::NodeProto {
+            input: vec![ab.clone(), c],
+            output: std::mem::replace(&mut n.output, vec![ab]),
+            name: std::mem::replace(&mut n.name, ab_node),
+            op_type: "Add".into(),
+            ..Default::default()
+        };
+        n.attribute.retain(|a| a.name != "beta");
+        out.push(n);
+        out.push(add);
+    }
+    g.node = out;
 }
 
 fn set_stage(stage: RunStage) {

@@ -195,7 +195,7 @@ fn quantize_weight_only_uint8_asymmetric_per_tensor_on_every_model() {
 }
 
 #[test]
-fn quantize_weight_only_int16_on_every_model_is_checked_on_the_float_equivalent() {
+fn quantize_weight_only_int16_on_every_model_is_checked_as_written() {
     every_model(&["--mode", "weight-only", "--dtype", "int16"], 0.9999);
     let dir = tempdir();
     check_mode(
@@ -204,8 +204,10 @@ fn quantize_weight_only_int16_on_every_model_is_checked_on_the_float_equivalent(
         0.9999,
         dir.path(),
     );
+    // Below opset 21, 16-bit weights take the Cast + Mul form, which tract runs: the check
+    // runs on the model as written.
     let report = read_json(&dir.path().join("magika-standard-v3-3.json"));
-    assert_eq!(report["checked_model"], "float-equivalent", "{report}");
+    assert_eq!(report["checked_model"], "quantized", "{report}");
 }
 
 #[test]
@@ -910,4 +912,123 @@ fn quantize_static_with_an_input_folder_meets_the_gate_on_each_file() {
         }
     }
     assert_eq!(whole, lowest);
+}
+
+/// bf16 on magika (opset 15): tract cannot load bfloat16, so the result is unverified, not
+/// wrong: exit 3 with a message saying why (exit 0 with --allow-unverified), the report's
+/// status is `unverified`, and the file passes the onnx checker and is smaller.
+#[test]
+fn quantize_bf16_is_unverified_not_failed() {
+    let dir = tempdir();
+    let out = dir.path().join("q.onnx");
+    let report = dir.path().join("q.json");
+    let args = |extra: &[&str]| -> Vec<OsString> {
+        let mut a: Vec<OsString> = vec![
+            "quantize".into(),
+            model("magika-standard-v3-3").into(),
+            "-o".into(),
+            out.clone().into(),
+            "--mode".into(),
+            "bf16".into(),
+            "--report".into(),
+            report.clone().into(),
+            "-q".into(),
+        ];
+        a.extend(extra.iter().map(OsString::from));
+        a
+    };
+    let r = run_slow(&args(&[]));
+    assert_eq!(r.code, Some(3), "{}", r.describe());
+    assert!(
+        r.stderr
+            .contains("UNVERIFIED: the result computes in bfloat16"),
+        "{}",
+        r.describe()
+    );
+    let v = read_json(&report);
+    assert_eq!(v["check"]["status"]["status"], "unverified", "{v}");
+    assert_eq!(v["outcome"], "unverified", "{v}");
+    py("check.py", &[&out]).expect_ok();
+    let (before, after) = (
+        fs::metadata(model("magika-standard-v3-3")).unwrap().len(),
+        fs::metadata(&out).unwrap().len(),
+    );
+    // 3,163,737 -> 2,911,648 bytes: most of magika's weights feed ops kept in float32.
+    assert!(after < before, "{before} -> {after} bytes");
+    let r = run_slow(&args(&["--allow-unverified"]));
+    assert!(r.ok(), "{}", r.describe());
+}
+
+/// Selections that name nothing in the model stop the run with exit 2 before any work,
+/// each listed: a lower-case op type, a regex matching no node, a config node name that is
+/// not in the model, an unknown top-level config field, and per-node schemes in a mode that
+/// cannot use them. Nothing is written.
+#[test]
+fn quantize_selections_that_name_nothing_are_refused() {
+    let dir = tempdir();
+    let out = dir.path().join("q.onnx");
+    let cfg = dir.path().join("cfg.json");
+    let quantize = |extra: &[&str]| -> Run {
+        let mut a: Vec<OsString> = vec![
+            "quantize".into(),
+            model("ppocr-mobile-v2-cls").into(),
+            "-o".into(),
+            out.clone().into(),
+            "--no-check".into(),
+        ];
+        a.extend(extra.iter().map(OsString::from));
+        run_slow(&a)
+    };
+    fs::write(
+        &cfg,
+        r#"{"nodes": {"Conv@0": "float", "Conv@99": "float"}}"#,
+    )
+    .unwrap();
+    let r = quantize(&[
+        "--op-types",
+        "conv",
+        "--include-nodes",
+        "^Conv_",
+        "--config",
+        cfg.to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, Some(2), "{}", r.describe());
+    for want in [
+        "3 selection(s) name nothing in the model",
+        "--op-types conv: no node has that op type (op types are case-sensitive; the model has",
+        "--include-nodes ^Conv_: matches none of the model's",
+        "no node is named \"Conv@99\"",
+    ] {
+        assert!(r.stderr.contains(want), "{want}: {}", r.describe());
+    }
+    assert!(!r.stderr.contains("\"Conv@0\""), "{}", r.describe());
+    fs::write(&cfg, r#"{"node": {"Conv@0": "float"}}"#).unwrap();
+    let r = quantize(&["--config", cfg.to_str().unwrap()]);
+    assert_eq!(r.code, Some(2), "{}", r.describe());
+    assert!(
+        r.stderr.contains("unknown top-level field \"node\""),
+        "{}",
+        r.describe()
+    );
+    fs::write(&cfg, r#"{"nodes": {"Conv@0": {"dtype": "int16"}}}"#).unwrap();
+    let r = quantize(&["--mode", "dynamic", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(r.code, Some(2), "{}", r.describe());
+    assert!(
+        r.stderr
+            .contains("per-node schemes (\"Conv@0\") apply to --mode weight-only"),
+        "{}",
+        r.describe()
+    );
+    assert!(!out.exists());
+    // The same selections spelt right run.
+    fs::write(&cfg, r#"{"nodes": {"Conv@0": "float"}}"#).unwrap();
+    let r = quantize(&[
+        "--op-types",
+        "Conv",
+        "--include-nodes",
+        "^Conv@",
+        "--config",
+        cfg.to_str().unwrap(),
+    ]);
+    assert!(r.ok(), "{}", r.describe());
 }
