@@ -2,6 +2,8 @@
 //!
 //! Kept: initializers that are graph outputs, that are also listed as graph inputs (a caller
 //! may feed them: they are part of the interface), and those read by name from a subgraph.
+//! [`remove_unused`] also serves the pass manager, which after each lossy pass removes the
+//! float weights that pass replaced (read before it, read by nothing after it).
 
 use anyhow::Result;
 
@@ -22,25 +24,54 @@ impl Pass for EliminateUnusedInitializers {
         PassKind::Exact
     }
     fn run(&self, model: &mut Model, _opts: &PassOptions) -> Result<PassStats> {
-        let mut stats = PassStats::default();
-        model.for_each_graph_mut(&mut |g, _names| {
-            let uses = g.uses();
-            let sub_reads = g.names_read_by_subgraphs();
-            let unused: Vec<_> = g
-                .initializers()
-                .into_iter()
-                .filter(|&v| {
-                    uses[v.0 as usize].is_empty()
-                        && !g.is_graph_output(v)
-                        && !g.is_graph_input(v)
-                        && !sub_reads.contains(&g.value(v).name)
-                })
-                .collect();
-            stats.changes += unused.len();
-            for v in unused {
-                g.remove_initializer(v);
-            }
-        });
-        Ok(stats)
+        Ok(PassStats {
+            changes: remove_unused(model, |_| true).0,
+            ..Default::default()
+        })
     }
+}
+
+/// Removes the unused initializers (as the module documentation says) whose name `among`
+/// accepts, in every graph; returns how many were removed and their bytes.
+pub fn remove_unused(model: &mut Model, among: impl Fn(&str) -> bool) -> (usize, u64) {
+    let (mut count, mut bytes) = (0, 0);
+    model.for_each_graph_mut(&mut |g, _names| {
+        let uses = g.uses();
+        let sub_reads = g.names_read_by_subgraphs();
+        let unused: Vec<_> = g
+            .initializers()
+            .into_iter()
+            .filter(|&v| {
+                let name = &g.value(v).name;
+                uses[v.0 as usize].is_empty()
+                    && !g.is_graph_output(v)
+                    && !g.is_graph_input(v)
+                    && !sub_reads.contains(name)
+                    && among(name)
+            })
+            .collect();
+        count += unused.len();
+        for v in unused {
+            bytes += g.initializer(v).map_or(0, |t| t.byte_size() as u64);
+            g.remove_initializer(v);
+        }
+    });
+    (count, bytes)
+}
+
+/// The names of the initializers that something reads (a node, a graph output, a subgraph),
+/// in every graph: what [`remove_unused`] must not take from a model before a pass runs.
+pub fn read_initializers(model: &Model) -> std::collections::HashSet<String> {
+    let mut out = std::collections::HashSet::new();
+    model.graph.visit(&mut |g| {
+        let uses = g.uses();
+        let sub_reads = g.names_read_by_subgraphs();
+        for v in g.initializers() {
+            let name = &g.value(v).name;
+            if !uses[v.0 as usize].is_empty() || g.is_graph_output(v) || sub_reads.contains(name) {
+                out.insert(name.clone());
+            }
+        }
+    });
+    out
 }

@@ -7,6 +7,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use serde::Serialize;
 
+use super::eliminate_unused_initializers::{read_initializers, remove_unused};
 use super::{Pass, PassKind, PassOptions};
 use crate::ir::{validate::validate, Model};
 use crate::report::Reporter;
@@ -74,9 +75,19 @@ pub fn run_pipeline(
                 let p = passes[k];
                 reporter.phase(&format!("pass {}", p.name()));
                 let t = Instant::now();
-                let stats = p
+                let read_before = lossy.then(|| read_initializers(model));
+                let mut stats = p
                     .run(model, opts)
                     .with_context(|| format!("pass {} failed", p.name()))?;
+                // The weights the lossy pass replaced go with it, whatever passes follow.
+                if let Some(before) = read_before {
+                    let (n, bytes) = remove_unused(model, |name| before.contains(name));
+                    if n > 0 {
+                        stats.notes.push(format!(
+                            "{n} float initializer(s) only the rewritten nodes read were removed ({bytes} bytes)"
+                        ));
+                    }
+                }
                 let rec = &mut records[k];
                 rec.time_ms += t.elapsed().as_secs_f64() * 1e3;
                 rec.rounds += 1;

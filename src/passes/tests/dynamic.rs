@@ -321,3 +321,31 @@ fn dynamic_reduce_range_keeps_int8_weights_within_64() {
     let c = assert_close_in_tract(&p, &reduced.proto, &matmul_inputs(), 0.999);
     assert_eq!(c.len(), 3);
 }
+
+/// A lossy pass alone (no cleanup after it) leaves no float copy of the weights it replaced,
+/// and says how many bytes that freed; an initializer the original model already left unread
+/// is not the pass's to remove, and stays.
+#[test]
+fn dynamic_alone_removes_the_weights_it_replaced_and_nothing_else() {
+    let mut p = matmul_and_gemm(13);
+    p.graph
+        .as_mut()
+        .unwrap()
+        .initializer
+        .push(f32_init("unread", &[2], &[1.0, 2.0]));
+    let r = run_passes(&p, &[D]);
+    let g = r.g();
+    assert!(
+        init(g, "W1").is_none() && init(g, "W2").is_none(),
+        "{:?}",
+        init_names(g)
+    );
+    assert!(init(g, "unread").is_some(), "{:?}", init_names(g));
+    assert!(init(g, "C").is_some(), "the bias is still read");
+    assert!(
+        r.notes().iter().any(|n| n
+            == "2 float initializer(s) only the rewritten nodes read were removed (1024 bytes)"),
+        "{:?}",
+        r.notes()
+    );
+}
