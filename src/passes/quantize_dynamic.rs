@@ -73,6 +73,9 @@ impl Pass for QuantizeDynamic {
         model.for_each_graph_mut(&mut |g, names| {
             quantize_graph(g, names, opts, &mut stats);
         });
+        stats
+            .notes
+            .extend(super::constant_weights_note(model, opts));
         if stats.changes > 0 {
             stats.notes.push(if opts.reduce_range {
                 format!("--reduce-range: int8 weights in [-{REDUCED_INT8_MAX}, {REDUCED_INT8_MAX}], so no pair of uint8 activation x int8 weight products can saturate onnxruntime's u8 x s8 kernels")

@@ -148,7 +148,11 @@ impl Pass for QuantizeStatic {
         }
     }
     fn run(&self, model: &mut Model, opts: &PassOptions) -> Result<PassStats> {
-        run(model, opts)
+        let mut stats = run(model, opts)?;
+        stats
+            .notes
+            .extend(super::constant_weights_note(model, opts));
+        Ok(stats)
     }
 }
 

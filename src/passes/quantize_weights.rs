@@ -168,11 +168,12 @@ impl Pass for QuantizeWeights {
         }
     }
     fn run(&self, model: &mut Model, opts: &PassOptions) -> Result<PassStats> {
-        run_scheme(
-            model,
-            opts,
-            &opts.weight_scheme.unwrap_or(Scheme::INT8_CHANNEL),
-        )
+        let scheme = opts.weight_scheme.unwrap_or(Scheme::INT8_CHANNEL);
+        let mut stats = run_scheme(model, opts, &scheme)?;
+        stats
+            .notes
+            .extend(super::constant_weights_note(model, opts));
+        Ok(stats)
     }
 }
 

@@ -27,6 +27,10 @@ impl Pass for QuantizeWeightsInt8 {
         }
     }
     fn run(&self, model: &mut Model, opts: &PassOptions) -> Result<PassStats> {
-        run_scheme(model, opts, &Scheme::INT8_CHANNEL)
+        let mut stats = run_scheme(model, opts, &Scheme::INT8_CHANNEL)?;
+        stats
+            .notes
+            .extend(super::constant_weights_note(model, opts));
+        Ok(stats)
     }
 }

@@ -132,3 +132,51 @@ fn selections_that_name_nothing_in_the_model_are_each_reported() {
         ]
     );
 }
+
+/// A weight pass run without `constant_to_initializer` before it cannot see weights held in
+/// Constant nodes: it changes nothing and its note says why and what to run.
+#[test]
+fn a_weight_pass_notes_the_weights_constant_nodes_hold() {
+    let p = model(
+        13,
+        graph(
+            "g",
+            vec![
+                node(
+                    "Constant",
+                    "w_node",
+                    &[],
+                    &["W"],
+                    vec![attr_t(
+                        "value",
+                        f32_init("W", &[4, 2], &rand_f32(8, 41, 1.0)),
+                    )],
+                ),
+                node("MatMul", "mm", &["x", "W"], &["y"], vec![]),
+            ],
+            vec![f32_info("x", &[1, 4])],
+            vec![out("y")],
+            vec![],
+        ),
+    );
+    for pass in [
+        "quantize_weights",
+        "quantize_weights_int8",
+        "quantize_dynamic",
+    ] {
+        let r = run_pass(&p, pass);
+        assert_eq!(r.changes(), 0, "{pass}");
+        assert!(
+            r.notes().iter().any(|n| n.starts_with("1 weight(s) come from Constant nodes, which this pass does not read: run constant_to_initializer")),
+            "{pass}: {:?}",
+            r.notes()
+        );
+        // With the Constant made an initializer first, the weight is quantized.
+        let r = run_passes(&p, &["constant_to_initializer", pass]);
+        assert!(r.changes() >= 2, "{pass}: {:?}", r.notes());
+        assert!(
+            !r.notes().iter().any(|n| n.contains("Constant nodes")),
+            "{pass}"
+        );
+    }
+}
