@@ -110,6 +110,38 @@ pub struct SaveArgs {
     pub force: bool,
 }
 
+/// Calibration of static quantization (`quantize --mode static`, the `quantize_static` pass).
+#[derive(Debug, Args)]
+pub struct CalibrationArgs {
+    /// static: calibration data, an .npz file (a leading batch axis holds several samples) or
+    /// a folder of .npz files (one sample each, streamed).
+    #[arg(long, value_name = "DIR|FILE.npz")]
+    pub calibration: Option<PathBuf>,
+    /// static: range estimator.
+    #[arg(long, value_enum, default_value = "minmax")]
+    pub calibrate_method: CalibrateMethod,
+    /// static: percentile of each tail for --calibrate-method percentile.
+    #[arg(long, default_value_t = 99.999)]
+    pub percentile: f64,
+    /// static: most calibration samples to read.
+    #[arg(long, default_value_t = 256)]
+    pub calibration_samples: usize,
+    /// static: activation type, uint8 (asymmetric) or int8 (symmetric).
+    #[arg(long, default_value = "uint8")]
+    pub activation_type: String,
+}
+
+impl CalibrationArgs {
+    /// Whether any calibration option differs from its default.
+    pub fn given(&self) -> bool {
+        self.calibration.is_some()
+            || self.calibrate_method != CalibrateMethod::Minmax
+            || self.percentile != 99.999
+            || self.calibration_samples != 256
+            || self.activation_type != "uint8"
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct OptimizeArgs {
     /// The model to optimize (.onnx).
@@ -148,6 +180,9 @@ pub struct OptimizeArgs {
     /// Validate the IR after every pass (always on in debug builds).
     #[arg(long)]
     pub validate: bool,
+    /// The `quantize_static` pass's calibration (as `quantize --mode static`).
+    #[command(flatten)]
+    pub cal: CalibrationArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -239,27 +274,13 @@ pub struct QuantizeArgs {
     /// weight-only: float or power-of-two (fixed-point) scales.
     #[arg(long, value_enum, default_value = "float")]
     pub scale: ScaleArg,
-    /// static: calibration data, an .npz file (a leading batch axis holds several samples) or
-    /// a folder of .npz files (one sample each, streamed).
-    #[arg(long, value_name = "DIR|FILE.npz")]
-    pub calibration: Option<PathBuf>,
-    /// static: range estimator.
-    #[arg(long, value_enum, default_value = "minmax")]
-    pub calibrate_method: CalibrateMethod,
-    /// static: percentile of each tail for --calibrate-method percentile.
-    #[arg(long, default_value_t = 99.999)]
-    pub percentile: f64,
-    /// static: most calibration samples to read.
-    #[arg(long, default_value_t = 256)]
-    pub calibration_samples: usize,
+    #[command(flatten)]
+    pub cal: CalibrationArgs,
     /// static: calibration samples (the first N) on which the accuracy-gated fallback also
     /// meets its target, besides the check's inputs. More samples make the kept layers fit
     /// more inputs, at the cost of a longer search.
     #[arg(long, value_name = "N", default_value_t = 3)]
     pub fallback_samples: usize,
-    /// static: activation type, uint8 (asymmetric) or int8 (symmetric).
-    #[arg(long, default_value = "uint8")]
-    pub activation_type: String,
     /// static: quantize every eligible layer, also those that onnxruntime's CPU int8 kernels
     /// run slower than float (depthwise, 1x1 maps, few channels): for integer-only targets.
     #[arg(long)]

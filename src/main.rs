@@ -20,17 +20,18 @@ use onnxopt::report::Reporter;
 use onnxopt::verify::{self, Gates, InputOptions, Verification};
 use onnxopt::{onnx, passes};
 
-/// The check's inputs for `quantize`: what the options say or, when they name no input at all
-/// and calibration samples come as a folder, its first sample (real data, where generated
-/// inputs would give symbolic dims the size 1).
+/// The check's inputs: what the options say or, when they name no input at all and there are
+/// calibration samples, the first sample (real data, where generated inputs would give
+/// symbolic dims the size 1), with a note saying so.
 fn check_inputs(
-    opts: onnxopt::verify::inputs::InputOptions,
+    c: &CheckArgs,
     calibration: Option<&std::path::Path>,
-) -> onnxopt::verify::inputs::InputOptions {
+) -> Result<(onnxopt::verify::inputs::InputOptions, Vec<String>)> {
+    let opts = input_options(c)?;
     if opts.npz.is_some() || !opts.shapes.is_empty() || !opts.values.is_empty() {
-        return opts;
+        return Ok((opts, vec![]));
     }
-    match calibration {
+    let opts = match calibration {
         // A folder: its first sample file.
         Some(c) if c.is_dir() => {
             let first = onnxopt::quant::calibrate::sample_files(c)
@@ -45,7 +46,13 @@ fn check_inputs(
             ..opts
         },
         None => opts,
-    }
+    };
+    let notes = if opts.npz.is_some() {
+        vec!["without --inputs the check runs on the first calibration sample, data the ranges were fitted to; give held-out inputs with --inputs for an unbiased figure".to_string()]
+    } else {
+        vec![]
+    };
+    Ok((opts, notes))
 }
 
 fn main() -> ExitCode {
@@ -108,6 +115,39 @@ fn input_options(c: &CheckArgs) -> Result<InputOptions> {
             .collect::<Result<_>>()?,
         seed: c.seed,
     })
+}
+
+/// The calibration options of `c`, `None` without `--calibration`.
+///
+/// Errors: a percentile outside (50, 100], an activation type other than uint8 or int8.
+fn calibration_options(
+    c: &cli::CalibrationArgs,
+) -> Result<Option<onnxopt::quant::CalibrationOptions>> {
+    use onnxopt::quant::{QType, RangeMethod};
+    let Some(source) = &c.calibration else {
+        return Ok(None);
+    };
+    Ok(Some(onnxopt::quant::CalibrationOptions {
+        source: source.clone(),
+        method: match c.calibrate_method {
+            cli::CalibrateMethod::Minmax => RangeMethod::MinMax,
+            cli::CalibrateMethod::Percentile => {
+                anyhow::ensure!(
+                    c.percentile > 50.0 && c.percentile <= 100.0,
+                    "--percentile must be in (50, 100]"
+                );
+                RangeMethod::Percentile {
+                    percentile: c.percentile,
+                }
+            }
+            cli::CalibrateMethod::Entropy => RangeMethod::Entropy,
+        },
+        max_samples: c.calibration_samples.max(1),
+        activation_type: match QType::parse(&c.activation_type) {
+            Some(t @ (QType::Uint8 | QType::Int8)) => t,
+            _ => anyhow::bail!("--activation-type must be uint8 or int8"),
+        },
+    }))
 }
 
 fn regex(r: &Option<String>, flag: &str) -> Result<Option<regex::Regex>> {
@@ -397,6 +437,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Optimize(a) => {
+            let calibration = calibration_options(&a.cal)?;
+            let calibrates = passes::parse_pipeline(&a.passes)?
+                .iter()
+                .any(|p| p.name() == "quantize_static");
+            if a.cal.given() && !calibrates {
+                anyhow::bail!(
+                    "--calibration and the other calibration options apply to the quantize_static pass, which --passes {} does not run",
+                    a.passes
+                );
+            }
+            let (inputs, check_notes) = check_inputs(&a.check, a.cal.calibration.as_deref())?;
             let cfg = optimize::OptimizeConfig {
                 model: a.model.clone(),
                 output: a.output.clone(),
@@ -408,16 +459,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     // The interface is a contract: float conversion keeps float32 graph
                     // inputs and outputs (only `quantize --keep-io-types false` changes them).
                     keep_io_types: true,
+                    calibration,
                     ..Default::default()
                 },
                 save: save_options(&a.model, &a.save),
                 check: !a.no_check && a.passes.trim() != "none",
-                inputs: input_options(&a.check)?,
+                inputs,
                 gates: gates(&a.check),
                 validate_each: a.validate,
                 fallback_target: fallback_target(a.no_fallback, &a.check),
                 fallback_samples: optimize::FALLBACK_CALIBRATION_SAMPLES,
-                check_notes: vec![],
+                check_notes,
                 selectors: selectors(&a.op_types, &a.include_nodes, &a.exclude_nodes, None)?,
             };
             finish(
@@ -489,7 +541,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             // Options of one mode given with another are refused, not ignored.
             let misplaced: Vec<&str> = [
                 (
-                    a.calibration.is_some() && a.mode != Mode::Static,
+                    a.cal.calibration.is_some() && a.mode != Mode::Static,
                     "--calibration",
                 ),
                 (a.all_layers && a.mode != Mode::Static, "--all-layers"),
@@ -535,15 +587,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     "--keep-io-types",
                 ),
                 (
-                    a.calibrate_method != cli::CalibrateMethod::Minmax && a.mode != Mode::Static,
+                    a.cal.calibrate_method != cli::CalibrateMethod::Minmax
+                        && a.mode != Mode::Static,
                     "--calibrate-method",
                 ),
                 (
-                    a.percentile != 99.999 && a.mode != Mode::Static,
+                    a.cal.percentile != 99.999 && a.mode != Mode::Static,
                     "--percentile",
                 ),
                 (
-                    a.calibration_samples != 256 && a.mode != Mode::Static,
+                    a.cal.calibration_samples != 256 && a.mode != Mode::Static,
                     "--calibration-samples",
                 ),
                 (
@@ -551,7 +604,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     "--fallback-samples",
                 ),
                 (
-                    a.activation_type != "uint8" && a.mode != Mode::Static,
+                    a.cal.activation_type != "uint8" && a.mode != Mode::Static,
                     "--activation-type",
                 ),
             ]
@@ -600,33 +653,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 Mode::Dynamic => "quantize_dynamic",
                 Mode::Static => "quantize_static",
             };
-            let calibration = match (a.mode, &a.calibration) {
-                (Mode::Static, None) => anyhow::bail!(
+            let calibration = calibration_options(&a.cal)?;
+            if a.mode == Mode::Static && calibration.is_none() {
+                anyhow::bail!(
                     "--mode static needs --calibration DIR|FILE.npz (samples of the graph inputs)"
-                ),
-                (_, Some(source)) => Some(onnxopt::quant::CalibrationOptions {
-                    source: source.clone(),
-                    method: match a.calibrate_method {
-                        cli::CalibrateMethod::Minmax => onnxopt::quant::RangeMethod::MinMax,
-                        cli::CalibrateMethod::Percentile => {
-                            anyhow::ensure!(
-                                a.percentile > 50.0 && a.percentile <= 100.0,
-                                "--percentile must be in (50, 100]"
-                            );
-                            onnxopt::quant::RangeMethod::Percentile {
-                                percentile: a.percentile,
-                            }
-                        }
-                        cli::CalibrateMethod::Entropy => onnxopt::quant::RangeMethod::Entropy,
-                    },
-                    max_samples: a.calibration_samples.max(1),
-                    activation_type: match QType::parse(&a.activation_type) {
-                        Some(t @ (QType::Uint8 | QType::Int8)) => t,
-                        _ => anyhow::bail!("--activation-type must be uint8 or int8"),
-                    },
-                }),
-                (_, None) => None,
-            };
+                );
+            }
             // static and dynamic: the weights of layers left in float are stored in int8 in
             // the cast form (folded back to float when the model is loaded).
             let leftover = matches!(a.mode, Mode::Static | Mode::Dynamic) && !a.keep_float_weights;
@@ -645,11 +677,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             } else {
                 (format!("cleanup,{pass},cleanup"), scheme, weight_format)
             };
-            let inputs = check_inputs(input_options(&a.check)?, a.calibration.as_deref());
-            let mut check_notes = Vec::new();
-            if a.check.inputs.is_none() && inputs.npz.is_some() {
-                check_notes.push("without --inputs the check runs on the first calibration sample, data the ranges were fitted to; give held-out inputs with --inputs for an unbiased figure".to_string());
-            }
+            let (inputs, check_notes) = check_inputs(&a.check, a.cal.calibration.as_deref())?;
             let cfg = optimize::OptimizeConfig {
                 model: a.model.clone(),
                 output: a.output.clone(),

@@ -1032,3 +1032,64 @@ fn quantize_selections_that_name_nothing_are_refused() {
     ]);
     assert!(r.ok(), "{}", r.describe());
 }
+
+/// `quantize_static` as a pass of `optimize`: `--calibration` (and the other calibration
+/// options) reach it, the check runs on the first sample with a note, the weights the pass
+/// replaced leave the file with it (it is smaller), and the quantized model meets the
+/// default gate in tract. Calibration options without the pass are refused.
+#[test]
+fn optimize_runs_quantize_static_with_calibration_options() {
+    let dir = tempdir();
+    let cal = samples("ppocr-mobile-v2-cls", dir.path(), 4, 3, false);
+    let out = dir.path().join("q.onnx");
+    let report = dir.path().join("q.json");
+    let optimize = |passes: &str| -> Run {
+        run_slow(&[
+            "optimize".into(),
+            model("ppocr-mobile-v2-cls").into(),
+            "-o".into(),
+            out.clone().into(),
+            "--passes".into(),
+            passes.into(),
+            "--calibration".into(),
+            cal.clone().into(),
+            "--calibrate-method".into(),
+            "percentile".into(),
+            "--report".into(),
+            report.clone().into(),
+        ])
+    };
+    let r = optimize("cleanup,upgrade_opset,quantize_static,cleanup");
+    assert!(r.ok(), "{}", r.describe());
+    let v = read_json(&report);
+    let pass = v["passes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "quantize_static")
+        .unwrap();
+    // 3 Conv and the MatMul: static mode leaves the layers onnxruntime runs faster in float.
+    assert!(pass["changes"].as_u64().unwrap() >= 4, "{pass}");
+    assert!(
+        pass["notes"].to_string().contains("(percentile 99.999)"),
+        "{pass}"
+    );
+    assert_eq!(v["check"]["status"]["status"], "checked", "{v}");
+    let notes = v["check"]["notes"].to_string();
+    assert!(
+        notes.contains("runs on the first calibration sample"),
+        "{notes}"
+    );
+    assert!(
+        v["after"]["bytes"].as_u64().unwrap() < v["before"]["bytes"].as_u64().unwrap(),
+        "{v}"
+    );
+    let r = optimize("default");
+    assert_eq!(r.code, Some(2), "{}", r.describe());
+    assert!(
+        r.stderr
+            .contains("apply to the quantize_static pass, which --passes default does not run"),
+        "{}",
+        r.describe()
+    );
+}
