@@ -302,6 +302,15 @@ fn read_config(
     Ok((schemes, float))
 }
 
+/// `--op-types` entries without surrounding spaces, empty ones dropped (`Conv, MatMul`).
+fn op_types(given: &[String]) -> Vec<String> {
+    given
+        .iter()
+        .map(|o| o.trim().to_string())
+        .filter(|o| !o.is_empty())
+        .collect()
+}
+
 /// The selections of the command line and the config file that must name something in the
 /// model (checked once it is loaded).
 fn selectors(
@@ -453,7 +462,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 output: a.output.clone(),
                 passes: a.passes.clone(),
                 pass_options: passes::PassOptions {
-                    op_types: a.op_types.clone(),
+                    op_types: op_types(&a.op_types),
                     exclude_nodes: regex(&a.exclude_nodes, "--exclude-nodes")?,
                     include_nodes: regex(&a.include_nodes, "--include-nodes")?,
                     // The interface is a contract: float conversion keeps float32 graph
@@ -470,7 +479,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 fallback_target: fallback_target(a.no_fallback, &a.check),
                 fallback_samples: optimize::FALLBACK_CALIBRATION_SAMPLES,
                 check_notes,
-                selectors: selectors(&a.op_types, &a.include_nodes, &a.exclude_nodes, None)?,
+                selectors: selectors(
+                    &op_types(&a.op_types),
+                    &a.include_nodes,
+                    &a.exclude_nodes,
+                    None,
+                )?,
             };
             finish(
                 &cfg,
@@ -683,7 +697,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 output: a.output.clone(),
                 passes,
                 pass_options: passes::PassOptions {
-                    op_types: a.op_types.clone(),
+                    op_types: op_types(&a.op_types),
                     include_nodes: regex(&a.include_nodes, "--include-nodes")?,
                     weight_scheme: Some(weight_scheme),
                     weight_format,
@@ -710,7 +724,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 fallback_samples: a.fallback_samples,
                 check_notes,
                 selectors: selectors(
-                    &a.op_types,
+                    &op_types(&a.op_types),
                     &a.include_nodes,
                     &a.exclude_nodes,
                     a.config.as_deref().map(|p| (p, config_names)),

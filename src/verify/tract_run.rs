@@ -20,7 +20,8 @@ use tract_onnx::prelude::*;
 use crate::pb;
 
 /// Whether `model` holds weight forms that are valid ONNX but that tract cannot run:
-/// `DequantizeLinear` of an initializer other than int8/uint8 (4- and 16-bit types), or with
+/// `DequantizeLinear` of an initializer other than int8/uint8/int32 (4- and 16-bit types; the
+/// int32 biases of static quantization run), or with
 /// a non-zero `block_size` (opset-21 blocks), and `com.microsoft` `MatMulNBits`. A quantized
 /// model with these is checked on its float-equivalent model (dequantized weights in place).
 pub fn tract_lacks_weight_forms(model: &crate::ir::Model) -> bool {
@@ -42,6 +43,7 @@ pub fn tract_lacks_weight_forms(model: &crate::ir::Model) -> bool {
                 .is_some_and(|t| {
                     t.data_type() != pb::tensor_proto::DataType::Int8 as i32
                         && t.data_type() != pb::tensor_proto::DataType::Uint8 as i32
+                        && t.data_type() != pb::tensor_proto::DataType::Int32 as i32
                 });
             narrow || n.attr_int("block_size", 0) != 0
         });
