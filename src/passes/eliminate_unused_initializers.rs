@@ -8,7 +8,7 @@
 use anyhow::Result;
 
 use super::{Pass, PassKind, PassOptions, PassStats};
-use crate::ir::Model;
+use crate::ir::{Graph, Model, NodeId, ValueId};
 
 /// See the module documentation.
 pub struct EliminateUnusedInitializers;
@@ -42,12 +42,7 @@ pub fn remove_unused(model: &mut Model, among: impl Fn(&str) -> bool) -> (usize,
             .initializers()
             .into_iter()
             .filter(|&v| {
-                let name = &g.value(v).name;
-                uses[v.0 as usize].is_empty()
-                    && !g.is_graph_output(v)
-                    && !g.is_graph_input(v)
-                    && !sub_reads.contains(name)
-                    && among(name)
+                !is_read(g, &uses, &sub_reads, v) && !g.is_graph_input(v) && among(&g.value(v).name)
             })
             .collect();
         count += unused.len();
@@ -67,11 +62,21 @@ pub fn read_initializers(model: &Model) -> std::collections::HashSet<String> {
         let uses = g.uses();
         let sub_reads = g.names_read_by_subgraphs();
         for v in g.initializers() {
-            let name = &g.value(v).name;
-            if !uses[v.0 as usize].is_empty() || g.is_graph_output(v) || sub_reads.contains(name) {
-                out.insert(name.clone());
+            if is_read(g, &uses, &sub_reads, v) {
+                out.insert(g.value(v).name.clone());
             }
         }
     });
     out
+}
+
+/// Whether initializer `v` of `g` is read: by a node (`uses` from [`Graph::uses`]), as a graph
+/// output, or by name from a subgraph (`sub_reads`).
+fn is_read(
+    g: &Graph,
+    uses: &[Vec<(NodeId, usize)>],
+    sub_reads: &std::collections::HashSet<String>,
+    v: ValueId,
+) -> bool {
+    !uses[v.0 as usize].is_empty() || g.is_graph_output(v) || sub_reads.contains(&g.value(v).name)
 }

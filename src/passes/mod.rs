@@ -207,27 +207,30 @@ pub fn unmatched_selectors(model: &Model, selectors: &[Selector]) -> Vec<String>
     problems
 }
 
-/// The note of a weight pass on a model whose selected weight readers (Conv, ConvTranspose,
-/// Gemm, MatMul, LSTM, GRU, RNN) read their weight from a `Constant` node, which weight passes
-/// do not read: `constant_to_initializer` (in the cleanup preset, and always run by the
-/// quantize command) turns them into initializers first. `None` when there are none.
+/// The note of a weight pass on a model whose selected weight readers read their weight from
+/// a `Constant` node (the readers and weight inputs `quantize_weights` takes), which weight
+/// passes do not read: `constant_to_initializer` (in the cleanup preset, and always run by
+/// the quantize command) turns them into initializers first. `None` when there are none.
 pub fn constant_weights_note(model: &Model, opts: &PassOptions) -> Option<String> {
     let mut count = 0;
     model.graph.visit(&mut |g| {
         for (_, n) in g.live_nodes() {
-            let weights: &[usize] = match n.op_type() {
-                "Conv" | "ConvTranspose" | "Gemm" | "MatMul" => &[1],
-                "LSTM" | "GRU" | "RNN" => &[1, 2],
-                _ => continue,
-            };
-            if !n.domain().is_empty() || !opts.selects(g, n) {
-                continue;
+            for (i, v) in n.inputs.iter().enumerate() {
+                let Some(p) = v.and_then(|v| g.producer(v)).map(|p| g.node(p)) else {
+                    continue;
+                };
+                let rank = p
+                    .attr("value")
+                    .and_then(|a| a.t.as_ref())
+                    .map(|t| t.dims.len());
+                if p.is("Constant")
+                    && rank.is_some_and(|r| {
+                        quantize_weights::selected_axis(g, n, i, r, opts).is_some()
+                    })
+                {
+                    count += 1;
+                }
             }
-            count += weights
-                .iter()
-                .filter_map(|&i| n.inputs.get(i).copied().flatten())
-                .filter(|&v| g.producer(v).is_some_and(|p| g.node(p).is("Constant")))
-                .count();
         }
     });
     (count > 0).then(|| {

@@ -108,7 +108,9 @@ pub fn weight_axis(node: &Node, idx: usize, rank: usize) -> Option<usize> {
     weight_axis_any(node, idx, rank)
 }
 
-fn selected_axis(
+/// The quantization axis of input `idx` (of rank `rank`) of `node` when it is a weight this
+/// pass takes and the options select the node, else `None`.
+pub(super) fn selected_axis(
     g: &Graph,
     node: &Node,
     idx: usize,
