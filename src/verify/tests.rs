@@ -944,6 +944,57 @@ fn float16_gemm_with_a_bias_runs_in_tract() {
     xc.push(("cond".into(), Tensor::from(true)));
     let ran = run(&m, None, &xc).unwrap();
     assert_eq!(f32s(&ran[0].1), vec![1.5, 2.25, -4.0]);
+    // alpha = 2, beta = 0.5 and transA = 1 (A is [2, 1]), with and without C.
+    let attr_f = |name: &str, f: f32| pb::AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(pb::attribute_proto::AttributeType::Float as i32),
+        f: Some(f),
+        ..Default::default()
+    };
+    let scaled = |inputs: &[&str]| {
+        let mut nodes = gemm_in("gemm", "y");
+        nodes[0].output = vec!["x16".into()];
+        nodes[1] = node(
+            "Transpose",
+            "t",
+            &["x16"],
+            &["xt"],
+            vec![pb::AttributeProto {
+                name: Some("perm".into()),
+                r#type: Some(pb::attribute_proto::AttributeType::Ints as i32),
+                ints: vec![1, 0],
+                ..Default::default()
+            }],
+        );
+        nodes.insert(
+            2,
+            node(
+                "Gemm",
+                "gemm",
+                inputs,
+                &["gemm_y16"],
+                vec![
+                    attr_f("alpha", 2.0),
+                    attr_f("beta", 0.5),
+                    attr_i("transA", 1),
+                ],
+            ),
+        );
+        model(
+            nodes,
+            vec![info("x", DataType::Float, &[1, 2])],
+            vec![out("y")],
+            vec![
+                f16("B", &[2, 3], &[1.0, 0.0, 2.0, 0.0, 1.0, -1.0]),
+                f16("C", &[3], &[0.5, 0.25, -4.0]),
+            ],
+        )
+    };
+    // A * B = [1, 2, 0]: 2 * [1, 2, 0] + 0.5 * [0.5, 0.25, -4] and 2 * [1, 2, 0].
+    let ran = run(&scaled(&["xt", "B", "C"]), None, &x).unwrap();
+    assert_eq!(f32s(&ran[0].1), vec![2.25, 4.125, -2.0]);
+    let ran = run(&scaled(&["xt", "B"]), None, &x).unwrap();
+    assert_eq!(f32s(&ran[0].1), vec![2.0, 4.0, 0.0]);
     // float32 with a bias and beta = 0.5: tract's own Gemm.
     let m = model(
         vec![node(

@@ -362,12 +362,15 @@ pub(crate) fn load(
     Ok(parsed.model)
 }
 
-/// Rewrites, in tract's copy of a graph and its subgraphs, each `Gemm(A, B, C)` with
-/// `alpha = beta = 1` and a float16 `C` (an initializer, or a `Cast` to float16) into
-/// `Add(Gemm(A, B), C)`. tract 0.23 wires Gemm's `beta * C` with a float32 `beta`, so a
-/// float16 Gemm with a bias yields float32 and fails to type ("expected F16 got F32"),
-/// although the model is valid and onnxruntime runs it. With `beta = 1` the two forms compute
-/// the same values in tract (`1 * C` is exact); the Add keeps the Gemm's name and output.
+/// Rewrites, in tract's copy of a graph and its subgraphs, each float16 `Gemm` (its A, B or C
+/// a float16 initializer or the output of a `Cast` to float16) with `alpha != 1` or a bias C
+/// into `Gemm(A, B)` (same `transA`/`transB`), then `Mul` by a float16 `alpha`, then
+/// `Add(_, C)` or `Add(_, Mul(C, beta))` with a float16 `beta` (ONNX Gemm-13:
+/// `Y = alpha * A' * B' + beta * C`). tract 0.23 wires Gemm's `alpha` and `beta` as float32
+/// constants, so such a float16 Gemm yields float32 and fails to type ("expected F16 got
+/// F32"), although the model is valid and onnxruntime runs it. The new nodes compute what
+/// tract's own wiring computes (the same einsum, then the same products in float16); the last
+/// one keeps the Gemm's name and output.
 fn split_float16_gemm_bias(g: &mut tract_onnx::pb::GraphProto) {
     use tract_onnx::pb;
     const F16: i32 = 10;
@@ -389,13 +392,14 @@ fn split_float16_gemm_bias(g: &mut tract_onnx::pb::GraphProto) {
             .find(|a| a.name == name)
             .map_or(1.0, |a| a.f)
     };
-    let flag = |n: &pb::NodeProto, name: &str| {
-        n.attribute
-            .iter()
-            .find(|a| a.name == name)
-            .map_or(0, |a| a.i)
+    let scalar = |name: String, v: f32| pb::TensorProto {
+        name,
+        data_type: F16,
+        raw_data: half::f16::from_f32(v).to_le_bytes().to_vec(),
+        ..Default::default()
     };
     let mut out = Vec::with_capacity(g.node.len());
+    let mut constants = Vec::new();
     for mut n in std::mem::take(&mut g.node) {
         for a in &mut n.attribute {
             if let Some(sub) = a.g.as_mut() {
@@ -405,33 +409,69 @@ fn split_float16_gemm_bias(g: &mut tract_onnx::pb::GraphProto) {
                 split_float16_gemm_bias(sub);
             }
         }
+        let (alpha, beta) = (float(&n, "alpha"), float(&n, "beta"));
+        let has_c = n.input.len() == 3 && !n.input[2].is_empty();
         let splits = n.op_type == "Gemm"
             && n.domain.is_empty()
-            && n.input.len() == 3
-            && f16.contains(&n.input[2])
             && n.output.len() == 1
-            && float(&n, "alpha") == 1.0
-            && float(&n, "beta") == 1.0
-            && flag(&n, "transA") == 0;
+            && n.input.iter().any(|i| f16.contains(i))
+            && (alpha != 1.0 || has_c);
         if !splits {
             out.push(n);
             continue;
         }
-        let c = n.input.pop().unwrap_or_default();
-        let ab = format!("{}/tract_ab", n.output[0]);
-        let ab_node = format!("{}/tract_ab", n.name);
-        let add = pb::NodeProto {
-            input: vec![ab.clone(), c],
-            output: std::mem::replace(&mut n.output, vec![ab]),
-            name: std::mem::replace(&mut n.name, ab_node),
-            op_type: "Add".into(),
-            ..Default::default()
+        let c = if n.input.len() == 3 {
+            n.input.pop().filter(|c| !c.is_empty())
+        } else {
+            None
         };
-        n.attribute.retain(|a| a.name != "beta");
-        out.push(n);
-        out.push(add);
+        let y = std::mem::take(&mut n.output[0]);
+        let name = std::mem::take(&mut n.name);
+        n.attribute
+            .retain(|a| a.name != "alpha" && a.name != "beta");
+        let mut wire = format!("{y}/tract_ab");
+        n.output[0] = wire.clone();
+        n.name = format!("{name}/tract_ab");
+        let mut steps = vec![n];
+        let mut mul = |x: String, k: f32, tag: &str, steps: &mut Vec<pb::NodeProto>| {
+            let k_name = format!("{y}/tract_{tag}");
+            constants.push(scalar(k_name.clone(), k));
+            let o = format!("{y}/tract_{tag}_product");
+            steps.push(pb::NodeProto {
+                input: vec![x, k_name],
+                output: vec![o.clone()],
+                name: format!("{name}/tract_{tag}"),
+                op_type: "Mul".into(),
+                ..Default::default()
+            });
+            o
+        };
+        if alpha != 1.0 {
+            wire = mul(wire, alpha, "alpha", &mut steps);
+        }
+        if let Some(c) = c.filter(|_| beta != 0.0) {
+            let c = if beta == 1.0 {
+                c
+            } else {
+                mul(c, beta, "beta", &mut steps)
+            };
+            steps.push(pb::NodeProto {
+                input: vec![wire, c],
+                output: vec![format!("{y}/tract_sum")],
+                name: format!("{name}/tract_sum"),
+                op_type: "Add".into(),
+                ..Default::default()
+            });
+        }
+        // The last step takes the Gemm's name and output.
+        if let Some(last) = steps.last_mut() {
+            last.output[0] = y;
+            last.name = name;
+        }
+        out.extend(steps);
     }
     g.node = out;
+    g.initializer.extend(constants);
 }
 
 fn set_stage(stage: RunStage) {
