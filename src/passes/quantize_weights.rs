@@ -123,6 +123,27 @@ pub(super) fn selected_axis(
     weight_axis_any(node, idx, rank)
 }
 
+/// What one reader (input `idx` of `node`, or a graph output) makes of a weight of rank `rank`.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Use {
+    /// A weight input of a selected node, quantized along this axis.
+    Weight(usize),
+    /// A weight input of a node the selection leaves out (`--op-types`, `--exclude-nodes`,
+    /// `--include-nodes`, a config's "float", the fallback's float layers): it keeps the float
+    /// weight.
+    Excluded,
+    /// Any other reader (another op, another input, a graph output).
+    Other,
+}
+
+fn reader_use(g: &Graph, node: &Node, idx: usize, rank: usize, opts: &PassOptions) -> Use {
+    match weight_axis_any(node, idx, rank) {
+        Some(a) if opts.selects(g, node) => Use::Weight(a),
+        Some(_) => Use::Excluded,
+        None => Use::Other,
+    }
+}
+
 fn weight_axis_any(node: &Node, idx: usize, rank: usize) -> Option<usize> {
     if !node.domain().is_empty() {
         return None;
@@ -145,11 +166,14 @@ fn weight_axis_any(node: &Node, idx: usize, rank: usize) -> Option<usize> {
 struct Plan {
     weight: ValueId,
     axis: usize,
-    /// Readers in this graph that get the dequantized value.
+    /// Readers in this graph that get the dequantized value (every reader when the float
+    /// weight goes).
     local: Vec<(NodeId, usize)>,
-    /// True when some reader (anywhere) keeps the float weight.
+    /// True when some reader (anywhere) keeps the float weight: a node the selection leaves
+    /// out.
     keep_float: bool,
-    /// True when a subgraph reads it for a quantizable use.
+    /// True when a subgraph reads it for a quantizable use (for any use when the float weight
+    /// goes).
     in_subgraphs: bool,
     /// The reduction axis blocks run along.
     block_axis: usize,
@@ -255,10 +279,10 @@ fn quantize_graph(
         }
         let rank = t.dims().len();
         let name = g.value(w).name.clone();
-        // Classify every reader: Some(axis) = quantizable, None = keeps float.
-        let mut local_axes: Vec<((NodeId, usize), Option<usize>)> = uses[w.0 as usize]
+        // Classify every reader.
+        let mut local_uses: Vec<((NodeId, usize), Use)> = uses[w.0 as usize]
             .iter()
-            .map(|&(n, i)| ((n, i), selected_axis(g, g.node(n), i, rank, opts)))
+            .map(|&(n, i)| ((n, i), reader_use(g, g.node(n), i, rank, opts)))
             .collect();
         let mut sub_axes = Vec::new();
         for &id in &sub_nodes {
@@ -266,17 +290,18 @@ fn quantize_graph(
                 sub_uses(sg, &name, rank, opts, &mut sub_axes);
             }
         }
-        let all: Vec<Option<usize>> = local_axes
+        let all: Vec<Use> = local_uses
             .iter()
             .map(|(_, a)| *a)
             .chain(sub_axes.iter().copied())
             .collect();
         // The axis most readers want (ties: the first reader's).
         let mut best: Option<(usize, usize)> = None;
-        for a in all.iter().flatten() {
-            let count = all.iter().filter(|x| **x == Some(*a)).count();
+        for u in &all {
+            let Use::Weight(a) = *u else { continue };
+            let count = all.iter().filter(|x| **x == *u).count();
             if best.is_none_or(|(_, c)| count > c) {
-                best = Some((*a, count));
+                best = Some((a, count));
             }
         }
         let Some((axis, _)) = best else { continue };
@@ -293,11 +318,51 @@ fn quantize_graph(
             ));
             continue;
         }
-        let keep_float = all.iter().any(|a| *a != Some(axis)) || g.is_graph_output(w);
-        local_axes.retain(|(_, a)| *a == Some(axis));
+        // Readers the selection leaves out keep the float weight, so it is stored twice.
+        // Every other reader (another op, another axis, a graph output) reads the dequantized
+        // value in its place, so the weight is stored once, quantized.
+        let keep_float = all.contains(&Use::Excluded);
+        let others = all
+            .iter()
+            .filter(|u| !matches!(u, Use::Weight(a) if *a == axis))
+            .count()
+            + usize::from(g.is_graph_output(w));
+        if keep_float {
+            let left_out: Vec<String> = local_uses
+                .iter()
+                .filter(|(_, u)| *u == Use::Excluded)
+                .map(|((n, _), _)| g.node(*n).label(*n))
+                .collect();
+            stats.notes.push(format!(
+                "weight '{name}' is stored twice, in float for the node(s) the selection leaves out ({}) and quantized for the others: the file grows by the quantized copy",
+                if left_out.is_empty() {
+                    "in subgraphs".to_string()
+                } else {
+                    left_out.join(", ")
+                }
+            ));
+        } else if others > 0 {
+            stats.notes.push(format!(
+                "weight '{name}' is also read {others} time(s) other than as a {} weight along axis {axis} (another op or axis, a graph output, a subgraph): those readers read its dequantized value, so it is stored once",
+                local_uses
+                    .iter()
+                    .find_map(|((n, _), u)| (*u == Use::Weight(axis)).then(|| g.node(*n).op_type().to_string()))
+                    .unwrap_or_else(|| "quantized".into())
+            ));
+        }
+        let in_subgraphs = if keep_float {
+            sub_axes.contains(&Use::Weight(axis))
+        } else {
+            !sub_axes.is_empty()
+        };
+        if keep_float {
+            local_uses.retain(|(_, a)| *a == Use::Weight(axis));
+        }
+        let local_axes = local_uses;
 
         let block_axis = local_axes
-            .first()
+            .iter()
+            .find(|(_, u)| *u == Use::Weight(axis))
             .map(|((n, _), _)| block_axis(g.node(*n), rank, axis))
             .unwrap_or(if axis + 1 == rank {
                 rank.saturating_sub(2)
@@ -307,7 +372,15 @@ fn quantize_graph(
         // A per-node override (config file) of the first reader that has one.
         let node_scheme = local_axes
             .iter()
+            .filter(|(_, u)| *u == Use::Weight(axis))
             .find_map(|((n, _), _)| opts.node_schemes.get(g.node(*n).name()).copied())
+            .or_else(|| {
+                sub_nodes.iter().find_map(|&id| {
+                    g.node(id)
+                        .subgraphs()
+                        .find_map(|sg| sub_scheme(sg, &name, rank, axis, opts))
+                })
+            })
             .unwrap_or(*scheme);
         let mut node_scheme = node_scheme;
         // Blocks along an axis shorter than the block (a depthwise Conv's C/group = 1) would
@@ -334,7 +407,7 @@ fn quantize_graph(
             axis,
             local: local_axes.into_iter().map(|(u, _)| u).collect(),
             keep_float,
-            in_subgraphs: sub_axes.contains(&Some(axis)),
+            in_subgraphs,
         });
     }
     for plan in plans {
@@ -369,16 +442,16 @@ fn quantize_graph(
 }
 
 /// Readers of outer value `name` inside subgraph `sg` and deeper, unless shadowed.
-fn sub_uses(sg: &Graph, name: &str, rank: usize, opts: &PassOptions, out: &mut Vec<Option<usize>>) {
+fn sub_uses(sg: &Graph, name: &str, rank: usize, opts: &PassOptions, out: &mut Vec<Use>) {
     if let Some(v) = sg.find(name) {
         if sg.value(v).def != ValueDef::Outer {
             return; // shadowed by a local definition
         }
         for (n, i) in &sg.uses()[v.0 as usize] {
-            out.push(selected_axis(sg, sg.node(*n), *i, rank, opts));
+            out.push(reader_use(sg, sg.node(*n), *i, rank, opts));
         }
         if sg.is_graph_output(v) {
-            out.push(None);
+            out.push(Use::Other);
         }
     }
     for (_, n) in sg.live_nodes() {
@@ -386,6 +459,35 @@ fn sub_uses(sg: &Graph, name: &str, rank: usize, opts: &PassOptions, out: &mut V
             sub_uses(inner, name, rank, opts, out);
         }
     }
+}
+
+/// The per-node scheme (`PassOptions::node_schemes`) of the first reader of outer `name` in
+/// `sg` (and deeper, unless shadowed) that quantizes it along `axis`.
+fn sub_scheme(
+    sg: &Graph,
+    name: &str,
+    rank: usize,
+    axis: usize,
+    opts: &PassOptions,
+) -> Option<Scheme> {
+    if let Some(v) = sg.find(name) {
+        if sg.value(v).def != ValueDef::Outer {
+            return None;
+        }
+        let found = sg.uses()[v.0 as usize].iter().find_map(|&(n, i)| {
+            let node = sg.node(n);
+            (reader_use(sg, node, i, rank, opts) == Use::Weight(axis))
+                .then(|| opts.node_schemes.get(node.name()).copied())
+                .flatten()
+        });
+        if found.is_some() {
+            return found;
+        }
+    }
+    sg.live_nodes().find_map(|(_, n)| {
+        n.subgraphs()
+            .find_map(|inner| sub_scheme(inner, name, rank, axis, opts))
+    })
 }
 
 /// Points quantizable readers of outer `name` in `sg` (and deeper) at outer `new_name`.
@@ -473,7 +575,13 @@ fn apply(
         } else {
             Tensor::from_f32(&dims_i64, &d)
         };
-        g.set_initializer(w, t);
+        if plan.keep_float {
+            // The readers the selection leaves out keep the float values.
+            let d = g.add_initializer(names, &format!("{name}_dequantized"), t);
+            point_readers_at(g, plan, &name, d, opts);
+        } else {
+            g.set_initializer(w, t);
+        }
         return true;
     }
     let qtype = scheme.qtype;
@@ -655,24 +763,31 @@ fn apply(
     }
     if take_over {
         g.replace_uses(w, last);
+        g.redirect_outputs(w, last);
         g.remove_initializer(w);
         g.transfer_name(w, last);
     } else {
-        for &(n, i) in &plan.local {
-            g.set_input(n, i, Some(last));
-        }
-        if plan.in_subgraphs {
-            let new_name = g.value(last).name.clone();
-            let rank = dims.len();
-            let ids: Vec<NodeId> = g.order.clone();
-            for id in ids {
-                for sg in g.node_mut(id).subgraphs_mut() {
-                    redirect_sub(sg, &name, &new_name, rank, plan.axis, opts);
-                }
+        point_readers_at(g, plan, &name, last, opts);
+    }
+    true
+}
+
+/// Points the quantized readers of weight `name` (`plan.local`, and those in subgraphs) at
+/// `value`, leaving its other readers on the float weight.
+fn point_readers_at(g: &mut Graph, plan: &Plan, name: &str, value: ValueId, opts: &PassOptions) {
+    for &(n, i) in &plan.local {
+        g.set_input(n, i, Some(value));
+    }
+    if plan.in_subgraphs {
+        let new_name = g.value(value).name.clone();
+        let rank = g.initializer(plan.weight).map_or(0, |t| t.dims().len());
+        let ids: Vec<NodeId> = g.order.clone();
+        for id in ids {
+            for sg in g.node_mut(id).subgraphs_mut() {
+                redirect_sub(sg, name, &new_name, rank, plan.axis, opts);
             }
         }
     }
-    true
 }
 
 fn cast(

@@ -1188,15 +1188,22 @@ fn assert_dequantizes_to(w: &[f32], dims: &[i64], axis: usize, q: &[f32], scales
     }
 }
 
-/// A Conv weight read by two Convs and by a ReduceSum whose result is a graph output.
-#[test]
-fn quantize_shared_weight_keeps_float_for_other_readers() {
-    let w = rand_f32(4 * 3 * 3 * 3, 3, 0.5);
-    let p = model(
+/// A Conv weight read by two Convs, by a ReduceSum whose result is a graph output, and itself
+/// a graph output: stored once, quantized, and every reader reads the dequantized value (the
+/// float copy kept for the other readers made the file larger than the original).
+fn shared_weight_model(w: &[f32]) -> pb::ModelProto {
+    model(
         13,
         graph(
             "g",
             vec![
+                node(
+                    "ReduceSum",
+                    "wsum",
+                    &["W"],
+                    &["w_sum"],
+                    vec![attr_i("keepdims", 0)],
+                ),
                 node("Conv", "conv1", &["x", "W"], &["c1"], vec![]),
                 node(
                     "Conv",
@@ -1205,45 +1212,111 @@ fn quantize_shared_weight_keeps_float_for_other_readers() {
                     &["c2"],
                     vec![attr_ints("pads", &[1, 1, 1, 1])],
                 ),
-                node(
-                    "ReduceSum",
-                    "wsum",
-                    &["W"],
-                    &["w_sum"],
-                    vec![attr_i("keepdims", 0)],
-                ),
             ],
             vec![f32_info("x", &[1, 3, 8, 8])],
-            vec![out("c1"), out("c2"), out("w_sum")],
-            vec![f32_init("W", &[4, 3, 3, 3], &w)],
+            vec![out("c1"), out("c2"), out("w_sum"), out("W")],
+            vec![f32_init("W", &[4, 3, 3, 3], w)],
         ),
-    );
+    )
+}
+
+#[test]
+fn quantize_shared_weight_is_stored_once_for_every_reader() {
+    let w = rand_f32(4 * 3 * 3 * 3, 3, 0.5);
+    let p = shared_weight_model(&w);
     let r = run_pass(&p, Q);
     let g = r.g();
     assert_eq!(count(g, "DequantizeLinear"), 1, "{:?}", ops(g));
+    assert!(init(g, "W").is_none(), "the float weight goes");
     let dq = dq_of(g, "W");
-    let deq = &dq.node.output[0];
-    assert_eq!(node_named(g, "conv1").input[1], *deq);
-    assert_eq!(node_named(g, "conv2").input[1], *deq);
+    assert_eq!(
+        dq.node.output[0], "W",
+        "the dequantized value takes the weight's name"
+    );
+    assert_eq!(
+        g.node[0].op_type(),
+        "DequantizeLinear",
+        "before its first reader"
+    );
+    for n in ["conv1", "conv2"] {
+        assert_eq!(node_named(g, n).input[1], "W");
+    }
     assert_eq!(node_named(g, "wsum").input[0], "W");
-    assert_eq!(values(init(g, "W").unwrap()), w, "the float weight stays");
     assert_eq!(axis_of(dq.node), Some(0));
     assert_dequantizes_to(&w, &[4, 3, 3, 3], 0, &values(dq.q), &values(dq.scale));
-    assert_eq!(output_names(g), ["c1", "c2", "w_sum"]);
+    assert_eq!(output_names(g), ["c1", "c2", "w_sum", "W"]);
+    let notes = r.notes().join("\n");
+    assert!(
+        notes.contains("weight 'W' is also read 2 time(s)") && notes.contains("stored once"),
+        "{notes}"
+    );
 
     let x = tensor(&[1, 3, 8, 8], &rand_f32(192, 4, 1.0));
     let inputs = [("x", x)];
     let (before, after) = (tract(&p, &inputs), tract(&r.proto, &inputs));
-    assert_eq!(before[2].0, "w_sum");
-    assert_eq!(
-        before[2].1[0].to_bits(),
-        after[2].1[0].to_bits(),
-        "ReduceSum of the float weight must be bit-identical"
-    );
-    for k in 0..2 {
+    for k in 0..4 {
         let c = cosine(&before[k].1, &after[k].1);
         assert!(c >= 0.999, "{}: cosine {c}", before[k].0);
     }
+    let deq: Vec<f32> = after[3].1.iter().map(|v| *v as f32).collect();
+    assert_ne!(deq, w, "the output W is the dequantized weight");
+    let sum: f32 = deq.iter().sum();
+    let got: f32 = after[2].1.iter().map(|v| *v as f32).sum();
+    assert!(
+        (sum - got).abs() < 1e-4,
+        "ReduceSum reads the dequantized weight: {sum} vs {got}"
+    );
+}
+
+/// A reader the selection leaves out keeps the float weight (bit for bit), so the weight is
+/// stored twice, with a note; the float-equivalent model (dequantized weights) gives the left-out
+/// reader the float values too.
+#[test]
+fn quantize_shared_weight_keeps_float_for_readers_left_out() {
+    let w = rand_f32(4 * 3 * 3 * 3, 3, 0.5);
+    let p = shared_weight_model(&w);
+    let opts = PassOptions {
+        exclude_nodes: Some(regex::Regex::new("^conv2$").unwrap()),
+        ..Default::default()
+    };
+    let r = run_passes_with(&p, &[Q], &opts);
+    let g = r.g();
+    let dq = dq_of(g, "W");
+    let deq = &dq.node.output[0];
+    assert_eq!(node_named(g, "conv1").input[1], *deq);
+    assert_eq!(node_named(g, "conv2").input[1], "W");
+    assert_eq!(node_named(g, "wsum").input[0], "W");
+    assert_eq!(values(init(g, "W").unwrap()), w, "the float weight stays");
+    let notes = r.notes().join("\n");
+    assert!(
+        notes.contains("weight 'W' is stored twice") && notes.contains("conv2"),
+        "{notes}"
+    );
+
+    let x = tensor(&[1, 3, 8, 8], &rand_f32(192, 4, 1.0));
+    let inputs = [("x", x)];
+    let (before, after) = (tract(&p, &inputs), tract(&r.proto, &inputs));
+    assert_eq!(before[1].1, after[1].1, "conv2 is left in float");
+    assert_eq!(before[2].1, after[2].1, "ReduceSum reads the float weight");
+    assert!(cosine(&before[0].1, &after[0].1) >= 0.999);
+
+    let eq = run_passes_with(
+        &p,
+        &[Q],
+        &PassOptions {
+            dequantized_weights: true,
+            ..opts
+        },
+    );
+    let after_eq = tract(&eq.proto, &inputs);
+    assert_eq!(
+        before[1].1, after_eq[1].1,
+        "conv2 reads float in the float-equivalent model"
+    );
+    assert_eq!(
+        after[0].1, after_eq[0].1,
+        "conv1 reads the dequantized weight in both"
+    );
 }
 
 #[test]
@@ -1831,7 +1904,7 @@ fn constant_to_initializer_keeps_sparse_value_constants() {
 }
 
 #[test]
-fn quantize_weight_read_at_two_axes_keeps_float_for_the_minority() {
+fn quantize_weight_read_at_two_axes_is_stored_once_along_the_majority_axis() {
     // W [8, 8]: two MatMuls want axis 1, a Gemm with transB=1 wants axis 0.
     let w = rand_f32(64, 27, 0.5);
     let p = model(
@@ -1859,21 +1932,25 @@ fn quantize_weight_read_at_two_axes_keeps_float_for_the_minority() {
     assert_eq!(count(g, "DequantizeLinear"), 1, "{:?}", ops(g));
     let dq = dq_of(g, "W");
     assert_eq!(axis_of(dq.node), Some(1));
-    assert_eq!(node_named(g, "mm1").input[1], dq.node.output[0]);
-    assert_eq!(node_named(g, "mm2").input[1], dq.node.output[0]);
-    assert_eq!(node_named(g, "gemm").input[1], "W");
-    assert_eq!(values(init(g, "W").unwrap()), w);
+    assert_eq!(dq.node.output[0], "W");
+    for n in ["mm1", "gemm", "mm2"] {
+        assert_eq!(
+            node_named(g, n).input[1],
+            "W",
+            "{n} reads the dequantized weight"
+        );
+    }
+    assert!(init(g, "W").is_none());
     let x = tensor(&[2, 8], &rand_f32(16, 28, 1.0));
     let (before, after) = (tract(&p, &[("x", x.clone())]), tract(&r.proto, &[("x", x)]));
-    assert_eq!(before[1], after[1], "the Gemm reads the float weight");
-    for k in [0, 2] {
+    for k in 0..3 {
         let c = cosine(&before[k].1, &after[k].1);
         assert!(c >= 0.999, "{}: cosine {c}", before[k].0);
     }
 }
 
 #[test]
-fn quantize_weight_that_is_a_graph_output_keeps_its_float_copy() {
+fn quantize_weight_that_is_a_graph_output_is_stored_once() {
     let w = rand_f32(40, 29, 0.5);
     let p = model(
         13,
@@ -1888,15 +1965,20 @@ fn quantize_weight_that_is_a_graph_output_keeps_its_float_copy() {
     let r = run_pass(&p, Q);
     let g = r.g();
     let dq = dq_of(g, "W");
-    assert_eq!(node_named(g, "mm").input[1], dq.node.output[0]);
-    assert_eq!(values(init(g, "W").unwrap()), w);
+    assert_eq!(
+        dq.node.output[0], "W",
+        "the output W is the dequantized weight"
+    );
+    assert_eq!(node_named(g, "mm").input[1], "W");
+    assert!(init(g, "W").is_none());
     assert_eq!(output_names(g), ["y", "W"]);
     assert_eq!(g.output, main(&p).output);
     let x = tensor(&[2, 8], &rand_f32(16, 30, 1.0));
     let (before, after) = (tract(&p, &[("x", x.clone())]), tract(&r.proto, &[("x", x)]));
-    assert_eq!(before[1], after[1], "the output W is the float weight");
-    let c = cosine(&before[0].1, &after[0].1);
-    assert!(c >= 0.999, "y: cosine {c}");
+    for k in 0..2 {
+        let c = cosine(&before[k].1, &after[k].1);
+        assert!(c >= 0.999, "{}: cosine {c}", before[k].0);
+    }
 }
 
 /// `y = If(cond)`: the then branch computes `then_out = MatMul(x, Wt)`, the else branch
@@ -2139,11 +2221,14 @@ fn quantize_outer_weight_with_a_float_reader_in_a_branch() {
     assert_eq!(count(g, "DequantizeLinear"), 2, "{:?}", ops(g));
     let dq = dq_of(g, "W");
     let dq2 = dq_of(g, "W2");
-    assert_eq!(node_named(g, "conv").input[1], dq.node.output[0]);
-    assert_eq!(values(init(g, "W").unwrap()), w, "the float W stays");
+    // W is stored once: every reader, the branch's ReduceSum included, reads the dequantized
+    // value under the weight's name.
+    assert_eq!(dq.node.output[0], "W");
+    assert_eq!(node_named(g, "conv").input[1], "W");
+    assert!(init(g, "W").is_none(), "the float W goes");
     let then_b = branch(g, "if", "then_branch");
     let else_b = branch(g, "if", "else_branch");
-    assert_eq!(node_named(then_b, "then_conv").input[1], dq.node.output[0]);
+    assert_eq!(node_named(then_b, "then_conv").input[1], "W");
     assert_eq!(node_named(else_b, "else_sum").input[0], "W");
     assert_eq!(node_named(else_b, "else_conv").input[1], dq2.node.output[0]);
     for cond in [true, false] {
@@ -2294,7 +2379,13 @@ fn quantize_outer_weight_read_by_nested_if_branches() {
             vec![f32_init("W", &[8, 5], &w)],
         ),
     );
-    let r = run_pass(&p, Q);
+    // The selection leaves out one leaf's MatMul: it and the ReduceSum keep the float W, the
+    // other leaves are pointed at the dequantized copy through two levels of branches.
+    let opts = PassOptions {
+        exclude_nodes: Some(regex::Regex::new("^b_e_mm$").unwrap()),
+        ..Default::default()
+    };
+    let r = run_passes_with(&p, &[Q], &opts);
     let g = r.g();
     assert_eq!(count(g, "DequantizeLinear"), 1, "{:?}", ops(g));
     let dq = dq_of(g, "W");
@@ -2308,9 +2399,10 @@ fn quantize_outer_weight_read_by_nested_if_branches() {
             ("else_branch", format!("{tag}_e")),
         ] {
             let lg = branch(ig, &format!("{tag}_if"), bb);
+            let want = if leaf_tag == "b_e" { "W" } else { served };
             assert_eq!(
                 node_named(lg, &format!("{leaf_tag}_mm")).input[1],
-                *served,
+                want,
                 "{b}/{bb}"
             );
         }
@@ -2324,6 +2416,11 @@ fn quantize_outer_weight_read_by_nested_if_branches() {
         let (before, after) = (tract(&p, &inputs), tract(&r.proto, &inputs));
         let c = cosine(&before[0].1, &after[0].1);
         assert!(c >= 0.999, "cond {c1}/{c2}: y cosine {c}");
+        if !c1 && !c2 {
+            assert_eq!(before[0], after[0], "the left-out leaf reads the float W");
+        } else {
+            assert_ne!(before[0], after[0], "cond {c1}/{c2} reads the quantized W");
+        }
         assert_eq!(before[1], after[1], "w_sum reads the float W");
     }
 }
@@ -2386,4 +2483,65 @@ fn dedupe_initializers_does_not_merge_a_graph_input_or_a_subgraph_read() {
     assert_eq!(node_named(g, "add_in").input[1], "w_in");
     assert_eq!(node_named(g, "add_sub").input[1], "w_sub");
     assert_eq!(node_named(g, "mul").input[1], "w_a");
+}
+
+/// A `--config` scheme of a node inside an If branch applies to the outer weight it reads (it
+/// was taken from the weight's own graph's readers only, so the pass's scheme was used).
+#[test]
+fn quantize_config_scheme_of_a_branch_node_reading_an_outer_weight() {
+    let w = rand_f32(40, 61, 0.5);
+    let branch_graph = |tag: &str| {
+        let out_name = format!("{tag}_out");
+        graph(
+            tag,
+            vec![node(
+                "MatMul",
+                &format!("{tag}_mm"),
+                &["x", "W"],
+                &[&out_name],
+                vec![],
+            )],
+            vec![],
+            vec![f32_info(&out_name, &[2, 5])],
+            vec![],
+        )
+    };
+    let p = model(
+        13,
+        graph(
+            "g",
+            vec![node(
+                "If",
+                "if",
+                &["cond"],
+                &["y"],
+                vec![
+                    attr_g("then_branch", branch_graph("then")),
+                    attr_g("else_branch", branch_graph("else")),
+                ],
+            )],
+            vec![info("cond", DataType::Bool, &[]), f32_info("x", &[2, 8])],
+            vec![out("y")],
+            vec![f32_init("W", &[8, 5], &w)],
+        ),
+    );
+    let int16 = crate::quant::Scheme {
+        qtype: crate::quant::QType::Int16,
+        ..crate::quant::Scheme::INT8_CHANNEL
+    };
+    let opts = PassOptions {
+        node_schemes: [("else_mm".to_string(), int16)].into_iter().collect(),
+        ..Default::default()
+    };
+    let r = run_passes_with(&p, &["quantize_weights"], &opts);
+    let g = r.g();
+    let q = init(g, "W_quantized").expect("W_quantized");
+    assert_eq!(q.data_type(), DataType::Int16 as i32);
+    for cond in [true, false] {
+        let inputs = [
+            ("cond", TractTensor::from(cond)),
+            ("x", tensor(&[2, 8], &rand_f32(16, 62, 1.0))),
+        ];
+        assert_close_in_tract(&p, &r.proto, &inputs, 0.99999);
+    }
 }
