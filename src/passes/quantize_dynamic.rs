@@ -28,7 +28,9 @@
 //! weight on input 0, non-float32 activations, weights that are graph inputs, LSTM/GRU/RNN
 //! (onnxruntime's `DynamicQuantizeLSTM` is a `com.microsoft` op that tract and other runtimes
 //! lack), models below opset 11 (an error: DynamicQuantizeLinear does not exist there), weights
-//! read by name from a subgraph (each graph's own initializers only).
+//! read by name from a subgraph (each graph's own initializers only), weights that another
+//! node, a graph output or a subgraph also reads (the float copy would stay beside the int8
+//! one and the file would grow).
 
 use std::collections::HashMap;
 
@@ -229,8 +231,52 @@ struct QWeight {
     scales: Vec<f32>,
 }
 
+/// Drops the sites of weights that something other than a site also reads (another node, a
+/// graph output, a subgraph): the float weight would stay for that reader beside the int8
+/// copy, and the file would grow instead of shrink.
+fn drop_shared(g: &Graph, sites: Vec<Site>, stats: &mut PassStats) -> Vec<Site> {
+    let uses = g.uses();
+    let sub_reads = g.names_read_by_subgraphs();
+    let site_nodes: std::collections::HashSet<NodeId> = sites.iter().map(|s| s.node).collect();
+    let mut shared: HashMap<ValueId, String> = HashMap::new();
+    for s in &sites {
+        let w = s.weight;
+        if shared.contains_key(&w) {
+            continue;
+        }
+        let name = &g.value(w).name;
+        let other = uses[w.0 as usize]
+            .iter()
+            .find(|(n, _)| !site_nodes.contains(n))
+            .map(|&(n, _)| g.node(n).label(n))
+            .or_else(|| g.is_graph_output(w).then(|| "a graph output".to_string()))
+            .or_else(|| sub_reads.contains(name).then(|| "a subgraph".to_string()));
+        if let Some(other) = other {
+            shared.insert(w, other);
+        }
+    }
+    let mut noted = std::collections::HashSet::new();
+    sites
+        .into_iter()
+        .filter(|s| {
+            let Some(other) = shared.get(&s.weight) else {
+                return true;
+            };
+            if noted.insert(s.weight) {
+                stats.notes.push(format!(
+                    "{}: weight '{}' is also read by {other}, which needs it in float: quantizing it would store it twice, so it is left in float",
+                    g.node(s.node).label(s.node),
+                    g.value(s.weight).name
+                ));
+            }
+            false
+        })
+        .collect()
+}
+
 fn quantize_graph(g: &mut Graph, names: &mut Names, opts: &PassOptions, stats: &mut PassStats) {
     let sites = find_sites(g, opts, stats);
+    let sites = drop_shared(g, sites, stats);
     let mut done: HashMap<(ValueId, bool), QWeight> = HashMap::new();
     // One DynamicQuantizeLinear per activation, shared by its quantized readers.
     let mut dql: HashMap<ValueId, [ValueId; 3]> = HashMap::new();

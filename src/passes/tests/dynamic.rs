@@ -349,3 +349,41 @@ fn dynamic_alone_removes_the_weights_it_replaced_and_nothing_else() {
         r.notes()
     );
 }
+
+/// A weight also read by another node or as a graph output is left in float with a note: the
+/// float copy would stay beside the int8 one and the file would grow. Weights read by the
+/// quantized nodes only are still quantized.
+#[test]
+fn dynamic_leaves_a_weight_other_nodes_also_read_in_float() {
+    let mut p = matmul_and_gemm(13);
+    let g = p.graph.as_mut().unwrap();
+    g.node.push(node(
+        "ReduceSum",
+        "wsum",
+        &["W1"],
+        &["w_sum"],
+        vec![attr_i("keepdims", 0)],
+    ));
+    g.output.push(out("w_sum"));
+    g.output.push(out("W2"));
+    let r = run_passes(&p, &[D]);
+    let g = r.g();
+    assert_eq!(count(g, "MatMulInteger"), 0, "{:?}", ops(g));
+    assert_eq!(node_named(g, "mm").op_type(), "MatMul");
+    assert_eq!(node_named(g, "gemm").op_type(), "Gemm");
+    let notes = r.notes().join("\n");
+    assert!(
+        notes.contains("MatMul node \"mm\": weight 'W1' is also read by ReduceSum node \"wsum\"")
+            && notes.contains("weight 'W2' is also read by a graph output")
+            && notes.contains("store it twice"),
+        "{notes}"
+    );
+    assert_eq!(
+        prost::Message::encoded_len(&r.proto),
+        prost::Message::encoded_len(&p),
+        "nothing else changed"
+    );
+    // Without the other readers both are quantized.
+    let r = run_passes(&matmul_and_gemm(13), &[D]);
+    assert_eq!(count(r.g(), "MatMulInteger"), 2, "{:?}", ops(r.g()));
+}
