@@ -41,7 +41,8 @@
 //! binary16 range (±65504; bfloat16 ±3.39e38) are clamped to it (noted), magnitudes below the
 //! smallest normal number round to the nearest subnormal or to ±0 (below 2^-25), infinities
 //! and NaN stay as they are. A weight also read by a float32 node, by a subgraph or as a graph
-//! output keeps its float32 original for those readers; converted Constant values and
+//! output stays float32, stored once, and its float16 readers read a Cast of it (a weight with
+//! values beyond the target's range gets a clamped copy instead); converted Constant values and
 //! ConstantOfShape `value` attributes, and Cast(to=FLOAT) nodes inside a float16 region (their
 //! `to` becomes FLOAT16) follow the same rule.
 //!
@@ -903,6 +904,8 @@ struct Counts {
     bytes_before: usize,
     bytes_after: usize,
     clamped: Vec<(String, usize)>,
+    /// Weights that stay float32 for other readers; their float16 readers read a Cast.
+    cast_weights: Vec<String>,
     io: Vec<String>,
     io_kept: Vec<String>,
 }
@@ -994,6 +997,21 @@ fn apply(
                 };
                 let (conv, clamped) = convert_tensor(&tensor, target)
                     .with_context(|| format!("converting weight '{name}'"))?;
+                // The float32 weight stays for its other readers: a second, converted copy
+                // would grow the file, so the float16 readers read a Cast of it (the same
+                // round-to-nearest-even values). Only a weight with values beyond the target's
+                // range gets its clamped copy (a Cast would give infinity).
+                if !in_place && clamped == 0 {
+                    let readers: Vec<NodeId> = d.want16.iter().map(|(r, _)| *r).collect();
+                    let before = first_of(g, &readers).or(const_node);
+                    let c = add_cast(g, names, v, code, &format!("{name}_{sfx}"), before);
+                    counts.casts += 1;
+                    for &(r, i) in &d.want16 {
+                        g.set_input(r, i, Some(c));
+                    }
+                    counts.cast_weights.push(name.clone());
+                    continue;
+                }
                 counts.tensors += 1;
                 counts.bytes_before += tensor.byte_size();
                 counts.bytes_after += conv.byte_size();
@@ -1211,6 +1229,14 @@ impl Pass for ConvertFp16 {
             stats
                 .notes
                 .push(format!("kept in float32: {}", list.join(", ")));
+        }
+        if !counts.cast_weights.is_empty() {
+            stats.notes.push(format!(
+                "{} weight(s) also read in float32 (by a node kept in float32, a graph output or a subgraph) stay float32, and their {} readers read a Cast of them, so none is stored twice: {}",
+                counts.cast_weights.len(),
+                target.name(),
+                counts.cast_weights.join(", ")
+            ));
         }
         for (name, n) in &counts.clamped {
             stats.notes.push(format!(
@@ -1632,7 +1658,7 @@ mod tests {
     }
 
     #[test]
-    fn initializer_read_by_converted_and_blocked_node_keeps_a_float32_copy() {
+    fn initializer_read_by_converted_and_blocked_node_is_stored_once_and_cast() {
         // y = x @ w + c (float16); z = Pow(x, c) (float32)
         let p = model(
             13,
@@ -1648,11 +1674,22 @@ mod tests {
                 f32_init("c", &[4], &[0.5, 1.0, 2.0, 3.0]),
             ],
         );
-        let (q, _) = convert(&p, &opts(true, false));
+        let (q, stats) = convert(&p, &opts(true, false));
         assert_eq!(init(&q, "c").unwrap().data_type(), FLOAT);
-        assert_eq!(init(&q, "c_fp16").unwrap().data_type(), FLOAT16);
+        assert!(init(&q, "c_fp16").is_none(), "no second copy of c");
+        assert_eq!(init(&q, "w").unwrap().data_type(), FLOAT16);
         let add = g(&q).node.iter().find(|n| n.op_type() == "Add").unwrap();
-        assert_eq!(add.input[1], "c_fp16");
+        let cast = producer(&q, &add.input[1]).unwrap();
+        assert_eq!((cast.op_type(), cast_to(cast)), ("Cast", FLOAT16 as i64));
+        assert_eq!(cast.input[0], "c");
+        assert!(
+            stats
+                .notes
+                .iter()
+                .any(|n| n.starts_with("1 weight(s) also read in float32") && n.ends_with(": c")),
+            "{:?}",
+            stats.notes
+        );
         let pow = g(&q).node.iter().find(|n| n.op_type() == "Pow").unwrap();
         assert_eq!(pow.input, vec!["x".to_string(), "c".to_string()]);
         check_onnx(&q);
