@@ -142,6 +142,64 @@ impl CalibrationArgs {
     }
 }
 
+/// How the static and dynamic quantization passes choose and write their layers (`quantize`
+/// and `optimize` alike).
+#[derive(Debug, Args)]
+pub struct TuningArgs {
+    /// static: calibration samples (the first N) on which the accuracy-gated fallback also
+    /// meets its target, besides the check's inputs. More samples make the kept layers fit
+    /// more inputs, at the cost of a longer search.
+    #[arg(long, value_name = "N", default_value_t = onnxopt::optimize::FALLBACK_CALIBRATION_SAMPLES)]
+    pub fallback_samples: usize,
+    /// static: quantize every eligible layer, also those that onnxruntime's CPU int8 kernels
+    /// run slower than float (depthwise, 1x1 maps, few channels): for integer-only targets.
+    #[arg(long)]
+    pub all_layers: bool,
+    /// static: int8 weights use all of [-127, 127]. By default, layers whose weights are
+    /// mostly large (over a quarter above 64) and that read int8 or signed uint8 activations
+    /// (zero point >= 64) get weights in [-64, 64] (onnxruntime's `reduce_range`): on x86 CPUs
+    /// without VNNI its u8 x s8 kernels saturate with full-range weights there. Use this for
+    /// VNNI, ARM or integer-only targets.
+    #[arg(long, conflicts_with = "reduce_range")]
+    pub full_range_weights: bool,
+    /// static and dynamic: every layer's int8 weights in [-64, 64] (onnxruntime's
+    /// `reduce_range`), so that no u8 x s8 product pair can saturate on x86 CPUs without VNNI,
+    /// whatever the activations; by default static narrows only the layers the rule above
+    /// picks and dynamic none. Costs a bit of weight precision.
+    #[arg(long)]
+    pub reduce_range: bool,
+    /// dynamic: also quantize Conv as ConvInteger (slow on common CPU runtimes).
+    #[arg(long)]
+    pub conv_integer: bool,
+}
+
+impl TuningArgs {
+    /// The options given, each with the passes it applies to (for `optimize`, which refuses
+    /// them when `--passes` runs none of those).
+    pub fn given(&self) -> Vec<(&'static str, &'static [&'static str])> {
+        const STATIC: &[&str] = &["quantize_static"];
+        const BOTH: &[&str] = &["quantize_static", "quantize_dynamic"];
+        [
+            (
+                self.fallback_samples != onnxopt::optimize::FALLBACK_CALIBRATION_SAMPLES,
+                "--fallback-samples",
+                STATIC,
+            ),
+            (self.all_layers, "--all-layers", STATIC),
+            (self.full_range_weights, "--full-range-weights", STATIC),
+            (self.reduce_range, "--reduce-range", BOTH),
+            (
+                self.conv_integer,
+                "--conv-integer",
+                &["quantize_dynamic"][..],
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(on, name, passes)| on.then_some((name, passes)))
+        .collect()
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct OptimizeArgs {
     /// The model to optimize (.onnx).
@@ -183,6 +241,9 @@ pub struct OptimizeArgs {
     /// The `quantize_static` pass's calibration (as `quantize --mode static`).
     #[command(flatten)]
     pub cal: CalibrationArgs,
+    /// The `quantize_static` and `quantize_dynamic` passes' options (as `quantize`).
+    #[command(flatten)]
+    pub tune: TuningArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -276,15 +337,6 @@ pub struct QuantizeArgs {
     pub scale: ScaleArg,
     #[command(flatten)]
     pub cal: CalibrationArgs,
-    /// static: calibration samples (the first N) on which the accuracy-gated fallback also
-    /// meets its target, besides the check's inputs. More samples make the kept layers fit
-    /// more inputs, at the cost of a longer search.
-    #[arg(long, value_name = "N", default_value_t = 3)]
-    pub fallback_samples: usize,
-    /// static: quantize every eligible layer, also those that onnxruntime's CPU int8 kernels
-    /// run slower than float (depthwise, 1x1 maps, few channels): for integer-only targets.
-    #[arg(long)]
-    pub all_layers: bool,
     /// static, dynamic: layers left in float keep float weights. By default their weights are
     /// stored in int8 per channel as Cast + Mul, which onnxruntime and tract fold back into
     /// float weights when they load the model (a smaller file at float speed).
@@ -295,22 +347,8 @@ pub struct QuantizeArgs {
     /// weights get one scale per output channel instead of one per tensor.
     #[arg(long)]
     pub keep_opset: bool,
-    /// static: int8 weights use all of [-127, 127]. By default, layers whose weights are
-    /// mostly large (over a quarter above 64) and that read int8 or signed uint8 activations
-    /// (zero point >= 64) get weights in [-64, 64] (onnxruntime's `reduce_range`): on x86 CPUs
-    /// without VNNI its u8 x s8 kernels saturate with full-range weights there. Use this for
-    /// VNNI, ARM or integer-only targets.
-    #[arg(long, conflicts_with = "reduce_range")]
-    pub full_range_weights: bool,
-    /// static and dynamic: every layer's int8 weights in [-64, 64] (onnxruntime's
-    /// `reduce_range`), so that no u8 x s8 product pair can saturate on x86 CPUs without VNNI,
-    /// whatever the activations; by default static narrows only the layers the rule above
-    /// picks and dynamic none. Costs a bit of weight precision.
-    #[arg(long)]
-    pub reduce_range: bool,
-    /// dynamic: also quantize Conv as ConvInteger (slow on common CPU runtimes).
-    #[arg(long)]
-    pub conv_integer: bool,
+    #[command(flatten)]
+    pub tune: TuningArgs,
     /// fp16/bf16: keep float32 graph inputs and outputs, with Casts at the border.
     #[arg(long, default_value_t = true, action = ArgAction::Set, value_name = "BOOL")]
     pub keep_io_types: bool,

@@ -447,12 +447,32 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Optimize(a) => {
             let calibration = calibration_options(&a.cal)?;
-            let calibrates = passes::parse_pipeline(&a.passes)?
+            let pipeline: Vec<&str> = passes::parse_pipeline(&a.passes)?
                 .iter()
-                .any(|p| p.name() == "quantize_static");
-            if a.cal.given() && !calibrates {
+                .map(|p| p.name())
+                .collect();
+            if a.cal.given() && !pipeline.contains(&"quantize_static") {
                 anyhow::bail!(
                     "--calibration and the other calibration options apply to the quantize_static pass, which --passes {} does not run",
+                    a.passes
+                );
+            }
+            let misplaced: Vec<String> = a
+                .tune
+                .given()
+                .into_iter()
+                .filter(|(_, applies)| !applies.iter().any(|p| pipeline.contains(p)))
+                .map(|(name, applies)| format!("{name} (the {} pass)", applies.join(" or ")))
+                .collect();
+            if !misplaced.is_empty() {
+                anyhow::bail!(
+                    "{} {} to a pass that --passes {} does not run",
+                    misplaced.join(", "),
+                    if misplaced.len() == 1 {
+                        "applies"
+                    } else {
+                        "apply"
+                    },
                     a.passes
                 );
             }
@@ -469,6 +489,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     // inputs and outputs (only `quantize --keep-io-types false` changes them).
                     keep_io_types: true,
                     calibration,
+                    conv_integer: a.tune.conv_integer,
+                    all_layers: a.tune.all_layers,
+                    full_range_weights: a.tune.full_range_weights,
+                    reduce_range: a.tune.reduce_range,
                     ..Default::default()
                 },
                 save: save_options(&a.model, &a.save),
@@ -477,7 +501,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 gates: gates(&a.check),
                 validate_each: a.validate,
                 fallback_target: fallback_target(a.no_fallback, &a.check),
-                fallback_samples: optimize::FALLBACK_CALIBRATION_SAMPLES,
+                fallback_samples: a.tune.fallback_samples,
                 check_notes,
                 selectors: selectors(
                     &op_types(&a.op_types),
@@ -558,17 +582,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     a.cal.calibration.is_some() && a.mode != Mode::Static,
                     "--calibration",
                 ),
-                (a.all_layers && a.mode != Mode::Static, "--all-layers"),
+                (a.tune.all_layers && a.mode != Mode::Static, "--all-layers"),
                 (a.keep_opset && a.mode != Mode::Static, "--keep-opset"),
                 (
-                    a.full_range_weights && a.mode != Mode::Static,
+                    a.tune.full_range_weights && a.mode != Mode::Static,
                     "--full-range-weights",
                 ),
                 (
-                    a.reduce_range && !matches!(a.mode, Mode::Static | Mode::Dynamic),
+                    a.tune.reduce_range && !matches!(a.mode, Mode::Static | Mode::Dynamic),
                     "--reduce-range",
                 ),
-                (a.conv_integer && a.mode != Mode::Dynamic, "--conv-integer"),
+                (
+                    a.tune.conv_integer && a.mode != Mode::Dynamic,
+                    "--conv-integer",
+                ),
                 (
                     a.keep_float_weights && !matches!(a.mode, Mode::Static | Mode::Dynamic),
                     "--keep-float-weights",
@@ -614,7 +641,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     "--calibration-samples",
                 ),
                 (
-                    a.fallback_samples != 3 && a.mode != Mode::Static,
+                    a.tune.fallback_samples != optimize::FALLBACK_CALIBRATION_SAMPLES
+                        && a.mode != Mode::Static,
                     "--fallback-samples",
                 ),
                 (
@@ -704,10 +732,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     keep_io_types: a.keep_io_types,
                     bf16: a.mode == Mode::Bf16,
                     calibration,
-                    conv_integer: a.conv_integer,
-                    all_layers: a.all_layers,
-                    full_range_weights: a.full_range_weights,
-                    reduce_range: a.reduce_range,
+                    conv_integer: a.tune.conv_integer,
+                    all_layers: a.tune.all_layers,
+                    full_range_weights: a.tune.full_range_weights,
+                    reduce_range: a.tune.reduce_range,
                     node_schemes,
                     exclude_nodes: exclude_with(
                         regex(&a.exclude_nodes, "--exclude-nodes")?,
@@ -721,7 +749,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 gates: gates(&a.check),
                 validate_each: false,
                 fallback_target: fallback_target(a.no_fallback, &a.check),
-                fallback_samples: a.fallback_samples,
+                fallback_samples: a.tune.fallback_samples,
                 check_notes,
                 selectors: selectors(
                     &op_types(&a.op_types),

@@ -303,6 +303,53 @@ fn optimize_unmet_gate_exits_1_and_says_the_model_was_written() {
     );
 }
 
+/// The options that tune the static and dynamic passes reach them in `optimize` too (the
+/// dynamic pass's own note recommends `--reduce-range`, which optimize refused), and are
+/// refused, each named with its pass, when `--passes` runs none of those passes.
+#[test]
+fn optimize_takes_the_quantization_tuning_options_of_the_passes_it_runs() {
+    let dir = tempdir();
+    let (r, _, report) = optimize(
+        "magika-standard-v3-3",
+        dir.path(),
+        &["--passes", "quantize_dynamic,cleanup", "--reduce-range"],
+    );
+    assert!(r.ok(), "{}", r.describe());
+    let v = read_json(&report);
+    let pass = v["passes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "quantize_dynamic")
+        .unwrap()
+        .clone();
+    assert!(pass["changes"].as_u64().unwrap() > 0, "{pass}");
+    assert!(
+        pass["notes"]
+            .to_string()
+            .contains("--reduce-range: int8 weights in [-64, 64]"),
+        "{pass}"
+    );
+    let (r, _, _) = optimize(
+        "magika-standard-v3-3",
+        dir.path(),
+        &[
+            "--passes",
+            "quantize_dynamic",
+            "--reduce-range",
+            "--all-layers",
+            "--fallback-samples",
+            "5",
+        ],
+    );
+    assert_eq!(r.code, Some(2), "{}", r.describe());
+    assert!(
+        r.stderr.contains("--fallback-samples (the quantize_static pass), --all-layers (the quantize_static pass) apply to a pass that --passes quantize_dynamic does not run"),
+        "{}",
+        r.describe()
+    );
+}
+
 /// `compare --json` of `a` and `b` on `a`'s npz bundle.
 fn compare(a: &Path, b: &Path, npz: &Path, extra: &[&str]) -> Run {
     let mut args = os(&[&"compare", &a, &b, &"--inputs", &npz]);
