@@ -170,6 +170,29 @@ pub fn optimize(cfg: &OptimizeConfig, reporter: &dyn Reporter) -> Result<Optimiz
             unmatched.join("\n  ")
         );
     }
+    if !cfg.selectors.is_empty() {
+        let sel = cfg
+            .selectors
+            .iter()
+            .map(|s| s.describe())
+            .collect::<Vec<_>>()
+            .join(" ");
+        if !pipeline
+            .iter()
+            .any(|p| matches!(p.kind(), PassKind::Lossy { .. }))
+        {
+            bail!(
+                "{sel}: selections narrow the lossy passes, and --passes {} runs none",
+                cfg.passes
+            );
+        }
+        if !cfg.pass_options.selects_any(&model) {
+            bail!(
+                "{}: together, {sel} select no node (each names some node, but no node satisfies them all)",
+                cfg.model.display()
+            );
+        }
+    }
     let ext_in: u64 = info.external.iter().map(|e| e.2).sum();
     let before = figures(&model, &cfg.model, info.file_size + ext_in);
     let reference = if cfg.check {

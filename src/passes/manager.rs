@@ -80,6 +80,16 @@ pub fn run_pipeline(
                     .run(model, opts)
                     .with_context(|| format!("pass {} failed", p.name()))?;
                 // The weights the lossy pass replaced go with it, whatever passes follow.
+                if lossy && stats.changes == 0 {
+                    stats.notes.push(format!(
+                        "changed nothing: no{} node has what this pass rewrites in a form it takes",
+                        if opts.selection_given() {
+                            " selected"
+                        } else {
+                            ""
+                        }
+                    ));
+                }
                 if let Some(before) = read_before {
                     let (n, bytes) = remove_unused(model, |name| before.contains(name));
                     if n > 0 {

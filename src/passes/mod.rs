@@ -109,6 +109,21 @@ pub struct PassOptions {
 
 impl PassOptions {
     /// May a lossy pass change `node` of graph `g`?
+    /// True when `--op-types`, `--include-nodes` or `--exclude-nodes` (or a config's "float"
+    /// nodes) narrow the nodes lossy passes touch.
+    pub fn selection_given(&self) -> bool {
+        !self.op_types.is_empty() || self.include_nodes.is_some() || self.exclude_nodes.is_some()
+    }
+
+    /// True when some node of `model` (any graph) is selected (see [`PassOptions::selects`]).
+    pub fn selects_any(&self, model: &crate::ir::Model) -> bool {
+        let mut any = false;
+        model.graph.visit(&mut |g| {
+            any = any || g.live_nodes().any(|(_, n)| self.selects(g, n));
+        });
+        any
+    }
+
     pub fn selects(&self, g: &crate::ir::Graph, node: &crate::ir::Node) -> bool {
         let first_output = node.outputs.first().copied().flatten();
         if first_output.is_some_and(|v| self.keep_float.contains(&g.value(v).name)) {
@@ -147,6 +162,17 @@ pub enum Selector {
         /// The names.
         names: Vec<String>,
     },
+}
+
+impl Selector {
+    /// The selector as given, e.g. `--op-types Conv,MatMul` or `--include-nodes ^conv`.
+    pub fn describe(&self) -> String {
+        match self {
+            Selector::OpTypes(ops) => format!("--op-types {}", ops.join(",")),
+            Selector::NodeRegex { flag, re } => format!("{flag} {}", re.as_str()),
+            Selector::NodeNames { origin, .. } => format!("the nodes of {origin}"),
+        }
+    }
 }
 
 /// Every selector of `selectors` that names nothing in `model` (its graph and every

@@ -1031,6 +1031,53 @@ fn quantize_selections_that_name_nothing_are_refused() {
         cfg.to_str().unwrap(),
     ]);
     assert!(r.ok(), "{}", r.describe());
+    // Each names some node, but no node satisfies them all.
+    let r = quantize(&["--op-types", "MatMul", "--include-nodes", "^Conv@"]);
+    assert_eq!(r.code, Some(2), "{}", r.describe());
+    assert!(
+        r.stderr.contains(
+            "together, --op-types MatMul --include-nodes ^Conv@ select no node (each names some node"
+        ),
+        "{}",
+        r.describe()
+    );
+    // Selected nodes, none of which has a weight the pass takes: a note says so.
+    let r = quantize(&["--op-types", "Relu", "--report", cfg.to_str().unwrap()]);
+    assert!(r.ok(), "{}", r.describe());
+    let v = read_json(&cfg);
+    let pass = v["passes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "quantize_weights")
+        .unwrap()
+        .clone();
+    assert_eq!(pass["changes"], 0, "{pass}");
+    assert!(
+        pass["notes"].to_string().contains(
+            "changed nothing: no selected node has what this pass rewrites in a form it takes"
+        ),
+        "{pass}"
+    );
+    // optimize: selections without a lossy pass.
+    let r = run_slow(&[
+        "optimize".into(),
+        model("ppocr-mobile-v2-cls").into(),
+        "-o".into(),
+        out.clone().into(),
+        "--passes".into(),
+        "cleanup".into(),
+        "--op-types".into(),
+        "Conv".into(),
+    ]);
+    assert_eq!(r.code, Some(2), "{}", r.describe());
+    assert!(
+        r.stderr.contains(
+            "--op-types Conv: selections narrow the lossy passes, and --passes cleanup runs none"
+        ),
+        "{}",
+        r.describe()
+    );
 }
 
 /// `quantize_static` as a pass of `optimize`: `--calibration` (and the other calibration
