@@ -236,9 +236,17 @@ pub fn run_scheme(model: &mut Model, opts: &PassOptions, scheme: &Scheme) -> Res
             );
         }
         let mut wrote_nbits = false;
+        let mut refused = Vec::new();
         model.for_each_graph_mut(&mut |g, names| {
-            wrote_nbits |= quantize_graph(g, names, opset, opts, scheme, &mut stats);
+            wrote_nbits |= quantize_graph(g, names, opset, opts, scheme, &mut stats, &mut refused);
         });
+        if !refused.is_empty() {
+            bail!(
+                "{} weight(s) have a per-node scheme (--config) that needs DequantizeLinear-21 (opset 21), but the model is opset {opset}; onnxopt does not raise a model's opset: give those nodes int8/uint8/int16/uint16 without blocks, or --format matmulnbits for 4-bit MatMul/Gemm weights:\n  {}",
+                refused.len(),
+                refused.join("\n  ")
+            );
+        }
         if wrote_nbits && model.opset(NBITS_DOMAIN).is_none() {
             model.set_opset(NBITS_DOMAIN, 1);
         }
@@ -246,6 +254,8 @@ pub fn run_scheme(model: &mut Model, opts: &PassOptions, scheme: &Scheme) -> Res
     }
 }
 
+/// Quantizes the weights `g` owns; `refused` collects the weights whose per-node scheme the
+/// model's opset cannot express. Returns true when it wrote a `MatMulNBits`.
 fn quantize_graph(
     g: &mut Graph,
     names: &mut Names,
@@ -253,6 +263,7 @@ fn quantize_graph(
     opts: &PassOptions,
     scheme: &Scheme,
     stats: &mut PassStats,
+    refused: &mut Vec<String>,
 ) -> bool {
     let mut done = std::collections::HashSet::new();
     let nbits = opts.weight_format == WeightFormat::MatMulNBits;
@@ -416,7 +427,15 @@ fn quantize_graph(
         let name = g.value(plan.weight).name.clone();
         // With MatMulNBits the real run writes what it can and notes the rest, so the
         // float-equivalent model must leave the same weights in float.
-        if needs21 && opset < 21 && (!opts.dequantized_weights || nbits) {
+        if needs21 && opset < 21 && !opts.dequantized_weights && !nbits {
+            refused.push(format!(
+                "weight '{name}': {} {:?}",
+                plan.scheme.qtype.name(),
+                plan.scheme.granularity
+            ));
+            continue;
+        }
+        if needs21 && opset < 21 && nbits {
             stats.notes.push(format!(
                 "weight '{name}': {} {:?} needs opset 21, the model is opset {opset}: left in float",
                 plan.scheme.qtype.name(),

@@ -364,7 +364,7 @@ fn quantize_config_overrides_per_node() {
         "-o".into(),
         dir.path().join("q.onnx").into(),
         "--config".into(),
-        cfg.into(),
+        cfg.clone().into(),
         "--no-check".into(),
         "--report".into(),
         report.clone().into(),
@@ -389,6 +389,31 @@ fn quantize_config_overrides_per_node() {
     assert!(touched.len() >= 40, "{touched:?}");
     let r = py("counts.py", &[dir.path().join("q.onnx").as_os_str()]).expect_ok();
     assert!(r.stdout.contains("int16"), "{}", r.stdout);
+    // A per-node scheme the model's opset (12) cannot express is refused, as the same scheme
+    // given for the whole model is (it was left in float with a note, exit 0).
+    fs::write(
+        &cfg,
+        r#"{"nodes": {"p2o.Conv.3": {"dtype": "int4", "granularity": "block"}}}"#,
+    )
+    .unwrap();
+    let out = dir.path().join("q4.onnx");
+    let r = run_slow(&[
+        "quantize".into(),
+        model("ppocrv4-rec").into(),
+        "-o".into(),
+        out.clone().into(),
+        "--config".into(),
+        cfg.into(),
+        "--no-check".into(),
+    ]);
+    assert_eq!(r.code, Some(2), "{}", r.describe());
+    assert!(
+        r.stderr.contains("1 weight(s) have a per-node scheme (--config) that needs DequantizeLinear-21 (opset 21), but the model is opset 12")
+            && r.stderr.contains("weight 'conv2d_159.w_0': int4"),
+        "{}",
+        r.describe()
+    );
+    assert!(!out.exists());
 }
 
 /// `--format matmulnbits` on magika (opset 15, two MatMul weights, one Conv weight): the two
