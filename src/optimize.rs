@@ -259,6 +259,8 @@ pub fn optimize(cfg: &OptimizeConfig, reporter: &dyn Reporter) -> Result<Optimiz
         Ok(cmp)
     };
     let mut out_proto = onnx::export::to_proto(&model)?;
+    // Set when the fallback's result no longer needs the float-equivalent model.
+    let mut checked_as_written = false;
     let mut check = match (&reference, equivalent) {
         (Some(_), false) => Some(compare(&out_proto)?),
         (Some(_), true) => Some(compare(&checked_proto(&check_opts)?)?),
@@ -344,9 +346,16 @@ pub fn optimize(cfg: &OptimizeConfig, reporter: &dyn Reporter) -> Result<Optimiz
                 )?);
             }
             out_proto = onnx::export::to_proto(&model)?;
-            check = Some(match final_check {
-                Some(c) => c,
-                None => compare(&checked)?,
+            check = Some(if equivalent && !verify::tract_lacks_weight_forms(&model) {
+                // The layers kept in float took every form tract lacks with them: the
+                // result itself is checked.
+                checked_as_written = true;
+                compare(&out_proto)?
+            } else {
+                match final_check {
+                    Some(c) => c,
+                    None => compare(&checked)?,
+                }
             });
             fallback = Some(fb);
         }
@@ -374,7 +383,7 @@ pub fn optimize(cfg: &OptimizeConfig, reporter: &dyn Reporter) -> Result<Optimiz
         after,
         passes: records,
         gates,
-        checked_model: if equivalent {
+        checked_model: if equivalent && !checked_as_written {
             "float-equivalent"
         } else {
             "quantized"
@@ -610,7 +619,7 @@ mod tests {
         p.ir_version = Some(10);
         let src = dir.path().join("m.onnx");
         std::fs::write(&src, prost::Message::encode_to_vec(&p)).unwrap();
-        let run = |schemes: &[(&str, Scheme)]| {
+        let run_with = |schemes: &[(&str, Scheme)], fallback_target: Option<f64>| {
             let cfg = OptimizeConfig {
                 model: src.clone(),
                 output: dir.path().join("q.onnx"),
@@ -625,13 +634,14 @@ mod tests {
                 inputs: Default::default(),
                 gates: Default::default(),
                 validate_each: true,
-                fallback_target: None,
+                fallback_target,
                 fallback_samples: 0,
                 check_notes: vec![],
                 selectors: vec![],
             };
             optimize(&cfg, &Silent).unwrap()
         };
+        let run = |schemes: &[(&str, Scheme)]| run_with(schemes, None);
         let int4 = Scheme {
             qtype: QType::Int4,
             symmetric: true,
@@ -648,6 +658,13 @@ mod tests {
             r.passes[0].touched
         );
         let r = run(&[]);
+        assert_eq!(r.checked_model, "quantized");
+        assert_eq!(r.check.as_ref().unwrap().status, Verification::Checked);
+        // A fallback that keeps the int4 layer in float leaves nothing tract lacks: the result
+        // itself is checked, and the report says so.
+        let r = run_with(&[("mm", int4)], Some(1.0));
+        let fb = r.fallback.as_ref().expect("the fallback ran");
+        assert!(fb.kept.iter().any(|k| k.output == "y"), "{:?}", fb.kept);
         assert_eq!(r.checked_model, "quantized");
         assert_eq!(r.check.as_ref().unwrap().status, Verification::Checked);
     }
