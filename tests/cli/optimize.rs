@@ -261,6 +261,42 @@ fn optimize_unverifiable_model_exits_3_and_still_writes() {
     );
 }
 
+/// An --input-shape that contradicts a fixed dim the graph declares, with which the model then
+/// cannot run, is the user's input at fault: exit 2 naming the input and the dims, nothing
+/// written (it was exit 3, "unverified", with the model written). A contradiction the model
+/// runs with is a note only.
+#[test]
+fn optimize_input_shape_contradicting_the_graph_is_refused_when_the_model_cannot_run() {
+    let dir = tempdir();
+    let m = model("ppocr-mobile-v2-cls");
+    let out = dir.path().join("out.onnx");
+    let r = onnxopt_slow(&os(&[
+        &"optimize",
+        &m,
+        &"-o",
+        &out,
+        &"--input-shape",
+        &"x:1,4,32,100",
+    ]));
+    assert_eq!(r.code, Some(2), "{}", r.describe());
+    assert!(
+        r.stderr.contains("the model cannot run with the input shapes given (input `x`: --input-shape sets dim 1 to 4, the graph declares 3)"),
+        "{}",
+        r.describe()
+    );
+    assert!(!out.exists());
+    let m = model("magika-standard-v3-3");
+    let r = onnxopt_slow(&os(&[
+        &"optimize",
+        &m,
+        &"-o",
+        &out,
+        &"--input-shape",
+        &"bytes:2,2048",
+    ]));
+    assert!(r.ok(), "{}", r.describe());
+}
+
 #[test]
 fn optimize_no_check_writes_the_model_and_reports_no_check() {
     let dir = tempdir();
