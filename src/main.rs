@@ -214,6 +214,60 @@ fn save_options(model: &std::path::Path, s: &cli::SaveArgs) -> onnx::SaveOptions
 
 type NodeSchemes = std::collections::BTreeMap<String, onnxopt::quant::Scheme>;
 
+/// A JSON value read with every object's keys unique: `serde_json` keeps the last of
+/// duplicate keys, so a config naming a node twice would silently drop the first entry.
+struct UniqueKeys(serde_json::Value);
+
+impl<'de> serde::Deserialize<'de> for UniqueKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::{Error, MapAccess, SeqAccess, Visitor};
+        use serde_json::Value;
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = UniqueKeys;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_bool<E>(self, b: bool) -> Result<UniqueKeys, E> {
+                Ok(UniqueKeys(Value::Bool(b)))
+            }
+            fn visit_i64<E>(self, n: i64) -> Result<UniqueKeys, E> {
+                Ok(UniqueKeys(n.into()))
+            }
+            fn visit_u64<E>(self, n: u64) -> Result<UniqueKeys, E> {
+                Ok(UniqueKeys(n.into()))
+            }
+            fn visit_f64<E>(self, n: f64) -> Result<UniqueKeys, E> {
+                Ok(UniqueKeys(n.into()))
+            }
+            fn visit_str<E>(self, s: &str) -> Result<UniqueKeys, E> {
+                Ok(UniqueKeys(s.into()))
+            }
+            fn visit_unit<E>(self) -> Result<UniqueKeys, E> {
+                Ok(UniqueKeys(Value::Null))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<UniqueKeys, A::Error> {
+                let mut out = Vec::new();
+                while let Some(UniqueKeys(v)) = seq.next_element()? {
+                    out.push(v);
+                }
+                Ok(UniqueKeys(Value::Array(out)))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<UniqueKeys, A::Error> {
+                let mut out = serde_json::Map::new();
+                while let Some((k, UniqueKeys(v))) = map.next_entry::<String, UniqueKeys>()? {
+                    if out.contains_key(&k) {
+                        return Err(A::Error::custom(format!("key \"{k}\" appears twice")));
+                    }
+                    out.insert(k, v);
+                }
+                Ok(UniqueKeys(Value::Object(out)))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 /// Reads a `--config` file: per-node schemes, and the nodes to keep in float.
 ///
 /// Errors name the file, the node and the field that is wrong.
@@ -224,8 +278,9 @@ fn read_config(
     use onnxopt::quant::{Granularity, QType};
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let v: serde_json::Value = serde_json::from_str(&text)
-        .with_context(|| format!("{}: not valid JSON", path.display()))?;
+    let v = serde_json::from_str::<UniqueKeys>(&text)
+        .with_context(|| format!("{}: not valid JSON", path.display()))?
+        .0;
     let mut schemes = NodeSchemes::new();
     let mut float = Vec::new();
     match &v {

@@ -1045,6 +1045,20 @@ fn quantize_selections_that_name_nothing_are_refused() {
         r.describe()
     );
     assert!(!out.exists());
+    // A node named twice: serde_json would keep only the last entry.
+    fs::write(
+        &cfg,
+        r#"{"nodes": {"Conv@0": "float", "Conv@0": {"dtype": "int16"}}}"#,
+    )
+    .unwrap();
+    let r = quantize(&["--config", cfg.to_str().unwrap()]);
+    assert_eq!(r.code, Some(2), "{}", r.describe());
+    assert!(
+        r.stderr
+            .contains("not valid JSON: key \"Conv@0\" appears twice"),
+        "{}",
+        r.describe()
+    );
     // The same selections spelt right run (spaces around op types are allowed).
     fs::write(&cfg, r#"{"nodes": {"Conv@0": "float"}}"#).unwrap();
     let r = quantize(&[
