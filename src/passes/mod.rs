@@ -129,16 +129,34 @@ impl PassOptions {
         if first_output.is_some_and(|v| self.keep_float.contains(&g.value(v).name)) {
             return false;
         }
+        let key = node_key(g, node);
         (self.op_types.is_empty() || self.op_types.iter().any(|o| o == node.op_type()))
-            && !self
-                .exclude_nodes
-                .as_ref()
-                .is_some_and(|r| r.is_match(node.name()))
-            && self
-                .include_nodes
-                .as_ref()
-                .is_none_or(|r| r.is_match(node.name()))
+            && !self.exclude_nodes.as_ref().is_some_and(|r| r.is_match(key))
+            && self.include_nodes.as_ref().is_none_or(|r| r.is_match(key))
     }
+
+    /// The per-node scheme (`--config`) of `node` of `g`, if any.
+    pub fn node_scheme(
+        &self,
+        g: &crate::ir::Graph,
+        node: &crate::ir::Node,
+    ) -> Option<crate::quant::Scheme> {
+        self.node_schemes.get(node_key(g, node)).copied()
+    }
+}
+
+/// The name selections address `node` of `g` by (`--include-nodes`, `--exclude-nodes`,
+/// `--config`): its name, or the name of its first output when it has none (exporters leave
+/// some nodes unnamed; an output name is unique in a valid model).
+pub fn node_key<'a>(g: &'a crate::ir::Graph, node: &'a crate::ir::Node) -> &'a str {
+    if !node.name().is_empty() {
+        return node.name();
+    }
+    node.outputs
+        .first()
+        .copied()
+        .flatten()
+        .map_or("", |v| g.value(v).name.as_str())
 }
 
 /// A selection the user made that must name something in the model. A misspelt op type,
@@ -182,7 +200,7 @@ pub fn unmatched_selectors(model: &Model, selectors: &[Selector]) -> Vec<String>
     let mut ops = std::collections::BTreeSet::new();
     model.graph.visit(&mut |g| {
         for (_, n) in g.live_nodes() {
-            names.insert(n.name().to_string());
+            names.insert(node_key(g, n).to_string());
             ops.insert(n.op_type().to_string());
         }
     });

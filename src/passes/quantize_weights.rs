@@ -384,7 +384,7 @@ fn quantize_graph(
         let node_scheme = local_axes
             .iter()
             .filter(|(_, u)| *u == Use::Weight(axis))
-            .find_map(|((n, _), _)| opts.node_schemes.get(g.node(*n).name()).copied())
+            .find_map(|((n, _), _)| opts.node_scheme(g, g.node(*n)))
             .or_else(|| {
                 sub_nodes.iter().find_map(|&id| {
                     g.node(id)
@@ -496,7 +496,7 @@ fn sub_scheme(
         let found = sg.uses()[v.0 as usize].iter().find_map(|&(n, i)| {
             let node = sg.node(n);
             (reader_use(sg, node, i, rank, opts) == Use::Weight(axis))
-                .then(|| opts.node_schemes.get(node.name()).copied())
+                .then(|| opts.node_scheme(sg, node))
                 .flatten()
         });
         if found.is_some() {
@@ -894,11 +894,7 @@ fn nbits_reader(
     {
         return NBitsReader::Other;
     }
-    let sc = opts
-        .node_schemes
-        .get(node.name())
-        .copied()
-        .unwrap_or(*scheme);
+    let sc = opts.node_scheme(gr, node).unwrap_or(*scheme);
     let Granularity::Block(bs) = sc.granularity else {
         return NBitsReader::Other;
     };

@@ -180,3 +180,41 @@ fn a_weight_pass_notes_the_weights_constant_nodes_hold() {
         );
     }
 }
+
+/// An unnamed node is addressed by its first output's name, by `--config` and by the node
+/// regexes alike (it could not be addressed at all).
+#[test]
+fn an_unnamed_node_is_addressed_by_its_first_output() {
+    let mut p = depthwise_then_pointwise();
+    for n in &mut p.graph.as_mut().unwrap().node {
+        n.name = Some(String::new());
+    }
+    let (m, _) = crate::onnx::from_proto(p.clone(), None, "t").unwrap();
+    let names = Selector::NodeNames {
+        origin: "--config c.json".into(),
+        names: vec!["y".into()],
+    };
+    assert_eq!(unmatched_selectors(&m, &[names]), Vec::<String>::new());
+    let int16 = Scheme {
+        qtype: QType::Int16,
+        ..Scheme::INT8_CHANNEL
+    };
+    let opts = PassOptions {
+        node_schemes: [("y".to_string(), int16)].into_iter().collect(),
+        exclude_nodes: Some(regex::Regex::new("^d$").unwrap()),
+        ..Default::default()
+    };
+    let r = run_passes_with(&p, &["quantize_weights"], &opts);
+    let g = r.g();
+    assert_eq!(
+        init(g, "Wp_quantized").map(|t| t.data_type()),
+        Some(DataType::Int16 as i32),
+        "{:?}",
+        init_names(g)
+    );
+    assert!(
+        init(g, "Wd_quantized").is_none(),
+        "the excluded Conv keeps its float weight"
+    );
+    assert!(init(g, "Wd").is_some());
+}
