@@ -101,6 +101,11 @@ pub struct Tried {
     /// Elements of float graph outputs outside `|a - b| <= atol + rtol |a|`, summed over the
     /// input sets; `None` without `--atol`/`--rtol`.
     pub outside_tolerance: Option<usize>,
+    /// Largest fraction of differing elements of an integer or bool graph output, measured by
+    /// the final check (absent when 0: estimates and optimized-plan runs measure float outputs
+    /// only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub integer_mismatch: Option<f64>,
     /// Whether it met the target.
     pub met: bool,
     /// An estimate on the switched model (every layer's float and quantized forms in one
@@ -117,6 +122,7 @@ impl Tried {
             cosine: score.cosine,
             top1: score.top1,
             outside_tolerance: score.outside,
+            integer_mismatch: (score.integer_mismatch > 0.0).then_some(score.integer_mismatch),
             met,
             estimated,
         }
@@ -144,6 +150,10 @@ struct Score {
     top1: Option<f64>,
     /// Elements outside the tolerance, when there is one.
     outside: Option<usize>,
+    /// Largest fraction of differing elements of an integer or bool output without a
+    /// tolerance of its own; known from the final check only (0 in tract's optimized plan,
+    /// which the search measures float outputs in).
+    integer_mismatch: f64,
 }
 
 impl Target {
@@ -154,6 +164,10 @@ impl Target {
                 .max_accuracy_drop
                 .is_none_or(|d| s.top1.is_none_or(|t| 1.0 - t <= d))
             && s.outside.is_none_or(|n| n == 0)
+            && self
+                .gates
+                .max_integer_mismatch
+                .is_none_or(|m| s.integer_mismatch <= m)
     }
 }
 
@@ -814,13 +828,17 @@ impl Score {
                 score.cosine = -1.0;
                 continue;
             };
-            if v.integer {
-                continue;
-            }
-            score.fold(v.cosine.unwrap_or(1.0), v.top1_agreement);
             if let (Some(n), Some(a)) = (score.outside.as_mut(), &v.allclose) {
                 *n += a.violations;
             }
+            if v.integer {
+                if v.allclose.is_none() && v.elements > 0 {
+                    let fraction = v.mismatches as f64 / v.elements as f64;
+                    score.integer_mismatch = score.integer_mismatch.max(fraction);
+                }
+                continue;
+            }
+            score.fold(v.cosine.unwrap_or(1.0), v.top1_agreement);
         }
         Ok(score)
     }
@@ -844,6 +862,7 @@ impl Score {
         let mut w = self;
         w.fold(other.cosine, other.top1);
         w.outside = w.outside.zip(other.outside).map(|(a, b)| a.max(b));
+        w.integer_mismatch = w.integer_mismatch.max(other.integer_mismatch);
         w
     }
 
@@ -853,6 +872,7 @@ impl Score {
             cosine: 1.0,
             top1: None,
             outside: tolerance.then_some(0),
+            integer_mismatch: 0.0,
         }
     }
 
@@ -1790,6 +1810,7 @@ mod tests {
             cosine: 0.999,
             top1: Some(1.0),
             outside,
+            integer_mismatch: 0.0,
         };
         assert!(target.met_by(&score(Some(0))));
         assert!(!target.met_by(&score(Some(1))));

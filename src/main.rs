@@ -191,6 +191,7 @@ fn gates(c: &CheckArgs) -> Gates {
         rtol,
         min_cosine: c.min_cosine,
         max_accuracy_drop: c.max_accuracy_drop,
+        max_integer_mismatch: None,
         output_tolerances,
     }
 }

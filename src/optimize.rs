@@ -125,6 +125,15 @@ pub fn default_gates(user: Gates, lossy: bool) -> Gates {
     if g.min_cosine.is_none() && g.tolerance().is_none() {
         g.min_cosine = Some(if lossy { 0.99 } else { 0.9999 });
     }
+    // Integer and bool outputs (class ids, counts, masks): exact in a lossless pipeline; in a
+    // lossy one, within the accuracy drop when one is given.
+    if g.max_integer_mismatch.is_none() {
+        g.max_integer_mismatch = if lossy {
+            g.max_accuracy_drop
+        } else {
+            Some(0.0)
+        };
+    }
     g
 }
 
@@ -307,16 +316,24 @@ pub fn optimize(cfg: &OptimizeConfig, reporter: &dyn Reporter) -> Result<Optimiz
                 .filter_map(|o| o.values.as_ref().and_then(|v| v.top1_agreement))
                 .any(|t| 1.0 - t > d)
         });
-        // Float outputs only: the fallback compares those (an integer output's failure is
-        // the check's to report).
+        // Float outputs: the fallback measures those as it searches; integer and bool
+        // outputs: each candidate it settles on meets their gates in the final check.
         let tolerance_missed = c.outputs.iter().any(|o| {
             o.values
                 .as_ref()
-                .filter(|v| !v.integer)
                 .and_then(|v| v.allclose.as_ref())
                 .is_some_and(|a| a.violations > 0)
         });
-        if ran && (min_cosine(c).is_some_and(|m| m < target) || top1_missed || tolerance_missed) {
+        let integer_missed = c
+            .failures
+            .iter()
+            .any(|f| f.gate == verify::gate::GateKind::IntegerMismatch);
+        if ran
+            && (min_cosine(c).is_some_and(|m| m < target)
+                || top1_missed
+                || tolerance_missed
+                || integer_missed)
+        {
             let r = reference.as_ref().context("no reference")?;
             let run = reference_run.get().context("the check did not run")?;
             // The check's inputs may be the first calibration sample: not twice.
@@ -554,6 +571,9 @@ pub fn format_report(r: &OptimizeReport) -> String {
                     if let (Some(_), Some(top1)) = (f.target_max_accuracy_drop, t.top1) {
                         s.push_str(&format!(" (top-1 {:.1}%)", top1 * 100.0));
                     }
+                    if let Some(m) = t.integer_mismatch {
+                        s.push_str(&format!(" ({:.1}% integer elements differ)", m * 100.0));
+                    }
                     s
                 })
                 .collect::<Vec<_>>()
@@ -685,6 +705,98 @@ mod tests {
         let fb = r.fallback.as_ref().expect("the fallback ran");
         assert!(fb.kept.iter().any(|k| k.output == "y"), "{:?}", fb.kept);
         assert_eq!(r.checked_model, "quantized");
+        assert_eq!(r.check.as_ref().unwrap().status, Verification::Checked);
+    }
+
+    /// An integer output (ArgMax class ids) is gated: exactly in a lossless pipeline, within
+    /// `--max-accuracy-drop` in a lossy one, and the fallback keeps layers in float until it
+    /// holds. Before, integer outputs had no gate at all: 4-bit weights that changed 1 class
+    /// in 8 passed the check.
+    #[test]
+    fn integer_outputs_are_gated_and_the_fallback_meets_their_gate() {
+        use crate::verify::gate::GateKind;
+        use crate::verify::testutil::attr_i;
+        let dir = tempfile::tempdir().unwrap();
+        let wave = |n: usize, k: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| ((i * k % 101) as f32 - 50.0) / 50.0)
+                .collect()
+        };
+        let mut p = model(
+            vec![
+                node("MatMul", "mm1", &["x", "W1"], &["h"], vec![]),
+                node("Relu", "relu", &["h"], &["r"], vec![]),
+                node("MatMul", "mm2", &["r", "W2"], &["logits"], vec![]),
+                node(
+                    "ArgMax",
+                    "am",
+                    &["logits"],
+                    &["cls"],
+                    vec![attr_i("axis", 1), attr_i("keepdims", 0)],
+                ),
+            ],
+            vec![info("x", DataType::Float, &[512, 16])],
+            vec![out("cls")],
+            vec![
+                init_f32("W1", &[16, 16], &wave(256, 37)),
+                init_f32("W2", &[16, 10], &wave(160, 53)),
+            ],
+        );
+        p.opset_import[0].version = Some(21);
+        p.ir_version = Some(10);
+        let src = dir.path().join("m.onnx");
+        std::fs::write(&src, prost::Message::encode_to_vec(&p)).unwrap();
+        let int4 = Scheme {
+            qtype: QType::Int4,
+            symmetric: true,
+            granularity: Granularity::Tensor,
+            pow2: false,
+        };
+        let run = |passes: &str, fallback_target: Option<f64>| {
+            let cfg = OptimizeConfig {
+                model: src.clone(),
+                output: dir.path().join("q.onnx"),
+                passes: passes.into(),
+                pass_options: PassOptions {
+                    weight_scheme: Some(int4),
+                    ..Default::default()
+                },
+                save: Default::default(),
+                check: true,
+                inputs: Default::default(),
+                gates: crate::verify::gate::Gates {
+                    max_accuracy_drop: Some(0.02),
+                    ..Default::default()
+                },
+                validate_each: true,
+                fallback_target,
+                fallback_samples: 0,
+                check_notes: vec![],
+                selectors: vec![],
+            };
+            optimize(&cfg, &Silent).unwrap()
+        };
+        let r = run("quantize_weights", None);
+        assert_eq!(r.gates.max_integer_mismatch, Some(0.02));
+        let c = r.check.as_ref().unwrap();
+        assert_eq!(c.status, Verification::Failed);
+        assert_eq!(
+            c.failures[0].gate,
+            GateKind::IntegerMismatch,
+            "{:?}",
+            c.failures
+        );
+        let before = c.failures[0].measured.unwrap();
+        assert!(before > 0.02, "{before}");
+        let r = run("quantize_weights", Some(0.999));
+        let c = r.check.as_ref().unwrap();
+        assert_eq!(c.status, Verification::Checked, "{:?}", c.failures);
+        let fb = r.fallback.as_ref().expect("the fallback ran");
+        assert!(!fb.kept.is_empty());
+        assert_eq!(fb.tried[0].integer_mismatch, Some(before), "{:?}", fb.tried);
+        // Lossless: exact.
+        let r = run("cleanup", None);
+        assert_eq!(r.gates.max_integer_mismatch, Some(0.0));
         assert_eq!(r.check.as_ref().unwrap().status, Verification::Checked);
     }
 }

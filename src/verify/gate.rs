@@ -23,6 +23,12 @@ pub struct Gates {
     /// axis): `1 - top1_agreement`, the fraction of rows whose argmax changed, since no labels
     /// are at hand (`--max-accuracy-drop`).
     pub max_accuracy_drop: Option<f64>,
+    /// Largest acceptable fraction of elements that differ, per integer or bool output without
+    /// an elementwise tolerance of its own (cosine and top-1 do not apply to those): 0 in a
+    /// lossless pipeline, `--max-accuracy-drop` in a lossy one (see
+    /// `optimize::default_gates`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_integer_mismatch: Option<f64>,
     /// Tolerances of named outputs (`--atol NAME:X`, `--rtol NAME:X`, as Polygraphy's), in
     /// place of `atol`/`rtol` for those outputs.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -118,6 +124,8 @@ pub enum GateKind {
     MinCosine,
     /// 1 - top-1 agreement <= `max_accuracy_drop`.
     MaxAccuracyDrop,
+    /// The fraction of an integer output's elements that differ <= `max_integer_mismatch`.
+    IntegerMismatch,
 }
 
 /// One failed gate on one output.
@@ -199,6 +207,34 @@ pub fn check(gates: &Gates, outputs: &[OutputMetrics]) -> Vec<GateFailure> {
                         ac.allowed,
                         ac.a,
                         ac.b
+                    ),
+                });
+            }
+        }
+        let tolerance = gates.tolerance_for(name).is_some();
+        if let (Some(max), true, false) = (gates.max_integer_mismatch, v.integer, tolerance) {
+            let fraction = if v.elements == 0 {
+                0.0
+            } else {
+                v.mismatches as f64 / v.elements as f64
+            };
+            if fraction > max {
+                failures.push(GateFailure {
+                    output: name.clone(),
+                    gate: GateKind::IntegerMismatch,
+                    measured: Some(fraction),
+                    limit: Some(max),
+                    index: v.worst_index.clone(),
+                    a: Some(v.worst_a),
+                    b: Some(v.worst_b),
+                    message: format!(
+                        "output `{name}`: {} of {} integer elements differ (fraction {fraction:.4} > {max}); largest difference at {:?}{}: a = {}, b = {}",
+                        v.mismatches,
+                        v.elements,
+                        v.worst_index,
+                        of_set(&v.worst_set),
+                        v.worst_a,
+                        v.worst_b
                     ),
                 });
             }

@@ -553,6 +553,7 @@ pub fn format_table(c: &Comparison) -> String {
                     GateKind::Allclose => "allclose",
                     GateKind::MinCosine => "cosine",
                     GateKind::MaxAccuracyDrop => "top-1 drop",
+                    GateKind::IntegerMismatch => "integer mismatch",
                 })
                 .collect();
             let row_status = match (&o.problem, failed.is_empty()) {
