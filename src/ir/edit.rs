@@ -150,6 +150,37 @@ impl Graph {
         self.by_name.insert(name, to);
     }
 
+    /// Points the readers of value `old` of this graph in its subgraphs (at any depth, unless
+    /// a subgraph defines `old` itself) at value `new` of this graph, graph outputs of the
+    /// subgraphs included.
+    pub fn redirect_subgraph_reads(&mut self, old: &str, new: &str) {
+        fn redirect_outer(sg: &mut Graph, old: &str, new: &str) {
+            if let Some(v) = sg.find(old) {
+                if sg.value(v).def != ValueDef::Outer {
+                    return; // shadowed by a local definition
+                }
+                let readers = sg.uses()[v.0 as usize].clone();
+                let is_out = sg.is_graph_output(v);
+                if !readers.is_empty() || is_out {
+                    let nv = sg.outer_value(new);
+                    for (n, i) in readers {
+                        sg.set_input(n, i, Some(nv));
+                    }
+                    sg.redirect_outputs(v, nv);
+                }
+                // Nothing here reads `old` any more: it is no longer read from outside.
+                sg.value_mut(v).def = ValueDef::Undefined;
+            }
+            sg.redirect_subgraph_reads(old, new);
+        }
+        let ids: Vec<NodeId> = self.order.clone();
+        for id in ids {
+            for sg in self.node_mut(id).subgraphs_mut() {
+                redirect_outer(sg, old, new);
+            }
+        }
+    }
+
     /// Graph outputs that read `old` read `new` instead (the caller keeps the output names: see
     /// the passes that use this).
     pub fn redirect_outputs(&mut self, old: ValueId, new: ValueId) {

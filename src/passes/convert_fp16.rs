@@ -821,40 +821,6 @@ fn swap_names(g: &mut Graph, a: ValueId, b: ValueId) {
     g.by_name.insert(nb, a);
 }
 
-/// Points the readers of outer value `old` in `sg` (and deeper, unless shadowed) at outer
-/// value `new`.
-fn redirect_outer(sg: &mut Graph, old: &str, new: &str) {
-    if let Some(v) = sg.find(old) {
-        if sg.value(v).def != ValueDef::Outer {
-            return; // shadowed by a local definition
-        }
-        let readers = sg.uses()[v.0 as usize].clone();
-        let is_out = sg.is_graph_output(v);
-        if !readers.is_empty() || is_out {
-            let nv = sg.outer_value(new);
-            for (n, i) in readers {
-                sg.set_input(n, i, Some(nv));
-            }
-            sg.redirect_outputs(v, nv);
-        }
-    }
-    let ids: Vec<NodeId> = sg.order.clone();
-    for id in ids {
-        for inner in sg.node_mut(id).subgraphs_mut() {
-            redirect_outer(inner, old, new);
-        }
-    }
-}
-
-fn redirect_subgraphs(g: &mut Graph, old: &str, new: &str) {
-    let ids: Vec<NodeId> = g.order.clone();
-    for id in ids {
-        for sg in g.node_mut(id).subgraphs_mut() {
-            redirect_outer(sg, old, new);
-        }
-    }
-}
-
 /// The first node of `g.order` in `among`, to place a new node just before it.
 fn first_of(g: &Graph, among: &[NodeId]) -> Option<NodeId> {
     g.order.iter().copied().find(|id| among.contains(id))
@@ -1103,7 +1069,7 @@ fn apply(
                             swapped = true;
                         } else if d.sub {
                             let new = g.value(c).name.clone();
-                            redirect_subgraphs(g, &name, &new);
+                            g.redirect_subgraph_reads(&name, &new);
                         }
                     }
                     if !swapped {
@@ -1152,7 +1118,7 @@ fn apply(
                         if d.sub {
                             // Subgraphs read the float32 value, now under the Cast's old name.
                             let new = g.value(v).name.clone();
-                            redirect_subgraphs(g, &name, &new);
+                            g.redirect_subgraph_reads(&name, &new);
                         }
                     }
                 }

@@ -125,13 +125,20 @@ impl PassOptions {
     }
 
     pub fn selects(&self, g: &crate::ir::Graph, node: &crate::ir::Node) -> bool {
+        (self.op_types.is_empty() || self.op_types.iter().any(|o| o == node.op_type()))
+            && self.selects_by_name(g, node)
+    }
+
+    /// The part of [`PassOptions::selects`] that names nodes: `--include-nodes`,
+    /// `--exclude-nodes` (a config's "float" nodes among them) and the layers the fallback
+    /// keeps in float, not `--op-types`.
+    pub fn selects_by_name(&self, g: &crate::ir::Graph, node: &crate::ir::Node) -> bool {
         let first_output = node.outputs.first().copied().flatten();
         if first_output.is_some_and(|v| self.keep_float.contains(&g.value(v).name)) {
             return false;
         }
         let key = node_key(g, node);
-        (self.op_types.is_empty() || self.op_types.iter().any(|o| o == node.op_type()))
-            && !self.exclude_nodes.as_ref().is_some_and(|r| r.is_match(key))
+        !self.exclude_nodes.as_ref().is_some_and(|r| r.is_match(key))
             && self.include_nodes.as_ref().is_none_or(|r| r.is_match(key))
     }
 

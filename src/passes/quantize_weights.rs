@@ -35,9 +35,15 @@
 //! is not a multiple of the block size gets a shorter last block (no padding, nothing read past
 //! the end). Formulas: [`crate::quant::quantize`] (QuantizeLinear-21 rounding and saturation).
 //!
-//! A weight read by several quantizable nodes is quantized once. A weight that is also read by
-//! something else (another op, a graph output, a different axis) keeps its float copy for those
-//! readers. Weights inside If/Loop/Scan bodies are quantized, and bodies that read an outer
+//! A weight is stored once: read by several quantizable nodes, it is quantized once (with the
+//! first reader's `--config` scheme, noted when readers ask for different ones), and readers
+//! of another kind (another op, another axis, a graph output, subgraphs reading it by name)
+//! read the dequantized value in its place, with a note. A weight one of whose readers must
+//! stay float (a weight op the selection leaves out or the fallback keeps in float, or any
+//! reader `--include-nodes`/`--exclude-nodes` leave out by name) stays in float for every
+//! reader, with a note: a float copy beside the quantized one would make the file larger. The
+//! dequantized value takes the weight's name unless another graph of the model also defines
+//! that name (then a fresh one, so that node output names stay unique). Weights inside If/Loop/Scan bodies are quantized, and bodies that read an outer
 //! weight by name are served too. With `PassOptions::dequantized_weights` the pass writes the
 //! dequantized float values in place instead (the float-equivalent model used to check
 //! quantized forms that tract cannot run). Not done: initializers that are graph inputs (a
@@ -68,6 +74,8 @@
 //! or Gemm: tract cannot run `MatMulNBits`, so this float-equivalent model is the one checked.
 //! Not done: MatMul + Add folded into the bias (only Gemm's C is used), 2- and 8-bit
 //! `MatMulNBits`.
+
+use std::collections::HashSet;
 
 use anyhow::{bail, Result};
 
@@ -140,7 +148,39 @@ fn reader_use(g: &Graph, node: &Node, idx: usize, rank: usize, opts: &PassOption
     match weight_axis_any(node, idx, rank) {
         Some(a) if opts.selects(g, node) => Use::Weight(a),
         Some(_) => Use::Excluded,
+        // Another op reads the dequantized value unless the user's node names leave it out
+        // (`--op-types` names the weight ops to quantize, not the other readers).
+        None if !opts.selects_by_name(g, node) => Use::Excluded,
         None => Use::Other,
+    }
+}
+
+/// One reader of a weight: how it uses it, its label for notes and its `--config` scheme.
+struct Reader {
+    /// The reader in the weight's own graph; `None` in a subgraph or for a graph output.
+    local: Option<(NodeId, usize)>,
+    use_: Use,
+    label: String,
+    scheme: Option<Scheme>,
+}
+
+impl Reader {
+    fn of(g: &Graph, n: NodeId, i: usize, rank: usize, opts: &PassOptions, local: bool) -> Reader {
+        let node = g.node(n);
+        Reader {
+            local: local.then_some((n, i)),
+            use_: reader_use(g, node, i, rank, opts),
+            label: node.label(n),
+            scheme: opts.node_scheme(g, node),
+        }
+    }
+    fn output() -> Reader {
+        Reader {
+            local: None,
+            use_: Use::Other,
+            label: "a graph output".into(),
+            scheme: None,
+        }
     }
 }
 
@@ -166,14 +206,9 @@ fn weight_axis_any(node: &Node, idx: usize, rank: usize) -> Option<usize> {
 struct Plan {
     weight: ValueId,
     axis: usize,
-    /// Readers in this graph that get the dequantized value (every reader when the float
-    /// weight goes).
+    /// Readers in this graph: each reads the dequantized value.
     local: Vec<(NodeId, usize)>,
-    /// True when some reader (anywhere) keeps the float weight: a node the selection leaves
-    /// out.
-    keep_float: bool,
-    /// True when a subgraph reads it for a quantizable use (for any use when the float weight
-    /// goes).
+    /// True when a subgraph reads it.
     in_subgraphs: bool,
     /// The reduction axis blocks run along.
     block_axis: usize,
@@ -237,8 +272,15 @@ pub fn run_scheme(model: &mut Model, opts: &PassOptions, scheme: &Scheme) -> Res
         }
         let mut wrote_nbits = false;
         let mut refused = Vec::new();
+        let shared_names = names_defined_twice(model);
         model.for_each_graph_mut(&mut |g, names| {
-            wrote_nbits |= quantize_graph(g, names, opset, opts, scheme, &mut stats, &mut refused);
+            let cx = Context {
+                opset,
+                opts,
+                scheme,
+                shared_names: &shared_names,
+            };
+            wrote_nbits |= quantize_graph(g, names, &cx, &mut stats, &mut refused);
         });
         if !refused.is_empty() {
             bail!(
@@ -254,17 +296,43 @@ pub fn run_scheme(model: &mut Model, opts: &PassOptions, scheme: &Scheme) -> Res
     }
 }
 
+/// Names that more than one graph of `model` (the main graph and its subgraphs) defines as an
+/// initializer, a node output or a graph input: a subgraph may define its own value of an
+/// outer value's name.
+fn names_defined_twice(model: &Model) -> HashSet<String> {
+    let mut seen = HashSet::new();
+    let mut twice = HashSet::new();
+    model.graph.visit(&mut |g| {
+        for v in &g.values {
+            if !matches!(v.def, ValueDef::Outer | ValueDef::Undefined)
+                && !seen.insert(v.name.clone())
+            {
+                twice.insert(v.name.clone());
+            }
+        }
+    });
+    twice
+}
+
+/// What every graph's run shares: the model's opset, the options and scheme of the pass, and
+/// [`names_defined_twice`].
+struct Context<'a> {
+    opset: i64,
+    opts: &'a PassOptions,
+    scheme: &'a Scheme,
+    shared_names: &'a HashSet<String>,
+}
+
 /// Quantizes the weights `g` owns; `refused` collects the weights whose per-node scheme the
 /// model's opset cannot express. Returns true when it wrote a `MatMulNBits`.
 fn quantize_graph(
     g: &mut Graph,
     names: &mut Names,
-    opset: i64,
-    opts: &PassOptions,
-    scheme: &Scheme,
+    cx: &Context,
     stats: &mut PassStats,
     refused: &mut Vec<String>,
 ) -> bool {
+    let (opset, opts, scheme) = (cx.opset, cx.opts, cx.scheme);
     let mut done = std::collections::HashSet::new();
     let nbits = opts.weight_format == WeightFormat::MatMulNBits;
     let wrote = nbits && nbits_graph(g, names, opts, scheme, stats, &mut done);
@@ -290,27 +358,26 @@ fn quantize_graph(
         }
         let rank = t.dims().len();
         let name = g.value(w).name.clone();
-        // Classify every reader.
-        let mut local_uses: Vec<((NodeId, usize), Use)> = uses[w.0 as usize]
+        // Classify every reader, in this graph, in subgraphs and as a graph output.
+        let mut readers: Vec<Reader> = uses[w.0 as usize]
             .iter()
-            .map(|&(n, i)| ((n, i), reader_use(g, g.node(n), i, rank, opts)))
+            .map(|&(n, i)| Reader::of(g, n, i, rank, opts, true))
             .collect();
-        let mut sub_axes = Vec::new();
+        let local_count = readers.len();
         for &id in &sub_nodes {
             for sg in g.node(id).subgraphs() {
-                sub_uses(sg, &name, rank, opts, &mut sub_axes);
+                sub_uses(sg, &name, rank, opts, &mut readers);
             }
         }
-        let all: Vec<Use> = local_uses
-            .iter()
-            .map(|(_, a)| *a)
-            .chain(sub_axes.iter().copied())
-            .collect();
+        let in_subgraphs = readers.len() > local_count;
+        if g.is_graph_output(w) {
+            readers.push(Reader::output());
+        }
         // The axis most readers want (ties: the first reader's).
         let mut best: Option<(usize, usize)> = None;
-        for u in &all {
-            let Use::Weight(a) = *u else { continue };
-            let count = all.iter().filter(|x| **x == *u).count();
+        for r in &readers {
+            let Use::Weight(a) = r.use_ else { continue };
+            let count = readers.iter().filter(|x| x.use_ == r.use_).count();
             if best.is_none_or(|(_, c)| count > c) {
                 best = Some((a, count));
             }
@@ -329,47 +396,59 @@ fn quantize_graph(
             ));
             continue;
         }
-        // Readers the selection leaves out keep the float weight, so it is stored twice.
-        // Every other reader (another op, another axis, a graph output) reads the dequantized
-        // value in its place, so the weight is stored once, quantized.
-        let keep_float = all.contains(&Use::Excluded);
-        let others = all
+        // A reader left in float would keep the float weight beside the quantized one: the
+        // file would grow and the other readers lose precision for nothing.
+        let left_out: Vec<&str> = readers
             .iter()
-            .filter(|u| !matches!(u, Use::Weight(a) if *a == axis))
-            .count()
-            + usize::from(g.is_graph_output(w));
-        if keep_float {
-            let left_out: Vec<String> = local_uses
-                .iter()
-                .filter(|(_, u)| *u == Use::Excluded)
-                .map(|((n, _), _)| g.node(*n).label(*n))
-                .collect();
+            .filter(|r| r.use_ == Use::Excluded)
+            .map(|r| r.label.as_str())
+            .collect();
+        if !left_out.is_empty() {
             stats.notes.push(format!(
-                "weight '{name}' is stored twice, in float for the node(s) the selection leaves out ({}) and quantized for the others: the file grows by the quantized copy",
-                if left_out.is_empty() {
-                    "in subgraphs".to_string()
-                } else {
-                    left_out.join(", ")
-                }
+                "weight '{name}' left in float: {} keep(s) it in float (left out by the selection, or kept by the fallback), and quantizing it for its other readers would store it twice",
+                left_out.join(", ")
             ));
-        } else if others > 0 {
+            continue;
+        }
+        let others: Vec<&str> = readers
+            .iter()
+            .filter(|r| r.use_ != Use::Weight(axis))
+            .map(|r| r.label.as_str())
+            .collect();
+        if !others.is_empty() {
             stats.notes.push(format!(
-                "weight '{name}' is also read {others} time(s) other than as a {} weight along axis {axis} (another op or axis, a graph output, a subgraph): those readers read its dequantized value, so it is stored once",
-                local_uses
+                "weight '{name}' is also read by {} (another op or axis): they read its dequantized value, so it is stored once",
+                others.join(", ")
+            ));
+        }
+        // One copy serves every reader: readers asking for different schemes get the first
+        // one's.
+        let mut asked: Vec<(&str, Option<Scheme>)> = readers
+            .iter()
+            .filter(|r| r.use_ == Use::Weight(axis))
+            .map(|r| (r.label.as_str(), r.scheme))
+            .collect();
+        asked.dedup_by(|a, b| a.1 == b.1);
+        let chosen = asked.iter().find_map(|(_, s)| *s).unwrap_or(*scheme);
+        if asked.iter().any(|(_, s)| s.unwrap_or(*scheme) != chosen) {
+            let describe = |s: &Scheme| format!("{} {:?}", s.qtype.name(), s.granularity);
+            stats.notes.push(format!(
+                "weight '{name}' is read by nodes given different schemes ({}): it is stored once, {}",
+                asked
                     .iter()
-                    .find_map(|((n, _), u)| (*u == Use::Weight(axis)).then(|| g.node(*n).op_type().to_string()))
-                    .unwrap_or_else(|| "quantized".into())
+                    .map(|(l, s)| match s {
+                        Some(s) => format!("{l}: {}", describe(s)),
+                        None => format!("{l}: the default {}", describe(scheme)),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                describe(&chosen)
             ));
         }
-        let in_subgraphs = if keep_float {
-            sub_axes.contains(&Use::Weight(axis))
-        } else {
-            !sub_axes.is_empty()
-        };
-        if keep_float {
-            local_uses.retain(|(_, a)| *a == Use::Weight(axis));
-        }
-        let local_axes = local_uses;
+        let local_axes: Vec<((NodeId, usize), Use)> = readers
+            .iter()
+            .filter_map(|r| r.local.map(|l| (l, r.use_)))
+            .collect();
 
         let block_axis = local_axes
             .iter()
@@ -380,20 +459,7 @@ fn quantize_graph(
             } else {
                 rank - 1
             });
-        // A per-node override (config file) of the first reader that has one.
-        let node_scheme = local_axes
-            .iter()
-            .filter(|(_, u)| *u == Use::Weight(axis))
-            .find_map(|((n, _), _)| opts.node_scheme(g, g.node(*n)))
-            .or_else(|| {
-                sub_nodes.iter().find_map(|&id| {
-                    g.node(id)
-                        .subgraphs()
-                        .find_map(|sg| sub_scheme(sg, &name, rank, axis, opts))
-                })
-            })
-            .unwrap_or(*scheme);
-        let mut node_scheme = node_scheme;
+        let mut node_scheme = chosen;
         // Blocks along an axis shorter than the block (a depthwise Conv's C/group = 1) would
         // give one scale per `numel / extent` values, up to one per value, and make the file
         // larger: such a weight is quantized per channel instead.
@@ -417,7 +483,6 @@ fn quantize_graph(
             weight: w,
             axis,
             local: local_axes.into_iter().map(|(u, _)| u).collect(),
-            keep_float,
             in_subgraphs,
         });
     }
@@ -443,7 +508,7 @@ fn quantize_graph(
             ));
             continue;
         }
-        if apply(g, names, opset, opts, &plan.scheme, &plan, stats) {
+        if apply(g, names, cx, &plan, stats) {
             stats.changes += 1;
             stats.touched.push(format!(
                 "{name}: {} {}{:?}",
@@ -461,83 +526,21 @@ fn quantize_graph(
 }
 
 /// Readers of outer value `name` inside subgraph `sg` and deeper, unless shadowed.
-fn sub_uses(sg: &Graph, name: &str, rank: usize, opts: &PassOptions, out: &mut Vec<Use>) {
+fn sub_uses(sg: &Graph, name: &str, rank: usize, opts: &PassOptions, out: &mut Vec<Reader>) {
     if let Some(v) = sg.find(name) {
         if sg.value(v).def != ValueDef::Outer {
             return; // shadowed by a local definition
         }
         for (n, i) in &sg.uses()[v.0 as usize] {
-            out.push(reader_use(sg, sg.node(*n), *i, rank, opts));
+            out.push(Reader::of(sg, *n, *i, rank, opts, false));
         }
         if sg.is_graph_output(v) {
-            out.push(Use::Other);
+            out.push(Reader::output());
         }
     }
     for (_, n) in sg.live_nodes() {
         for inner in n.subgraphs() {
             sub_uses(inner, name, rank, opts, out);
-        }
-    }
-}
-
-/// The per-node scheme (`PassOptions::node_schemes`) of the first reader of outer `name` in
-/// `sg` (and deeper, unless shadowed) that quantizes it along `axis`.
-fn sub_scheme(
-    sg: &Graph,
-    name: &str,
-    rank: usize,
-    axis: usize,
-    opts: &PassOptions,
-) -> Option<Scheme> {
-    if let Some(v) = sg.find(name) {
-        if sg.value(v).def != ValueDef::Outer {
-            return None;
-        }
-        let found = sg.uses()[v.0 as usize].iter().find_map(|&(n, i)| {
-            let node = sg.node(n);
-            (reader_use(sg, node, i, rank, opts) == Use::Weight(axis))
-                .then(|| opts.node_scheme(sg, node))
-                .flatten()
-        });
-        if found.is_some() {
-            return found;
-        }
-    }
-    sg.live_nodes().find_map(|(_, n)| {
-        n.subgraphs()
-            .find_map(|inner| sub_scheme(inner, name, rank, axis, opts))
-    })
-}
-
-/// Points quantizable readers of outer `name` in `sg` (and deeper) at outer `new_name`.
-fn redirect_sub(
-    sg: &mut Graph,
-    name: &str,
-    new_name: &str,
-    rank: usize,
-    axis: usize,
-    opts: &PassOptions,
-) {
-    if let Some(v) = sg.find(name) {
-        if sg.value(v).def != ValueDef::Outer {
-            return;
-        }
-        let targets: Vec<(NodeId, usize)> = sg.uses()[v.0 as usize]
-            .iter()
-            .copied()
-            .filter(|&(n, i)| selected_axis(sg, sg.node(n), i, rank, opts) == Some(axis))
-            .collect();
-        if !targets.is_empty() {
-            let nv = sg.outer_value(new_name);
-            for (n, i) in targets {
-                sg.set_input(n, i, Some(nv));
-            }
-        }
-    }
-    let ids: Vec<NodeId> = sg.order.clone();
-    for id in ids {
-        for inner in sg.node_mut(id).subgraphs_mut() {
-            redirect_sub(inner, name, new_name, rank, axis, opts);
         }
     }
 }
@@ -550,12 +553,11 @@ fn scalar_f32(v: f32) -> Tensor {
 fn apply(
     g: &mut Graph,
     names: &mut Names,
-    opset: i64,
-    opts: &PassOptions,
-    scheme: &Scheme,
+    cx: &Context,
     plan: &Plan,
     stats: &mut PassStats,
 ) -> bool {
+    let (opset, opts, scheme, shared_names) = (cx.opset, cx.opts, &plan.scheme, cx.shared_names);
     let w = plan.weight;
     let name = g.value(w).name.clone();
     let Some(t) = g.initializer(w) else {
@@ -594,13 +596,7 @@ fn apply(
         } else {
             Tensor::from_f32(&dims_i64, &d)
         };
-        if plan.keep_float {
-            // The readers the selection leaves out keep the float values.
-            let d = g.add_initializer(names, &format!("{name}_dequantized"), t);
-            point_readers_at(g, plan, &name, d, opts);
-        } else {
-            g.set_initializer(w, t);
-        }
+        g.set_initializer(w, t);
         return true;
     }
     let qtype = scheme.qtype;
@@ -616,10 +612,14 @@ fn apply(
         plan.local.iter().any(|(n, _)| *n == id)
             || (plan.in_subgraphs && !g.node(id).subgraphs.is_empty())
     });
-    // Output name: the weight's own name when the float weight goes away entirely, so every
-    // reader (including subgraphs reading it by name) is served unchanged.
-    let take_over = !plan.keep_float;
-    let out_base = if take_over {
+    // The dequantized value replaces the float weight for every reader. It takes the weight's
+    // name (readers, subgraphs reading it by name and graph outputs served unchanged) unless
+    // another graph of the model defines that name too (a subgraph's own initializer of the
+    // same name): two node outputs of one name break the model's single static assignment.
+    // Then it gets a fresh name, which this graph's readers and the subgraphs reading the
+    // weight are pointed at; a graph output keeps its name in any case.
+    let take_name = !shared_names.contains(&name) || g.is_graph_output(w);
+    let out_base = if take_name {
         format!("{name}\u{1}tmp")
     } else {
         format!("{name}_dequantized")
@@ -780,33 +780,16 @@ fn apply(
             );
         }
     }
-    if take_over {
-        g.replace_uses(w, last);
-        g.redirect_outputs(w, last);
-        g.remove_initializer(w);
+    g.replace_uses(w, last);
+    g.redirect_outputs(w, last);
+    g.remove_initializer(w);
+    if take_name {
         g.transfer_name(w, last);
-    } else {
-        point_readers_at(g, plan, &name, last, opts);
+    } else if plan.in_subgraphs {
+        let new_name = g.value(last).name.clone();
+        g.redirect_subgraph_reads(&name, &new_name);
     }
     true
-}
-
-/// Points the quantized readers of weight `name` (`plan.local`, and those in subgraphs) at
-/// `value`, leaving its other readers on the float weight.
-fn point_readers_at(g: &mut Graph, plan: &Plan, name: &str, value: ValueId, opts: &PassOptions) {
-    for &(n, i) in &plan.local {
-        g.set_input(n, i, Some(value));
-    }
-    if plan.in_subgraphs {
-        let new_name = g.value(value).name.clone();
-        let rank = g.initializer(plan.weight).map_or(0, |t| t.dims().len());
-        let ids: Vec<NodeId> = g.order.clone();
-        for id in ids {
-            for sg in g.node_mut(id).subgraphs_mut() {
-                redirect_sub(sg, name, &new_name, rank, plan.axis, opts);
-            }
-        }
-    }
 }
 
 fn cast(

@@ -1247,7 +1247,9 @@ fn quantize_shared_weight_is_stored_once_for_every_reader() {
     assert_eq!(output_names(g), ["c1", "c2", "w_sum", "W"]);
     let notes = r.notes().join("\n");
     assert!(
-        notes.contains("weight 'W' is also read 2 time(s)") && notes.contains("stored once"),
+        notes.contains(
+            "weight 'W' is also read by ReduceSum node \"wsum\", a graph output (another op or axis): they read its dequantized value, so it is stored once"
+        ),
         "{notes}"
     );
 
@@ -1268,54 +1270,69 @@ fn quantize_shared_weight_is_stored_once_for_every_reader() {
     );
 }
 
-/// A reader the selection leaves out keeps the float weight (bit for bit), so the weight is
-/// stored twice, with a note; the float-equivalent model (dequantized weights) gives the left-out
-/// reader the float values too.
+/// A reader the selection leaves out (by op type or by name, a ReduceSum included) keeps the
+/// weight in float for every reader: a float copy beside the quantized one would make the file
+/// larger and the other readers less accurate for nothing. A note names the readers.
 #[test]
-fn quantize_shared_weight_keeps_float_for_readers_left_out() {
+fn quantize_shared_weight_with_a_reader_left_out_stays_float() {
     let w = rand_f32(4 * 3 * 3 * 3, 3, 0.5);
     let p = shared_weight_model(&w);
+    let x = tensor(&[1, 3, 8, 8], &rand_f32(192, 4, 1.0));
+    let inputs = [("x", x)];
+    let before = tract(&p, &inputs);
+    for (re, who) in [
+        ("^conv2$", "Conv node \"conv2\""),
+        ("^wsum$", "ReduceSum node \"wsum\""),
+    ] {
+        let opts = PassOptions {
+            exclude_nodes: Some(regex::Regex::new(re).unwrap()),
+            ..Default::default()
+        };
+        let r = run_passes_with(&p, &[Q], &opts);
+        let g = r.g();
+        assert_eq!(count(g, "DequantizeLinear"), 0, "{re}: {:?}", ops(g));
+        assert_eq!(values(init(g, "W").unwrap()), w, "{re}");
+        let notes = r.notes().join("\n");
+        assert!(
+            notes.contains(&format!(
+                "weight 'W' left in float: {who} keep(s) it in float"
+            )),
+            "{re}: {notes}"
+        );
+        assert_eq!(tract(&r.proto, &inputs), before, "{re}");
+    }
+    // --op-types names the weight ops to quantize: the ReduceSum is not left out by it.
     let opts = PassOptions {
-        exclude_nodes: Some(regex::Regex::new("^conv2$").unwrap()),
+        op_types: vec!["Conv".into()],
         ..Default::default()
     };
     let r = run_passes_with(&p, &[Q], &opts);
-    let g = r.g();
-    let dq = dq_of(g, "W");
-    let deq = &dq.node.output[0];
-    assert_eq!(node_named(g, "conv1").input[1], *deq);
-    assert_eq!(node_named(g, "conv2").input[1], "W");
-    assert_eq!(node_named(g, "wsum").input[0], "W");
-    assert_eq!(values(init(g, "W").unwrap()), w, "the float weight stays");
+    assert_eq!(count(r.g(), "DequantizeLinear"), 1, "{:?}", ops(r.g()));
+}
+
+/// Readers of one weight given different schemes by a config: one copy is stored, with the
+/// first reader's scheme, and a note lists what each asked for.
+#[test]
+fn quantize_shared_weight_with_conflicting_schemes_says_which_one_it_used() {
+    let w = rand_f32(4 * 3 * 3 * 3, 3, 0.5);
+    let p = shared_weight_model(&w);
+    let int16 = crate::quant::Scheme {
+        qtype: crate::quant::QType::Int16,
+        ..crate::quant::Scheme::INT8_CHANNEL
+    };
+    let opts = PassOptions {
+        node_schemes: [("conv2".to_string(), int16)].into_iter().collect(),
+        ..Default::default()
+    };
+    let r = run_passes_with(&p, &["quantize_weights"], &opts);
     let notes = r.notes().join("\n");
     assert!(
-        notes.contains("weight 'W' is stored twice") && notes.contains("conv2"),
+        notes.contains("weight 'W' is read by nodes given different schemes (Conv node \"conv1\": the default int8 Channel, Conv node \"conv2\": int16 Channel): it is stored once, int16 Channel"),
         "{notes}"
     );
-
-    let x = tensor(&[1, 3, 8, 8], &rand_f32(192, 4, 1.0));
-    let inputs = [("x", x)];
-    let (before, after) = (tract(&p, &inputs), tract(&r.proto, &inputs));
-    assert_eq!(before[1].1, after[1].1, "conv2 is left in float");
-    assert_eq!(before[2].1, after[2].1, "ReduceSum reads the float weight");
-    assert!(cosine(&before[0].1, &after[0].1) >= 0.999);
-
-    let eq = run_passes_with(
-        &p,
-        &[Q],
-        &PassOptions {
-            dequantized_weights: true,
-            ..opts
-        },
-    );
-    let after_eq = tract(&eq.proto, &inputs);
     assert_eq!(
-        before[1].1, after_eq[1].1,
-        "conv2 reads float in the float-equivalent model"
-    );
-    assert_eq!(
-        after[0].1, after_eq[0].1,
-        "conv1 reads the dequantized weight in both"
+        init(r.g(), "W_quantized").map(|t| t.data_type()),
+        Some(DataType::Int16 as i32)
     );
 }
 
@@ -2326,7 +2343,13 @@ fn quantize_outer_weight_read_by_nested_if_branches() {
             &[&out_name],
             vec![],
         ));
-        graph(tag, ns, vec![], vec![f32_info(&out_name, &[2, 5])], vec![])
+        // Leaf a_t has its own initializer named W, shadowing the outer one.
+        let own = if tag == "a_t" {
+            vec![f32_init("W", &[8, 5], &rand_f32(40, 49, 0.5))]
+        } else {
+            vec![]
+        };
+        graph(tag, ns, vec![], vec![f32_info(&out_name, &[2, 5])], own)
     };
     let inner = |tag: &str| {
         let out_name = format!("{tag}_out");
@@ -2379,19 +2402,27 @@ fn quantize_outer_weight_read_by_nested_if_branches() {
             vec![f32_init("W", &[8, 5], &w)],
         ),
     );
-    // The selection leaves out one leaf's MatMul: it and the ReduceSum keep the float W, the
-    // other leaves are pointed at the dequantized copy through two levels of branches.
-    let opts = PassOptions {
-        exclude_nodes: Some(regex::Regex::new("^b_e_mm$").unwrap()),
-        ..Default::default()
-    };
-    let r = run_passes_with(&p, &[Q], &opts);
+    // Both W are quantized. The name W is defined in two graphs, so neither dequantized
+    // value takes it (two node outputs named W break single static assignment): the outer
+    // one gets a fresh name that the ReduceSum and the three leaves reading the outer W (two
+    // levels down) are pointed at; leaf a_t reads its own.
+    let r = run_pass(&p, Q);
     let g = r.g();
-    assert_eq!(count(g, "DequantizeLinear"), 1, "{:?}", ops(g));
+    let mut outputs = Vec::new();
+    collect_node_outputs(g, &mut outputs);
+    let before_dedup = outputs.len();
+    outputs.sort();
+    outputs.dedup();
+    assert_eq!(
+        outputs.len(),
+        before_dedup,
+        "a node output name is used twice: {outputs:?}"
+    );
+    assert!(!outputs.contains(&"W".to_string()), "{outputs:?}");
     let dq = dq_of(g, "W");
     let served = &dq.node.output[0];
-    assert_eq!(values(init(g, "W").unwrap()), w);
-    assert_eq!(node_named(g, "wsum").input[0], "W");
+    assert!(init(g, "W").is_none());
+    assert_eq!(node_named(g, "wsum").input[0], *served);
     for (b, tag) in [("then_branch", "a"), ("else_branch", "b")] {
         let ig = branch(g, "outer_if", b);
         for (bb, leaf_tag) in [
@@ -2399,29 +2430,42 @@ fn quantize_outer_weight_read_by_nested_if_branches() {
             ("else_branch", format!("{tag}_e")),
         ] {
             let lg = branch(ig, &format!("{tag}_if"), bb);
-            let want = if leaf_tag == "b_e" { "W" } else { served };
-            assert_eq!(
-                node_named(lg, &format!("{leaf_tag}_mm")).input[1],
-                want,
-                "{b}/{bb}"
-            );
+            let read = &node_named(lg, &format!("{leaf_tag}_mm")).input[1];
+            if leaf_tag == "a_t" {
+                assert_eq!(*read, dq_of(lg, "W").node.output[0], "its own W");
+                assert_ne!(read, served);
+            } else {
+                assert_eq!(read, served, "{b}/{bb}");
+            }
         }
     }
-    for (c1, c2) in [(true, true), (false, false)] {
+    for (c1, c2) in [(true, true), (true, false), (false, false)] {
         let inputs = [
             ("cond", TractTensor::from(c1)),
             ("cond2", TractTensor::from(c2)),
             ("x", tensor(&[2, 8], &rand_f32(16, 48, 1.0))),
         ];
         let (before, after) = (tract(&p, &inputs), tract(&r.proto, &inputs));
-        let c = cosine(&before[0].1, &after[0].1);
-        assert!(c >= 0.999, "cond {c1}/{c2}: y cosine {c}");
-        if !c1 && !c2 {
-            assert_eq!(before[0], after[0], "the left-out leaf reads the float W");
-        } else {
-            assert_ne!(before[0], after[0], "cond {c1}/{c2} reads the quantized W");
+        for k in 0..2 {
+            let c = cosine(&before[k].1, &after[k].1);
+            assert!(c >= 0.999, "cond {c1}/{c2}: {} cosine {c}", before[k].0);
+            assert_ne!(before[k], after[k], "cond {c1}/{c2} reads a quantized W");
         }
-        assert_eq!(before[1], after[1], "w_sum reads the float W");
+    }
+}
+
+/// Every node output name of `g` and its subgraphs.
+fn collect_node_outputs(g: &pb::GraphProto, out: &mut Vec<String>) {
+    for n in &g.node {
+        out.extend(n.output.iter().cloned());
+        for a in &n.attribute {
+            if let Some(sg) = &a.g {
+                collect_node_outputs(sg, out);
+            }
+            for sg in &a.graphs {
+                collect_node_outputs(sg, out);
+            }
+        }
     }
 }
 
