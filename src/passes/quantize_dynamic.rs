@@ -231,24 +231,42 @@ struct QWeight {
     scales: Vec<f32>,
 }
 
-/// Drops the sites of weights that something other than a site also reads (another node, a
-/// graph output, a subgraph): the float weight would stay for that reader beside the int8
-/// copy, and the file would grow instead of shrink.
+/// Drops the sites of weights that something other than a site's weight input also reads
+/// (another node, another input of a site, a graph output, a subgraph): the float weight would
+/// stay for that reader beside the int8 copy, and the file would grow instead of shrink. A
+/// weight read in both layouts (`[K, N]` by MatMul, `[N, K]` by Gemm with `transB = 1`) gets
+/// one int8 copy per layout, noted.
 fn drop_shared(g: &Graph, sites: Vec<Site>, stats: &mut PassStats) -> Vec<Site> {
     let uses = g.uses();
     let sub_reads = g.names_read_by_subgraphs();
-    let site_nodes: std::collections::HashSet<NodeId> = sites.iter().map(|s| s.node).collect();
+    // Input 1 of each site is its weight.
+    let site_uses: std::collections::HashSet<(NodeId, usize)> =
+        sites.iter().map(|s| (s.node, 1)).collect();
     let mut shared: HashMap<ValueId, String> = HashMap::new();
+    let mut layouts: HashMap<ValueId, (bool, bool)> = HashMap::new();
     for s in &sites {
         let w = s.weight;
+        let t = matches!(
+            s.kind,
+            SiteKind::MatMul {
+                transposed: true,
+                ..
+            }
+        );
+        let l = layouts.entry(w).or_default();
+        if t {
+            l.1 = true;
+        } else {
+            l.0 = true;
+        }
         if shared.contains_key(&w) {
             continue;
         }
         let name = &g.value(w).name;
         let other = uses[w.0 as usize]
             .iter()
-            .find(|(n, _)| !site_nodes.contains(n))
-            .map(|&(n, _)| g.node(n).label(n))
+            .find(|u| !site_uses.contains(u))
+            .map(|&(n, i)| format!("{} (input {i})", g.node(n).label(n)))
             .or_else(|| g.is_graph_output(w).then(|| "a graph output".to_string()))
             .or_else(|| sub_reads.contains(name).then(|| "a subgraph".to_string()));
         if let Some(other) = other {
@@ -256,7 +274,7 @@ fn drop_shared(g: &Graph, sites: Vec<Site>, stats: &mut PassStats) -> Vec<Site> 
         }
     }
     let mut noted = std::collections::HashSet::new();
-    sites
+    let kept: Vec<Site> = sites
         .into_iter()
         .filter(|s| {
             let Some(other) = shared.get(&s.weight) else {
@@ -271,7 +289,16 @@ fn drop_shared(g: &Graph, sites: Vec<Site>, stats: &mut PassStats) -> Vec<Site> 
             }
             false
         })
-        .collect()
+        .collect();
+    for s in &kept {
+        if layouts.get(&s.weight) == Some(&(true, true)) && noted.insert(s.weight) {
+            stats.notes.push(format!(
+                "weight '{}' is read as [K, N] by MatMul and as [N, K] by Gemm (transB = 1): it is stored as one int8 copy per layout (half the float size together)",
+                g.value(s.weight).name
+            ));
+        }
+    }
+    kept
 }
 
 fn quantize_graph(g: &mut Graph, names: &mut Names, opts: &PassOptions, stats: &mut PassStats) {

@@ -386,4 +386,57 @@ fn dynamic_leaves_a_weight_other_nodes_also_read_in_float() {
     // Without the other readers both are quantized.
     let r = run_passes(&matmul_and_gemm(13), &[D]);
     assert_eq!(count(r.g(), "MatMulInteger"), 2, "{:?}", ops(r.g()));
+    // The site itself reading the weight as its activation too: MatMul(W, W).
+    let w = rand_f32(64, 26, 0.5);
+    let p = model(
+        13,
+        graph(
+            "g",
+            vec![
+                node("MatMul", "sq", &["W", "W"], &["s"], vec![]),
+                node("MatMul", "mm", &["x", "W"], &["y"], vec![]),
+            ],
+            vec![f32_info("x", &[2, 8])],
+            vec![out("s"), out("y")],
+            vec![f32_init("W", &[8, 8], &w)],
+        ),
+    );
+    let r = run_passes(&p, &[D]);
+    assert_eq!(count(r.g(), "MatMulInteger"), 0, "{:?}", ops(r.g()));
+    let notes = r.notes().join("\n");
+    assert!(
+        notes.contains("weight 'W' is also read by MatMul node \"sq\" (input 0)"),
+        "{notes}"
+    );
+    // Read as [K, N] by a MatMul and as [N, K] by a Gemm with transB = 1: one int8 copy per
+    // layout, noted.
+    let p = model(
+        13,
+        graph(
+            "g",
+            vec![
+                node("MatMul", "mm", &["x", "W"], &["y"], vec![]),
+                node(
+                    "Gemm",
+                    "gemm",
+                    &["x", "W"],
+                    &["z"],
+                    vec![attr_i("transB", 1)],
+                ),
+            ],
+            vec![f32_info("x", &[2, 8])],
+            vec![out("y"), out("z")],
+            vec![f32_init("W", &[8, 8], &w)],
+        ),
+    );
+    let r = run_passes(&p, &[D]);
+    assert_eq!(count(r.g(), "MatMulInteger"), 2, "{:?}", ops(r.g()));
+    assert!(init(r.g(), "W").is_none());
+    assert!(
+        r.notes()
+            .iter()
+            .any(|n| n.starts_with("weight 'W' is read as [K, N] by MatMul and as [N, K]")),
+        "{:?}",
+        r.notes()
+    );
 }
