@@ -64,10 +64,11 @@
 //! zero point 8), Gemm's C the bias (input 5). K that is not a multiple of the block size is
 //! padded with the zero point in the last block. The new node keeps the old node's output
 //! name, so readers and graph outputs are unchanged; the `com.microsoft` opset import
-//! (version 1) is added when one is written and the default opset is never changed. Readers
-//! it cannot take (other ops, Gemm with `transA`, `alpha`/`beta` != 1 or another C, weights
-//! that are not 2-D) keep the float weight, or get the regular `DequantizeLinear` path when
-//! the opset allows it; each one gets a note. Subgraphs that read an outer weight get their
+//! (version 1) is added when one is written and the default opset is never changed. Weights
+//! with a reader it cannot take (other ops, Gemm with `transA`, `alpha`/`beta` != 1 or another
+//! C, weights that are not 2-D) are not packed at all, since the float weight would stay
+//! beside the packed copy: they take the regular `DequantizeLinear` path when the opset allows
+//! it and stay float otherwise; each one gets a note. Subgraphs that read an outer weight get their
 //! `MatMulNBits` reading the packed initializers of the enclosing graph by name. With
 //! `dequantized_weights`, the same readers read the dequantized weight
 //! (`(q - zero_point) * scale`, scales rounded to float16 for float16 weights) and stay MatMul
@@ -1034,6 +1035,15 @@ fn nbits_graph(
             .extend(notes.into_iter().map(|n| format!("weight '{name}': {n}")));
         // Graph inputs are left to the regular path, which says why they stay float.
         if sites.is_empty() || g.is_graph_input(w) {
+            continue;
+        }
+        // Readers MatMulNBits cannot take would keep the float weight beside the packed one:
+        // the weight is left to the regular path, which stores it once.
+        if sites.len() < readers {
+            stats.notes.push(format!(
+                "weight '{name}': {} of its {readers} readers can be MatMulNBits; the float weight would stay for the others beside the packed copy, so it takes the regular path (one DequantizeLinear copy for every reader at opset >= 21, else float)",
+                sites.len()
+            ));
             continue;
         }
         let values = match t.to_f32() {
