@@ -495,6 +495,52 @@ fn find_units(g: &Graph, notes: &mut Vec<String>) -> Vec<Unit> {
             out,
         });
     }
+    // A weight something else also reads (another node or input, a graph output, a subgraph)
+    // would keep its float copy beside the int8 one: its layers stay float. A weight several
+    // layers read gets one int8 copy per layer (each with its own scales), noted.
+    let unit_uses: HashSet<(NodeId, usize)> = units.iter().map(|u| (u.node, 1)).collect();
+    let mut shared_with_others = Vec::new();
+    let mut per_layer = BTreeMap::new();
+    units.retain(|u| {
+        let name = &g.value(u.w).name;
+        let other = uses[u.w.0 as usize]
+            .iter()
+            .find(|x| !unit_uses.contains(x))
+            .map(|&(n, i)| format!("{} (input {i})", g.node(n).label(n)))
+            .or_else(|| g.is_graph_output(u.w).then(|| "a graph output".to_string()))
+            .or_else(|| sub_reads.contains(name).then(|| "a subgraph".to_string()));
+        match other {
+            Some(o) => {
+                shared_with_others.push(format!(
+                    "{}: weight '{name}' is also read by {o}",
+                    g.node(u.node).label(u.node)
+                ));
+                false
+            }
+            None => {
+                *per_layer.entry(name.clone()).or_insert(0usize) += 1;
+                true
+            }
+        }
+    });
+    if !shared_with_others.is_empty() {
+        notes.push(format!(
+            "{} layer(s) left in float because something else reads their weight in float, which quantizing it would store twice: {}",
+            shared_with_others.len(),
+            shared_with_others.join("; ")
+        ));
+    }
+    let several: Vec<String> = per_layer
+        .into_iter()
+        .filter(|(_, n)| *n > 1)
+        .map(|(w, n)| format!("'{w}' ({n} layers)"))
+        .collect();
+    if !several.is_empty() {
+        notes.push(format!(
+            "weights read by several layers get one int8 copy per layer (each with its own scales): {}",
+            several.join(", ")
+        ));
+    }
     if conv_t > 0 {
         notes.push(format!("{conv_t} ConvTranspose node(s) left in float"));
     }
@@ -1904,6 +1950,44 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(5);
         let held: Vec<TractTensor> = (0..4).map(|_| uniform_input(&mut rng, &X)).collect();
         assert!(min_cosine(&src, &out, &held) >= 0.99);
+    }
+
+    /// tiny_cnn with conv2's weight also read by a ReduceSum whose result is a graph output:
+    /// conv2 stays float with a note (its float weight stays for the ReduceSum, and an int8
+    /// copy beside it would grow the file); the other layers are quantized.
+    #[test]
+    fn a_layer_whose_weight_something_else_reads_stays_float() {
+        let mut src = tiny_cnn(13);
+        let g = src.graph.as_mut().unwrap();
+        let mut rs = node("ReduceSum", "wsum", &["W2"], &["w_sum"]);
+        rs.attribute.push(crate::ir::edit::attr_int("keepdims", 0));
+        g.node.push(rs);
+        g.output.push(info("w_sum", &[]));
+        let dir = tempfile::tempdir().unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        write_samples(dir.path(), "cal", 4, |_| uniform_input(&mut rng, &X));
+        let opts = cal_opts(dir.path(), RangeMethod::MinMax, QType::Uint8);
+        let mut m = import(src.clone());
+        let stats = QuantizeStatic.run(&mut m, &opts).unwrap();
+        let out = crate::onnx::export::to_proto(&m).unwrap();
+        assert_eq!(named(&out, "conv2").input[1], "W2", "conv2 reads the float weight");
+        assert!(
+            out.graph
+                .as_ref()
+                .unwrap()
+                .initializer
+                .iter()
+                .all(|t| t.name() != "W2_quantized"),
+            "no int8 copy of W2"
+        );
+        assert_ne!(named(&out, "conv1").input[1], "W1", "conv1 is quantized");
+        assert!(
+            stats.notes.iter().any(|n| n.contains(
+                "layer(s) left in float because something else reads their weight in float"
+            ) && n.contains("Conv node \"conv2\": weight 'W2' is also read by ReduceSum node \"wsum\" (input 0)")),
+            "{:?}",
+            stats.notes
+        );
     }
 
     /// x -> c1 (1x1) -> Relu = r1 -> dw (depthwise 3x3) = d -> Relu = r2 -> c3 (1x1) = y:
