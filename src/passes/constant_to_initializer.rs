@@ -5,9 +5,12 @@
 //! tensor, so weights held in Constant nodes are weights like any other (PaddlePaddle and
 //! tf2onnx exports keep all weights this way).
 //!
-//! Not done: `sparse_value` constants (kept as nodes); Constants whose output is a graph output
-//! (an initializer cannot stand in for an output on every runtime); models with IR < 4, where
-//! every initializer would also have to become a graph input.
+//! A Constant whose output is a main graph output becomes an initializer too (the output
+//! keeps its name; onnxruntime and tract run such outputs).
+//!
+//! Not done: `sparse_value` constants (kept as nodes); Constants whose output is an output of
+//! an If/Loop/Scan body (not every runtime takes an initializer as a subgraph's output);
+//! models with IR < 4, where every initializer would also have to become a graph input.
 
 use anyhow::Result;
 
@@ -66,13 +69,17 @@ impl Pass for ConstantToInitializer {
             ));
             return Ok(stats);
         }
+        // The main graph comes first. A main graph output may be an initializer; a subgraph's
+        // output stays a Constant node (not every runtime takes an initializer there).
+        let mut main = true;
         model.for_each_graph_mut(&mut |g, _names| {
+            let outputs_ok = std::mem::take(&mut main);
             let found: Vec<_> = g
                 .live_nodes()
                 .filter(|(_, n)| n.is("Constant") && n.outputs.len() == 1)
                 .filter_map(|(id, n)| {
                     let out = n.outputs[0]?;
-                    if g.is_graph_output(out) {
+                    if g.is_graph_output(out) && !outputs_ok {
                         return None;
                     }
                     constant_tensor(n).map(|t| (id, out, t))

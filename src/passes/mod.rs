@@ -274,7 +274,10 @@ pub fn constant_weights_note(model: &Model, opts: &PassOptions) -> Option<String
                     .attr("value")
                     .and_then(|a| a.t.as_ref())
                     .map(|t| t.dims.len());
+                // A subgraph output stays a Constant (see constant_to_initializer).
+                let stays = v.is_some_and(|v| g.is_graph_output(v));
                 if p.is("Constant")
+                    && !stays
                     && rank.is_some_and(|r| {
                         quantize_weights::selected_axis(g, n, i, r, opts).is_some()
                     })

@@ -1970,7 +1970,11 @@ mod tests {
         let mut m = import(src.clone());
         let stats = QuantizeStatic.run(&mut m, &opts).unwrap();
         let out = crate::onnx::export::to_proto(&m).unwrap();
-        assert_eq!(named(&out, "conv2").input[1], "W2", "conv2 reads the float weight");
+        assert_eq!(
+            named(&out, "conv2").input[1],
+            "W2",
+            "conv2 reads the float weight"
+        );
         assert!(
             out.graph
                 .as_ref()

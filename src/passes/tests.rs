@@ -583,8 +583,10 @@ fn constant_to_initializer_numbers_unchanged_in_tract() {
     assert_same_in_tract(&p, &r.proto, &[("x", x)]);
 }
 
+/// A main graph output may be an initializer (onnxruntime and tract run it); a subgraph's
+/// output stays a Constant node.
 #[test]
-fn constant_to_initializer_keeps_constant_that_is_a_graph_output() {
+fn constant_to_initializer_converts_a_graph_output_constant_of_the_main_graph_only() {
     let p = model(
         13,
         graph(
@@ -613,11 +615,49 @@ fn constant_to_initializer_keeps_constant_that_is_a_graph_output() {
     );
     let r = run_pass(&p, "constant_to_initializer");
     let g = r.g();
-    assert_eq!(count(g, "Constant"), 1);
-    assert_eq!(producer(g, "c_out").unwrap().op_type(), "Constant");
-    assert_eq!(init_names(g), ["c_in"]);
+    assert_eq!(count(g, "Constant"), 0);
+    assert_eq!(init_names(g), ["c_in", "c_out"]);
     assert_eq!(output_names(g), ["c_out", "y"]);
     assert_eq!(input_names(g), ["x"]);
+    let x = [("x", tensor(&[2], &[0.5, -1.0]))];
+    assert_eq!(tract(&p, &x), tract(&r.proto, &x));
+    // A subgraph's output stays a Constant node.
+    let branch_g = |tag: &str| {
+        graph(
+            tag,
+            vec![node(
+                "Constant",
+                &format!("{tag}_k"),
+                &[],
+                &[&format!("{tag}_out")],
+                vec![attr_floats("value_floats", &[1.0, 2.0])],
+            )],
+            vec![],
+            vec![f32_info(&format!("{tag}_out"), &[2])],
+            vec![],
+        )
+    };
+    let p = model(
+        13,
+        graph(
+            "g",
+            vec![node(
+                "If",
+                "if",
+                &["cond"],
+                &["y"],
+                vec![
+                    attr_g("then_branch", branch_g("then")),
+                    attr_g("else_branch", branch_g("else")),
+                ],
+            )],
+            vec![info("cond", DataType::Bool, &[])],
+            vec![out("y")],
+            vec![],
+        ),
+    );
+    let r = run_pass(&p, "constant_to_initializer");
+    assert_eq!(r.changes(), 0);
 }
 
 /// `If(cond)`: then = `x + k` with `k` a Constant of the branch, else = `-x`.
