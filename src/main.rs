@@ -339,6 +339,16 @@ fn read_config(
                         _ => 32,
                     },
                 };
+                if o.contains_key("block_size")
+                    && o.get("granularity").and_then(|g| g.as_str()) != Some("block")
+                    && !(o.get("granularity").is_none()
+                        && matches!(base.granularity, Granularity::Block(_)))
+                {
+                    anyhow::bail!(
+                        "{}: block_size applies to \"granularity\": \"block\" (or --granularity block)",
+                        what()
+                    );
+                }
                 if let Some(g) = o.get("granularity") {
                     sc.granularity = match g.as_str() {
                         Some("tensor") => Granularity::Tensor,
@@ -359,12 +369,20 @@ fn read_config(
 }
 
 /// `--op-types` entries without surrounding spaces, empty ones dropped (`Conv, MatMul`).
-fn op_types(given: &[String]) -> Vec<String> {
-    given
+///
+/// Errors: `--op-types` was given but names no op type (`''`, `,`), which would select every
+/// node.
+fn op_types(given: &[String]) -> Result<Vec<String>> {
+    let ops: Vec<String> = given
         .iter()
         .map(|o| o.trim().to_string())
         .filter(|o| !o.is_empty())
-        .collect()
+        .collect();
+    anyhow::ensure!(
+        given.is_empty() || !ops.is_empty(),
+        "--op-types names no op type (give e.g. --op-types Conv,MatMul)"
+    );
+    Ok(ops)
 }
 
 /// The selections of the command line and the config file that must name something in the
@@ -538,7 +556,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 output: a.output.clone(),
                 passes: a.passes.clone(),
                 pass_options: passes::PassOptions {
-                    op_types: op_types(&a.op_types),
+                    op_types: op_types(&a.op_types)?,
                     exclude_nodes: regex(&a.exclude_nodes, "--exclude-nodes")?,
                     include_nodes: regex(&a.include_nodes, "--include-nodes")?,
                     // The interface is a contract: float conversion keeps float32 graph
@@ -560,7 +578,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 fallback_samples: a.tune.fallback_samples,
                 check_notes,
                 selectors: selectors(
-                    &op_types(&a.op_types),
+                    &op_types(&a.op_types)?,
                     &a.include_nodes,
                     &a.exclude_nodes,
                     None,
@@ -743,6 +761,27 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         .unwrap_or_default()
                 );
             }
+            // A scheme for a node the node regexes leave out would be dropped without a word.
+            let (include, exclude) = (
+                regex(&a.include_nodes, "--include-nodes")?,
+                regex(&a.exclude_nodes, "--exclude-nodes")?,
+            );
+            let left_out: Vec<String> = node_schemes
+                .keys()
+                .filter(|n| {
+                    exclude.as_ref().is_some_and(|r| r.is_match(n))
+                        || include.as_ref().is_some_and(|r| !r.is_match(n))
+                        || float_nodes.contains(n)
+                })
+                .map(|n| format!("\"{n}\""))
+                .collect();
+            if !left_out.is_empty() {
+                anyhow::bail!(
+                    "{}: node(s) {} have a scheme but --include-nodes/--exclude-nodes leave them out: drop one or the other",
+                    a.config.as_deref().map_or_else(String::new, |p| p.display().to_string()),
+                    left_out.join(", ")
+                );
+            }
             let config_names: Vec<String> =
                 node_schemes.keys().chain(&float_nodes).cloned().collect();
             let pass = match a.mode {
@@ -781,8 +820,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 output: a.output.clone(),
                 passes,
                 pass_options: passes::PassOptions {
-                    op_types: op_types(&a.op_types),
-                    include_nodes: regex(&a.include_nodes, "--include-nodes")?,
+                    op_types: op_types(&a.op_types)?,
+                    include_nodes: include,
                     weight_scheme: Some(weight_scheme),
                     weight_format,
                     keep_io_types: a.keep_io_types,
@@ -793,10 +832,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     full_range_weights: a.tune.full_range_weights,
                     reduce_range: a.tune.reduce_range,
                     node_schemes,
-                    exclude_nodes: exclude_with(
-                        regex(&a.exclude_nodes, "--exclude-nodes")?,
-                        &float_nodes,
-                    )?,
+                    exclude_nodes: exclude_with(exclude, &float_nodes)?,
                     ..Default::default()
                 },
                 save: save_options(&a.model, &a.save),
@@ -808,7 +844,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 fallback_samples: a.tune.fallback_samples,
                 check_notes,
                 selectors: selectors(
-                    &op_types(&a.op_types),
+                    &op_types(&a.op_types)?,
                     &a.include_nodes,
                     &a.exclude_nodes,
                     a.config.as_deref().map(|p| (p, config_names)),

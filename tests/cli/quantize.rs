@@ -1059,6 +1059,38 @@ fn quantize_selections_that_name_nothing_are_refused() {
         "{}",
         r.describe()
     );
+    // Options that would be dropped without a word.
+    fs::write(&cfg, r#"{"nodes": {"Conv@0": {"dtype": "int16"}}}"#).unwrap();
+    let r = quantize(&[
+        "--config",
+        cfg.to_str().unwrap(),
+        "--exclude-nodes",
+        "Conv@0",
+    ]);
+    assert_eq!(r.code, Some(2), "{}", r.describe());
+    assert!(
+        r.stderr.contains(
+            "node(s) \"Conv@0\" have a scheme but --include-nodes/--exclude-nodes leave them out"
+        ),
+        "{}",
+        r.describe()
+    );
+    fs::write(&cfg, r#"{"nodes": {"Conv@0": {"block_size": 64}}}"#).unwrap();
+    let r = quantize(&["--config", cfg.to_str().unwrap()]);
+    assert_eq!(r.code, Some(2), "{}", r.describe());
+    assert!(
+        r.stderr
+            .contains("node \"Conv@0\": block_size applies to \"granularity\": \"block\""),
+        "{}",
+        r.describe()
+    );
+    let r = quantize(&["--op-types", ","]);
+    assert_eq!(r.code, Some(2), "{}", r.describe());
+    assert!(
+        r.stderr.contains("--op-types names no op type"),
+        "{}",
+        r.describe()
+    );
     // The same selections spelt right run (spaces around op types are allowed).
     fs::write(&cfg, r#"{"nodes": {"Conv@0": "float"}}"#).unwrap();
     let r = quantize(&[
