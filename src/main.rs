@@ -99,20 +99,45 @@ impl Reporter for Bars {
     }
 }
 
+/// The check's input options.
+///
+/// Errors: an `--input-shape` or `--input` that does not parse, or one input named twice by
+/// the same option (only one of the two could be used).
 fn input_options(c: &CheckArgs) -> Result<InputOptions> {
+    let shapes: Vec<(String, Vec<usize>)> = c
+        .input_shape
+        .iter()
+        .map(|s| verify::inputs::parse_input_shape(s))
+        .collect::<Result<_>>()?;
+    let values: Vec<(String, f64)> = c
+        .input
+        .iter()
+        .map(|s| verify::inputs::parse_input_value(s))
+        .collect::<Result<_>>()?;
+    for (flag, names) in [
+        (
+            "--input-shape",
+            shapes.iter().map(|s| &s.0).collect::<Vec<_>>(),
+        ),
+        ("--input", values.iter().map(|v| &v.0).collect()),
+    ] {
+        let mut seen = std::collections::BTreeSet::new();
+        let twice: Vec<&str> = names
+            .into_iter()
+            .filter(|n| !seen.insert(*n))
+            .map(String::as_str)
+            .collect();
+        anyhow::ensure!(
+            twice.is_empty(),
+            "{flag} names input(s) {} more than once",
+            twice.join(", ")
+        );
+    }
     Ok(InputOptions {
         npz: c.inputs.clone(),
         npz_sample: None,
-        shapes: c
-            .input_shape
-            .iter()
-            .map(|s| verify::inputs::parse_input_shape(s))
-            .collect::<Result<_>>()?,
-        values: c
-            .input
-            .iter()
-            .map(|s| verify::inputs::parse_input_value(s))
-            .collect::<Result<_>>()?,
+        shapes,
+        values,
         seed: c.seed,
     })
 }

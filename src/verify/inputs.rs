@@ -77,10 +77,10 @@ pub fn parse_input_shape(s: &str) -> Result<(String, Vec<usize>)> {
 /// Parses a `--input` argument `NAME=VALUE` into the name and the value.
 ///
 /// The name is everything before the last `=`; VALUE is any number `f64` parses (`16000`,
-/// `-1`, `0.5`, `1e-3`).
+/// `-1`, `0.5`, `1e-3`), or `true` / `false` (1 and 0, for bool inputs).
 ///
 /// # Errors
-/// When there is no `=`, the name is empty or the value is not a number.
+/// When there is no `=`, the name is empty or the value is neither a number nor a bool.
 pub fn parse_input_value(s: &str) -> Result<(String, f64)> {
     let (name, value) = s
         .rsplit_once('=')
@@ -89,10 +89,13 @@ pub fn parse_input_value(s: &str) -> Result<(String, f64)> {
         !name.is_empty(),
         "input value `{s}` has an empty input name"
     );
-    let value = value
-        .trim()
-        .parse::<f64>()
-        .with_context(|| format!("input value `{s}`: `{value}` is not a number"))?;
+    let value = match value.trim() {
+        "true" => 1.0,
+        "false" => 0.0,
+        v => v.parse::<f64>().with_context(|| {
+            format!("input value `{s}`: `{value}` is not a number (or true/false)")
+        })?,
+    };
     Ok((name.to_string(), value))
 }
 
@@ -1085,6 +1088,14 @@ mod tests {
         );
         assert!(parse_input_value("sr").is_err());
         assert!(parse_input_value("sr=fast").is_err());
+        assert_eq!(
+            parse_input_value("cond=true").unwrap(),
+            ("cond".into(), 1.0)
+        );
+        assert_eq!(
+            parse_input_value("cond=false").unwrap(),
+            ("cond".into(), 0.0)
+        );
     }
 
     #[test]

@@ -295,6 +295,24 @@ fn optimize_input_shape_contradicting_the_graph_is_refused_when_the_model_cannot
         &"bytes:2,2048",
     ]));
     assert!(r.ok(), "{}", r.describe());
+    // One input given two shapes: only one could be used.
+    let r = onnxopt_slow(&os(&[
+        &"optimize",
+        &m,
+        &"-o",
+        &out,
+        &"--input-shape",
+        &"bytes:2,2048",
+        &"--input-shape",
+        &"bytes:1,2048",
+    ]));
+    assert_eq!(r.code, Some(2), "{}", r.describe());
+    assert!(
+        r.stderr
+            .contains("--input-shape names input(s) bytes more than once"),
+        "{}",
+        r.describe()
+    );
 }
 
 #[test]
