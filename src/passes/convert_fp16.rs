@@ -37,8 +37,10 @@
 //!   flows as float16 (or it has none), so element-wise ops between two float32 regions stay
 //!   float32 instead of adding a Cast pair. Shape and Size read either type (no Cast).
 //!
-//! Values: weights are converted with IEEE 754 round-to-nearest-even; finite values beyond the
-//! binary16 range (±65504; bfloat16 ±3.39e38) are clamped to it (noted), magnitudes below the
+//! Values: weights are converted with IEEE 754 round-to-nearest-even. A node reading a weight
+//! with finite values beyond the binary16 range (±65504) stays float32 (clamping changed its
+//! results, and float16 products and sums of such values overflow); for bfloat16, values
+//! beyond ±3.39e38 are clamped to it (noted); magnitudes below the
 //! smallest normal number round to the nearest subnormal or to ±0 (below 2^-25), infinities
 //! and NaN stay as they are. A weight also read by a float32 node, by a subgraph or as a graph
 //! output stays float32, stored once, and its float16 readers read a Cast of it (a weight with
@@ -679,6 +681,8 @@ fn analyse(
                     Err("pooling window too large, overflows float16 in tract")
                 } else if cone.contains(&id) {
                     Err("feeds a shape, size or index input")
+                } else if target == Target::F16 && t_inputs(n, s).any(|v| beyond_f16(g, v)) {
+                    Err("reads a weight with values beyond the float16 range")
                 } else if !opts.selects(g, n) {
                     Err("not selected")
                 } else {
@@ -766,6 +770,26 @@ fn analyse(
 }
 
 /// A tensor converted to `target` and the number of finite values clamped to its range.
+/// True when `v` is a constant (an initializer or a Constant node's value) holding a finite
+/// value beyond float16's largest finite one (65504), which converting would clamp, and whose
+/// products and sums would overflow to infinity: its readers stay float32. (bfloat16's range
+/// is float32's but for its last 0.4%.)
+fn beyond_f16(g: &Graph, v: ValueId) -> bool {
+    let max = f16::MAX.to_f32();
+    let over = |t: &Tensor| {
+        t.data_type() == FLOAT
+            && t.to_f32()
+                .is_ok_and(|vals| vals.par_iter().any(|x| x.is_finite() && x.abs() > max))
+    };
+    match &g.value(v).def {
+        ValueDef::Initializer(t) => over(t),
+        ValueDef::Node(p, _) if g.node(*p).is("Constant") => {
+            constant_tensor(g.node(*p)).is_some_and(|t| over(&Tensor::new(t)))
+        }
+        _ => false,
+    }
+}
+
 fn convert_tensor(t: &Tensor, target: Target) -> Result<(Tensor, usize)> {
     let values = t.to_f32()?;
     let (raw, clamped): (Vec<[u8; 2]>, usize) = match target {
@@ -1672,20 +1696,32 @@ mod tests {
     }
 
     #[test]
-    fn weights_beyond_the_float16_range_are_clamped_not_infinite() {
+    fn weights_beyond_the_float16_range_keep_their_readers_in_float32() {
+        // The MatMul reading w stays float32 (clamping w to 65504 changed its results, and
+        // float16 sums of such values overflow); the MatMul reading v converts.
         let p = model(
             13,
-            vec![node("MatMul", &["x", "w"], &["y"])],
+            vec![
+                node("MatMul", &["x", "w"], &["y"]),
+                node("MatMul", &["x", "v"], &["z"]),
+            ],
             vec![info("x", DataType::Float, &[1, 2])],
-            vec![out("y", &[1, 2])],
-            vec![f32_init("w", &[2, 2], &[1e5, -7e4, 1e-9, 3.0e38])],
+            vec![out("y", &[1, 2]), out("z", &[1, 2])],
+            vec![
+                f32_init("w", &[2, 2], &[1e5, -7e4, 1e-9, 3.0e38]),
+                f32_init("v", &[2, 2], &[1.0, 2.0, 3.0, 4.0]),
+            ],
         );
         let (q, stats) = convert(&p, &opts(true, false));
         let w = Tensor::new(init(&q, "w").unwrap().clone());
-        assert_eq!(w.data_type(), FLOAT16);
-        assert_eq!(w.to_f32().unwrap(), vec![65504.0, -65504.0, 0.0, 65504.0]);
+        assert_eq!(w.data_type(), FLOAT);
+        assert_eq!(init(&q, "v").unwrap().data_type(), FLOAT16);
         assert!(
-            stats.notes.iter().any(|n| n.contains("'w': 3 values")),
+            stats
+                .notes
+                .iter()
+                .any(|n| n
+                    .contains("MatMul x1 (reads a weight with values beyond the float16 range)")),
             "{:?}",
             stats.notes
         );
@@ -1694,8 +1730,8 @@ mod tests {
             "x".to_string(),
             TractTensor::from_shape(&[1, 2], &[1e-3f32, 1e-3]).unwrap(),
         )];
-        let y = tract_run(&q, &x);
-        assert!(y[0].1.iter().all(|v| v.is_finite()), "{:?}", y[0].1);
+        let (a, b) = (tract_run(&p, &x), tract_run(&q, &x));
+        assert_eq!(a[0].1, b[0].1, "y is computed in float32 as before");
     }
 
     #[test]
