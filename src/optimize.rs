@@ -442,6 +442,10 @@ pub fn min_cosine(c: &Comparison) -> Option<f64> {
     c.outputs
         .iter()
         .filter_map(|o| o.values.as_ref().and_then(|v| v.cosine))
+        // A NaN cosine (a NaN or infinity in an output) is no match at all, as in the
+        // fallback's scores: `f64::min` would skip it, and an overflowed output would not
+        // start the fallback.
+        .map(|c| if c.is_nan() { -1.0 } else { c })
         .reduce(f64::min)
 }
 
@@ -630,6 +634,7 @@ mod tests {
     // Tests fail by panicking: unwrap and panic! are the point here.
     #![allow(clippy::unwrap_used, clippy::panic)]
     use super::*;
+    use crate::pb;
     use crate::pb::tensor_proto::DataType;
     use crate::quant::{Granularity, QType, Scheme};
     use crate::verify::testutil::{info, init_f32, model, node, out};
@@ -706,6 +711,67 @@ mod tests {
         assert!(fb.kept.iter().any(|k| k.output == "y"), "{:?}", fb.kept);
         assert_eq!(r.checked_model, "quantized");
         assert_eq!(r.check.as_ref().unwrap().status, Verification::Checked);
+    }
+
+    /// An fp16 result whose output overflows (a Gemm with alpha = 30000: values near 2e5, beyond
+    /// float16's 65504) has a NaN cosine; the fallback keeps that Gemm in float32 and the gate
+    /// holds. Before, `f64::min` skipped the NaN cosine, so the fallback never started and the
+    /// run exited 1.
+    #[test]
+    fn an_overflowing_fp16_output_starts_the_fallback() {
+        let dir = tempfile::tempdir().unwrap();
+        let alpha = pb::AttributeProto {
+            name: Some("alpha".into()),
+            r#type: Some(pb::attribute_proto::AttributeType::Float as i32),
+            f: Some(30000.0),
+            ..Default::default()
+        };
+        let b: Vec<f32> = (0..32 * 8)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
+            .collect();
+        let p = model(
+            vec![
+                node("Gemm", "g_small", &["x", "B"], &["y1"], vec![]),
+                node("Gemm", "g_big", &["x", "B"], &["y2"], vec![alpha]),
+            ],
+            vec![info("x", DataType::Float, &[4, 32])],
+            vec![out("y1"), out("y2")],
+            vec![init_f32("B", &[32, 8], &b)],
+        );
+        let src = dir.path().join("m.onnx");
+        std::fs::write(&src, prost::Message::encode_to_vec(&p)).unwrap();
+        let run = |fallback_target: Option<f64>| {
+            let cfg = OptimizeConfig {
+                model: src.clone(),
+                output: dir.path().join("h.onnx"),
+                passes: "convert_fp16".into(),
+                pass_options: PassOptions {
+                    keep_io_types: true,
+                    ..Default::default()
+                },
+                save: Default::default(),
+                check: true,
+                inputs: Default::default(),
+                gates: Default::default(),
+                validate_each: true,
+                fallback_target,
+                fallback_samples: 0,
+                check_notes: vec![],
+                selectors: vec![],
+            };
+            optimize(&cfg, &Silent).unwrap()
+        };
+        let r = run(None);
+        assert_eq!(r.check.as_ref().unwrap().status, Verification::Failed);
+        assert_eq!(min_cosine(r.check.as_ref().unwrap()), Some(-1.0));
+        let r = run(Some(0.999));
+        let c = r.check.as_ref().unwrap();
+        assert_eq!(c.status, Verification::Checked, "{:?}", c.failures);
+        let fb = r.fallback.as_ref().expect("the fallback ran");
+        assert_eq!(
+            fb.kept.iter().map(|k| k.node.as_str()).collect::<Vec<_>>(),
+            ["g_big"]
+        );
     }
 
     /// An integer output (ArgMax class ids) is gated: exactly in a lossless pipeline, within
