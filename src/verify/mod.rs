@@ -266,7 +266,7 @@ impl Reference {
         let mut comparison = merge(per_set, &labels);
         if matches!(comparison.status, Verification::Checked) {
             if gates.min_cosine.is_some() {
-                let notes = one_element_notes(&comparison.outputs, gates);
+                let notes = output_notes(&comparison.outputs, gates);
                 comparison.notes.extend(notes);
             }
             comparison.failures = check(gates, &comparison.outputs);
@@ -475,11 +475,24 @@ fn note_cast(cast: bool, c: &mut Comparison) {
     }
 }
 
-/// A note per float output of one element (a scalar score, a speech probability) that no
+/// A note per empty output, and per float output of one element (a scalar score, a speech probability) that no
 /// tolerance of `gates` covers: its cosine is 1 whenever the signs agree, so the cosine gate
 /// cannot see its error.
-fn one_element_notes(outputs: &[metrics::OutputMetrics], gates: &Gates) -> Vec<String> {
-    outputs
+fn output_notes(outputs: &[metrics::OutputMetrics], gates: &Gates) -> Vec<String> {
+    // An empty output passes every gate without a value compared.
+    let empty = outputs
+        .iter()
+        .filter(|o| o.values.as_ref().is_some_and(|v| v.elements == 0))
+        .map(|o| {
+            format!(
+                "output `{}` is empty (shape {:?}): no value was compared; give inputs that make it non-empty (--inputs, --input-shape)",
+                o.name, o.reference.shape
+            )
+        });
+    empty
+        .collect::<Vec<_>>()
+        .into_iter()
+        .chain(outputs
         .iter()
         .filter(|o| gates.tolerance_for(&o.name).is_none())
         .filter_map(|o| {
@@ -495,7 +508,7 @@ fn one_element_notes(outputs: &[metrics::OutputMetrics], gates: &Gates) -> Vec<S
                 fmt_num(v.max_rel),
                 o.name
             ))
-        })
+        }))
         .collect()
 }
 

@@ -663,8 +663,8 @@ fn a_one_element_float_output_gets_a_note_that_its_cosine_is_blind() {
         }],
         ..Default::default()
     };
-    assert!(one_element_notes(&rows, &gated).is_empty());
-    let notes = one_element_notes(&rows, &Gates::default());
+    assert!(output_notes(&rows, &gated).is_empty());
+    let notes = output_notes(&rows, &Gates::default());
     assert_eq!(notes.len(), 1, "{notes:?}");
     assert!(
         notes[0].starts_with("output `p` has one element"),
@@ -673,8 +673,13 @@ fn a_one_element_float_output_gets_a_note_that_its_cosine_is_blind() {
     assert!(notes[0].contains("2.000e-1 relative"), "{notes:?}");
     // Integer outputs have no cosine to be blind.
     let i = Tensor::from_shape(&[1], &[3i64]).unwrap();
-    assert!(
-        one_element_notes(&[metrics::compare("n", &i, &i, None)], &Gates::default()).is_empty()
+    assert!(output_notes(&[metrics::compare("n", &i, &i, None)], &Gates::default()).is_empty());
+    // An empty output: every gate holds with nothing compared, and a note says so.
+    let e = Tensor::from_shape(&[0, 3], &[] as &[f32]).unwrap();
+    let notes = output_notes(&[metrics::compare("e", &e, &e, None)], &Gates::default());
+    assert_eq!(
+        notes,
+        ["output `e` is empty (shape [0, 3]): no value was compared; give inputs that make it non-empty (--inputs, --input-shape)"]
     );
 }
 
