@@ -639,6 +639,36 @@ mod tests {
     use crate::quant::{Granularity, QType, Scheme};
     use crate::verify::testutil::{info, init_f32, model, node, out};
 
+    /// `optimize` on the tiny model `p` (written into `dir`) with `passes` and `pass_options`,
+    /// generated inputs, `gates` and the fallback's target.
+    fn optimize_tiny(
+        dir: &Path,
+        p: &pb::ModelProto,
+        passes: &str,
+        pass_options: PassOptions,
+        gates: crate::verify::gate::Gates,
+        fallback_target: Option<f64>,
+    ) -> OptimizeReport {
+        let src = dir.join("m.onnx");
+        std::fs::write(&src, prost::Message::encode_to_vec(p)).unwrap();
+        let cfg = OptimizeConfig {
+            model: src,
+            output: dir.join("out.onnx"),
+            passes: passes.into(),
+            pass_options,
+            save: Default::default(),
+            check: true,
+            inputs: Default::default(),
+            gates,
+            validate_each: true,
+            fallback_target,
+            fallback_samples: 0,
+            check_notes: vec![],
+            selectors: vec![],
+        };
+        optimize(&cfg, &Silent).unwrap()
+    }
+
     /// Whichever way a form tract cannot run gets into the result (here int4 blocks chosen
     /// for one node by a config, over an int8 per-channel default), the check runs on the
     /// float-equivalent model and says so; before, such a result was checked as written and
@@ -661,29 +691,21 @@ mod tests {
         );
         p.opset_import[0].version = Some(21);
         p.ir_version = Some(10);
-        let src = dir.path().join("m.onnx");
-        std::fs::write(&src, prost::Message::encode_to_vec(&p)).unwrap();
         let run_with = |schemes: &[(&str, Scheme)], fallback_target: Option<f64>| {
-            let cfg = OptimizeConfig {
-                model: src.clone(),
-                output: dir.path().join("q.onnx"),
-                passes: "quantize_weights".into(),
-                pass_options: PassOptions {
-                    weight_scheme: Some(Scheme::INT8_CHANNEL),
-                    node_schemes: schemes.iter().map(|(n, s)| (n.to_string(), *s)).collect(),
-                    ..Default::default()
-                },
-                save: Default::default(),
-                check: true,
-                inputs: Default::default(),
-                gates: Default::default(),
-                validate_each: true,
-                fallback_target,
-                fallback_samples: 0,
-                check_notes: vec![],
-                selectors: vec![],
+            let opts = PassOptions {
+                weight_scheme: Some(Scheme::INT8_CHANNEL),
+                node_schemes: schemes.iter().map(|(n, s)| (n.to_string(), *s)).collect(),
+                ..Default::default()
             };
-            optimize(&cfg, &Silent).unwrap()
+            let gates = Default::default();
+            optimize_tiny(
+                dir.path(),
+                &p,
+                "quantize_weights",
+                opts,
+                gates,
+                fallback_target,
+            )
         };
         let run = |schemes: &[(&str, Scheme)]| run_with(schemes, None);
         let int4 = Scheme {
@@ -738,28 +760,13 @@ mod tests {
             vec![out("y1"), out("y2")],
             vec![init_f32("B", &[32, 8], &b)],
         );
-        let src = dir.path().join("m.onnx");
-        std::fs::write(&src, prost::Message::encode_to_vec(&p)).unwrap();
         let run = |fallback_target: Option<f64>| {
-            let cfg = OptimizeConfig {
-                model: src.clone(),
-                output: dir.path().join("h.onnx"),
-                passes: "convert_fp16".into(),
-                pass_options: PassOptions {
-                    keep_io_types: true,
-                    ..Default::default()
-                },
-                save: Default::default(),
-                check: true,
-                inputs: Default::default(),
-                gates: Default::default(),
-                validate_each: true,
-                fallback_target,
-                fallback_samples: 0,
-                check_notes: vec![],
-                selectors: vec![],
+            let opts = PassOptions {
+                keep_io_types: true,
+                ..Default::default()
             };
-            optimize(&cfg, &Silent).unwrap()
+            let gates = Default::default();
+            optimize_tiny(dir.path(), &p, "convert_fp16", opts, gates, fallback_target)
         };
         let r = run(None);
         assert_eq!(r.check.as_ref().unwrap().status, Verification::Failed);
@@ -810,8 +817,6 @@ mod tests {
         );
         p.opset_import[0].version = Some(21);
         p.ir_version = Some(10);
-        let src = dir.path().join("m.onnx");
-        std::fs::write(&src, prost::Message::encode_to_vec(&p)).unwrap();
         let int4 = Scheme {
             qtype: QType::Int4,
             symmetric: true,
@@ -819,28 +824,15 @@ mod tests {
             pow2: false,
         };
         let run = |passes: &str, fallback_target: Option<f64>| {
-            let cfg = OptimizeConfig {
-                model: src.clone(),
-                output: dir.path().join("q.onnx"),
-                passes: passes.into(),
-                pass_options: PassOptions {
-                    weight_scheme: Some(int4),
-                    ..Default::default()
-                },
-                save: Default::default(),
-                check: true,
-                inputs: Default::default(),
-                gates: crate::verify::gate::Gates {
-                    max_accuracy_drop: Some(0.02),
-                    ..Default::default()
-                },
-                validate_each: true,
-                fallback_target,
-                fallback_samples: 0,
-                check_notes: vec![],
-                selectors: vec![],
+            let opts = PassOptions {
+                weight_scheme: Some(int4),
+                ..Default::default()
             };
-            optimize(&cfg, &Silent).unwrap()
+            let gates = crate::verify::gate::Gates {
+                max_accuracy_drop: Some(0.02),
+                ..Default::default()
+            };
+            optimize_tiny(dir.path(), &p, passes, opts, gates, fallback_target)
         };
         let r = run("quantize_weights", None);
         assert_eq!(r.gates.max_integer_mismatch, Some(0.02));
