@@ -207,6 +207,17 @@ mod common {
     }
 
     /// `inspect --json` parsed.
+    /// The record of the first pass called `name` in a JSON report.
+    pub fn pass_record(report: &serde_json::Value, name: &str) -> serde_json::Value {
+        report["passes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap_or_else(|| panic!("no pass {name} in the report: {report}"))
+            .clone()
+    }
+
     pub fn inspect_json(model: &Path) -> serde_json::Value {
         let r = onnxopt(&["inspect".as_ref(), model.as_os_str(), "--json".as_ref()]).expect_ok();
         serde_json::from_str(&r.stdout).unwrap_or_else(|e| {

@@ -370,13 +370,7 @@ fn optimize_takes_the_quantization_tuning_options_of_the_passes_it_runs() {
     );
     assert!(r.ok(), "{}", r.describe());
     let v = read_json(&report);
-    let pass = v["passes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == "quantize_dynamic")
-        .unwrap()
-        .clone();
+    let pass = pass_record(&v, "quantize_dynamic");
     assert!(pass["changes"].as_u64().unwrap() > 0, "{pass}");
     assert!(
         pass["notes"]

@@ -1116,13 +1116,7 @@ fn quantize_selections_that_name_nothing_are_refused() {
     let r = quantize(&["--op-types", "Relu", "--report", cfg.to_str().unwrap()]);
     assert!(r.ok(), "{}", r.describe());
     let v = read_json(&cfg);
-    let pass = v["passes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == "quantize_weights")
-        .unwrap()
-        .clone();
+    let pass = pass_record(&v, "quantize_weights");
     assert_eq!(pass["changes"], 0, "{pass}");
     assert!(
         pass["notes"].to_string().contains(
@@ -1180,12 +1174,7 @@ fn optimize_runs_quantize_static_with_calibration_options() {
     let r = optimize("cleanup,upgrade_opset,quantize_static,cleanup");
     assert!(r.ok(), "{}", r.describe());
     let v = read_json(&report);
-    let pass = v["passes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == "quantize_static")
-        .unwrap();
+    let pass = pass_record(&v, "quantize_static");
     // 3 Conv and the MatMul: static mode leaves the layers onnxruntime runs faster in float.
     assert!(pass["changes"].as_u64().unwrap() >= 4, "{pass}");
     assert!(
