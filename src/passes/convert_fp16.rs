@@ -227,11 +227,14 @@ fn spec(node: &Node, opset: i64, in_types: &[Option<i32>]) -> Option<Spec> {
             if node.attr_int("to", 0) != FLOAT as i64 {
                 return None;
             }
-            let ins = if in_types.first().copied().flatten() == Some(FLOAT) {
-                All
-            } else {
-                No
-            };
+            // From an integer type wider than 8 bits (or an unknown one), the values may lie
+            // beyond float16's 65504 (an int32 MatMulInteger sum): such a Cast keeps float32.
+            let from = in_types.first().copied().flatten();
+            let small = [DataType::Bool, DataType::Int8, DataType::Uint8].map(|d| Some(d as i32));
+            if from != Some(FLOAT) && !small.contains(&from) {
+                return None;
+            }
+            let ins = if from == Some(FLOAT) { All } else { No };
             sp(ins, All, 6, 13)
         }
         "ConstantOfShape" => {
@@ -276,6 +279,9 @@ fn kept_reason(node: &Node) -> &'static str {
         }
         "LSTM" | "GRU" | "RNN" => "recurrent op, limited float16 support in tract and onnxruntime",
         "TopK" => "selects indices",
+        "Cast" if node.attr_int("to", 0) == FLOAT as i64 => {
+            "casts from a wide integer type, whose values may overflow float16"
+        }
         "GlobalAveragePool" => "sums its whole spatial extent, overflows float16 in tract",
         _ => "not on the float16 allow-list",
     }
@@ -1732,6 +1738,62 @@ mod tests {
         )];
         let (a, b) = (tract_run(&p, &x), tract_run(&q, &x));
         assert_eq!(a[0].1, b[0].1, "y is computed in float32 as before");
+    }
+
+    /// A Cast to float from int32 (an integer MatMul's sum, up to 2^31) keeps float32, as does
+    /// the arithmetic after it; a Cast from uint8 (exact in float16) converts. Before, the
+    /// int32 Cast was retargeted to float16 and values over 65504 became infinity.
+    #[test]
+    fn a_cast_from_a_wide_integer_type_stays_float32() {
+        let cast = |i: &str, o: &str| with(node("Cast", &[i], &[o]), vec![attr_int("to", 1)]);
+        let p = model(
+            13,
+            vec![
+                cast("i", "f"),
+                node("Mul", &["f", "s"], &["y"]),
+                cast("b", "bf"),
+                node("MatMul", &["x", "w"], &["h"]),
+                node("Add", &["h", "bf"], &["z"]),
+            ],
+            vec![
+                info("i", DataType::Int32, &[2, 2]),
+                info("b", DataType::Uint8, &[2, 2]),
+                info("x", DataType::Float, &[2, 2]),
+            ],
+            vec![out("y", &[2, 2]), out("z", &[2, 2])],
+            vec![
+                f32_init("s", &[1], &[0.5]),
+                f32_init("w", &[2, 2], &values(4, 17)),
+            ],
+        );
+        let (q, stats) = convert(&p, &opts(true, false));
+        let cast_of = |o: &str| producer(&q, o).unwrap();
+        assert_eq!(cast_to(cast_of("f")), FLOAT as i64);
+        assert_eq!(cast_to(cast_of("bf")), FLOAT16 as i64);
+        assert!(
+            stats
+                .notes
+                .iter()
+                .any(|n| n.contains("Cast x1 (casts from a wide integer type")),
+            "{:?}",
+            stats.notes
+        );
+        check_onnx(&q);
+        let big = TractTensor::from_shape(&[2, 2], &[100_000i32, -70_000, 3, 4]).unwrap();
+        let x = vec![
+            ("i".to_string(), big),
+            (
+                "b".to_string(),
+                TractTensor::from_shape(&[2, 2], &[1u8, 2, 3, 255]).unwrap(),
+            ),
+            (
+                "x".to_string(),
+                TractTensor::from_shape(&[2, 2], &[0.5f32, -1.0, 0.25, 2.0]).unwrap(),
+            ),
+        ];
+        let (a, b) = (tract_run(&p, &x), tract_run(&q, &x));
+        assert_eq!(a[0].1, b[0].1, "y computed in float32 as before");
+        assert!(rel_err(&b[1].1, &a[1].1) < 1e-2);
     }
 
     #[test]
