@@ -314,7 +314,7 @@ fn layers_in(g: &Graph, outer: &[&Graph], opts: &PassOptions, out: &mut Vec<Laye
             }
         }
         out.push(Layer {
-            node: n.name().to_string(),
+            node: crate::passes::node_key(g, n).to_string(),
             op: n.op_type().to_string(),
             output: g.value(*o).name.clone(),
             readable,

@@ -374,6 +374,12 @@ fn read_config(
                         what()
                     );
                 }
+                // A block size for the command line's block granularity.
+                if let (None, Some(_), Granularity::Block(_)) =
+                    (o.get("granularity"), o.get("block_size"), base.granularity)
+                {
+                    sc.granularity = Granularity::Block(bs);
+                }
                 if let Some(g) = o.get("granularity") {
                     sc.granularity = match g.as_str() {
                         Some("tensor") => Granularity::Tensor,

@@ -125,14 +125,10 @@ pub fn default_gates(user: Gates, lossy: bool) -> Gates {
     if g.min_cosine.is_none() && g.tolerance().is_none() {
         g.min_cosine = Some(if lossy { 0.99 } else { 0.9999 });
     }
-    // Integer and bool outputs (class ids, counts, masks): exact in a lossless pipeline; in a
-    // lossy one, within the accuracy drop when one is given.
+    // Integer and bool outputs (class ids, counts, masks): within the accuracy drop when one
+    // is given; else exact in a lossless pipeline and not gated in a lossy one.
     if g.max_integer_mismatch.is_none() {
-        g.max_integer_mismatch = if lossy {
-            g.max_accuracy_drop
-        } else {
-            Some(0.0)
-        };
+        g.max_integer_mismatch = g.max_accuracy_drop.or(if lossy { None } else { Some(0.0) });
     }
     g
 }
@@ -476,12 +472,21 @@ pub fn format_report(r: &OptimizeReport) -> String {
         }
     }
     let mb = |b: u64| b as f64 / 1e6;
+    let (before, after) = (r.before.bytes.max(1) as f64, r.after.bytes.max(1) as f64);
+    let ratio = if after > before {
+        format!(
+            "{:.2}x larger, +{} bytes",
+            after / before,
+            r.after.bytes - r.before.bytes
+        )
+    } else {
+        format!("{:.2}x smaller", before / after)
+    };
     let _ = writeln!(
         s,
-        "\nsize        {:>10.3} MB -> {:>10.3} MB  ({:.2}x smaller)",
+        "\nsize        {:>10.3} MB -> {:>10.3} MB  ({ratio})",
         mb(r.before.bytes),
         mb(r.after.bytes),
-        r.before.bytes as f64 / (r.after.bytes.max(1) as f64)
     );
     let _ = writeln!(
         s,
@@ -536,10 +541,22 @@ pub fn format_report(r: &OptimizeReport) -> String {
             f.final_cosine,
             if f.met { "" } else { ", target NOT met" }
         );
-        if f.layers > 0 && f.kept.len() == f.layers {
+        // Layers kept in float also keep the weights they share with other layers in float,
+        // so the result can be all float with layers left.
+        let quantized_nothing = r
+            .passes
+            .iter()
+            .find(|p| p.kind == "lossy")
+            .is_some_and(|p| p.changes == 0);
+        if f.layers > 0 && (f.kept.len() == f.layers || quantized_nothing) {
             let _ = writeln!(
                 s,
-                "    note: every quantizable layer is kept in float: the result is not quantized (only the storage of weights left in float may be); loosen the target or check it on more inputs"
+                "    note: {}: the result is not quantized (only the storage of weights left in float may be); loosen the target or check it on more inputs",
+                if f.kept.len() == f.layers {
+                    "every quantizable layer is kept in float"
+                } else {
+                    "the layers kept in float keep the weights they share with the others in float too"
+                }
             );
         }
         for k in &f.kept {
@@ -852,9 +869,17 @@ mod tests {
         let fb = r.fallback.as_ref().expect("the fallback ran");
         assert!(!fb.kept.is_empty());
         assert_eq!(fb.tried[0].integer_mismatch, Some(before), "{:?}", fb.tried);
-        // Lossless: exact.
+        // Lossless: exact, unless --max-accuracy-drop allows a drop (as here).
         let r = run("cleanup", None);
-        assert_eq!(r.gates.max_integer_mismatch, Some(0.0));
+        assert_eq!(r.gates.max_integer_mismatch, Some(0.02));
         assert_eq!(r.check.as_ref().unwrap().status, Verification::Checked);
+        assert_eq!(
+            default_gates(Default::default(), false).max_integer_mismatch,
+            Some(0.0)
+        );
+        assert_eq!(
+            default_gates(Default::default(), true).max_integer_mismatch,
+            None
+        );
     }
 }

@@ -153,17 +153,18 @@ impl PassOptions {
 }
 
 /// The name selections address `node` of `g` by (`--include-nodes`, `--exclude-nodes`,
-/// `--config`): its name, or the name of its first output when it has none (exporters leave
+/// `--config`): its name, or the name of its first present output when it has none (exporters leave
 /// some nodes unnamed; an output name is unique in a valid model).
 pub fn node_key<'a>(g: &'a crate::ir::Graph, node: &'a crate::ir::Node) -> &'a str {
     if !node.name().is_empty() {
         return node.name();
     }
     node.outputs
-        .first()
-        .copied()
+        .iter()
         .flatten()
-        .map_or("", |v| g.value(v).name.as_str())
+        .map(|v| g.value(*v).name.as_str())
+        .find(|n| !n.is_empty())
+        .unwrap_or("")
 }
 
 /// A selection the user made that must name something in the model. A misspelt op type,

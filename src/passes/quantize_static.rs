@@ -537,7 +537,7 @@ fn find_units(g: &Graph, notes: &mut Vec<String>) -> Vec<Unit> {
         .collect();
     if !several.is_empty() {
         notes.push(format!(
-            "weights read by several layers get one int8 copy per layer (each with its own scales): {}",
+            "weights read by several layers are quantized per layer, each with its own scales (identical copies are stored once by dedupe_initializers): {}",
             several.join(", ")
         ));
     }

@@ -416,6 +416,44 @@ fn quantize_config_overrides_per_node() {
     assert!(!out.exists());
 }
 
+/// A `--config` block size for one node applies under `--granularity block` on the command
+/// line (it was dropped: the node got the command line's block size).
+#[test]
+fn quantize_config_block_size_under_command_line_blocks() {
+    let dir = tempdir();
+    let cfg = dir.path().join("cfg.json");
+    fs::write(
+        &cfg,
+        r#"{"nodes": {"jax2tf_get_logits_/pjit_get_logits_/MagikaV2/Dense_1/MatMul": {"block_size": 64}}}"#,
+    )
+    .unwrap();
+    let report = dir.path().join("q.json");
+    let r = run_slow(&[
+        "quantize".into(),
+        model("magika-standard-v3-3").into(),
+        "-o".into(),
+        dir.path().join("q.onnx").into(),
+        "--format".into(),
+        "matmulnbits".into(),
+        "--dtype".into(),
+        "int4".into(),
+        "--granularity".into(),
+        "block".into(),
+        "--config".into(),
+        cfg.into(),
+        "--no-check".into(),
+        "--report".into(),
+        report.clone().into(),
+    ]);
+    assert!(r.ok(), "{}", r.describe());
+    let touched = pass_record(&read_json(&report), "quantize_weights")["touched"].to_string();
+    assert!(
+        touched.contains("Const_24:0: int4 symmetric Block(64)")
+            && touched.contains("Const:0: int4 symmetric Block(32)"),
+        "{touched}"
+    );
+}
+
 /// `--format matmulnbits` on magika (opset 15, two MatMul weights, one Conv weight): the two
 /// MatMuls become `com.microsoft` `MatMulNBits`, the Conv weight stays float with a note (4-bit
 /// DequantizeLinear needs opset 21), the onnx checker accepts the result, onnxruntime runs it

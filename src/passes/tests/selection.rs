@@ -218,3 +218,48 @@ fn an_unnamed_node_is_addressed_by_its_first_output() {
     );
     assert!(init(g, "Wd").is_some());
 }
+
+/// An unnamed node whose first output is omitted (an LSTM writing only `Y_h`) is addressed by
+/// its first present output.
+#[test]
+fn an_unnamed_node_without_its_first_output_is_addressed_by_the_next() {
+    let (h, inp) = (3i64, 2i64);
+    let p = model(
+        13,
+        graph(
+            "g",
+            vec![node(
+                "LSTM",
+                "",
+                &["x", "W", "R"],
+                &["", "Y_h"],
+                vec![attr_i("hidden_size", h)],
+            )],
+            vec![f32_info("x", &[4, 1, inp])],
+            vec![out("Y_h")],
+            vec![
+                f32_init(
+                    "W",
+                    &[1, 4 * h, inp],
+                    &rand_f32((4 * h * inp) as usize, 51, 0.5),
+                ),
+                f32_init(
+                    "R",
+                    &[1, 4 * h, h],
+                    &rand_f32((4 * h * h) as usize, 52, 0.5),
+                ),
+            ],
+        ),
+    );
+    let (m, _) = crate::onnx::from_proto(p, None, "t").unwrap();
+    let sel = Selector::NodeRegex {
+        flag: "--include-nodes".into(),
+        re: regex::Regex::new("^Y_h$").unwrap(),
+    };
+    assert_eq!(unmatched_selectors(&m, &[sel]), Vec::<String>::new());
+    let opts = PassOptions {
+        include_nodes: Some(regex::Regex::new("^Y_h$").unwrap()),
+        ..Default::default()
+    };
+    assert!(opts.selects_any(&m));
+}
