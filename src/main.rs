@@ -914,6 +914,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 &g,
             )?;
             reporter.phase_done();
+            verify::refuse_contradicted_shapes(&cmp, &a.reference)?;
             if let Some(path) = &a.report {
                 write_json(path, &cmp)?;
             }

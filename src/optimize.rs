@@ -287,21 +287,7 @@ pub fn optimize(cfg: &OptimizeConfig, reporter: &dyn Reporter) -> Result<Optimiz
     // Input shapes that contradict a fixed dimension the graph declares, when the model then
     // cannot run: the inputs are at fault, not the result (exit 2, nothing written).
     if let Some(c) = &check {
-        if let Verification::Unverified { reason, .. } = &c.status {
-            let contradictions: Vec<&str> = c
-                .notes
-                .iter()
-                .filter(|n| n.contains("--input-shape sets dim"))
-                .map(String::as_str)
-                .collect();
-            if !contradictions.is_empty() {
-                bail!(
-                    "{}: the model cannot run with the input shapes given ({}): {reason}",
-                    cfg.model.display(),
-                    contradictions.join("; ")
-                );
-            }
-        }
+        verify::refuse_contradicted_shapes(c, &cfg.model)?;
     }
     let mut fallback = None;
     if let (Some(snapshot), Some(target), Some(c)) = (&snapshot, cfg.fallback_target, &check) {

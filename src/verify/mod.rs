@@ -475,6 +475,28 @@ fn note_cast(cast: bool, c: &mut Comparison) {
     }
 }
 
+/// Fails when `c` is unverified and its notes say the input shapes contradict a fixed dim the
+/// graph of `model` declares (`--input-shape`): the inputs are at fault, not the model.
+///
+/// Errors: that case, naming the model, the inputs' contradictions and tract's reason.
+pub fn refuse_contradicted_shapes(c: &Comparison, model: &std::path::Path) -> anyhow::Result<()> {
+    if let Verification::Unverified { reason, .. } = &c.status {
+        let contradictions: Vec<&str> = c
+            .notes
+            .iter()
+            .filter(|n| n.contains("--input-shape sets dim"))
+            .map(String::as_str)
+            .collect();
+        anyhow::ensure!(
+            contradictions.is_empty(),
+            "{}: the model cannot run with the input shapes given ({}): {reason}",
+            model.display(),
+            contradictions.join("; ")
+        );
+    }
+    Ok(())
+}
+
 /// A note per empty output, and per float output of one element (a scalar score, a speech probability) that no
 /// tolerance of `gates` covers: its cosine is 1 whenever the signs agree, so the cosine gate
 /// cannot see its error.

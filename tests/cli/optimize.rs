@@ -285,6 +285,22 @@ fn optimize_input_shape_contradicting_the_graph_is_refused_when_the_model_cannot
         r.describe()
     );
     assert!(!out.exists());
+    // compare too (it was exit 3, or 0 with --allow-unverified, with nothing compared).
+    let r = onnxopt_slow(&os(&[
+        &"compare",
+        &m,
+        &m,
+        &"--input-shape",
+        &"x:1,4,32,100",
+        &"--allow-unverified",
+    ]));
+    assert_eq!(r.code, Some(2), "{}", r.describe());
+    assert!(
+        r.stderr
+            .contains("the model cannot run with the input shapes given"),
+        "{}",
+        r.describe()
+    );
     let m = model("magika-standard-v3-3");
     let r = onnxopt_slow(&os(&[
         &"optimize",
