@@ -16,22 +16,22 @@
 //!
 //! Layers are ranked by the noise-to-signal ratio they add, `10^(-SNR/10)`, per square root of
 //! their weight count (of two equally noisy layers, the smaller one, cheaper to keep in float,
-//! goes first); layers whose error is below [`EXACT_DB`] rank last, after those whose error
+//! goes first); layers whose error is below `EXACT_DB` rank last, after those whose error
 //! could not be measured (only a tight tolerance sees them). The fallback then
 //! looks for the shortest prefix of that ranking whose layers, kept in float, make every float
 //! graph output reach the cosine target on every input set: it re-runs the lossy passes from
 //! the snapshot with the k, 2k, 4k, ... first layers kept until the target holds, then bisects
 //! between the last miss and the first hit (a handful of candidate runs, where keeping one layer
-//! per run took one run per layer kept). `k` comes from a noise model ([`first_guess`]): the
+//! per run took one run per layer kept). `k` comes from a noise model (`first_guess`): the
 //! output's noise as the sum of the layers' noise alone, scaled to the measured start. Once the
 //! target holds, the three largest kept layers are tried back in int8, one at a time: the
 //! ranking is an estimate and output accuracy is not monotonic in it.
 //!
 //! A real candidate costs a tract plan (0.4 s on ppocrv4-rec, where a run takes 0.05 s), so the
-//! search first runs on the switched model ([`with_switches`]): the shadow model in which each
+//! search first runs on the switched model (`with_switches`): the shadow model in which each
 //! layer's value is chosen, by a bool input, between its float value and its quantized copy,
 //! so that one plan serves every candidate. It is trusted only when, with every layer
-//! quantized, it gives the real start's outputs ([`faithful`]): it does on ppocrv4-rec to the
+//! quantized, it gives the real start's outputs (`faithful`): it does on ppocrv4-rec to the
 //! last digit; on the silero models it does not (its noise 11% and 31% off). When trusted, each
 //! estimate that meets the target is made for real and given the final check (tract's plain
 //! plan on the check's inputs), the switched model standing for its optimized-plan runs;

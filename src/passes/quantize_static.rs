@@ -15,7 +15,7 @@
 //!   the pass options (`--op-types`, `--include-nodes`, `--exclude-nodes`, and the layers the
 //!   accuracy-gated fallback keeps in float).
 //! - **Left in float for speed** (unless `PassOptions::all_layers`, `--all-layers`): units that
-//!   onnxruntime's CPU int8 kernels run slower than float, by the rule of [`slow_in_int8`]:
+//!   onnxruntime's CPU int8 kernels run slower than float, by the rule of `slow_in_int8`:
 //!   depthwise Convs, Convs with a 1x1 output map, and Convs with fewer than 64 multiply-adds
 //!   per output value, 16 output channels or 2048 weights (Gemm and MatMul are always
 //!   quantized: not measured). The rule comes from timing one Conv
