@@ -8,7 +8,7 @@ use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 ///
 /// Exit codes: 0 success; 1 an accuracy gate failed (the model is still written); 2 error
 /// (bad input, bad options, I/O); 3 the result could not be verified (tract cannot run the
-/// original), unless --allow-unverified.
+/// original, or the result computes in bfloat16), unless --allow-unverified.
 #[derive(Debug, Parser)]
 #[command(name = "onnxopt", version, about, long_about)]
 pub struct Cli {
