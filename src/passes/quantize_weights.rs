@@ -266,7 +266,8 @@ pub fn run_scheme(model: &mut Model, opts: &PassOptions, scheme: &Scheme) -> Res
         if (four_bit || blocks) && opset < 21 && !opts.dequantized_weights && !nbits {
             bail!(
                 "{}{} weights need DequantizeLinear-21 (opset 21) but the model is opset {opset}; \
-                 onnxopt does not raise a model's opset: use --dtype int8/uint8/int16/uint16 without blocks",
+                 onnxopt does not raise a model's opset: use --dtype int8/uint8/int16/uint16 without blocks, \
+                 or --format matmulnbits (4-bit blocks for MatMul/Gemm weights, any opset)",
                 scheme.qtype.name(),
                 if blocks { " block-wise" } else { "" }
             );
