@@ -43,8 +43,9 @@
 //! reader `--include-nodes`/`--exclude-nodes` leave out by name) stays in float for every
 //! reader, with a note: a float copy beside the quantized one would make the file larger. The
 //! dequantized value takes the weight's name unless another graph of the model also defines
-//! that name (then a fresh one, so that node output names stay unique). Weights inside If/Loop/Scan bodies are quantized, and bodies that read an outer
-//! weight by name are served too. With `PassOptions::dequantized_weights` the pass writes the
+//! that name (then a fresh one, so that node output names stay unique). Weights inside
+//! If/Loop/Scan bodies are quantized, and bodies that read an outer weight by name are served
+//! too. With `PassOptions::dequantized_weights` the pass writes the
 //! dequantized float values in place instead (the float-equivalent model used to check
 //! quantized forms that tract cannot run). Not done: initializers that are graph inputs (a
 //! caller may override them), weights already in an integer type, weights holding NaN or
@@ -68,8 +69,8 @@
 //! with a reader it cannot take (other ops, Gemm with `transA`, `alpha`/`beta` != 1 or another
 //! C, weights that are not 2-D) are not packed at all, since the float weight would stay
 //! beside the packed copy: they take the regular `DequantizeLinear` path when the opset allows
-//! it and stay float otherwise; each one gets a note. Subgraphs that read an outer weight get their
-//! `MatMulNBits` reading the packed initializers of the enclosing graph by name. With
+//! it and stay float otherwise; each one gets a note. Subgraphs that read an outer weight get
+//! their `MatMulNBits` reading the packed initializers of the enclosing graph by name. With
 //! `dequantized_weights`, the same readers read the dequantized weight
 //! (`(q - zero_point) * scale`, scales rounded to float16 for float16 weights) and stay MatMul
 //! or Gemm: tract cannot run `MatMulNBits`, so this float-equivalent model is the one checked.

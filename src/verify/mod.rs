@@ -497,9 +497,9 @@ pub fn refuse_contradicted_shapes(c: &Comparison, model: &std::path::Path) -> an
     Ok(())
 }
 
-/// A note per empty output, and per float output of one element (a scalar score, a speech probability) that no
-/// tolerance of `gates` covers: its cosine is 1 whenever the signs agree, so the cosine gate
-/// cannot see its error.
+/// A note per empty output, and per float output of one element (a scalar score, a speech
+/// probability) that no tolerance of `gates` covers: its cosine is 1 whenever the signs agree,
+/// so the cosine gate cannot see its error.
 fn output_notes(outputs: &[metrics::OutputMetrics], gates: &Gates) -> Vec<String> {
     // An empty output passes every gate without a value compared.
     let empty = outputs
