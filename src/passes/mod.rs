@@ -153,8 +153,8 @@ impl PassOptions {
 }
 
 /// The name selections address `node` of `g` by (`--include-nodes`, `--exclude-nodes`,
-/// `--config`): its name, or the name of its first present output when it has none (exporters leave
-/// some nodes unnamed; an output name is unique in a valid model).
+/// `--config`): its name, or the name of its first present output when it has none (exporters
+/// leave some nodes unnamed; an output name is unique in a valid model).
 pub fn node_key<'a>(g: &'a crate::ir::Graph, node: &'a crate::ir::Node) -> &'a str {
     if !node.name().is_empty() {
         return node.name();
@@ -188,6 +188,29 @@ pub enum Selector {
         /// The names.
         names: Vec<String>,
     },
+}
+
+/// A reader of weight `w` of `g` other than the node inputs in `taken` (the inputs a pass
+/// rewrites), for a note: another node input (with its index), a graph output, or a subgraph
+/// reading it by name (`sub_reads`, from [`crate::ir::Graph::names_read_by_subgraphs`]).
+/// `uses` is `g.uses()`.
+pub(super) fn other_reader(
+    g: &crate::ir::Graph,
+    uses: &[Vec<(crate::ir::NodeId, usize)>],
+    sub_reads: &std::collections::HashSet<String>,
+    w: crate::ir::ValueId,
+    taken: &std::collections::HashSet<(crate::ir::NodeId, usize)>,
+) -> Option<String> {
+    uses[w.0 as usize]
+        .iter()
+        .find(|u| !taken.contains(u))
+        .map(|&(n, i)| format!("{} (input {i})", g.node(n).label(n)))
+        .or_else(|| g.is_graph_output(w).then(|| "a graph output".to_string()))
+        .or_else(|| {
+            sub_reads
+                .contains(&g.value(w).name)
+                .then(|| "a subgraph".to_string())
+        })
 }
 
 impl Selector {

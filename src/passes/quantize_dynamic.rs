@@ -262,14 +262,7 @@ fn drop_shared(g: &Graph, sites: Vec<Site>, stats: &mut PassStats) -> Vec<Site> 
         if shared.contains_key(&w) {
             continue;
         }
-        let name = &g.value(w).name;
-        let other = uses[w.0 as usize]
-            .iter()
-            .find(|u| !site_uses.contains(u))
-            .map(|&(n, i)| format!("{} (input {i})", g.node(n).label(n)))
-            .or_else(|| g.is_graph_output(w).then(|| "a graph output".to_string()))
-            .or_else(|| sub_reads.contains(name).then(|| "a subgraph".to_string()));
-        if let Some(other) = other {
+        if let Some(other) = super::other_reader(g, &uses, &sub_reads, w, &site_uses) {
             shared.insert(w, other);
         }
     }

@@ -503,13 +503,7 @@ fn find_units(g: &Graph, notes: &mut Vec<String>) -> Vec<Unit> {
     let mut per_layer = BTreeMap::new();
     units.retain(|u| {
         let name = &g.value(u.w).name;
-        let other = uses[u.w.0 as usize]
-            .iter()
-            .find(|x| !unit_uses.contains(x))
-            .map(|&(n, i)| format!("{} (input {i})", g.node(n).label(n)))
-            .or_else(|| g.is_graph_output(u.w).then(|| "a graph output".to_string()))
-            .or_else(|| sub_reads.contains(name).then(|| "a subgraph".to_string()));
-        match other {
+        match super::other_reader(g, &uses, &sub_reads, u.w, &unit_uses) {
             Some(o) => {
                 shared_with_others.push(format!(
                     "{}: weight '{name}' is also read by {o}",
