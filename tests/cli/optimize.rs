@@ -268,24 +268,27 @@ fn optimize_unverifiable_model_exits_3_and_still_writes() {
 #[test]
 fn optimize_input_shape_contradicting_the_graph_is_refused_when_the_model_cannot_run() {
     let dir = tempdir();
-    let m = model("ppocr-mobile-v2-cls");
     let out = dir.path().join("out.onnx");
-    let r = onnxopt_slow(&os(&[
-        &"optimize",
-        &m,
-        &"-o",
-        &out,
-        &"--input-shape",
-        &"x:1,4,32,100",
-    ]));
-    assert_eq!(r.code, Some(2), "{}", r.describe());
-    assert!(
-        r.stderr.contains("the model cannot run with the input shapes given (input `x`: --input-shape sets dim 1 to 4, the graph declares 3)"),
-        "{}",
-        r.describe()
+    // `optimize STEM -o OUT` with `--input-shape` for each of `shapes`.
+    let optimize_with = |stem: &str, shapes: &[&str]| {
+        let mut args = os(&[&"optimize", &model(stem), &"-o", &out]);
+        for s in shapes {
+            args.extend(os(&[&"--input-shape", s]));
+        }
+        onnxopt_slow(&args)
+    };
+    let refused = |r: &Run, what: &str| {
+        assert_eq!(r.code, Some(2), "{}", r.describe());
+        assert!(r.stderr.contains(what), "{what}: {}", r.describe());
+    };
+    let r = optimize_with("ppocr-mobile-v2-cls", &["x:1,4,32,100"]);
+    refused(
+        &r,
+        "the model cannot run with the input shapes given (input `x`: --input-shape sets dim 1 to 4, the graph declares 3)",
     );
     assert!(!out.exists());
     // compare too (it was exit 3, or 0 with --allow-unverified, with nothing compared).
+    let m = model("ppocr-mobile-v2-cls");
     let r = onnxopt_slow(&os(&[
         &"compare",
         &m,
@@ -294,41 +297,13 @@ fn optimize_input_shape_contradicting_the_graph_is_refused_when_the_model_cannot
         &"x:1,4,32,100",
         &"--allow-unverified",
     ]));
-    assert_eq!(r.code, Some(2), "{}", r.describe());
-    assert!(
-        r.stderr
-            .contains("the model cannot run with the input shapes given"),
-        "{}",
-        r.describe()
-    );
-    let m = model("magika-standard-v3-3");
-    let r = onnxopt_slow(&os(&[
-        &"optimize",
-        &m,
-        &"-o",
-        &out,
-        &"--input-shape",
-        &"bytes:2,2048",
-    ]));
+    refused(&r, "the model cannot run with the input shapes given");
+    // A shape the declared dims allow runs.
+    let r = optimize_with("magika-standard-v3-3", &["bytes:2,2048"]);
     assert!(r.ok(), "{}", r.describe());
     // One input given two shapes: only one could be used.
-    let r = onnxopt_slow(&os(&[
-        &"optimize",
-        &m,
-        &"-o",
-        &out,
-        &"--input-shape",
-        &"bytes:2,2048",
-        &"--input-shape",
-        &"bytes:1,2048",
-    ]));
-    assert_eq!(r.code, Some(2), "{}", r.describe());
-    assert!(
-        r.stderr
-            .contains("--input-shape names input(s) bytes more than once"),
-        "{}",
-        r.describe()
-    );
+    let r = optimize_with("magika-standard-v3-3", &["bytes:2,2048", "bytes:1,2048"]);
+    refused(&r, "--input-shape names input(s) bytes more than once");
 }
 
 #[test]
