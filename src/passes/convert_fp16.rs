@@ -776,9 +776,10 @@ fn analyse(
 }
 
 /// A tensor converted to `target` and the number of finite values clamped to its range.
-/// True when `v` is a constant (an initializer or a Constant node's value) holding a finite
-/// value beyond float16's largest finite one (65504), which converting would clamp, and whose
-/// products and sums would overflow to infinity: its readers stay float32. (bfloat16's range
+/// True when `v` is a constant (an initializer or a Constant node's value, or such a value
+/// through Transpose, Neg, Reshape, Identity, Squeeze, Unsqueeze or Flatten) holding a finite
+/// value beyond float16's largest finite one (65504), which converting would clamp or turn into
+/// infinity: its readers stay float32. (bfloat16's range
 /// is float32's but for its last 0.4%.)
 fn beyond_f16(g: &Graph, v: ValueId) -> bool {
     let max = f16::MAX.to_f32();
@@ -791,6 +792,27 @@ fn beyond_f16(g: &Graph, v: ValueId) -> bool {
         ValueDef::Initializer(t) => over(t),
         ValueDef::Node(p, _) if g.node(*p).is("Constant") => {
             constant_tensor(g.node(*p)).is_some_and(|t| over(&Tensor::new(t)))
+        }
+        // The same values moved or negated (a Transpose'd weight is a common export pattern).
+        ValueDef::Node(p, _)
+            if [
+                "Transpose",
+                "Neg",
+                "Reshape",
+                "Identity",
+                "Squeeze",
+                "Unsqueeze",
+                "Flatten",
+            ]
+            .iter()
+            .any(|op| g.node(*p).is(op)) =>
+        {
+            g.node(*p)
+                .inputs
+                .first()
+                .copied()
+                .flatten()
+                .is_some_and(|x| beyond_f16(g, x))
         }
         _ => false,
     }
@@ -1738,6 +1760,40 @@ mod tests {
         )];
         let (a, b) = (tract_run(&p, &x), tract_run(&q, &x));
         assert_eq!(a[0].1, b[0].1, "y is computed in float32 as before");
+    }
+
+    /// A weight beyond the float16 range reaching its MatMul through a Transpose (or Neg):
+    /// both stay float32. Before, only the Transpose did, its output was cast to float16 and
+    /// the MatMul gave -inf.
+    #[test]
+    fn a_transposed_weight_beyond_the_float16_range_keeps_its_reader_in_float32() {
+        let p = model(
+            13,
+            vec![
+                with(
+                    node("Transpose", &["w"], &["wt"]),
+                    vec![pb::AttributeProto {
+                        name: Some("perm".into()),
+                        r#type: Some(pb::attribute_proto::AttributeType::Ints as i32),
+                        ints: vec![1, 0],
+                        ..Default::default()
+                    }],
+                ),
+                node("MatMul", &["x", "wt"], &["y"]),
+            ],
+            vec![info("x", DataType::Float, &[1, 2])],
+            vec![out("y", &[1, 2])],
+            vec![f32_init("w", &[2, 2], &[2e5, 1.0, -3.0, 4.0])],
+        );
+        let (q, _) = convert(&p, &opts(true, false));
+        assert_eq!(init(&q, "w").unwrap().data_type(), FLOAT);
+        let mm = g(&q).node.iter().find(|n| n.op_type() == "MatMul").unwrap();
+        assert_eq!(mm.input, vec!["x".to_string(), "wt".to_string()]);
+        let x = vec![(
+            "x".to_string(),
+            TractTensor::from_shape(&[1, 2], &[0.5f32, -1.0]).unwrap(),
+        )];
+        assert_eq!(tract_run(&p, &x), tract_run(&q, &x));
     }
 
     /// A Cast to float from int32 (an integer MatMul's sum, up to 2^31) keeps float32, as does
