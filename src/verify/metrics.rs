@@ -341,7 +341,10 @@ impl Partial {
             if err != 0.0 {
                 p.mismatches += 1;
             }
-            if !(x.is_nan() && y.is_nan()) {
+            // Pairs that agree although not finite (NaN and NaN, equal infinities) are left
+            // out of the cosine: inf * inf / sqrt(inf * inf) would make it NaN.
+            let agree_non_finite = (x.is_nan() && y.is_nan()) || (x.is_infinite() && x == y);
+            if !agree_non_finite {
                 p.dot += x * y;
                 p.norm_a += x * x;
                 p.norm_b += y * y;
@@ -713,6 +716,24 @@ mod tests {
             .values
             .unwrap();
         assert_eq!(v.cosine, Some(0.0));
+    }
+
+    /// Equal infinities agree, as equal NaNs do: a model compared with itself passes when an
+    /// output holds infinities (its cosine was NaN, and the gate failed).
+    #[test]
+    fn equal_infinities_leave_the_cosine_alone() {
+        let a = t32(&[4], &[1.0, f32::INFINITY, f32::NEG_INFINITY, 2.0]);
+        let v = compare("y", &a, &a, None).values.unwrap();
+        assert_eq!(v.cosine, Some(1.0));
+        assert_eq!(v.max_abs, 0.0);
+        let b = t32(&[4], &[1.0, f32::INFINITY, 5.0, 2.0]);
+        let v = compare("y", &a, &b, None).values.unwrap();
+        assert!(
+            v.cosine.unwrap().is_nan() || v.cosine.unwrap() < 1.0,
+            "{:?}",
+            v.cosine
+        );
+        assert_eq!(v.max_abs, f64::INFINITY);
     }
 
     #[test]
