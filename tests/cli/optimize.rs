@@ -259,6 +259,17 @@ fn optimize_unverifiable_model_exits_3_and_still_writes() {
         read_json(&report)["check"]["status"]["status"],
         "unverified"
     );
+    // An --input-shape contradicting X's declared [4] is not blamed: the custom op fails
+    // whatever the shapes (it was refused with exit 2).
+    let r = onnxopt_slow(&os(&[
+        &"optimize",
+        &m,
+        &"-o",
+        &out,
+        &"--input-shape",
+        &"X:5",
+    ]));
+    assert_eq!(r.code, Some(3), "{}", r.describe());
 }
 
 /// An --input-shape that contradicts a fixed dim the graph declares, with which the model then
