@@ -199,6 +199,13 @@ pub fn compare(
         ));
         return row;
     }
+    // An integer or bool output that became float, or the reverse, is a changed interface,
+    // whatever the values (float16 for float32 is a conversion the user asked for).
+    let (rd, cd) = (reference.datum_type(), candidate.datum_type());
+    if is_integer(rd) != is_integer(cd) {
+        row.problem = Some(format!("type changed: reference {rd:?}, candidate {cd:?}"));
+        return row;
+    }
     let (a, b) = match (to_f64(reference), to_f64(candidate)) {
         (Ok(a), Ok(b)) => (a, b),
         (Err(e), _) => {
@@ -716,6 +723,28 @@ mod tests {
             .values
             .unwrap();
         assert_eq!(v.cosine, Some(0.0));
+    }
+
+    /// An integer output that became float (or the reverse) is not comparable, whatever the
+    /// values: the interface changed.
+    #[test]
+    fn an_output_whose_type_changed_between_integer_and_float_is_not_comparable() {
+        let i = Tensor::from_shape(&[3], &[1i64, 2, 3]).unwrap();
+        let f = t32(&[3], &[1.0, 2.0, 3.0]);
+        for (a, b) in [(&i, &f), (&f, &i)] {
+            let row = compare("y", a, b, None);
+            assert!(row.values.is_none());
+            assert!(
+                row.problem
+                    .as_deref()
+                    .is_some_and(|p| p.starts_with("type changed")),
+                "{:?}",
+                row.problem
+            );
+        }
+        // int32 for int64 stays comparable (exact values).
+        let i32s = Tensor::from_shape(&[3], &[1i32, 2, 3]).unwrap();
+        assert!(compare("y", &i, &i32s, None).values.is_some());
     }
 
     /// Equal infinities agree, as equal NaNs do: a model compared with itself passes when an
