@@ -225,6 +225,24 @@ pub fn compare(
         integer,
         tolerance,
     ));
+    // f64 holds integers exactly up to 2^53 only: count an integer output's mismatches on the
+    // integers themselves (u64 values map to i64 one to one).
+    if integer {
+        if let (Ok(x), Ok(y), Some(v)) = (
+            reference.cast_to::<i64>(),
+            candidate.cast_to::<i64>(),
+            row.values.as_mut(),
+        ) {
+            let ints = |t: &Tensor| -> Option<Vec<i64>> {
+                t.try_as_plain_ram()
+                    .ok()
+                    .and_then(|r| r.as_slice::<i64>().ok().map(<[i64]>::to_vec))
+            };
+            if let (Some(x), Some(y)) = (ints(&x), ints(&y)) {
+                v.mismatches = x.iter().zip(&y).filter(|(p, q)| p != q).count();
+            }
+        }
+    }
     row
 }
 
@@ -723,6 +741,19 @@ mod tests {
             .values
             .unwrap();
         assert_eq!(v.cosine, Some(0.0));
+    }
+
+    /// Integers beyond 2^53, which f64 cannot tell apart, are still counted as mismatches.
+    #[test]
+    fn integer_mismatches_are_counted_exactly_beyond_2_pow_53() {
+        let big = 1i64 << 53;
+        let a = Tensor::from_shape(&[2], &[big, 7]).unwrap();
+        let b = Tensor::from_shape(&[2], &[big + 1, 7]).unwrap();
+        assert_eq!(compare("y", &a, &b, None).values.unwrap().mismatches, 1);
+        let u = Tensor::from_shape(&[1], &[u64::MAX]).unwrap();
+        let v = Tensor::from_shape(&[1], &[u64::MAX - 1]).unwrap();
+        assert_eq!(compare("y", &u, &v, None).values.unwrap().mismatches, 1);
+        assert_eq!(compare("y", &u, &u, None).values.unwrap().mismatches, 0);
     }
 
     /// An integer output that became float (or the reverse) is not comparable, whatever the
