@@ -465,6 +465,8 @@ pub fn format_report(r: &OptimizeReport) -> String {
             after / before,
             r.after.bytes - r.before.bytes
         )
+    } else if after == before {
+        "same size".to_string()
     } else {
         format!("{:.2}x smaller", before / after)
     };

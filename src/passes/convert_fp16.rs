@@ -280,7 +280,7 @@ fn kept_reason(node: &Node) -> &'static str {
         "LSTM" | "GRU" | "RNN" => "recurrent op, limited float16 support in tract and onnxruntime",
         "TopK" => "selects indices",
         "Cast" if node.attr_int("to", 0) == FLOAT as i64 => {
-            "casts from a wide integer type, whose values may overflow float16"
+            "casts from a wide integer type, whose values may exceed float16's range or precision"
         }
         "GlobalAveragePool" => "sums its whole spatial extent, overflows float16 in tract",
         _ => "not on the float16 allow-list",
@@ -1201,9 +1201,15 @@ impl Pass for ConvertFp16 {
         if opts.bf16 && a.converted.is_empty() {
             // Nothing computes in bfloat16, so nothing is gained; and below opset 13 not even
             // a Cast admits bfloat16, so a bfloat16 graph interface would not load.
-            stats.notes.push(format!(
-                "no op of this model admits bfloat16 at opset {opset} (most do from opset 13 on): model left unchanged"
-            ));
+            stats.notes.push(if opset < 13 {
+                format!(
+                    "no op of this model admits bfloat16 at opset {opset} (most do from opset 13 on): model left unchanged"
+                )
+            } else {
+                format!(
+                    "no node of this model would compute in bfloat16 (ops that admit it at opset {opset} convert only next to a Conv, MatMul or Gemm, or with --keep-io-types false): model left unchanged"
+                )
+            });
             return Ok(stats);
         }
         let has32 = a.types.contains(&Some(FLOAT));
