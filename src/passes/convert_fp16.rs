@@ -230,7 +230,13 @@ fn spec(node: &Node, opset: i64, in_types: &[Option<i32>]) -> Option<Spec> {
             // From an integer type wider than 8 bits (or an unknown one), the values may lie
             // beyond float16's 65504 (an int32 MatMulInteger sum): such a Cast keeps float32.
             let from = in_types.first().copied().flatten();
-            let small = [DataType::Bool, DataType::Int8, DataType::Uint8].map(|d| Some(d as i32));
+            let small = [
+                DataType::Bool,
+                DataType::Int8,
+                DataType::Uint8,
+                DataType::Float16,
+            ]
+            .map(|d| Some(d as i32));
             if from != Some(FLOAT) && !small.contains(&from) {
                 return None;
             }
@@ -689,6 +695,10 @@ fn analyse(
                     Err("feeds a shape, size or index input")
                 } else if target == Target::F16 && t_inputs(n, s).any(|v| beyond_f16(g, v)) {
                     Err("reads a weight with values beyond the float16 range")
+                } else if target == Target::F16
+                    && t_inputs(n, s).any(|v| cast_from_wide_int(g, v, &types))
+                {
+                    Err("reads a Cast from a wide integer type, whose values may exceed float16's range")
                 } else if !opts.selects(g, n) {
                     Err("not selected")
                 } else {
@@ -816,6 +826,35 @@ fn beyond_f16(g: &Graph, v: ValueId) -> bool {
         }
         _ => false,
     }
+}
+
+/// True when `v` is the output of a `Cast` to float from an integer type wider than 8 bits (or
+/// of unknown type), by `types` (element types per value): such values (an integer MatMul's
+/// sums, counts, indices) may lie beyond float16's 65504, so the Cast and its readers stay
+/// float32.
+fn cast_from_wide_int(g: &Graph, v: ValueId, types: &[Option<i32>]) -> bool {
+    let ValueDef::Node(p, _) = g.value(v).def else {
+        return false;
+    };
+    let n = g.node(p);
+    if !n.is("Cast") || n.attr_int("to", 0) != FLOAT as i64 {
+        return false;
+    }
+    let from = n
+        .inputs
+        .first()
+        .copied()
+        .flatten()
+        .and_then(|x| types[x.0 as usize]);
+    let fits = [
+        DataType::Bool,
+        DataType::Int8,
+        DataType::Uint8,
+        DataType::Float,
+        DataType::Float16,
+    ]
+    .map(|d| Some(d as i32));
+    !fits.contains(&from)
 }
 
 fn convert_tensor(t: &Tensor, target: Target) -> Result<(Tensor, usize)> {
@@ -1766,6 +1805,38 @@ mod tests {
         )];
         let (a, b) = (tract_run(&p, &x), tract_run(&q, &x));
         assert_eq!(a[0].1, b[0].1, "y is computed in float32 as before");
+    }
+
+    /// A MatMul reading a Cast from int64 stays float32 with the Cast (it read a float16 cast of
+    /// it, infinity for counts over 65504).
+    #[test]
+    fn a_matmul_reading_a_cast_from_int64_stays_float32() {
+        let p = model(
+            13,
+            vec![
+                with(node("Cast", &["i"], &["f"]), vec![attr_int("to", 1)]),
+                node("MatMul", &["f", "w"], &["y"]),
+            ],
+            vec![info("i", DataType::Int64, &[1, 2])],
+            vec![out("y", &[1, 2])],
+            vec![f32_init("w", &[2, 2], &[1e-3, 2e-3, 3e-3, 4e-3])],
+        );
+        let (q, stats) = convert(&p, &opts(true, false));
+        assert_eq!(init(&q, "w").unwrap().data_type(), FLOAT);
+        assert_eq!(count(&q, "Cast"), 1, "{:#?}", g(&q).node);
+        assert!(
+            stats
+                .notes
+                .iter()
+                .any(|n| n.contains("MatMul x1 (reads a Cast from a wide integer type")),
+            "{:?}",
+            stats.notes
+        );
+        let x = vec![(
+            "i".to_string(),
+            TractTensor::from_shape(&[1, 2], &[100_000i64, 70_000]).unwrap(),
+        )];
+        assert_eq!(tract_run(&p, &x), tract_run(&q, &x));
     }
 
     /// A weight beyond the float16 range reaching its MatMul through a Transpose (or Neg):
