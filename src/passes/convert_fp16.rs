@@ -22,7 +22,8 @@
 //!   computing statistics (LayerNormalization, InstanceNormalization, GroupNormalization),
 //!   LogSoftmax, TopK (its indices are a discrete choice), Range, random ops,
 //!   NonMaxSuppression, LSTM/GRU/RNN (float16 support in tract and onnxruntime is limited),
-//!   every op of another domain, every node holding subgraphs
+//!   a Cast to float from an integer type wider than 8 bits and the nodes reading it (an
+//!   integer MatMul's sums and counts exceed 65504), every op of another domain, every node holding subgraphs
 //!   (If/Loop/Scan: the node and its bodies stay float32 in this version; Casts go on the float
 //!   values entering and leaving them, and a body reading an outer value by name is pointed at
 //!   a float32 copy), every node that feeds a shape, index or size input (Reshape, Expand, Tile,
