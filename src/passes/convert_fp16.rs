@@ -231,14 +231,7 @@ fn spec(node: &Node, opset: i64, in_types: &[Option<i32>]) -> Option<Spec> {
             // From an integer type wider than 8 bits (or an unknown one), the values may lie
             // beyond float16's 65504 (an int32 MatMulInteger sum): such a Cast keeps float32.
             let from = in_types.first().copied().flatten();
-            let small = [
-                DataType::Bool,
-                DataType::Int8,
-                DataType::Uint8,
-                DataType::Float16,
-            ]
-            .map(|d| Some(d as i32));
-            if from != Some(FLOAT) && !small.contains(&from) {
+            if !cast_source_fits_float16(from) {
                 return None;
             }
             let ins = if from == Some(FLOAT) { All } else { No };
@@ -793,12 +786,7 @@ fn analyse(
 /// infinity: its readers stay float32. (bfloat16's range
 /// is float32's but for its last 0.4%.)
 fn beyond_f16(g: &Graph, v: ValueId) -> bool {
-    let max = f16::MAX.to_f32();
-    let over = |t: &Tensor| {
-        t.data_type() == FLOAT
-            && t.to_f32()
-                .is_ok_and(|vals| vals.par_iter().any(|x| x.is_finite() && x.abs() > max))
-    };
+    let over = |t: &Tensor| beyond_range(t, Target::F16);
     match &g.value(v).def {
         ValueDef::Initializer(t) => over(t),
         ValueDef::Node(p, _) if g.node(*p).is("Constant") => {
@@ -847,15 +835,35 @@ fn cast_from_wide_int(g: &Graph, v: ValueId, types: &[Option<i32>]) -> bool {
         .copied()
         .flatten()
         .and_then(|x| types[x.0 as usize]);
-    let fits = [
+    !cast_source_fits_float16(from)
+}
+
+/// True when every value of element type `from` (`None`: unknown) fits float16's range:
+/// float32 (the Cast's usual source, converted by the region rules), float16, bool, int8 and
+/// uint8. Wider integers (an integer MatMul's sums, counts, indices) may exceed 65504.
+fn cast_source_fits_float16(from: Option<i32>) -> bool {
+    [
         DataType::Bool,
         DataType::Int8,
         DataType::Uint8,
         DataType::Float,
         DataType::Float16,
     ]
-    .map(|d| Some(d as i32));
-    !fits.contains(&from)
+    .map(|d| Some(d as i32))
+    .contains(&from)
+}
+
+/// True when float32 tensor `t` holds a finite value beyond `target`'s largest finite one
+/// (float16 65504, bfloat16 3.39e38), which converting clamps and a `Cast` turns into
+/// infinity.
+fn beyond_range(t: &Tensor, target: Target) -> bool {
+    let max = match target {
+        Target::F16 => f16::MAX.to_f32(),
+        Target::Bf16 => bf16::MAX.to_f32(),
+    };
+    t.data_type() == FLOAT
+        && t.to_f32()
+            .is_ok_and(|vals| vals.par_iter().any(|x| x.is_finite() && x.abs() > max))
 }
 
 fn convert_tensor(t: &Tensor, target: Target) -> Result<(Tensor, usize)> {
@@ -1053,13 +1061,11 @@ fn apply(
                     }
                     _ => continue,
                 };
-                let (conv, clamped) = convert_tensor(&tensor, target)
-                    .with_context(|| format!("converting weight '{name}'"))?;
                 // The float32 weight stays for its other readers: a second, converted copy
                 // would grow the file, so the float16 readers read a Cast of it (the same
                 // round-to-nearest-even values). Only a weight with values beyond the target's
                 // range gets its clamped copy (a Cast would give infinity).
-                if !in_place && clamped == 0 {
+                if !in_place && !beyond_range(&tensor, target) {
                     let readers: Vec<NodeId> = d.want16.iter().map(|(r, _)| *r).collect();
                     let before = first_of(g, &readers).or(const_node);
                     let c = add_cast(g, names, v, code, &format!("{name}_{sfx}"), before);
@@ -1070,6 +1076,8 @@ fn apply(
                     counts.cast_weights.push(name.clone());
                     continue;
                 }
+                let (conv, clamped) = convert_tensor(&tensor, target)
+                    .with_context(|| format!("converting weight '{name}'"))?;
                 counts.tensors += 1;
                 counts.bytes_before += tensor.byte_size();
                 counts.bytes_after += conv.byte_size();
