@@ -364,24 +364,9 @@ fn read_config(
                         _ => 32,
                     },
                 };
-                if o.contains_key("block_size")
-                    && o.get("granularity").and_then(|g| g.as_str()) != Some("block")
-                    && !(o.get("granularity").is_none()
-                        && matches!(base.granularity, Granularity::Block(_)))
-                {
-                    anyhow::bail!(
-                        "{}: block_size applies to \"granularity\": \"block\" (or --granularity block)",
-                        what()
-                    );
-                }
-                // A block size for the command line's block granularity.
-                if let (None, Some(_), Granularity::Block(_)) =
-                    (o.get("granularity"), o.get("block_size"), base.granularity)
-                {
-                    sc.granularity = Granularity::Block(bs);
-                }
-                if let Some(g) = o.get("granularity") {
-                    sc.granularity = match g.as_str() {
+                // The node's granularity, or the command line's with this block size.
+                sc.granularity = match o.get("granularity") {
+                    Some(g) => match g.as_str() {
                         Some("tensor") => Granularity::Tensor,
                         Some("channel") => Granularity::Channel,
                         Some("block") => Granularity::Block(bs),
@@ -389,7 +374,18 @@ fn read_config(
                             "{}: granularity must be tensor, channel or block",
                             what()
                         ),
-                    };
+                    },
+                    None => match base.granularity {
+                        Granularity::Block(_) => Granularity::Block(bs),
+                        g => g,
+                    },
+                };
+                if o.contains_key("block_size") && !matches!(sc.granularity, Granularity::Block(_))
+                {
+                    anyhow::bail!(
+                        "{}: block_size applies to \"granularity\": \"block\" (or --granularity block)",
+                        what()
+                    );
                 }
                 schemes.insert(node, sc);
             }
