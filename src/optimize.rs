@@ -264,8 +264,6 @@ pub fn optimize(cfg: &OptimizeConfig, reporter: &dyn Reporter) -> Result<Optimiz
         Ok(cmp)
     };
     let mut out_proto = onnx::export::to_proto(&model)?;
-    // Set when the fallback's result no longer needs the float-equivalent model.
-    let mut checked_as_written = false;
     let mut check = match (&reference, equivalent) {
         (Some(_), false) => Some(compare(&out_proto)?),
         (Some(_), true) => Some(compare(&checked_proto(&check_opts)?)?),
@@ -292,30 +290,17 @@ pub fn optimize(cfg: &OptimizeConfig, reporter: &dyn Reporter) -> Result<Optimiz
     let mut fallback = None;
     if let (Some(snapshot), Some(target), Some(c)) = (&snapshot, cfg.fallback_target, &check) {
         let ran = matches!(c.status, Verification::Checked | Verification::Failed);
-        let top1_missed = cfg.gates.max_accuracy_drop.is_some_and(|d| {
-            c.outputs
-                .iter()
-                .filter_map(|o| o.values.as_ref().and_then(|v| v.top1_agreement))
-                .any(|t| 1.0 - t > d)
+        // The gates besides the cosine, as the check found them: a tolerance, the top-1 drop,
+        // integer outputs. The fallback measures float outputs as it searches; integer and
+        // bool outputs are met in the final check of each candidate it settles on.
+        let gate_missed = c.failures.iter().any(|f| {
+            use verify::gate::GateKind;
+            matches!(
+                f.gate,
+                GateKind::Allclose | GateKind::MaxAccuracyDrop | GateKind::IntegerMismatch
+            )
         });
-        // Float outputs: the fallback measures those as it searches; integer and bool
-        // outputs: each candidate it settles on meets their gates in the final check.
-        let tolerance_missed = c.outputs.iter().any(|o| {
-            o.values
-                .as_ref()
-                .and_then(|v| v.allclose.as_ref())
-                .is_some_and(|a| a.violations > 0)
-        });
-        let integer_missed = c
-            .failures
-            .iter()
-            .any(|f| f.gate == verify::gate::GateKind::IntegerMismatch);
-        if ran
-            && (min_cosine(c).is_some_and(|m| m < target)
-                || top1_missed
-                || tolerance_missed
-                || integer_missed)
-        {
+        if ran && (min_cosine(c).is_some_and(|m| m < target) || gate_missed) {
             let r = reference.as_ref().context("no reference")?;
             let run = reference_run.get().context("the check did not run")?;
             // The check's inputs may be the first calibration sample: not twice.
@@ -367,7 +352,6 @@ pub fn optimize(cfg: &OptimizeConfig, reporter: &dyn Reporter) -> Result<Optimiz
             check = Some(if equivalent && !verify::tract_lacks_weight_forms(&model) {
                 // The layers kept in float took every form tract lacks with them: the
                 // result itself is checked.
-                checked_as_written = true;
                 compare(&out_proto)?
             } else {
                 match final_check {
@@ -401,7 +385,9 @@ pub fn optimize(cfg: &OptimizeConfig, reporter: &dyn Reporter) -> Result<Optimiz
         after,
         passes: records,
         gates,
-        checked_model: if equivalent && !checked_as_written {
+        // The fallback may have kept every form tract lacks in float: the result itself was
+        // checked then.
+        checked_model: if equivalent && verify::tract_lacks_weight_forms(&model) {
             "float-equivalent"
         } else {
             "quantized"
