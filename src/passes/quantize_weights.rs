@@ -127,10 +127,10 @@ pub(super) fn selected_axis(
     rank: usize,
     opts: &PassOptions,
 ) -> Option<usize> {
-    if !opts.selects(g, node) {
-        return None;
+    match reader_use(g, node, idx, rank, opts) {
+        Use::Weight(axis) => Some(axis),
+        Use::Excluded | Use::Other => None,
     }
-    weight_axis_any(node, idx, rank)
 }
 
 /// What one reader (input `idx` of `node`, or a graph output) makes of a weight of rank `rank`.
@@ -448,15 +448,11 @@ fn quantize_graph(
                 describe(&chosen)
             ));
         }
-        let local_axes: Vec<((NodeId, usize), Use)> = readers
+        let block_axis = readers
             .iter()
-            .filter_map(|r| r.local.map(|l| (l, r.use_)))
-            .collect();
-
-        let block_axis = local_axes
-            .iter()
-            .find(|(_, u)| *u == Use::Weight(axis))
-            .map(|((n, _), _)| block_axis(g.node(*n), rank, axis))
+            .filter(|r| r.use_ == Use::Weight(axis))
+            .find_map(|r| r.local)
+            .map(|(n, _)| block_axis(g.node(n), rank, axis))
             .unwrap_or(if axis + 1 == rank {
                 rank.saturating_sub(2)
             } else {
@@ -485,7 +481,7 @@ fn quantize_graph(
             block_axis,
             weight: w,
             axis,
-            local: local_axes.into_iter().map(|(u, _)| u).collect(),
+            local: readers.iter().filter_map(|r| r.local).collect(),
             in_subgraphs,
         });
     }
