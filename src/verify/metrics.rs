@@ -233,13 +233,10 @@ pub fn compare(
             candidate.cast_to::<i64>(),
             row.values.as_mut(),
         ) {
-            let ints = |t: &Tensor| -> Option<Vec<i64>> {
-                t.try_as_plain_ram()
-                    .ok()
-                    .and_then(|r| r.as_slice::<i64>().ok().map(<[i64]>::to_vec))
-            };
-            if let (Some(x), Some(y)) = (ints(&x), ints(&y)) {
-                v.mismatches = x.iter().zip(&y).filter(|(p, q)| p != q).count();
+            if let (Ok(x), Ok(y)) = (x.try_as_plain_ram(), y.try_as_plain_ram()) {
+                if let (Ok(x), Ok(y)) = (x.as_slice::<i64>(), y.as_slice::<i64>()) {
+                    v.mismatches = x.iter().zip(y).filter(|(p, q)| p != q).count();
+                }
             }
         }
     }
