@@ -54,8 +54,8 @@ pub fn inline_ifs(
 /// compute from the inputs is replaced by the nodes and initializers of the branch it takes,
 /// followed by one `Identity` per If output (`<if name>/taken_<i>`) from the branch's output;
 /// nested Ifs are resolved in later rounds. The conditions' cones (the main-graph nodes that
-/// compute them) are planned once per round outcome and input shapes, and each outcome's
-/// model is made once.
+/// compute them) are planned once per round outcome and input shapes, the cones of one round
+/// together, and each outcome's model is made once.
 ///
 /// A name the taken branch defines that the main graph already has (sibling branches may
 /// reuse names) is renamed `<name>/<if name>` in the branch, and a node name likewise.
@@ -63,8 +63,8 @@ pub fn inline_ifs(
 /// An If stays when its condition depends on another If, Loop or Scan node, when tract cannot
 /// compute it (the message is dropped: running the model then fails with tract's own error on
 /// the If), when it is not one bool, or when the If is malformed (a branch missing, or outputs
-/// that do not match the branch's); each condition is computed on its own, so one that cannot
-/// be does not hold the others back.
+/// that do not match the branch's); when the conditions of a round cannot be computed together,
+/// each is computed on its own, so one that cannot be does not hold the others back.
 pub struct IfResolver {
     dir: Option<PathBuf>,
     /// By the outcomes so far (per decided If of each round, in node order, the branch taken
@@ -74,14 +74,24 @@ pub struct IfResolver {
 
 struct Step {
     model: Arc<pb::ModelProto>,
-    /// The conditions of the Ifs this round decides, in node order (one per If), and a runner
-    /// per distinct condition (`None` where tract cannot load its cone); `None` when nothing
-    /// more can be decided.
-    next: Option<(Vec<String>, Vec<ConditionRunner>)>,
+    /// What the next round decides; `None` when nothing more can be.
+    next: Option<Round>,
 }
 
-/// A condition's name and the runner of its cone (`None` where tract cannot load it).
-type ConditionRunner = (String, Option<Runner>);
+/// The Ifs one round decides and the runners of their conditions' cones.
+struct Round {
+    /// The conditions of the Ifs this round decides, in node order (one per If).
+    conditions: Vec<String>,
+    /// The distinct conditions, sorted.
+    unique: Vec<String>,
+    /// One runner of all their cones together (`None` where tract cannot load it): the cones
+    /// of one round share most of their nodes, which tract then types once.
+    joint: Option<Runner>,
+    /// Per distinct condition, the runner of its cone alone (`None` where tract cannot load
+    /// it); made when the joint runner fails, so that one condition tract cannot compute
+    /// does not hold the others back.
+    alone: Option<Vec<Option<Runner>>>,
+}
 
 /// Most outcomes a resolver keeps (each holds a copy of the model); past it, all but the
 /// original are dropped and made again when needed.
@@ -94,26 +104,68 @@ impl Step {
             .as_ref()
             .map(decidable_conditions)
             .unwrap_or_default();
-        let next = if conditions.is_empty() {
-            None
-        } else {
+        let next = (!conditions.is_empty()).then(|| {
             let mut unique = conditions.clone();
             unique.sort();
             unique.dedup();
-            let runners = unique
-                .into_iter()
-                .map(|c| {
-                    let r =
-                        Runner::new_in(&cone_model(&model, std::slice::from_ref(&c)), false, dir);
-                    (c, r.ok())
-                })
-                .collect();
-            Some((conditions, runners))
-        };
+            let joint = Runner::new_in(&cone_model(&model, &unique), false, dir).ok();
+            Round {
+                conditions,
+                unique,
+                joint,
+                alone: None,
+            }
+        });
         Step {
             model: Arc::new(model),
             next,
         }
+    }
+}
+
+impl Round {
+    /// Each If's branch for `inputs` (`None` where its condition could not be computed), in
+    /// the order of `conditions`; `model` is the step's model, its external data in `dir`.
+    fn outcome(
+        &mut self,
+        inputs: &[(String, Tensor)],
+        model: &pb::ModelProto,
+        dir: Option<&Path>,
+    ) -> Vec<Option<bool>> {
+        let joint = self
+            .joint
+            .as_mut()
+            .and_then(|r| r.run(inputs).ok())
+            .filter(|outs| outs.len() == self.unique.len());
+        let values: Vec<Option<bool>> = match joint {
+            Some(outs) => outs.iter().map(|t| single_bool(t)).collect(),
+            None => {
+                let unique = &self.unique;
+                let alone = self.alone.get_or_insert_with(|| {
+                    unique
+                        .iter()
+                        .map(|c| {
+                            Runner::new_in(&cone_model(model, std::slice::from_ref(c)), false, dir)
+                                .ok()
+                        })
+                        .collect()
+                });
+                alone
+                    .iter_mut()
+                    .map(|r| {
+                        let outs = r.as_mut()?.run(inputs).ok()?;
+                        single_bool(outs.first()?)
+                    })
+                    .collect()
+            }
+        };
+        self.conditions
+            .iter()
+            .map(|c| {
+                let i = self.unique.binary_search(c).ok()?;
+                values[i]
+            })
+            .collect()
     }
 }
 
@@ -145,21 +197,11 @@ impl IfResolver {
                 let Some(step) = self.steps.get_mut(&key) else {
                     break;
                 };
-                let Some((conditions, runners)) = step.next.as_mut() else {
+                let Some(round) = step.next.as_mut() else {
                     break;
                 };
-                let values: HashMap<&str, bool> = runners
-                    .iter_mut()
-                    .filter_map(|(c, r)| {
-                        let outs = r.as_mut()?.run(inputs).ok()?;
-                        Some((c.as_str(), single_bool(outs.first()?)?))
-                    })
-                    .collect();
-                let outcome: Vec<Option<bool>> = conditions
-                    .iter()
-                    .map(|c| values.get(c.as_str()).copied())
-                    .collect();
-                (outcome, conditions.clone(), step.model.clone())
+                let outcome = round.outcome(inputs, &step.model, self.dir.as_deref());
+                (outcome, round.conditions.clone(), step.model.clone())
             };
             if outcome.iter().all(Option::is_none) {
                 break;

@@ -616,6 +616,41 @@ fn ifs_whose_branches_reuse_names_are_all_resolved() {
         .any(|n| n.output.iter().any(|o| o == "sq/outer_if")));
 }
 
+/// The conditions of one round are computed together; when tract cannot compute one of them
+/// (here an op of an unknown domain), the others are still resolved, each on its own.
+#[test]
+fn a_condition_tract_cannot_compute_does_not_hold_back_the_others() {
+    let mut m = if_model();
+    let g = m.graph.as_mut().unwrap();
+    let mut mystery = node("Mystery", "mystery", &["sr"], &["c2"], vec![]);
+    mystery.domain = Some("x.unknown".into());
+    let mut twin = g.node[1].clone();
+    twin.name = Some("twin_if".into());
+    twin.input = vec!["c2".into()];
+    twin.output = vec!["y2".into()];
+    g.node.extend([mystery, twin]);
+    g.output.push(out("y2"));
+    m.opset_import.push(pb::OperatorSetIdProto {
+        domain: Some("x.unknown".into()),
+        version: Some(1),
+    });
+    for sr in [16000, -1] {
+        let resolved = super::specialize::inline_ifs(&m, None, &if_inputs(sr)).unwrap();
+        let g = resolved.graph.as_ref().unwrap();
+        let ifs: Vec<&str> = g
+            .node
+            .iter()
+            .filter(|n| n.op_type() == "If")
+            .map(|n| n.name())
+            .collect();
+        assert_eq!(ifs, ["twin_if"], "sr {sr}");
+        assert!(
+            g.node.iter().any(|n| n.name() == "outer_if/taken_0"),
+            "sr {sr}"
+        );
+    }
+}
+
 /// A malformed If (a branch missing, or a condition that is not bool) is not resolved: tract's
 /// own error names it.
 #[test]
