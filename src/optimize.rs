@@ -1,6 +1,5 @@
 //! `onnxopt optimize`: load, run a pass pipeline, save, and check the result in tract.
 
-use std::cell::OnceCell;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -210,28 +209,45 @@ pub fn optimize(cfg: &OptimizeConfig, reporter: &dyn Reporter) -> Result<Optimiz
         .position(|p| matches!(p.kind(), PassKind::Lossy { .. }))
         .unwrap_or(pipeline.len());
     let (prefix, suffix) = pipeline.split_at(split);
-    let mut records = passes::manager::run_pipeline(
-        &mut model,
-        prefix,
-        &cfg.pass_options,
-        cfg.validate_each,
-        reporter,
-    )?;
-    // The model before the lossy passes: the fallback's starting point, and where the
-    // float-equivalent model is made from when tract cannot run the quantized form.
-    let snapshot = (cfg.check && !suffix.is_empty()).then(|| model.clone());
+    let dir = |p: &Path| p.parent().map(Path::to_path_buf);
+    let ref_dir = dir(&cfg.model);
+    // The reference does not depend on the passes: it runs in tract on the other thread while
+    // they run (calibration and the passes leave a thread idle for much of their time).
+    let (passed, reference_run) = rayon::join(
+        || -> Result<(Vec<PassRecord>, Option<crate::ir::Model>)> {
+            let mut records = passes::manager::run_pipeline(
+                &mut model,
+                prefix,
+                &cfg.pass_options,
+                cfg.validate_each,
+                reporter,
+            )?;
+            // The model before the lossy passes: the fallback's starting point, and where
+            // the float-equivalent model is made from when tract cannot run the quantized
+            // form.
+            let snapshot = (cfg.check && !suffix.is_empty()).then(|| model.clone());
+            records.extend(passes::manager::run_pipeline(
+                &mut model,
+                suffix,
+                &cfg.pass_options,
+                cfg.validate_each,
+                reporter,
+            )?);
+            Ok((records, snapshot))
+        },
+        || {
+            reference
+                .as_ref()
+                .map(|r| verify::Reference::run(r, ref_dir.as_deref(), &cfg.inputs))
+        },
+    );
+    let (mut records, snapshot) = passed?;
+    let reference_run = reference_run.transpose()?;
     let checked_proto = |opts: &PassOptions| -> Result<crate::pb::ModelProto> {
         let mut m = snapshot.as_ref().context("no snapshot")?.clone();
         passes::manager::run_pipeline(&mut m, suffix, opts, cfg.validate_each, &Silent)?;
         onnx::export::to_proto(&m)
     };
-    records.extend(passes::manager::run_pipeline(
-        &mut model,
-        suffix,
-        &cfg.pass_options,
-        cfg.validate_each,
-        reporter,
-    )?);
     // The check runs the float-equivalent model (dequantized weights in place) when the
     // result holds weight forms tract cannot run.
     let equivalent = snapshot.is_some() && verify::tract_lacks_weight_forms(&model);
@@ -239,27 +255,12 @@ pub fn optimize(cfg: &OptimizeConfig, reporter: &dyn Reporter) -> Result<Optimiz
     check_opts.dequantized_weights = equivalent;
     let lossy = !suffix.is_empty();
     let gates = default_gates(cfg.gates.clone(), lossy);
-    let dir = |p: &Path| p.parent().map(Path::to_path_buf);
-    // The reference runs once, beside the first candidate; later candidates reuse its outputs.
-    let reference_run: OnceCell<verify::Reference> = OnceCell::new();
     let compare = |candidate: &crate::pb::ModelProto| -> Result<Comparison> {
         reporter.phase("checking in tract");
-        let cmp = match reference_run.get() {
-            Some(run) => run.compare(candidate, None, &gates),
-            None => {
-                let r = reference.as_ref().context("no reference")?;
-                let (run, cmp) = verify::Reference::run_beside(
-                    r,
-                    dir(&cfg.model).as_deref(),
-                    candidate,
-                    None,
-                    &cfg.inputs,
-                    &gates,
-                )?;
-                let _ = reference_run.set(run);
-                cmp
-            }
-        };
+        let cmp = reference_run
+            .as_ref()
+            .context("no reference")?
+            .compare(candidate, None, &gates);
         reporter.phase_done();
         Ok(cmp)
     };
@@ -302,7 +303,7 @@ pub fn optimize(cfg: &OptimizeConfig, reporter: &dyn Reporter) -> Result<Optimiz
         });
         if ran && (min_cosine(c).is_some_and(|m| m < target) || gate_missed) {
             let r = reference.as_ref().context("no reference")?;
-            let run = reference_run.get().context("the check did not run")?;
+            let run = reference_run.as_ref().context("the check did not run")?;
             // The check's inputs may be the first calibration sample: not twice.
             let extra = calibration_sets(r, &cfg.pass_options, cfg.fallback_samples)?;
             let mut sets: Vec<_> = run.input_sets().map(<[_]>::to_vec).collect();
