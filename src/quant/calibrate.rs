@@ -749,6 +749,13 @@ impl Runner {
         })
     }
 
+    /// The plan for these inputs' types and shapes (built when new, see [`Runner::run`]).
+    ///
+    /// Errors: as [`Runner::run`], short of running.
+    pub(crate) fn plan(&mut self, tensors: &[(String, Tensor)]) -> Result<Plan> {
+        Ok(self.prepare(tensors)?.0)
+    }
+
     /// Plans built so far.
     #[cfg(test)]
     pub(crate) fn plans(&self) -> usize {
@@ -845,7 +852,7 @@ fn parse(proto: &pb::ModelProto, dir: Option<&Path>) -> Result<InferenceModel> {
 }
 
 /// A runnable tract plan, shared between threads.
-type Plan = Arc<TypedRunnableModel>;
+pub(crate) type Plan = Arc<TypedRunnableModel>;
 
 /// How many of a float tensor's values are NaN or infinite (0 for other types).
 pub(crate) fn non_finite(t: &Tensor) -> usize {

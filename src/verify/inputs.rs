@@ -565,6 +565,12 @@ pub(crate) fn datum_type_of_onnx(code: i32) -> Option<DatumType> {
     })
 }
 
+/// The ONNX `TensorProto.DataType` code of a tract datum type, for the types
+/// [`datum_type_of_onnx`] maps.
+pub(crate) fn onnx_of_datum_type(dt: DatumType) -> Option<i32> {
+    (1..=16).find(|&code| datum_type_of_onnx(code) == Some(dt))
+}
+
 #[derive(Clone, Debug)]
 enum DeclaredDim {
     Known(usize),

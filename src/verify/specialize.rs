@@ -55,7 +55,11 @@ pub fn inline_ifs(
 /// followed by one `Identity` per If output (`<if name>/taken_<i>`) from the branch's output;
 /// nested Ifs are resolved in later rounds. The conditions' cones (the main-graph nodes that
 /// compute them) are planned once per round outcome and input shapes, the cones of one round
-/// together, and each outcome's model is made once.
+/// together, and each outcome's model is made once. From the second round on, a cone is cut
+/// at the values earlier cones typed (fed as zeros of their type and shape) and trusted only
+/// when tract folds its conditions to constants, as it does for conditions on shapes; on
+/// silero-vad op15 this halves the time resolving takes (15 to 8 ms; 22 to 10 ms once
+/// quantized, where each whole cone dequantized the encoder's weights again).
 ///
 /// A name the taken branch defines that the main graph already has (sibling branches may
 /// reuse names) is renamed `<name>/<if name>` in the branch, and a node name likewise.
@@ -78,15 +82,25 @@ struct Step {
     next: Option<Round>,
 }
 
+/// Types and shapes of main-graph values, by name, as tract typed the cones of the rounds so
+/// far for one input set.
+type Shapes = HashMap<String, (DatumType, Vec<usize>)>;
+
 /// The Ifs one round decides and the runners of their conditions' cones.
 struct Round {
     /// The conditions of the Ifs this round decides, in node order (one per If).
     conditions: Vec<String>,
     /// The distinct conditions, sorted.
     unique: Vec<String>,
-    /// One runner of all their cones together (`None` where tract cannot load it): the cones
-    /// of one round share most of their nodes, which tract then types once.
-    joint: Option<Runner>,
+    /// Their cones cut at the values whose type and shape earlier rounds' cones gave (the
+    /// names cut at, fed as zeros): the conditions exporters write on shapes need no value
+    /// upstream, and tract then types only the nodes after the cut. Its conditions are used
+    /// only when tract folds every one to a constant, which then depends on no value fed.
+    cut: Option<(Runner, Vec<String>)>,
+    /// One runner of all the cones, whole (`None` where tract cannot load it), made when there
+    /// is no cut or tract does not fold it: the cones of one round share most of their nodes,
+    /// which tract then types once.
+    joint: Option<Option<Runner>>,
     /// Per distinct condition, the runner of its cone alone (`None` where tract cannot load
     /// it); made when the joint runner fails, so that one condition tract cannot compute
     /// does not hold the others back.
@@ -98,7 +112,8 @@ struct Round {
 const MAX_STEPS: usize = 64;
 
 impl Step {
-    fn new(model: pb::ModelProto, dir: Option<&Path>) -> Step {
+    /// The step of `model`, its cones cut at the values of `shapes` (see [`Round::cut`]).
+    fn new(model: pb::ModelProto, shapes: &Shapes, dir: Option<&Path>) -> Step {
         let conditions = model
             .graph
             .as_ref()
@@ -108,11 +123,18 @@ impl Step {
             let mut unique = conditions.clone();
             unique.sort();
             unique.dedup();
-            let joint = Runner::new_in(&cone_model(&model, &unique), false, dir).ok();
+            let cut = (!shapes.is_empty())
+                .then(|| cone_model(&model, &unique, Some(shapes)))
+                .filter(|(_, names)| !names.is_empty())
+                .and_then(|(cone, names)| {
+                    let runner = Runner::new_in(&cone, false, dir).ok()?;
+                    Some((runner, names.into_iter().collect()))
+                });
             Round {
                 conditions,
                 unique,
-                joint,
+                cut,
+                joint: None,
                 alone: None,
             }
         });
@@ -126,38 +148,21 @@ impl Step {
 impl Round {
     /// Each If's branch for `inputs` (`None` where its condition could not be computed), in
     /// the order of `conditions`; `model` is the step's model, its external data in `dir`.
+    /// Adds the types and shapes of the values of the cones typed to `shapes`.
     fn outcome(
         &mut self,
         inputs: &[(String, Tensor)],
         model: &pb::ModelProto,
         dir: Option<&Path>,
+        shapes: &mut Shapes,
     ) -> Vec<Option<bool>> {
-        let joint = self
-            .joint
+        let folded = self
+            .cut
             .as_mut()
-            .and_then(|r| r.run(inputs).ok())
-            .filter(|outs| outs.len() == self.unique.len());
-        let values: Vec<Option<bool>> = match joint {
-            Some(outs) => outs.iter().map(|t| single_bool(t)).collect(),
-            None => {
-                let unique = &self.unique;
-                let alone = self.alone.get_or_insert_with(|| {
-                    unique
-                        .iter()
-                        .map(|c| {
-                            Runner::new_in(&cone_model(model, std::slice::from_ref(c)), false, dir)
-                                .ok()
-                        })
-                        .collect()
-                });
-                alone
-                    .iter_mut()
-                    .map(|r| {
-                        let outs = r.as_mut()?.run(inputs).ok()?;
-                        single_bool(outs.first()?)
-                    })
-                    .collect()
-            }
+            .and_then(|(r, names)| folded_conditions(r, names, inputs, shapes));
+        let values: Vec<Option<bool>> = match folded {
+            Some(values) => values.iter().map(single_bool).collect(),
+            None => self.whole(inputs, model, dir, shapes),
         };
         self.conditions
             .iter()
@@ -166,6 +171,108 @@ impl Round {
                 values[i]
             })
             .collect()
+    }
+
+    /// The distinct conditions computed by their whole cones: together, or each alone when
+    /// that fails.
+    fn whole(
+        &mut self,
+        inputs: &[(String, Tensor)],
+        model: &pb::ModelProto,
+        dir: Option<&Path>,
+        shapes: &mut Shapes,
+    ) -> Vec<Option<bool>> {
+        let unique = &self.unique;
+        let joint = self
+            .joint
+            .get_or_insert_with(|| {
+                Runner::new_in(&cone_model(model, unique, None).0, false, dir).ok()
+            })
+            .as_mut()
+            .and_then(|r| {
+                let outs = r.run(inputs).ok()?;
+                add_shapes(r, inputs, shapes);
+                Some(outs)
+            })
+            .filter(|outs| outs.len() == unique.len());
+        if let Some(outs) = joint {
+            return outs.iter().map(|t| single_bool(t)).collect();
+        }
+        let alone = self.alone.get_or_insert_with(|| {
+            unique
+                .iter()
+                .map(|c| {
+                    Runner::new_in(
+                        &cone_model(model, std::slice::from_ref(c), None).0,
+                        false,
+                        dir,
+                    )
+                    .ok()
+                })
+                .collect()
+        });
+        alone
+            .iter_mut()
+            .map(|r| {
+                let outs = r.as_mut()?.run(inputs).ok()?;
+                single_bool(outs.first()?)
+            })
+            .collect()
+    }
+}
+
+/// The conditions of a cut cone (`r`, cut at `names`), when tract folds every one to a
+/// constant with `inputs` and a zero tensor of the type and shape `shapes` gives for each cut
+/// value; adds the cone's types and shapes to `shapes`. `None` when a cut value's shape is
+/// unknown for these inputs, tract fails, or a condition is not a constant.
+fn folded_conditions(
+    r: &mut Runner,
+    names: &[String],
+    inputs: &[(String, Tensor)],
+    shapes: &mut Shapes,
+) -> Option<Vec<Tensor>> {
+    let mut fed: Vec<(String, Tensor)> = inputs.to_vec();
+    for n in names {
+        let (dt, shape) = shapes.get(n)?;
+        fed.push((n.clone(), Tensor::zero_dt(*dt, shape).ok()?));
+    }
+    let plan = r.plan(&fed).ok()?;
+    let model = plan.model();
+    let folded = model
+        .output_outlets()
+        .ok()?
+        .iter()
+        .map(|o| Some(model.outlet_fact(*o).ok()?.konst.as_ref()?.as_ref().clone()))
+        .collect::<Option<Vec<Tensor>>>()?;
+    record_shapes(model, shapes);
+    Some(folded)
+}
+
+/// Adds the types and shapes of the values of `r`'s plan for `inputs` to `shapes`.
+fn add_shapes(r: &mut Runner, inputs: &[(String, Tensor)], shapes: &mut Shapes) {
+    if let Ok(plan) = r.plan(inputs) {
+        record_shapes(plan.model(), shapes);
+    }
+}
+
+/// Adds the type and concrete shape of every labelled value of `model` (named as in the
+/// ONNX graph) to `shapes`; tract's dims (`TDim`) as int64, the type ONNX gives shapes.
+fn record_shapes(model: &TypedModel, shapes: &mut Shapes) {
+    for node in model.nodes() {
+        for (ix, out) in node.outputs.iter().enumerate() {
+            let Some(label) = model.outlet_label(OutletId::new(node.id, ix)) else {
+                continue;
+            };
+            let Some(dims) = out.fact.shape.as_concrete() else {
+                continue;
+            };
+            let dt = match out.fact.datum_type {
+                DatumType::TDim => DatumType::I64,
+                dt if crate::verify::inputs::onnx_of_datum_type(dt).is_some() => dt,
+                _ => continue,
+            };
+            shapes.insert(label.to_string(), (dt, dims.to_vec()));
+        }
     }
 }
 
@@ -177,11 +284,24 @@ impl IfResolver {
             return None;
         }
         let mut steps = HashMap::new();
-        steps.insert(Vec::new(), Step::new(model.clone(), model_dir));
+        steps.insert(
+            Vec::new(),
+            Step::new(model.clone(), &Shapes::new(), model_dir),
+        );
         Some(IfResolver {
             dir: model_dir.map(Path::to_path_buf),
             steps,
         })
+    }
+
+    /// How many rounds computed their conditions by the whole cones (see [`Round::cut`]).
+    #[cfg(test)]
+    pub(crate) fn whole_cones(&self) -> usize {
+        self.steps
+            .values()
+            .filter_map(|s| s.next.as_ref())
+            .filter(|r| r.joint.is_some())
+            .count()
     }
 
     /// The model resolved for `inputs` (one tensor per graph input, by name) and the outcome
@@ -191,6 +311,7 @@ impl IfResolver {
         inputs: &[(String, Tensor)],
     ) -> (Arc<pb::ModelProto>, Vec<Option<bool>>) {
         let mut key: Vec<Option<bool>> = Vec::new();
+        let mut shapes = Shapes::new();
         for _ in 0..MAX_ROUNDS {
             // This round's outcome, and what a new step would be made from.
             let (outcome, conditions, model) = {
@@ -200,7 +321,7 @@ impl IfResolver {
                 let Some(round) = step.next.as_mut() else {
                     break;
                 };
-                let outcome = round.outcome(inputs, &step.model, self.dir.as_deref());
+                let outcome = round.outcome(inputs, &step.model, self.dir.as_deref(), &mut shapes);
                 (outcome, round.conditions.clone(), step.model.clone())
             };
             if outcome.iter().all(Option::is_none) {
@@ -215,7 +336,7 @@ impl IfResolver {
                     None => false,
                 };
                 let step = if inlined {
-                    Step::new(changed, self.dir.as_deref())
+                    Step::new(changed, &shapes, self.dir.as_deref())
                 } else {
                     // Nothing could go in (malformed Ifs): the same model, shared.
                     Step { model, next: None }
@@ -253,16 +374,22 @@ fn producers(g: &pb::GraphProto) -> HashMap<&str, usize> {
         .collect()
 }
 
-/// The nodes (indexes, in graph order) that compute `target`, or `None` when one of them holds
-/// a subgraph.
+/// The nodes (indexes, in graph order) that compute `target`, going up no further than the
+/// names `stop` accepts (added to `cut`), or `None` when one of them holds a subgraph.
 fn cone_of(
     g: &pb::GraphProto,
     produced: &HashMap<&str, usize>,
     target: &str,
+    stop: &dyn Fn(&str) -> bool,
+    cut: &mut BTreeSet<String>,
 ) -> Option<Vec<usize>> {
     let mut seen = BTreeSet::new();
     let mut stack = vec![target];
     while let Some(name) = stack.pop() {
+        if stop(name) {
+            cut.insert(name.to_string());
+            continue;
+        }
         let Some(&i) = produced.get(name) else {
             continue; // graph input or initializer
         };
@@ -290,7 +417,7 @@ fn decidable_conditions(g: &pb::GraphProto) -> Vec<String> {
         let Some(cond) = n.input.first().filter(|c| !c.is_empty()) else {
             continue;
         };
-        if cone_of(g, &produced, cond).is_some() {
+        if cone_of(g, &produced, cond, &|_| false, &mut BTreeSet::new()).is_some() {
             out.push(cond.clone());
         }
     }
@@ -298,21 +425,37 @@ fn decidable_conditions(g: &pb::GraphProto) -> Vec<String> {
 }
 
 /// A model computing only `targets` (its graph outputs): their cones' nodes, the initializers
-/// and graph inputs those read, and the rest of `model` (opsets, functions) as it is.
-fn cone_model(model: &pb::ModelProto, targets: &[String]) -> pb::ModelProto {
+/// and graph inputs those read, and the rest of `model` (opsets, functions) as it is; with
+/// `cut_at`, the cones are cut at the node outputs it gives a type and shape for (a target
+/// itself is not cut at), which become graph inputs of that element type. Returns the model
+/// and the names cut at.
+fn cone_model(
+    model: &pb::ModelProto,
+    targets: &[String],
+    cut_at: Option<&Shapes>,
+) -> (pb::ModelProto, BTreeSet<String>) {
     let mut out = pb::ModelProto {
         ir_version: model.ir_version,
         opset_import: model.opset_import.clone(),
         functions: model.functions.clone(),
         ..Default::default()
     };
+    let mut cut = BTreeSet::new();
     let Some(g) = model.graph.as_ref() else {
-        return out;
+        return (out, cut);
     };
     let produced = producers(g);
+    // Graph inputs are fed as they are; node outputs are cut at.
+    let stop = |name: &str| {
+        cut_at.is_some_and(|shapes| {
+            produced.contains_key(name)
+                && !targets.iter().any(|t| t == name)
+                && shapes.contains_key(name)
+        })
+    };
     let nodes: BTreeSet<usize> = targets
         .iter()
-        .filter_map(|t| cone_of(g, &produced, t))
+        .filter_map(|t| cone_of(g, &produced, t, &stop, &mut cut))
         .flatten()
         .collect();
     let read: HashSet<&str> = nodes
@@ -320,6 +463,21 @@ fn cone_model(model: &pb::ModelProto, targets: &[String]) -> pb::ModelProto {
         .flat_map(|&i| g.node[i].input.iter().map(String::as_str))
         .chain(targets.iter().map(String::as_str))
         .collect();
+    let value = |name: &str, elem_type: Option<i32>| pb::ValueInfoProto {
+        name: Some(name.to_string()),
+        r#type: elem_type.map(|e| pb::TypeProto {
+            value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+                elem_type: Some(e),
+                shape: None,
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let cut_inputs = cut.iter().filter_map(|name| {
+        let (dt, _) = cut_at?.get(name)?;
+        Some(value(name, crate::verify::inputs::onnx_of_datum_type(*dt)))
+    });
     let graph = pb::GraphProto {
         name: g.name.clone(),
         node: nodes.iter().map(|&i| g.node[i].clone()).collect(),
@@ -340,18 +498,13 @@ fn cone_model(model: &pb::ModelProto, targets: &[String]) -> pb::ModelProto {
             .iter()
             .filter(|i| read.contains(i.name()))
             .cloned()
+            .chain(cut_inputs)
             .collect(),
-        output: targets
-            .iter()
-            .map(|t| pb::ValueInfoProto {
-                name: Some(t.clone()),
-                ..Default::default()
-            })
-            .collect(),
+        output: targets.iter().map(|t| value(t, None)).collect(),
         ..Default::default()
     };
     out.graph = Some(graph);
-    out
+    (out, cut)
 }
 
 /// Replaces the Ifs of `g` decided this round (the Ifs whose condition is in `conditions`, in

@@ -651,6 +651,111 @@ fn a_condition_tract_cannot_compute_does_not_hold_back_the_others() {
     }
 }
 
+/// A nested If whose condition reads the shape of a value the previous round's cone computed
+/// (`Size(r)`, as exporters test shapes): its cone is cut at that value, fed as zeros of its
+/// shape, and tract folds the condition to a constant; the whole cone is typed only in the
+/// first round.
+#[test]
+fn a_nested_condition_on_a_shape_is_computed_from_the_cut_cone() {
+    let inner = node(
+        "If",
+        "inner_if",
+        &["c2"],
+        &["t"],
+        vec![
+            attr_g(
+                "then_branch",
+                branch(
+                    "neg",
+                    vec![node("Neg", "neg", &["r"], &["t_neg"], vec![])],
+                    vec![],
+                    "t_neg",
+                ),
+            ),
+            attr_g(
+                "else_branch",
+                branch(
+                    "keep",
+                    vec![node("Identity", "keep", &["r"], &["t_keep"], vec![])],
+                    vec![],
+                    "t_keep",
+                ),
+            ),
+        ],
+    );
+    let then_b = branch(
+        "then",
+        vec![
+            node("Size", "size_b", &["r"], &["n2"], vec![]),
+            node("Greater", "greater", &["n2", "k"], &["c2"], vec![]),
+            inner,
+        ],
+        vec![],
+        "t",
+    );
+    let else_b = branch(
+        "else",
+        vec![node("Identity", "same", &["r"], &["e"], vec![])],
+        vec![],
+        "e",
+    );
+    let m = model(
+        vec![
+            node("Relu", "relu", &["x"], &["r"], vec![]),
+            node("Size", "size", &["r"], &["n"], vec![]),
+            node("Equal", "is_three", &["n", "three"], &["c1"], vec![]),
+            node(
+                "If",
+                "outer_if",
+                &["c1"],
+                &["y"],
+                vec![attr_g("then_branch", then_b), attr_g("else_branch", else_b)],
+            ),
+        ],
+        vec![info("x", DataType::Float, &[1, -1, 1])],
+        vec![out("y")],
+        vec![init_i64("three", &[], &[3]), init_i64("k", &[], &[2])],
+    );
+    let x = |v: &[f32]| {
+        vec![(
+            "x".to_string(),
+            Tensor::from_shape(&[1, v.len(), 1], v).unwrap(),
+        )]
+    };
+    let mut r = super::specialize::IfResolver::new(&m, None).unwrap();
+    let (_, key) = r.resolve(&x(&[1.0, -2.0, 3.0]));
+    assert_eq!(key, vec![Some(true), Some(true)]);
+    assert_eq!(r.whole_cones(), 1, "the second round ran its cut cone only");
+    // Another shape: the outer else.
+    let (_, key) = r.resolve(&x(&[1.0, -2.0]));
+    assert_eq!(key, vec![Some(false)]);
+    let y = run(&m, None, &x(&[1.0, -2.0, 3.0])).unwrap();
+    assert_eq!(f32s(&y[0].1), [-1.0, 0.0, -3.0]);
+}
+
+/// A nested If whose condition reads the value (not the shape) of a value the previous
+/// round's cone computed: tract cannot fold its cut cone, fed zeros, to a constant, so the
+/// whole cone computes it, and each branch is the right one.
+#[test]
+fn a_nested_condition_on_a_value_is_not_taken_from_the_cut_cone() {
+    let mut m = if_model();
+    let g = m.graph.as_mut().unwrap();
+    g.node
+        .insert(0, node("Identity", "copy", &["sr"], &["sr_copy"], vec![]));
+    g.node[1].input[0] = "sr_copy".into();
+    let outer = &mut g.node[2];
+    let then_b = outer.attribute[0].g.as_mut().unwrap();
+    then_b.node[1].input[0] = "sr_copy".into();
+    let mut r = super::specialize::IfResolver::new(&m, None).unwrap();
+    assert_eq!(r.resolve(&if_inputs(16000)).1, vec![Some(true), Some(true)]);
+    assert_eq!(r.resolve(&if_inputs(8000)).1, vec![Some(true), Some(false)]);
+    assert_eq!(r.whole_cones(), 2);
+    for (sr, want) in [(16000, [-1.0f32, 2.0, -3.0]), (8000, [1.0, -2.0, 3.0])] {
+        let y = run(&m, None, &if_inputs(sr)).unwrap();
+        assert_eq!(f32s(&y[0].1), want, "sr {sr}");
+    }
+}
+
 /// A malformed If (a branch missing, or a condition that is not bool) is not resolved: tract's
 /// own error names it.
 #[test]
