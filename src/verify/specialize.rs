@@ -23,6 +23,10 @@ use tract_onnx::prelude::*;
 use crate::pb;
 use crate::quant::calibrate::Runner;
 
+/// A model resolved for one input set, and the outcome of every round (per decided If of
+/// each round, in node order, the branch taken or `None` when it stayed).
+pub type Resolved = (Arc<pb::ModelProto>, Vec<Option<bool>>);
+
 /// Most rounds of inlining (one per level of nesting).
 const MAX_ROUNDS: usize = 16;
 
@@ -42,12 +46,9 @@ pub fn inline_ifs(
     model_dir: Option<&Path>,
     inputs: &[(String, Tensor)],
 ) -> Option<pb::ModelProto> {
-    let mut r = IfResolver::new(model, model_dir)?;
-    let original = r.steps[&Vec::new()].model.clone();
-    let (resolved, _) = r.resolve(inputs);
-    let changed = !Arc::ptr_eq(&original, &resolved);
-    drop((r, original)); // `resolved` is then the only copy
-    changed.then(|| Arc::unwrap_or_clone(resolved))
+    let (resolved, _) = IfResolver::new(model, model_dir)?.changed(inputs)?;
+    // The resolver is gone: `resolved` is the only copy.
+    Some(Arc::unwrap_or_clone(resolved))
 }
 
 /// Resolves the If nodes of one model for many input sets: each If whose condition tract can
@@ -304,12 +305,17 @@ impl IfResolver {
             .count()
     }
 
+    /// [`IfResolver::resolve`], or `None` when no If could be resolved (the model is the
+    /// original).
+    pub fn changed(&mut self, inputs: &[(String, Tensor)]) -> Option<Resolved> {
+        let (resolved, outcome) = self.resolve(inputs);
+        let original = &self.steps.get(&Vec::new())?.model;
+        (!Arc::ptr_eq(original, &resolved)).then_some((resolved, outcome))
+    }
+
     /// The model resolved for `inputs` (one tensor per graph input, by name) and the outcome
     /// of every round: two input sets with the same outcome get the same model.
-    pub fn resolve(
-        &mut self,
-        inputs: &[(String, Tensor)],
-    ) -> (Arc<pb::ModelProto>, Vec<Option<bool>>) {
+    pub fn resolve(&mut self, inputs: &[(String, Tensor)]) -> Resolved {
         let mut key: Vec<Option<bool>> = Vec::new();
         let mut shapes = Shapes::new();
         for _ in 0..MAX_ROUNDS {

@@ -956,6 +956,29 @@ fn run_sets_gives_each_set_what_run_gives_it() {
     assert_eq!(all[3].0.as_ref().unwrap_err().stage, RunStage::Inputs);
 }
 
+/// One resolver serves every set of `run_sets`: each set runs the branches its own inputs
+/// take, as `run` gives it, and a malformed If is left for tract to refuse.
+#[test]
+fn run_sets_resolves_each_sets_if_nodes() {
+    let m = if_model();
+    let sets: Vec<_> = [16000, 8000, 32000, -1].map(if_inputs).into();
+    let refs: Vec<&[(String, Tensor)]> = sets.iter().map(|s| s.as_slice()).collect();
+    let all = run_sets(&m, None, &refs);
+    for (s, (got, resolved)) in sets.iter().zip(&all) {
+        assert!(resolved);
+        assert_eq!(got.as_ref().unwrap(), &run(&m, None, s).unwrap());
+    }
+    assert_eq!(f32s(&all[2].0.as_ref().unwrap()[0].1), [-1.0, 2.0, -3.0]);
+    assert_eq!(f32s(&all[1].0.as_ref().unwrap()[0].1), [1.0, -2.0, 3.0]);
+    let mut no_then = if_model();
+    no_then.graph.as_mut().unwrap().node[1]
+        .attribute
+        .retain(|a| a.name() != "then_branch");
+    let (got, resolved) = &run_sets(&no_then, None, &refs[..1])[0];
+    assert!(!resolved);
+    assert_eq!(got.as_ref().unwrap_err().node.as_deref(), Some("outer_if"));
+}
+
 #[test]
 fn a_candidate_with_float16_inputs_is_fed_the_same_values_cast_to_float16() {
     // fp16 conversion without keep_io_types: the candidate's interface is float16.

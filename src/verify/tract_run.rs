@@ -170,26 +170,32 @@ pub fn run_resolving(
 /// A model's outputs by graph output name, or why tract could not run it.
 pub type Ran = Result<Vec<(String, Tensor)>, RunError>;
 
-/// [`run_resolving`] on several input sets, one result per set in order. Sets whose If nodes
-/// resolve the same way and whose tensors have the same types and shapes share one load,
-/// typing and plan, and the sets run in parallel: N sets of one shape cost one plan and N
-/// runs instead of N of each. Each set's outputs are those [`run_resolving`] gives.
+/// [`run_resolving`] on several input sets, one result per set in order. One resolver serves
+/// every set, so a second set whose shapes a first one had resolves without planning; sets
+/// whose If nodes resolve the same way and whose tensors have the same types and shapes share
+/// one load, typing and plan, and the sets run in parallel: N sets of one shape cost one plan
+/// and N runs instead of N of each. Each set's outputs are those [`run_resolving`] gives.
 pub fn run_sets(
     model: &pb::ModelProto,
     model_dir: Option<&Path>,
     sets: &[&[(String, Tensor)]],
 ) -> Vec<(Ran, bool)> {
     use rayon::prelude::*;
-    let specialized: Vec<Option<pb::ModelProto>> = sets
-        .par_iter()
-        .map(|inputs| super::specialize::inline_ifs(model, model_dir, inputs))
+    // Per set, the resolved model and its outcome (`None`: nothing was resolved).
+    let mut resolver = super::specialize::IfResolver::new(model, model_dir);
+    let specialized: Vec<Option<super::specialize::Resolved>> = sets
+        .iter()
+        .map(|inputs| resolver.as_mut()?.changed(inputs))
         .collect();
-    // Groups of sets that one plan serves: same resolved model, same types and shapes fed.
-    type Key = (Option<Vec<u8>>, Vec<(String, DatumType, Vec<usize>)>);
+    // Groups of sets that one plan serves: same outcome, same types and shapes fed.
+    type Key = (
+        Option<Vec<Option<bool>>>,
+        Vec<(String, DatumType, Vec<usize>)>,
+    );
     let mut groups: Vec<(Key, Vec<usize>)> = vec![];
     for (i, inputs) in sets.iter().enumerate() {
         let key: Key = (
-            specialized[i].as_ref().map(|m| m.encode_to_vec()),
+            specialized[i].as_ref().map(|(_, o)| o.clone()),
             inputs
                 .iter()
                 .map(|(n, t)| (n.clone(), t.datum_type(), t.shape().to_vec()))
@@ -202,7 +208,9 @@ pub fn run_sets(
     }
     let mut results: Vec<Option<Ran>> = (0..sets.len()).map(|_| None).collect();
     for (_, members) in groups {
-        let m = specialized[members[0]].as_ref().unwrap_or(model);
+        let m = specialized[members[0]]
+            .as_ref()
+            .map_or(model, |(m, _)| m.as_ref());
         match guarded(m, || plan_for(m, model_dir, sets[members[0]])) {
             Err(e) => {
                 for &i in &members {
