@@ -455,36 +455,33 @@ fn branch(
     }
 }
 
+/// `t = If(cond)`, named `inner_if`: then `-x`, else `x`.
+fn neg_or_keep_if(cond: &str, x: &str) -> pb::NodeProto {
+    let one = |name: &str, op: &str, out_: &str| {
+        branch(
+            name,
+            vec![node(op, name, &[x], &[out_], vec![])],
+            vec![],
+            out_,
+        )
+    };
+    node(
+        "If",
+        "inner_if",
+        &[cond],
+        &["t"],
+        vec![
+            attr_g("then_branch", one("neg", "Neg", "t_neg")),
+            attr_g("else_branch", one("keep", "Identity", "t_keep")),
+        ],
+    )
+}
+
 /// silero-vad's shape at opset 15: `y = If(sr > 0)` whose branches differ in shape (then:
 /// x [1, 3, 1] squeezed to [1, 3], negated when `sr > 10000` by a nested If; else: `2 x`,
 /// still [1, 3, 1]), which tract refuses to type unresolved.
 fn if_model() -> pb::ModelProto {
-    let inner = node(
-        "If",
-        "inner_if",
-        &["big"],
-        &["t"],
-        vec![
-            attr_g(
-                "then_branch",
-                branch(
-                    "neg",
-                    vec![node("Neg", "neg", &["sq"], &["t_neg"], vec![])],
-                    vec![],
-                    "t_neg",
-                ),
-            ),
-            attr_g(
-                "else_branch",
-                branch(
-                    "keep",
-                    vec![node("Identity", "keep", &["sq"], &["t_keep"], vec![])],
-                    vec![],
-                    "t_keep",
-                ),
-            ),
-        ],
-    );
+    let inner = neg_or_keep_if("big", "sq");
     let then_b = branch(
         "then",
         vec![
@@ -657,32 +654,7 @@ fn a_condition_tract_cannot_compute_does_not_hold_back_the_others() {
 /// first round.
 #[test]
 fn a_nested_condition_on_a_shape_is_computed_from_the_cut_cone() {
-    let inner = node(
-        "If",
-        "inner_if",
-        &["c2"],
-        &["t"],
-        vec![
-            attr_g(
-                "then_branch",
-                branch(
-                    "neg",
-                    vec![node("Neg", "neg", &["r"], &["t_neg"], vec![])],
-                    vec![],
-                    "t_neg",
-                ),
-            ),
-            attr_g(
-                "else_branch",
-                branch(
-                    "keep",
-                    vec![node("Identity", "keep", &["r"], &["t_keep"], vec![])],
-                    vec![],
-                    "t_keep",
-                ),
-            ),
-        ],
-    );
+    let inner = neg_or_keep_if("c2", "r");
     let then_b = branch(
         "then",
         vec![
