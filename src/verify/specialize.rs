@@ -67,7 +67,9 @@ pub fn inline_ifs(
 ///
 /// An If stays when its condition depends on another If, Loop or Scan node, when tract cannot
 /// compute it (the message is dropped: running the model then fails with tract's own error on
-/// the If), when it is not one bool, or when the If is malformed (a branch missing, or outputs
+/// the If), when tract folds a comparison in its cone from a dim that depends on the data
+/// (see [`crate::verify::tract_run::misfolded_comparisons`]; [`IfResolver::misfolded`]
+/// says which), when it is not one bool, or when the If is malformed (a branch missing, or outputs
 /// that do not match the branch's); when the conditions of a round cannot be computed together,
 /// each is computed on its own, so one that cannot be does not hold the others back.
 pub struct IfResolver {
@@ -106,6 +108,9 @@ struct Round {
     /// it); made when the joint runner fails, so that one condition tract cannot compute
     /// does not hold the others back.
     alone: Option<Vec<Option<Runner>>>,
+    /// Why a condition was not taken from tract: it folded a comparison from a dim it does not
+    /// know (see [`crate::verify::tract_run::misfolded_comparisons`]).
+    misfolded: Option<String>,
 }
 
 /// Most outcomes a resolver keeps (each holds a copy of the model); past it, all but the
@@ -137,6 +142,7 @@ impl Step {
                 cut,
                 joint: None,
                 alone: None,
+                misfolded: None,
             }
         });
         Step {
@@ -160,7 +166,7 @@ impl Round {
         let folded = self
             .cut
             .as_mut()
-            .and_then(|(r, names)| folded_conditions(r, names, inputs, shapes));
+            .and_then(|(r, names)| folded_conditions(r, names, inputs, model, shapes));
         let values: Vec<Option<bool>> = match folded {
             Some(values) => values.iter().map(single_bool).collect(),
             None => self.whole(inputs, model, dir, shapes),
@@ -184,6 +190,7 @@ impl Round {
         shapes: &mut Shapes,
     ) -> Vec<Option<bool>> {
         let unique = &self.unique;
+        let misfolded = &mut self.misfolded;
         let joint = self
             .joint
             .get_or_insert_with(|| {
@@ -192,7 +199,12 @@ impl Round {
             .as_mut()
             .and_then(|r| {
                 let outs = r.run(inputs).ok()?;
-                add_shapes(r, inputs, shapes);
+                let plan = r.plan(inputs).ok()?;
+                if let Some(why) = misfolds(&plan, model) {
+                    *misfolded = Some(why);
+                    return None;
+                }
+                record_shapes(plan.model(), shapes);
                 Some(outs)
             })
             .filter(|outs| outs.len() == unique.len());
@@ -215,21 +227,28 @@ impl Round {
         alone
             .iter_mut()
             .map(|r| {
-                let outs = r.as_mut()?.run(inputs).ok()?;
+                let r = r.as_mut()?;
+                let outs = r.run(inputs).ok()?;
+                if let Some(why) = misfolds(&r.plan(inputs).ok()?, model) {
+                    *misfolded = Some(why);
+                    return None;
+                }
                 single_bool(outs.first()?)
             })
             .collect()
     }
 }
 
-/// The conditions of a cut cone (`r`, cut at `names`), when tract folds every one to a
-/// constant with `inputs` and a zero tensor of the type and shape `shapes` gives for each cut
-/// value; adds the cone's types and shapes to `shapes`. `None` when a cut value's shape is
-/// unknown for these inputs, tract fails, or a condition is not a constant.
+/// The conditions of a cut cone (`r`, cut at `names`, of the step's `model`), when tract folds
+/// every one to a constant with `inputs` and a zero tensor of the type and shape `shapes`
+/// gives for each cut value; adds the cone's types and shapes to `shapes`. `None` when a cut
+/// value's shape is unknown for these inputs, tract fails, a condition is not a constant, or
+/// tract folded a comparison from a dim it does not know.
 fn folded_conditions(
     r: &mut Runner,
     names: &[String],
     inputs: &[(String, Tensor)],
+    model: &pb::ModelProto,
     shapes: &mut Shapes,
 ) -> Option<Vec<Tensor>> {
     let mut fed: Vec<(String, Tensor)> = inputs.to_vec();
@@ -238,6 +257,9 @@ fn folded_conditions(
         fed.push((n.clone(), Tensor::zero_dt(*dt, shape).ok()?));
     }
     let plan = r.plan(&fed).ok()?;
+    if misfolds(&plan, model).is_some() {
+        return None;
+    }
     let model = plan.model();
     let folded = model
         .output_outlets()
@@ -249,11 +271,14 @@ fn folded_conditions(
     Some(folded)
 }
 
-/// Adds the types and shapes of the values of `r`'s plan for `inputs` to `shapes`.
-fn add_shapes(r: &mut Runner, inputs: &[(String, Tensor)], shapes: &mut Shapes) {
-    if let Ok(plan) = r.plan(inputs) {
-        record_shapes(plan.model(), shapes);
-    }
+/// Why the conditions tract gives in `plan` are not the model's, when it folded a comparison
+/// of `model`'s main graph from a dim it does not know (see
+/// [`crate::verify::tract_run::misfolded_comparisons`]).
+fn misfolds(plan: &crate::quant::calibrate::Plan, model: &pb::ModelProto) -> Option<String> {
+    let g = model.graph.as_ref()?;
+    crate::verify::tract_run::misfolded_comparisons(plan.model(), g)
+        .into_iter()
+        .next()
 }
 
 /// Adds the type and concrete shape of every labelled value of `model` (named as in the
@@ -293,6 +318,16 @@ impl IfResolver {
             dir: model_dir.map(Path::to_path_buf),
             steps,
         })
+    }
+
+    /// Why an If condition was not taken from tract, when one was not because tract folded a
+    /// comparison from a dim it does not know (see
+    /// [`crate::verify::tract_run::misfolded_comparisons`]).
+    pub fn misfolded(&self) -> Option<&str> {
+        self.steps
+            .values()
+            .filter_map(|s| s.next.as_ref()?.misfolded.as_deref())
+            .min()
     }
 
     /// How many rounds computed their conditions by the whole cones (see [`Round::cut`]).

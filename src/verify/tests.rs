@@ -728,6 +728,71 @@ fn a_nested_condition_on_a_value_is_not_taken_from_the_cut_cone() {
     }
 }
 
+/// `Equal(Shape(TopK(x, k))[0], 2)`: tract types the TopK output's dim as a symbol and folds
+/// the comparison to false, whatever k is; onnxruntime gives true for k = 2. The run fails,
+/// naming the node, instead of giving another value than the model's.
+#[test]
+fn a_comparison_of_a_dim_that_depends_on_the_data_is_not_trusted() {
+    let m = model(
+        vec![
+            node("TopK", "topk", &["x", "k"], &["tv", "ti"], vec![]),
+            node("Shape", "shape", &["tv"], &["s"], vec![]),
+            node("Gather", "first", &["s", "zero"], &["n"], vec![]),
+            node("Equal", "is_two", &["n", "two"], &["b"], vec![]),
+            node("Cast", "to_float", &["b"], &["y"], vec![attr_i("to", 1)]),
+        ],
+        vec![
+            info("x", DataType::Float, &[6]),
+            info("k", DataType::Int64, &[1]),
+        ],
+        vec![out("y")],
+        vec![init_i64("zero", &[], &[0]), init_i64("two", &[], &[2])],
+    );
+    let inputs = vec![
+        (
+            "x".to_string(),
+            Tensor::from_shape(&[6], &[3.0f32, 1.0, 4.0, 1.0, 5.0, 9.0]).unwrap(),
+        ),
+        ("k".to_string(), Tensor::from_shape(&[1], &[2i64]).unwrap()),
+    ];
+    let err = run(&m, None, &inputs).unwrap_err();
+    assert_eq!(err.stage, RunStage::Type, "{err}");
+    assert_eq!(err.node.as_deref(), Some("is_two"), "{err}");
+    assert!(err.message.contains("depends on the data"), "{err}");
+}
+
+/// An If whose condition compares the shape of a NonZero output with a constant: tract would
+/// fold it to a constant that is not the model's, so the If is not resolved, and the failure
+/// of the run says why.
+#[test]
+fn an_if_on_a_dim_that_depends_on_the_data_is_left_and_the_failure_says_why() {
+    let mut m = if_model();
+    let g = m.graph.as_mut().unwrap();
+    g.node[0] = node("Greater", "positive", &["x", "half"], &["pos"], vec![]);
+    g.node.splice(
+        1..1,
+        [
+            node("NonZero", "nonzero", &["pos"], &["nz"], vec![]),
+            node("Shape", "shape", &["nz"], &["s"], vec![]),
+            node("Gather", "count", &["s", "one"], &["n"], vec![]),
+            node("Equal", "two_positive", &["n", "two"], &["cond"], vec![]),
+        ],
+    );
+    g.initializer.extend([
+        init_f32("half", &[], &[0.5]),
+        init_i64("one", &[], &[1]),
+        init_i64("two", &[], &[2]),
+    ]);
+    let inputs = if_inputs(16000); // x = [1, -2, 3]: two positive values
+    assert!(super::specialize::inline_ifs(&m, None, &inputs).is_none());
+    let err = run(&m, None, &inputs).unwrap_err();
+    assert!(
+        err.message.contains("an If condition was left: #")
+            && err.message.contains("\"two_positive\" Equal"),
+        "{err}"
+    );
+}
+
 /// A malformed If (a branch missing, or a condition that is not bool) is not resolved: tract's
 /// own error names it.
 #[test]

@@ -160,11 +160,19 @@ pub fn run_resolving(
     inputs: &[(String, Tensor)],
 ) -> (Result<Vec<(String, Tensor)>, RunError>, bool) {
     // tract refuses If nodes whose branches differ in type or shape: resolved for these inputs.
-    let specialized = super::specialize::inline_ifs(model, model_dir, inputs);
-    (
-        run_as_given(specialized.as_ref().unwrap_or(model), model_dir, inputs),
-        specialized.is_some(),
-    )
+    let mut ran = run_sets(model, model_dir, &[inputs]);
+    ran.pop().unwrap_or_else(|| (Err(not_run()), false))
+}
+
+/// The error of an input set that was not run.
+fn not_run() -> RunError {
+    RunError {
+        stage: RunStage::Load,
+        node: None,
+        op: None,
+        message: "input set not run".to_string(),
+        panicked: false,
+    }
 }
 
 /// A model's outputs by graph output name, or why tract could not run it.
@@ -228,33 +236,21 @@ pub fn run_sets(
             }
         }
     }
+    // An If left because its condition could not be trusted: the failure it causes says why.
+    let misfolded = resolver.as_ref().and_then(|r| r.misfolded());
     results
         .into_iter()
         .zip(specialized)
         .map(|(r, s)| {
-            let r = r.unwrap_or_else(|| {
-                Err(RunError {
-                    stage: RunStage::Load,
-                    node: None,
-                    op: None,
-                    message: "input set not run".to_string(),
-                    panicked: false,
-                })
+            let r = r.unwrap_or_else(|| Err(not_run())).map_err(|mut e| {
+                if let Some(why) = misfolded {
+                    e.message = format!("{}; an If condition was left: {why}", e.message);
+                }
+                e
             });
             (r, s.is_some())
         })
         .collect()
-}
-
-fn run_as_given(
-    model: &pb::ModelProto,
-    model_dir: Option<&Path>,
-    inputs: &[(String, Tensor)],
-) -> Result<Vec<(String, Tensor)>, RunError> {
-    guarded(model, || {
-        let (plan, names) = plan_for(model, model_dir, inputs)?;
-        execute(&plan, &names, model, inputs)
-    })
 }
 
 /// Runs `f`, one step of running `model` in tract, turning its failure, or a panic inside
@@ -522,9 +518,61 @@ fn plan_for(
     let typed = inference_model
         .into_typed()
         .map_err(Failure::at(RunStage::Type))?;
+    if let Some(g) = model.graph.as_ref() {
+        if let Some(first) = misfolded_comparisons(&typed, g).into_iter().next() {
+            return Err(Failure {
+                stage: RunStage::Type,
+                message: first,
+                panicked: false,
+            });
+        }
+    }
     set_stage(RunStage::Plan);
     let plan = typed.into_runnable().map_err(Failure::at(RunStage::Plan))?;
     Ok((plan, names))
+}
+
+/// ONNX comparison ops (opset 1 to 23).
+const COMPARISONS: [&str; 5] = ["Equal", "Greater", "Less", "GreaterOrEqual", "LessOrEqual"];
+
+/// Why tract cannot be trusted with the comparison nodes of `g` (the main graph) that it
+/// folded to a constant in `typed` (`g` typed with concrete input shapes) although an operand
+/// is a dim it knows only as a symbol, one that depends on the data (the shape of a NonZero
+/// output, or of a TopK output whose k is computed): tract 0.23 compares the symbol with the
+/// other operand as an expression, so `Equal(Shape(TopK(x, k))[0], 2)` is false even where k
+/// is 2 at run time, and the model then computes another value than onnxruntime does (an If on
+/// it takes the other branch). One message per such node, naming it, its op and the operand.
+pub(crate) fn misfolded_comparisons(typed: &TypedModel, g: &pb::GraphProto) -> Vec<String> {
+    let by_label: std::collections::HashMap<&str, OutletId> = typed
+        .outlet_labels
+        .iter()
+        .map(|(o, l)| (l.as_str(), *o))
+        .collect();
+    g.node
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| n.domain().is_empty() && COMPARISONS.contains(&n.op_type()))
+        .filter_map(|(i, n)| {
+            let operand = n.input.iter().find_map(|name| {
+                let fact = typed.outlet_fact(*by_label.get(name.as_str())?).ok()?;
+                let k = fact.konst.as_ref()?;
+                let plain = k.try_as_plain_ram().ok()?;
+                let dims = plain.as_slice::<TDim>().ok()?;
+                dims.iter()
+                    .any(|d| d.to_i64().is_err())
+                    .then(|| format!("`{name}` = {dims:?}"))
+            })?;
+            let label = if n.name().is_empty() {
+                n.output.first().map(String::as_str).unwrap_or("")
+            } else {
+                n.name()
+            };
+            Some(format!(
+                "#{i} \"{label}\" {}: tract cannot compute this comparison: its operand {operand} is a dim that depends on the data (the shape of a NonZero output, or of a TopK output with a computed k), which tract 0.23 compares as a symbol when it plans the model, so the value it gives (and any If on it) can differ from the model's",
+                n.op_type()
+            ))
+        })
+        .collect()
 }
 
 /// The tensor of `inputs` fed to the graph input `name`.
