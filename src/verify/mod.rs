@@ -475,9 +475,10 @@ fn note_cast(cast: bool, c: &mut Comparison) {
     }
 }
 
-/// Fails when `c` is unverified and its notes say the input shapes contradict a fixed dim the
-/// graph of `model` declares (`--input-shape`): the inputs are at fault, not the model (unless
-/// tract failed on an op it does not implement, which no shape changes).
+/// Fails when `c` is unverified and its notes say the input shapes contradict a fixed dim or
+/// the rank the graph of `model` declares (`--input-shape`, or an array of an `--inputs`
+/// file): the inputs are at fault, not the model (unless tract failed on an op it does not
+/// implement, which no shape changes).
 ///
 /// Errors: that case, naming the model, the inputs' contradictions and tract's reason.
 pub fn refuse_contradicted_shapes(c: &Comparison, model: &std::path::Path) -> anyhow::Result<()> {
@@ -489,7 +490,10 @@ pub fn refuse_contradicted_shapes(c: &Comparison, model: &std::path::Path) -> an
         let contradictions: Vec<&str> = c
             .notes
             .iter()
-            .filter(|n| n.contains("--input-shape sets dim"))
+            .filter(|n| {
+                n.contains("--input-shape sets dim")
+                    || n.contains("differs from the declared shape")
+            })
             .map(String::as_str)
             .collect();
         anyhow::ensure!(

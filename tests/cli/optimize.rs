@@ -309,6 +309,16 @@ fn optimize_input_shape_contradicting_the_graph_is_refused_when_the_model_cannot
         &"--allow-unverified",
     ]));
     refused(&r, "the model cannot run with the input shapes given");
+    // The same shape from an --inputs file (it was exit 3 with the model written).
+    let npz = dir.path().join("four_channels.npz");
+    let x = tract_onnx::prelude::Tensor::zero::<f32>(&[1, 4, 32, 100]).unwrap();
+    onnxopt::verify::inputs::save_npz(&npz, &[("x".to_string(), x)]).unwrap();
+    let r = onnxopt_slow(&os(&[&"optimize", &m, &"-o", &out, &"--inputs", &npz]));
+    refused(
+        &r,
+        "the model cannot run with the input shapes given (input `x`: the npz shape [1, 4, 32, 100] differs from the declared shape",
+    );
+    assert!(!out.exists());
     // A shape the declared dims allow runs.
     let r = optimize_with("magika-standard-v3-3", &["bytes:2,2048"]);
     assert!(r.ok(), "{}", r.describe());
