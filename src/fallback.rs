@@ -1189,46 +1189,69 @@ pub fn run(
         };
         let (est_start, est_outputs) = estimate(&[], true)?;
         if faithful(&reference, &start_outputs, &est_outputs) {
+            // Each set of kept layers is estimated once (sorted, as a key), even when the
+            // search runs again.
+            let mut estimated: HashMap<Vec<usize>, Score> = HashMap::new();
+            let mut estimate_once = |kept: &[usize]| -> Result<Score> {
+                let mut key = kept.to_vec();
+                key.sort_unstable();
+                if let Some(s) = estimated.get(&key) {
+                    return Ok(*s);
+                }
+                let (score, _) = estimate(kept, false)?;
+                estimated.insert(key, score);
+                Ok(score)
+            };
             // Estimates alone steer the search; only the set it settles on is made for real
             // and given the final check.
             let quick = |kept: Vec<usize>| -> Result<(Score, f64, bool)> {
-                let (score, _) = estimate(&kept, false)?;
+                let score = estimate_once(&kept)?;
                 Ok((score, score.cosine, target.met_by(&score)))
             };
             let found = searching.run((est_start, est_start.cosine, false), quick)?;
-            let confirmed = match found.hit {
-                Some((kept, score)) => {
-                    let made = candidate(&kept)?;
-                    let (e, _, met) = evaluate_made(kept.clone(), made, Some(score))?;
-                    met.then(|| Found {
+            // The set the final check missed, sorted, and its cosine there.
+            let mut missed: Option<(Vec<usize>, f64)> = None;
+            if let Some((kept, score)) = found.hit {
+                let made = candidate(&kept)?;
+                let (e, cosine, met) = evaluate_made(kept.clone(), made, Some(score))?;
+                if met {
+                    guided = Some(Found {
                         hit: Some((kept, Ok(e))),
                         longest: None,
-                    })
+                    });
+                } else {
+                    let mut key = kept;
+                    key.sort_unstable();
+                    missed = Some((key, cosine));
                 }
-                None => Some(Found {
+            } else {
+                guided = Some(Found {
                     hit: None,
                     longest: found.longest.map(|(k, score)| (k, Err(score.cosine))),
-                }),
-            };
-            guided = match confirmed {
-                Some(found) => Some(found),
-                None => {
-                    // The final check missed where the estimate met the target (the plain
-                    // plan rounds otherwise): the search again, each estimate that meets the
-                    // target made for real and given the final check. The payload: the real
-                    // candidate when one was made, else the estimate's cosine.
-                    let step = |kept: Vec<usize>| -> Result<(Result<Evaluated, f64>, f64, bool)> {
-                        let (score, _) = estimate(&kept, false)?;
-                        if !target.met_by(&score) {
-                            return Ok((Err(score.cosine), score.cosine, false));
-                        }
-                        let made = candidate(&kept)?;
-                        let (e, cosine, met) = evaluate_made(kept, made, Some(score))?;
-                        Ok((Ok(e), cosine, met))
-                    };
-                    Some(searching.run((Err(est_start.cosine), est_start.cosine, false), step)?)
-                }
-            };
+                });
+            }
+            if let Some((missed_key, missed_cosine)) = missed {
+                // The final check missed where the estimate met the target (the plain plan
+                // rounds otherwise): the search again, each estimate that meets the target
+                // made for real and given the final check (the set that missed is not made
+                // again). The payload: the real candidate when one was made, else the cosine.
+                let step = |kept: Vec<usize>| -> Result<(Result<Evaluated, f64>, f64, bool)> {
+                    let score = estimate_once(&kept)?;
+                    let mut key = kept.clone();
+                    key.sort_unstable();
+                    if key == missed_key {
+                        return Ok((Err(missed_cosine), missed_cosine, false));
+                    }
+                    if !target.met_by(&score) {
+                        return Ok((Err(score.cosine), score.cosine, false));
+                    }
+                    let made = candidate(&kept)?;
+                    let (e, cosine, met) = evaluate_made(kept, made, Some(score))?;
+                    Ok((Ok(e), cosine, met))
+                };
+                guided =
+                    Some(searching.run((Err(est_start.cosine), est_start.cosine, false), step)?);
+            }
         }
     }
     let chosen = match guided {

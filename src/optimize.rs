@@ -844,6 +844,34 @@ mod tests {
         let fb = r.fallback.as_ref().expect("the fallback ran");
         assert!(!fb.kept.is_empty());
         assert_eq!(fb.tried[0].integer_mismatch, Some(before), "{:?}", fb.tried);
+        // The estimates (float outputs only: none here) met the target where the final check
+        // of the integer output missed, so the search ran again, checking each hit: no set
+        // was estimated twice, nor made twice.
+        let sets = |estimated: bool| {
+            let mut v: Vec<Vec<String>> = fb
+                .tried
+                .iter()
+                .filter(|t| t.estimated == estimated)
+                .map(|t| {
+                    let mut n = t.nodes.clone();
+                    n.sort();
+                    n
+                })
+                .collect();
+            let all = v.len();
+            v.sort();
+            v.dedup();
+            (all, v.len())
+        };
+        let (estimates, distinct) = sets(true);
+        assert!(estimates > 1, "{:?}", fb.tried);
+        assert_eq!(estimates, distinct, "{:?}", fb.tried);
+        let (real, distinct) = sets(false);
+        assert_eq!(real, distinct, "{:?}", fb.tried);
+        assert!(fb
+            .tried
+            .iter()
+            .any(|t| !t.estimated && !t.met && t.kept > 0));
         // Lossless: exact, unless --max-accuracy-drop allows a drop (as here).
         let r = run("cleanup", None);
         assert_eq!(r.gates.max_integer_mismatch, Some(0.02));
