@@ -4,10 +4,11 @@
 //! both branches, whatever the condition; exporters write Ifs whose branches differ (silero-vad
 //! at opset 15: a `Squeeze` in one branch, an `Identity` in the other, on a condition computed
 //! from the input shapes), and tract refuses them. For one input set the condition is one value:
-//! [`IfResolver`] computes the conditions tract can compute (their cone of main-graph nodes,
-//! run alone) and puts the nodes of the branch taken in the If's place, round after round for
-//! nested Ifs. The result computes what the model computes on those inputs; the caller runs
-//! it on exactly those inputs.
+//! [`IfResolver`] computes the conditions tract can compute (the cone of main-graph nodes that
+//! computes them, run as a model of its own) and puts the nodes of the branch taken in the
+//! If's place, round after round for nested Ifs. The result computes what the model computes
+//! on those inputs; the caller runs it on exactly those inputs. A condition tract would fold
+//! from a dim it does not know (a comparison on the shape of a NonZero output) is not taken.
 //!
 //! Semantics (ONNX `If`, opset 1 to 23): `cond` is a single-element bool tensor; the node's
 //! outputs are the taken branch's graph outputs, in order. A branch reads outer values by name,
