@@ -519,10 +519,11 @@ fn plan_for(
         .into_typed()
         .map_err(Failure::at(RunStage::Type))?;
     if let Some(g) = model.graph.as_ref() {
-        if let Some(first) = misfolded_comparisons(&typed, g).into_iter().next() {
+        let misfolded = misfolded_comparisons(&typed, g);
+        if !misfolded.is_empty() {
             return Err(Failure {
                 stage: RunStage::Type,
-                message: first,
+                message: misfolded.join("; "),
                 panicked: false,
             });
         }
