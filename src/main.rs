@@ -60,10 +60,33 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            stderr(&format!("error: {e:#}\n"));
             ExitCode::from(2)
         }
     }
+}
+
+/// Writes `text` to stdout. A reader that closed the pipe (`onnxopt inspect --json | head`)
+/// wanted no more: not an error, where `print!` would panic.
+///
+/// Errors: any other failure to write.
+fn stdout(text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(e).context("cannot write to standard output")
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Writes `text` to stderr, ignoring a failure to (a reader that closed the pipe), where
+/// `eprint!` would panic: what the process does does not depend on who reads its messages.
+fn stderr(text: &str) {
+    use std::io::Write;
+    let mut err = std::io::stderr().lock();
+    let _ = err.write_all(text.as_bytes()).and_then(|()| err.flush());
 }
 
 /// Spinner on stderr per phase; hidden when stderr is not a terminal or with --quiet.
@@ -492,13 +515,15 @@ fn finish(
         write_json(path, &report)?;
     }
     if !quiet {
-        eprint!("{}", optimize::format_report(&report));
+        stderr(&optimize::format_report(&report));
     }
     let out = cfg.output.display();
     Ok(match report.outcome {
         Outcome::Ok => ExitCode::SUCCESS,
         Outcome::GateFailed => {
-            eprintln!("error: the accuracy check failed; the model was still written to {out}");
+            stderr(&format!(
+                "error: the accuracy check failed; the model was still written to {out}\n"
+            ));
             ExitCode::from(1)
         }
         Outcome::Unverified => {
@@ -512,7 +537,7 @@ fn finish(
             } else {
                 "the check could not run (reason above)".to_string()
             };
-            eprintln!("warning: UNVERIFIED: {why}; the optimized model was written to {out} but not checked");
+            stderr(&format!("warning: UNVERIFIED: {why}; the optimized model was written to {out} but not checked\n"));
             if allow_unverified {
                 ExitCode::SUCCESS
             } else {
@@ -533,17 +558,24 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let file = a.model.display().to_string();
             let report = onnxopt::inspect::inspect(&model, &file, &info);
             if a.json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                stdout(&format!("{}\n", serde_json::to_string_pretty(&report)?))?;
             } else {
-                print!("{}", onnxopt::inspect::format_text(&report));
+                stdout(&onnxopt::inspect::format_text(&report))?;
             }
             Ok(ExitCode::SUCCESS)
         }
         Command::ListPasses => {
+            let mut text = String::new();
             for p in passes::registry() {
-                println!("{:<32} {:<22} {}", p.name(), p.kind().label(), p.summary());
+                text += &format!(
+                    "{:<32} {:<22} {}\n",
+                    p.name(),
+                    p.kind().label(),
+                    p.summary()
+                );
             }
-            println!("\npresets: none (load + save), cleanup ({}), default (cleanup, fold_batchnorm, quantize_weights_int8, cleanup)", passes::CLEANUP.join(", "));
+            text += &format!("\npresets: none (load + save), cleanup ({}), default (cleanup, fold_batchnorm, quantize_weights_int8, cleanup)\n", passes::CLEANUP.join(", "));
+            stdout(&text)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Optimize(a) => {
@@ -915,12 +947,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 write_json(path, &cmp)?;
             }
             if a.json {
-                println!("{}", serde_json::to_string_pretty(&cmp)?);
+                stdout(&format!("{}\n", serde_json::to_string_pretty(&cmp)?))?;
             } else {
-                for n in &cmp.notes {
-                    println!("note: {n}");
-                }
-                print!("{}", verify::format_table(&cmp));
+                let notes: String = cmp.notes.iter().map(|n| format!("note: {n}\n")).collect();
+                stdout(&(notes + &verify::format_table(&cmp)))?;
             }
             Ok(match cmp.status {
                 Verification::Checked => ExitCode::SUCCESS,

@@ -545,3 +545,28 @@ fn impossible_gate_values_are_refused() {
         assert!(r.stderr.contains(name), "{arg}: {}", r.stderr);
     }
 }
+
+/// A reader that closes the pipe early (`onnxopt inspect --json | head -1`) wanted no more:
+/// exit 0 without a panic (it was exit 101, "failed printing to stdout: Broken pipe", one
+/// run in three).
+#[test]
+fn a_reader_closing_the_pipe_early_is_not_an_error() {
+    use std::process::Stdio;
+    for args in [
+        os(&[&"inspect", &model("ppocrv4-rec"), &"--json"]),
+        os(&[&"list-passes"]),
+    ] {
+        let mut child = Command::new(BIN)
+            .args(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Closed before the child writes: every write it makes fails with EPIPE.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}
