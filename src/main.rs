@@ -66,6 +66,42 @@ fn main() -> ExitCode {
     }
 }
 
+/// Refuses two models to compare when the candidate has a graph input the reference lacks:
+/// the inputs are made from the reference's, so the candidate could not be fed.
+///
+/// Errors: that case, naming both files and the inputs.
+fn refuse_other_inputs(
+    reference: &onnxopt::pb::ModelProto,
+    ref_path: &std::path::Path,
+    candidate: &onnxopt::pb::ModelProto,
+    cand_path: &std::path::Path,
+) -> Result<()> {
+    // Graph inputs that are not initializers (IR < 4 lists initializers as inputs too).
+    let inputs = |m: &onnxopt::pb::ModelProto| -> Vec<String> {
+        m.graph.as_ref().map_or(Vec::new(), |g| {
+            g.input
+                .iter()
+                .map(|i| i.name().to_string())
+                .filter(|n| !g.initializer.iter().any(|t| t.name() == n))
+                .collect()
+        })
+    };
+    let ours = inputs(reference);
+    let extra: Vec<String> = inputs(candidate)
+        .into_iter()
+        .filter(|n| !ours.contains(n))
+        .collect();
+    anyhow::ensure!(
+        extra.is_empty(),
+        "{}: graph input(s) {} are not inputs of {} (its inputs: {}): the two models do not take the same inputs, so they cannot be compared",
+        cand_path.display(),
+        extra.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", "),
+        ref_path.display(),
+        ours.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
+    );
+    Ok(())
+}
+
 /// Writes `text` to stdout. A reader that closed the pipe (`onnxopt inspect --json | head`)
 /// wanted no more: not an error, where `print!` would panic.
 ///
@@ -930,6 +966,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             )?;
             let r = onnx::export::to_proto(&reference_model)?;
             let c = load(&a.candidate)?;
+            refuse_other_inputs(&r, &a.reference, &c, &a.candidate)?;
             let dir = |p: &std::path::Path| p.parent().map(|d| d.to_path_buf());
             let g = optimize::default_gates(gates(&a.check), false);
             reporter.phase("running both models in tract");

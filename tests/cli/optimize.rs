@@ -469,6 +469,22 @@ fn compare_prints_the_notes() {
     assert!(note < r.stdout.find("max abs").unwrap(), "{}", r.stdout);
 }
 
+/// Two models that do not take the same inputs cannot be compared: exit 2 naming the inputs
+/// (it was exit 1, "CANDIDATE FAILED", as if an accuracy gate had failed).
+#[test]
+fn compare_refuses_models_that_take_other_inputs() {
+    let cls = model("ppocr-mobile-v2-cls");
+    let r = onnxopt_slow(&os(&[&"compare", &cls, &model("magika-standard-v3-3")]));
+    assert_eq!(r.code, Some(2), "{}", r.describe());
+    assert!(
+        r.stderr
+            .contains("graph input(s) `bytes` are not inputs of")
+            && r.stderr.contains("(its inputs: `x`)"),
+        "{}",
+        r.describe()
+    );
+}
+
 #[test]
 fn compare_detects_a_scaled_weight() {
     let dir = tempdir();
