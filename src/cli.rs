@@ -72,6 +72,26 @@ pub struct CheckArgs {
     pub allow_unverified: bool,
 }
 
+impl CheckArgs {
+    /// The options given that only the check uses.
+    pub fn given(&self) -> Vec<&'static str> {
+        [
+            (self.inputs.is_some(), "--inputs"),
+            (!self.input_shape.is_empty(), "--input-shape"),
+            (!self.input.is_empty(), "--input"),
+            (self.seed != 0, "--seed"),
+            (!self.atol.is_empty(), "--atol"),
+            (!self.rtol.is_empty(), "--rtol"),
+            (self.min_cosine.is_some(), "--min-cosine"),
+            (self.max_accuracy_drop.is_some(), "--max-accuracy-drop"),
+            (self.allow_unverified, "--allow-unverified"),
+        ]
+        .into_iter()
+        .filter_map(|(given, flag)| given.then_some(flag))
+        .collect()
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct CompareArgs {
     /// The reference model.

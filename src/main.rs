@@ -102,6 +102,24 @@ fn refuse_other_inputs(
     Ok(())
 }
 
+/// Warns (unless `quiet`) that the check options of `check` that were given are ignored
+/// when the check does not run (`--no-check`, or `--passes none`).
+fn ignored_check_options(check: &CheckArgs, no_check: bool, passes_none: bool, quiet: bool) {
+    let given = check.given();
+    if quiet || given.is_empty() || !(no_check || passes_none) {
+        return;
+    }
+    let why = if no_check {
+        "--no-check"
+    } else {
+        "--passes none loads and saves only"
+    };
+    stderr(&format!(
+        "warning: check option(s) {} ignored: the check does not run ({why})\n",
+        given.join(", ")
+    ));
+}
+
 /// Writes `text` to stdout. A reader that closed the pipe (`onnxopt inspect --json | head`)
 /// wanted no more: not an error, where `print!` would panic.
 ///
@@ -665,7 +683,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     ..Default::default()
                 },
                 save: save_options(&a.model, &a.save),
-                check: !a.no_check && a.passes.trim() != "none",
+                check: {
+                    let passes_none = a.passes.trim() == "none";
+                    ignored_check_options(&a.check, a.no_check, passes_none, cli.quiet);
+                    !a.no_check && !passes_none
+                },
                 inputs,
                 gates: gates(&a.check),
                 validate_each: a.validate,
@@ -931,7 +953,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     ..Default::default()
                 },
                 save: save_options(&a.model, &a.save),
-                check: !a.no_check,
+                check: {
+                    ignored_check_options(&a.check, a.no_check, false, cli.quiet);
+                    !a.no_check
+                },
                 inputs,
                 gates: gates(&a.check),
                 validate_each: false,

@@ -614,7 +614,13 @@ pub fn format_report(r: &OptimizeReport) -> String {
             s.push_str(&verify::format_table(c));
         }
         None => {
-            let _ = writeln!(s, "\naccuracy    not checked (--no-check)");
+            // `--passes none` runs no pass and no check: the model is only loaded and saved.
+            let why = if r.passes.is_empty() {
+                "--passes none: loaded and saved only"
+            } else {
+                "--no-check"
+            };
+            let _ = writeln!(s, "\naccuracy    not checked ({why})");
         }
     }
     let _ = writeln!(s, "total       {:.0} ms", r.total_ms);

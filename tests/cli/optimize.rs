@@ -341,6 +341,34 @@ fn optimize_no_check_writes_the_model_and_reports_no_check() {
         report["check"]
     );
     assert_eq!(report["outcome"], "ok");
+    // The check options given (here --inputs) are said to be ignored, and why.
+    assert!(
+        r.stderr.contains(
+            "warning: check option(s) --inputs ignored: the check does not run (--no-check)"
+        ) && r.stderr.contains("not checked (--no-check)"),
+        "{}",
+        r.describe()
+    );
+    // `--passes none` loads and saves only: it says so, not --no-check.
+    let out = dir.path().join("none.onnx");
+    let m = model("ppocr-mobile-v2-cls");
+    let r = onnxopt_slow(&os(&[
+        &"optimize",
+        &m,
+        &"-o",
+        &out,
+        &"--passes",
+        &"none",
+        &"--min-cosine",
+        &"0.5",
+    ]));
+    assert!(r.ok(), "{}", r.describe());
+    assert!(
+        r.stderr.contains("check option(s) --min-cosine ignored: the check does not run (--passes none loads and saves only)")
+            && r.stderr.contains("not checked (--passes none: loaded and saved only)"),
+        "{}",
+        r.describe()
+    );
 }
 
 #[test]
