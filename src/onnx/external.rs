@@ -21,7 +21,23 @@ pub(crate) struct ExternalData {
     files: HashMap<PathBuf, Bytes>,
     /// Location -> (tensors, bytes) read from it, for reports.
     pub used: Vec<(String, usize, u64)>,
+    /// Locations that could not be opened, and the names of the tensors stored there after
+    /// the first, whose error said why: one missing file is one problem, not one per tensor.
+    pub unreadable: Vec<(String, Vec<String>)>,
 }
+
+/// The error [`ExternalData::resolve`] gives a tensor stored in a location that already failed
+/// to open: the import does not report it again (see [`ExternalData::unreadable`]).
+#[derive(Debug)]
+pub(crate) struct AlreadyReported;
+
+impl std::fmt::Display for AlreadyReported {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("its external data location could not be opened (reported once)")
+    }
+}
+
+impl std::error::Error for AlreadyReported {}
 
 impl ExternalData {
     /// A resolver for a model read from `dir` (`None` for a model read from memory: any
@@ -31,6 +47,7 @@ impl ExternalData {
             dir,
             files: HashMap::new(),
             used: Vec::new(),
+            unreadable: Vec::new(),
         }
     }
 
@@ -67,12 +84,27 @@ impl ExternalData {
         }
         let location = location
             .with_context(|| format!("tensor '{name}' is stored externally but has no location"))?;
-        let path = self.safe_path(&location).with_context(|| {
-            format!("tensor '{name}': refusing external data location '{location}'")
-        })?;
-        let data = self
-            .map(&path)
-            .with_context(|| format!("tensor '{name}': cannot read external data '{location}'"))?;
+        if let Some((_, later)) = self.unreadable.iter_mut().find(|u| u.0 == location) {
+            later.push(name);
+            return Err(AlreadyReported.into());
+        }
+        let opened = self
+            .safe_path(&location)
+            .with_context(|| {
+                format!("tensor '{name}': refusing external data location '{location}'")
+            })
+            .and_then(|path| {
+                self.map(&path).with_context(|| {
+                    format!("tensor '{name}': cannot read external data '{location}'")
+                })
+            });
+        let data = match opened {
+            Ok(data) => data,
+            Err(e) => {
+                self.unreadable.push((location, Vec::new()));
+                return Err(e);
+            }
+        };
         let file_len = data.len() as u64;
         ensure!(
             offset <= file_len,

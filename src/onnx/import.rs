@@ -58,7 +58,9 @@ fn import_tensor(
     problems: &mut Problems,
 ) -> Tensor {
     if let Err(e) = ext.resolve(&mut t) {
-        problems.push(format!("{what}: {e:#}"));
+        if !e.is::<super::external::AlreadyReported>() {
+            problems.push(format!("{what}: {e:#}"));
+        }
     }
     let t = Tensor::new(t);
     if let Err(e) = t.check_payload() {

@@ -102,6 +102,15 @@ pub fn from_proto(
     let mut ext = external::ExternalData::new(dir);
     let mut problems = import::Problems::default();
     let model = import::import_model(proto, &mut ext, &mut problems);
+    for (location, later) in &ext.unreadable {
+        if let Some(first) = later.first() {
+            problems.list.push(format!(
+                "external data '{location}' (as above): {} more tensor(s) store their data there ('{first}'{})",
+                later.len(),
+                if later.len() > 1 { ", ..." } else { "" }
+            ));
+        }
+    }
     import::into_result(problems, what)?;
     let model = model.context("no model")?;
     crate::ir::validate::validate(&model).map_err(|e| anyhow::anyhow!("{what}: {e}"))?;
@@ -370,5 +379,51 @@ unsafe impl<W: Write> BufMut for StreamBuf<W> {
             self.flush_buf();
         }
         self.buf.extend_from_slice(src);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// Three initializers stored in one missing file: one problem says why, one more names
+    /// the other tensors stored there (it was one identical line per tensor: 65 on a model).
+    #[test]
+    fn a_missing_external_data_file_is_one_problem_not_one_per_tensor() {
+        use pb::tensor_proto::{DataLocation, DataType};
+        let dir = tempfile::tempdir().unwrap();
+        let external = |name: &str| pb::TensorProto {
+            name: Some(name.into()),
+            dims: vec![4],
+            data_type: Some(DataType::Float as i32),
+            data_location: Some(DataLocation::External as i32),
+            external_data: vec![pb::StringStringEntryProto {
+                key: Some("location".into()),
+                value: Some("gone.bin".into()),
+            }],
+            ..Default::default()
+        };
+        let proto = pb::ModelProto {
+            ir_version: Some(8),
+            graph: Some(pb::GraphProto {
+                initializer: ["a", "b", "c"].map(external).into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let path = dir.path().join("m.onnx");
+        std::fs::write(&path, proto.encode_to_vec()).unwrap();
+        let e = format!("{:#}", load(&path).unwrap_err());
+        assert!(e.contains("2 problems found"), "{e}");
+        assert!(
+            e.contains("tensor 'a': refusing external data location 'gone.bin'")
+                && e.contains("does not exist"),
+            "{e}"
+        );
+        assert!(
+            e.contains("external data 'gone.bin' (as above): 2 more tensor(s) store their data there ('b', ...)"),
+            "{e}"
+        );
     }
 }
