@@ -262,8 +262,20 @@ fn pool_area(n: &Node) -> i64 {
         .map_or(i64::MAX, |k| k.iter().product())
 }
 
-/// Why an op that is not on the allow-list stays float32 (for the notes).
-fn kept_reason(node: &Node) -> &'static str {
+/// Why an op that is not on the allow-list stays float32 (for the notes). bfloat16 shares
+/// float16's allow-list, but not its reasons of range: it has float32's exponent.
+fn kept_reason(node: &Node, target: Target) -> &'static str {
+    if target == Target::Bf16 && node.domain().is_empty() && node.subgraphs.is_empty() {
+        return match node.op_type() {
+            "Exp" | "Pow" | "Log" | "Softplus" | "GlobalAveragePool" => {
+                "not on the bfloat16 allow-list"
+            }
+            "Cast" if node.attr_int("to", 0) == FLOAT as i64 => {
+                "casts from a wide integer type, whose values bfloat16 rounds to 8 bits of precision"
+            }
+            _ => kept_reason(node, Target::F16),
+        };
+    }
     if !node.domain().is_empty() {
         return "op of another domain";
     }
@@ -664,8 +676,8 @@ fn analyse(
             .map(|i| i.and_then(|v| types[v.0 as usize]))
             .collect();
         let verdict = match spec(n, opset, &ins) {
-            _ if !n.subgraphs.is_empty() => Err(kept_reason(n)),
-            None => Err(kept_reason(n)),
+            _ if !n.subgraphs.is_empty() => Err(kept_reason(n, target)),
+            None => Err(kept_reason(n, target)),
             Some(s) => {
                 let since = match target {
                     Target::F16 => s.f16_since,
@@ -681,9 +693,15 @@ fn analyse(
                     })
                 } else if !all_f32 || !any {
                     Err("its float inputs could not be typed")
-                } else if n.is("Mul") && n.inputs.first() == n.inputs.get(1) {
+                } else if target == Target::F16
+                    && n.is("Mul")
+                    && n.inputs.first() == n.inputs.get(1)
+                {
                     Err("squares its input, overflows float16 like Pow")
-                } else if n.is("AveragePool") && pool_area(n) > MAX_POOL_AREA {
+                } else if target == Target::F16
+                    && n.is("AveragePool")
+                    && pool_area(n) > MAX_POOL_AREA
+                {
                     Err("pooling window too large, overflows float16 in tract")
                 } else if cone.contains(&id) {
                     Err("feeds a shape, size or index input")
@@ -1967,6 +1985,44 @@ mod tests {
         let cin = producer(&q, &c.input[0]).unwrap();
         assert_eq!(cast_to(cin), BFLOAT16 as i64);
         assert!(stats.notes[0].contains("bfloat16"), "{:?}", stats.notes);
+        check_onnx(&q);
+    }
+
+    /// bfloat16 has float32's exponent: a squaring Mul converts (float16 keeps it float32,
+    /// as it would overflow), and the ops float16 keeps for their range are noted as off the
+    /// allow-list, not as overflowing float16.
+    #[test]
+    fn bf16_converts_a_square_and_gives_its_own_reasons() {
+        let p = model(
+            17,
+            vec![
+                node("MatMul", &["x", "w"], &["h"]),
+                node("Mul", &["h", "h"], &["sq"]),
+                node("Exp", &["sq"], &["y"]),
+            ],
+            vec![info("x", DataType::Float, &[2, 4])],
+            vec![out("y", &[2, 3])],
+            vec![f32_init("w", &[4, 3], &values(12, 12))],
+        );
+        let (q, stats) = convert(&p, &opts(true, true));
+        let sq = producer(&q, "sq").unwrap();
+        assert_eq!(sq.op_type(), "Mul");
+        assert_eq!(producer(&q, &sq.input[0]).unwrap().op_type(), "MatMul");
+        let notes = stats.notes.join("\n");
+        assert!(
+            notes.contains("Exp x1 (not on the bfloat16 allow-list)"),
+            "{notes}"
+        );
+        assert!(
+            !notes.contains("float16 like Pow") && !notes.contains("overflows"),
+            "{notes}"
+        );
+        let (_, stats) = convert(&p, &opts(true, false));
+        let notes = stats.notes.join("\n");
+        assert!(
+            notes.contains("squares its input, overflows float16"),
+            "{notes}"
+        );
         check_onnx(&q);
     }
 
