@@ -526,6 +526,12 @@ pub fn prepare_inputs(model: &pb::ModelProto, opts: &InputOptions) -> Result<Pre
                 },
             )
         };
+        if tensor.len() == 0 {
+            prepared.notes.push(format!(
+                "input `{name}` is empty (shape {:?}): no value of it reaches the models, so what the check shows comes from the other inputs only (onnxruntime refuses such inputs for many models)",
+                tensor.shape()
+            ));
+        }
         prepared.info.push(InputInfo {
             name: name.to_string(),
             dtype: format!("{:?}", tensor.datum_type()),
@@ -1362,6 +1368,19 @@ mod tests {
         };
         let err = prepare_inputs(&m, &opts).unwrap_err();
         assert!(format!("{err:#}").contains("rank"), "{err:#}");
+        // An empty input gets a note (the check passed on it without a word).
+        let opts = InputOptions {
+            shapes: vec![("x".into(), vec![1, 3, 0])],
+            ..Default::default()
+        };
+        let p = prepare_inputs(&m, &opts).unwrap();
+        assert!(
+            p.notes
+                .iter()
+                .any(|n| n.starts_with("input `x` is empty (shape [1, 3, 0])")),
+            "{:?}",
+            p.notes
+        );
     }
 
     #[test]
