@@ -20,7 +20,7 @@ impl Pass for EliminateDeadNodes {
         "eliminate_dead_nodes"
     }
     fn summary(&self) -> &'static str {
-        "nodes whose outputs nothing reads are removed (graph outputs and subgraph reads kept)"
+        "nodes whose outputs nothing reads are removed (graph outputs, subgraph reads and custom-domain nodes kept)"
     }
     fn kind(&self) -> PassKind {
         PassKind::Exact

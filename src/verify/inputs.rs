@@ -478,8 +478,9 @@ pub fn prepare_inputs(model: &pb::ModelProto, opts: &InputOptions) -> Result<Pre
                     });
                 if !fits {
                     prepared.notes.push(format!(
-                        "input `{name}`: the npz shape {:?} differs from the declared shape {}",
+                        "input `{name}`: the shape {:?} of its array in {} differs from the declared shape {}",
                         tensor.shape(),
+                        path.display(),
                         input.describe_dims()
                     ));
                 }
