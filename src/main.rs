@@ -664,6 +664,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 );
             }
             let (inputs, check_notes) = check_inputs(&a.check, a.cal.calibration.as_deref())?;
+            // `--passes none` loads and saves only: no check.
+            let passes_none = a.passes.trim() == "none";
+            ignored_check_options(&a.check, a.no_check, passes_none, cli.quiet);
+            let check = !a.no_check && !passes_none;
             let cfg = optimize::OptimizeConfig {
                 model: a.model.clone(),
                 output: a.output.clone(),
@@ -683,11 +687,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     ..Default::default()
                 },
                 save: save_options(&a.model, &a.save),
-                check: {
-                    let passes_none = a.passes.trim() == "none";
-                    ignored_check_options(&a.check, a.no_check, passes_none, cli.quiet);
-                    !a.no_check && !passes_none
-                },
+                check,
                 inputs,
                 gates: gates(&a.check),
                 validate_each: a.validate,
@@ -932,6 +932,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 (format!("cleanup,{pass},cleanup"), scheme, weight_format)
             };
             let (inputs, check_notes) = check_inputs(&a.check, a.cal.calibration.as_deref())?;
+            ignored_check_options(&a.check, a.no_check, false, cli.quiet);
+            let check = !a.no_check;
             let cfg = optimize::OptimizeConfig {
                 model: a.model.clone(),
                 output: a.output.clone(),
@@ -953,10 +955,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     ..Default::default()
                 },
                 save: save_options(&a.model, &a.save),
-                check: {
-                    ignored_check_options(&a.check, a.no_check, false, cli.quiet);
-                    !a.no_check
-                },
+                check,
                 inputs,
                 gates: gates(&a.check),
                 validate_each: false,
