@@ -759,6 +759,22 @@ fn a_comparison_of_a_dim_that_depends_on_the_data_is_not_trusted() {
     assert_eq!(err.stage, RunStage::Type, "{err}");
     assert_eq!(err.node.as_deref(), Some("is_two"), "{err}");
     assert!(err.message.contains("depends on the data"), "{err}");
+    // As a candidate beside a reference tract computes (`y = Cast(k == 2)`), the check is
+    // unverified: tract's limit says nothing of the candidate (it was "candidate failed").
+    let mut reference = m.clone();
+    let g = reference.graph.as_mut().unwrap();
+    g.node.drain(..3);
+    g.node[0].input[0] = "k".into();
+    let opts = InputOptions {
+        values: vec![("k".into(), 2.0)],
+        ..Default::default()
+    };
+    let c = compare_models(&reference, None, &m, None, &opts, &Gates::default()).unwrap();
+    assert!(
+        matches!(&c.status, Verification::Unverified { reason, .. } if reason.contains("is_two")),
+        "{:?}",
+        c.status
+    );
 }
 
 /// An If whose condition compares the shape of a NonZero output with a constant: tract would

@@ -533,6 +533,10 @@ fn plan_for(
     Ok((plan, names))
 }
 
+/// How [`misfolded_comparisons`] messages begin after the node: the mark of a run tract
+/// cannot vouch for, whoever's model it is.
+pub(crate) const MISFOLDED: &str = "tract cannot compute this comparison";
+
 /// ONNX comparison ops (opset 1 to 23).
 const COMPARISONS: [&str; 5] = ["Equal", "Greater", "Less", "GreaterOrEqual", "LessOrEqual"];
 
@@ -569,7 +573,7 @@ pub(crate) fn misfolded_comparisons(typed: &TypedModel, g: &pb::GraphProto) -> V
                 n.name()
             };
             Some(format!(
-                "#{i} \"{label}\" {}: tract cannot compute this comparison: its operand {operand} is a dim that depends on the data (the shape of a NonZero output, or of a TopK output with a computed k), which tract 0.23 compares as a symbol when it plans the model, so the value it gives (and any If on it) can differ from the model's",
+                "#{i} \"{label}\" {}: {MISFOLDED}: its operand {operand} is a dim that depends on the data (the shape of a NonZero output, or of a TopK output with a computed k), which tract 0.23 compares as a symbol when it plans the model, so the value it gives (and any If on it) can differ from the model's",
                 n.op_type()
             ))
         })
