@@ -547,7 +547,7 @@ const COMPARISONS: [&str; 5] = ["Equal", "Greater", "Less", "GreaterOrEqual", "L
 /// other operand as an expression, so `Equal(Shape(TopK(x, k))[0], 2)` is false even where k
 /// is 2 at run time, and the model then computes another value than onnxruntime does (an If on
 /// it takes the other branch). One message per such node, naming it, its op and the operand.
-pub(crate) fn misfolded_comparisons(typed: &TypedModel, g: &pb::GraphProto) -> Vec<String> {
+pub fn misfolded_comparisons(typed: &TypedModel, g: &pb::GraphProto) -> Vec<String> {
     let by_label: std::collections::HashMap<&str, OutletId> = typed
         .outlet_labels
         .iter()
