@@ -656,6 +656,19 @@ fn unused_prefix(graphs: &[&pb::GraphProto], base: &str) -> String {
 const SHADOW_CHAIN: usize = EPILOGUE_STEPS + 4;
 const SHADOW_NODES: usize = 64;
 
+/// [`crate::passes::node_key`] of a protobuf node: its name, or its first output when it has
+/// none (how [`Layer::node`] names it).
+fn proto_node_key(n: &pb::NodeProto) -> &str {
+    if !n.name().is_empty() {
+        return n.name();
+    }
+    n.output
+        .iter()
+        .map(String::as_str)
+        .find(|o| !o.is_empty())
+        .unwrap_or("")
+}
+
 /// `reference` with a shadow of every layer appended (see the module documentation): the
 /// candidate's nodes for that layer, renamed under `shadow<i>/`, reading the reference's
 /// activations, with the copy of the layer's output as a graph output.
@@ -716,7 +729,7 @@ fn with_shadows(
         let Some(start) = cg
             .node
             .iter()
-            .position(|n| n.name() == l.node && n.op_type() == l.op)
+            .position(|n| proto_node_key(n) == l.node && n.op_type() == l.op)
         else {
             continue;
         };
@@ -816,7 +829,11 @@ fn with_shadows(
         };
         for &k in &nodes {
             let mut n = cg.node[k].clone();
-            n.name = Some(format!("{prefix}{}", n.name()));
+            // An unnamed node stays unnamed: tract names it by its (renamed) first output,
+            // where one name for all of them would repeat.
+            if !n.name().is_empty() {
+                n.name = Some(format!("{prefix}{}", n.name()));
+            }
             n.input = n.input.iter().map(rename).collect();
             n.output = n.output.iter().map(rename).collect();
             nodes_out.push(n);
@@ -1602,7 +1619,9 @@ mod tests {
     /// A layer with several outputs (an LSTM's `Y` and `Y_h`) is switched whole: with its
     /// switch on, every output reads its quantized copy. Only `Y` was, so silero-vad's states
     /// stayed float in the estimates, 23% and 31% off the real candidate's noise, and its
-    /// fallback ran real candidates only (0.21 s; 0.11 s now).
+    /// fallback ran real candidates only (0.21 s; 0.11 s now). An unnamed layer gets its
+    /// copy too (it got none: layers are keyed by their first output when unnamed, and the
+    /// candidate's node was looked up by name only).
     #[test]
     fn a_layer_with_several_outputs_is_switched_whole() {
         use crate::verify::testutil::{info, init_f32, model, node, out};
@@ -1613,7 +1632,8 @@ mod tests {
                 .collect()
         };
         let lstm = {
-            let mut n = node("LSTM", "lstm", &["x", "W", "R"], &["y", "yh"], vec![]);
+            // Unnamed, as exporters often leave nodes: a layer is known by its first output.
+            let mut n = node("LSTM", "", &["x", "W", "R"], &["y", "yh"], vec![]);
             n.attribute
                 .push(crate::verify::testutil::attr_i("hidden_size", 2));
             n
