@@ -771,7 +771,7 @@ fn with_shadows(
                         let rn = &cg.node[r];
                         !layers
                             .iter()
-                            .any(|l| l.node == rn.name() && l.op == rn.op_type())
+                            .any(|l| l.node == proto_node_key(rn) && l.op == rn.op_type())
                     })
                 });
                 if dn.op_type() == "DequantizeLinear" && own {
