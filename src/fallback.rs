@@ -1263,8 +1263,7 @@ pub fn run(
             // search runs again.
             let mut estimated: HashMap<Vec<usize>, Score> = HashMap::new();
             let mut estimate_once = |kept: &[usize]| -> Result<Score> {
-                let mut key = kept.to_vec();
-                key.sort_unstable();
+                let key = as_set(kept);
                 if let Some(s) = estimated.get(&key) {
                     return Ok(*s);
                 }
@@ -1290,9 +1289,7 @@ pub fn run(
                         longest: None,
                     });
                 } else {
-                    let mut key = kept;
-                    key.sort_unstable();
-                    missed = Some((key, cosine));
+                    missed = Some((as_set(&kept), cosine));
                 }
             } else {
                 guided = Some(Found {
@@ -1307,9 +1304,7 @@ pub fn run(
                 // again). The payload: the real candidate when one was made, else the cosine.
                 let step = |kept: Vec<usize>| -> Result<(Result<Evaluated, f64>, f64, bool)> {
                     let score = estimate_once(&kept)?;
-                    let mut key = kept.clone();
-                    key.sort_unstable();
-                    if key == missed_key {
+                    if as_set(&kept) == missed_key {
                         return Ok((Err(missed_cosine), missed_cosine, false));
                     }
                     if !target.met_by(&score) {
@@ -1406,6 +1401,13 @@ fn faithful(reference: &[Outputs], real: &[Outputs], estimated: &[Outputs]) -> b
         .all(|&(error, distance)| distance.is_finite() && distance <= 0.02 * error)
 }
 
+/// A set of kept layers (indexes, in any order) as a key: sorted.
+fn as_set(kept: &[usize]) -> Vec<usize> {
+    let mut key = kept.to_vec();
+    key.sort_unstable();
+    key
+}
+
 /// A bool scalar.
 fn tensor0(v: bool) -> Tensor {
     Tensor::from(v)
@@ -1442,9 +1444,7 @@ impl Search<'_> {
         // bisection step had already left out.
         let seen: RefCell<BTreeSet<Vec<usize>>> = RefCell::new(BTreeSet::new());
         let mut run = |kept: Vec<usize>| {
-            let mut sorted = kept.clone();
-            sorted.sort_unstable();
-            seen.borrow_mut().insert(sorted);
+            seen.borrow_mut().insert(as_set(&kept));
             let (payload, cos, met) = eval(kept.clone())?;
             anyhow::Ok((kept, payload, cos, met))
         };
@@ -1499,9 +1499,7 @@ impl Search<'_> {
                     break;
                 }
                 let without: Vec<usize> = h.0.iter().copied().filter(|&i| i != drop).collect();
-                let mut sorted = without.clone();
-                sorted.sort_unstable();
-                if seen.borrow().contains(&sorted) {
+                if seen.borrow().contains(&as_set(&without)) {
                     continue;
                 }
                 let (kept, payload, _, met) = run(without)?;
