@@ -766,8 +766,19 @@ impl Runner {
     ///
     /// Errors: a graph input has no value, or tract fails or panics planning or running.
     pub(crate) fn run(&mut self, tensors: &[(String, Tensor)]) -> Result<TVec<TValue>> {
+        Ok(self.run_planned(tensors)?.0)
+    }
+
+    /// [`Runner::run`], and the plan it ran (to read tract's facts of its values).
+    ///
+    /// Errors: as [`Runner::run`].
+    pub(crate) fn run_planned(
+        &mut self,
+        tensors: &[(String, Tensor)],
+    ) -> Result<(TVec<TValue>, Plan)> {
         let (plan, values) = self.prepare(tensors)?;
-        guarded("running the model", || plan.run(values))
+        let outs = guarded("running the model", || plan.run(values))?;
+        Ok((outs, plan))
     }
 
     /// [`Runner::run`] on several input sets, run in parallel (tract runs one model on one

@@ -199,8 +199,7 @@ impl Round {
             })
             .as_mut()
             .and_then(|r| {
-                let outs = r.run(inputs).ok()?;
-                let plan = r.plan(inputs).ok()?;
+                let (outs, plan) = r.run_planned(inputs).ok()?;
                 if let Some(why) = misfolds(&plan, model) {
                     *misfolded = Some(why);
                     return None;
@@ -228,9 +227,8 @@ impl Round {
         alone
             .iter_mut()
             .map(|r| {
-                let r = r.as_mut()?;
-                let outs = r.run(inputs).ok()?;
-                if let Some(why) = misfolds(&r.plan(inputs).ok()?, model) {
+                let (outs, plan) = r.as_mut()?.run_planned(inputs).ok()?;
+                if let Some(why) = misfolds(&plan, model) {
                     *misfolded = Some(why);
                     return None;
                 }
