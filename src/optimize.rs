@@ -209,8 +209,7 @@ pub fn optimize(cfg: &OptimizeConfig, reporter: &dyn Reporter) -> Result<Optimiz
         .position(|p| matches!(p.kind(), PassKind::Lossy { .. }))
         .unwrap_or(pipeline.len());
     let (prefix, suffix) = pipeline.split_at(split);
-    let dir = |p: &Path| p.parent().map(Path::to_path_buf);
-    let ref_dir = dir(&cfg.model);
+    let ref_dir = cfg.model.parent().map(Path::to_path_buf);
     // The reference does not depend on the passes: it runs in tract on the other thread while
     // they run (calibration and the passes leave a thread idle for much of their time).
     let (passed, reference_run) = rayon::join(
