@@ -76,13 +76,11 @@ fn refuse_other_inputs(
     candidate: &onnxopt::pb::ModelProto,
     cand_path: &std::path::Path,
 ) -> Result<()> {
-    // Graph inputs that are not initializers (IR < 4 lists initializers as inputs too).
     let inputs = |m: &onnxopt::pb::ModelProto| -> Vec<String> {
         m.graph.as_ref().map_or(Vec::new(), |g| {
-            g.input
+            verify::inputs::real_graph_inputs(g)
                 .iter()
                 .map(|i| i.name().to_string())
-                .filter(|n| !g.initializer.iter().any(|t| t.name() == n))
                 .collect()
         })
     };

@@ -377,12 +377,8 @@ struct InputDecl {
 
 fn declared_inputs(proto: &pb::ModelProto) -> Result<Vec<InputDecl>> {
     let g = proto.graph.as_ref().context("the model has no graph")?;
-    let inits: BTreeSet<&str> = g.initializer.iter().map(|t| t.name()).collect();
     let mut out = Vec::new();
-    for i in &g.input {
-        if inits.contains(i.name()) {
-            continue;
-        }
+    for i in crate::verify::inputs::real_graph_inputs(g) {
         let shape = i.r#type.as_ref().and_then(|t| match &t.value {
             Some(pb::type_proto::Value::TensorType(tt)) => tt.shape.as_ref(),
             _ => None,

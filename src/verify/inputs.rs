@@ -666,14 +666,21 @@ impl DeclaredInput {
     }
 }
 
+/// The graph inputs that are not initializers (IR < 4 lists initializers as graph inputs
+/// too), in graph input order: what a run must be fed.
+pub fn real_graph_inputs(graph: &pb::GraphProto) -> Vec<&pb::ValueInfoProto> {
+    let initializers: HashSet<&str> = graph.initializer.iter().map(|t| t.name()).collect();
+    graph
+        .input
+        .iter()
+        .filter(|i| !initializers.contains(i.name()))
+        .collect()
+}
+
 /// The graph inputs that are not initializers, in graph input order.
 fn real_inputs(graph: &pb::GraphProto) -> Result<Vec<DeclaredInput>> {
-    let initializers: HashSet<&str> = graph.initializer.iter().map(|t| t.name()).collect();
     let mut out = vec![];
-    for input in &graph.input {
-        if initializers.contains(input.name()) {
-            continue;
-        }
+    for input in real_graph_inputs(graph) {
         let tensor_type = match input.r#type.as_ref().and_then(|t| t.value.as_ref()) {
             Some(pb::type_proto::Value::TensorType(t)) => Some(t),
             _ => None,
