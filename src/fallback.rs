@@ -656,19 +656,6 @@ fn unused_prefix(graphs: &[&pb::GraphProto], base: &str) -> String {
 const SHADOW_CHAIN: usize = EPILOGUE_STEPS + 4;
 const SHADOW_NODES: usize = 64;
 
-/// [`crate::passes::node_key`] of a protobuf node: its name, or its first output when it has
-/// none (how [`Layer::node`] names it).
-fn proto_node_key(n: &pb::NodeProto) -> &str {
-    if !n.name().is_empty() {
-        return n.name();
-    }
-    n.output
-        .iter()
-        .map(String::as_str)
-        .find(|o| !o.is_empty())
-        .unwrap_or("")
-}
-
 /// `reference` with a shadow of every layer appended (see the module documentation): the
 /// candidate's nodes for that layer, renamed under `shadow<i>/`, reading the reference's
 /// activations, with the copy of the layer's output as a graph output.
@@ -729,7 +716,7 @@ fn with_shadows(
         let Some(start) = cg
             .node
             .iter()
-            .position(|n| proto_node_key(n) == l.node && n.op_type() == l.op)
+            .position(|n| crate::passes::proto_node_key(n) == l.node && n.op_type() == l.op)
         else {
             continue;
         };
@@ -769,9 +756,9 @@ fn with_shadows(
                 let own = pair_readers.is_some_and(|rs| {
                     rs.iter().all(|&r| {
                         let rn = &cg.node[r];
-                        !layers
-                            .iter()
-                            .any(|l| l.node == proto_node_key(rn) && l.op == rn.op_type())
+                        !layers.iter().any(|l| {
+                            l.node == crate::passes::proto_node_key(rn) && l.op == rn.op_type()
+                        })
                     })
                 });
                 if dn.op_type() == "DequantizeLinear" && own {

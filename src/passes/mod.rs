@@ -167,6 +167,18 @@ pub fn node_key<'a>(g: &'a crate::ir::Graph, node: &'a crate::ir::Node) -> &'a s
         .unwrap_or("")
 }
 
+/// [`node_key`] of a protobuf node: its name, or its first present output when it has none.
+pub fn proto_node_key(n: &crate::pb::NodeProto) -> &str {
+    if !n.name().is_empty() {
+        return n.name();
+    }
+    n.output
+        .iter()
+        .map(String::as_str)
+        .find(|o| !o.is_empty())
+        .unwrap_or("")
+}
+
 /// A selection the user made that must name something in the model. A misspelt op type,
 /// node regex or config node name would otherwise select nothing (or, for an exclusion,
 /// exclude nothing), and the run would succeed while doing something else than asked.

@@ -567,11 +567,7 @@ pub fn misfolded_comparisons(typed: &TypedModel, g: &pb::GraphProto) -> Vec<Stri
                     .any(|d| d.to_i64().is_err())
                     .then(|| format!("`{name}` = {dims:?}"))
             })?;
-            let label = if n.name().is_empty() {
-                n.output.first().map(String::as_str).unwrap_or("")
-            } else {
-                n.name()
-            };
+            let label = crate::passes::proto_node_key(n);
             Some(format!(
                 "#{i} \"{label}\" {}: {MISFOLDED}: its operand {operand} is a dim that depends on the data (the shape of a NonZero output, or of a TopK output with a computed k), which tract 0.23 compares as a symbol when it plans the model, so the value it gives (and any If on it) can differ from the model's",
                 n.op_type()
