@@ -6,11 +6,12 @@
 mod cli;
 
 use std::io::IsTerminal;
+use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -64,6 +65,89 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// Refuses a command whose written files would replace a file it reads: `writes` and `reads`
+/// are (option, path) pairs. A read folder (`--inputs DIR`, `--calibration DIR`) counts with
+/// every `.npz` file in it; the written files must also differ from each other.
+///
+/// Errors: every such collision, one line each, naming both options and the file.
+fn refuse_clobbering(writes: &[(&str, &Path)], reads: &[(&str, &Path)]) -> Result<()> {
+    // The file a path names, resolved as far as it exists (a new file: its folder resolved).
+    let resolved = |p: &Path| -> std::path::PathBuf {
+        if let Ok(c) = p.canonicalize() {
+            return c;
+        }
+        let dir = match p.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        match (dir.canonicalize(), p.file_name()) {
+            (Ok(d), Some(f)) => d.join(f),
+            _ => p.to_path_buf(),
+        }
+    };
+    let mut problems = Vec::new();
+    for (k, (wo, w)) in writes.iter().enumerate() {
+        let wr = resolved(w);
+        for (ro, r) in reads {
+            let rr = resolved(r);
+            if wr == rr {
+                problems.push(format!(
+                    "{wo} {} would overwrite {}, which {ro} reads",
+                    w.display(),
+                    r.display()
+                ));
+            } else if r.is_dir()
+                && wr.parent() == Some(rr.as_path())
+                && w.extension().is_some_and(|e| e.eq_ignore_ascii_case("npz"))
+            {
+                problems.push(format!(
+                    "{wo} {} would write an .npz file into {}, whose .npz files {ro} reads",
+                    w.display(),
+                    r.display()
+                ));
+            }
+        }
+        for (wo2, w2) in &writes[k + 1..] {
+            if wr == resolved(w2) {
+                problems.push(format!("{wo} and {wo2} both write {}", w.display()));
+            }
+        }
+    }
+    if problems.is_empty() {
+        return Ok(());
+    }
+    bail!(
+        "refusing to overwrite files this command reads or writes (choose other paths):\n  {}",
+        problems.join("\n  ")
+    )
+}
+
+/// [`refuse_clobbering`] for `optimize` and `quantize`: `-o` and `--report` against the model
+/// and `others` (with `--force`, `-o` may replace the model).
+fn refuse_clobbering_output(
+    output: &Path,
+    report: Option<&Path>,
+    model: &Path,
+    force: bool,
+    others: &[(&str, Option<&Path>)],
+) -> Result<()> {
+    let mut writes = vec![("-o", output)];
+    writes.extend(report.map(|r| ("--report", r)));
+    if !force && onnx::same_file(output, model) {
+        bail!(
+            "refusing to overwrite the input model {} (choose another output, or pass --force)",
+            output.display()
+        );
+    }
+    let mut reads: Vec<(&str, &Path)> = others
+        .iter()
+        .filter_map(|(o, p)| p.map(|p| (*o, p)))
+        .collect();
+    refuse_clobbering(&writes, &reads)?;
+    reads = vec![("the model argument", model)];
+    refuse_clobbering(&writes[1..], &reads)
 }
 
 /// Refuses two models to compare when the candidate has a graph input the reference lacks:
@@ -310,6 +394,7 @@ fn save_options(model: &std::path::Path, s: &cli::SaveArgs) -> onnx::SaveOptions
         } else {
             vec![model.to_path_buf()]
         },
+        protect_data: Vec::new(),
     }
 }
 
@@ -631,6 +716,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Optimize(a) => {
+            refuse_clobbering_output(
+                &a.output,
+                a.report.as_deref(),
+                &a.model,
+                a.save.force,
+                &[
+                    ("--inputs", a.check.inputs.as_deref()),
+                    ("--calibration", a.cal.calibration.as_deref()),
+                ],
+            )?;
             let calibration = calibration_options(&a.cal)?;
             let pipeline: Vec<&str> = passes::parse_pipeline(&a.passes)?
                 .iter()
@@ -708,6 +803,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
             )
         }
         Command::Quantize(a) => {
+            refuse_clobbering_output(
+                &a.output,
+                a.report.as_deref(),
+                &a.model,
+                a.save.force,
+                &[
+                    ("--inputs", a.check.inputs.as_deref()),
+                    ("--calibration", a.cal.calibration.as_deref()),
+                    ("--config", a.config.as_deref()),
+                ],
+            )?;
             use cli::{GranularityArg, Mode, ScaleArg};
             use onnxopt::quant::{Granularity, QType, Scheme};
             let qtype = QType::parse(&a.dtype).with_context(|| {
@@ -976,6 +1082,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             )
         }
         Command::Compare(a) => {
+            if let Some(report) = &a.report {
+                let mut reads = vec![
+                    ("the reference argument", a.reference.as_path()),
+                    ("the candidate argument", a.candidate.as_path()),
+                ];
+                reads.extend(a.check.inputs.as_deref().map(|p| ("--inputs", p)));
+                refuse_clobbering(&[("--report", report)], &reads)?;
+            }
             let load = |p: &std::path::Path| -> Result<onnxopt::pb::ModelProto> {
                 let (m, _) = onnx::load(p)?;
                 onnx::export::to_proto(&m)

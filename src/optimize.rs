@@ -363,7 +363,18 @@ pub fn optimize(cfg: &OptimizeConfig, reporter: &dyn Reporter) -> Result<Optimiz
         }
     }
     reporter.phase("saving");
-    let saved = onnx::save_proto(&mut out_proto, &cfg.output, &cfg.save)
+    // The input's external data files stay as they are, unless the output replaces the input
+    // model itself (--force).
+    let mut save = cfg.save.clone();
+    if !onnx::same_file(&cfg.model, &cfg.output) {
+        let dir = cfg.model.parent().unwrap_or(Path::new(""));
+        save.protect_data.extend(
+            info.external
+                .iter()
+                .map(|(location, _, _)| dir.join(location)),
+        );
+    }
+    let saved = onnx::save_proto(&mut out_proto, &cfg.output, &save)
         .with_context(|| format!("cannot save {}", cfg.output.display()))?;
     reporter.phase_done();
     let after = figures(

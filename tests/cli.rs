@@ -827,6 +827,155 @@ fn refuses_overwriting_input_without_force() {
     assert_no_failures("overwrite with --force", 1, &failures);
 }
 
+/// No written file (`-o`, its external data, `--report`) may replace a file the command reads
+/// (the model, `--inputs`, `--calibration`, `--config`, the model's external data) or another
+/// written file: exit 2 before any work, every file as it was.
+#[test]
+fn refuses_writing_over_any_file_it_reads() {
+    let dir = tempdir();
+    let d = dir.path();
+    let model = d.join("model.onnx");
+    fs::copy(&real_models()[0], &model).unwrap();
+    let inputs = d.join("in.npz");
+    fs::copy(real_models()[0].with_extension("npz"), &inputs).unwrap();
+    let cal = d.join("cal");
+    fs::create_dir(&cal).unwrap();
+    fs::copy(&inputs, cal.join("s0.npz")).unwrap();
+    let config = d.join("config.json");
+    fs::write(&config, "{}").unwrap();
+    let p = |name: &str| d.join(name).display().to_string();
+    let m = model.display().to_string();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec![
+                "quantize".into(),
+                m.clone(),
+                "-o".into(),
+                p("q.onnx"),
+                "--report".into(),
+                m.clone(),
+            ],
+            "--report",
+        ),
+        (
+            vec![
+                "quantize".into(),
+                m.clone(),
+                "-o".into(),
+                p("q.onnx"),
+                "--report".into(),
+                p("./q.onnx"),
+            ],
+            "both write",
+        ),
+        (
+            vec![
+                "quantize".into(),
+                m.clone(),
+                "-o".into(),
+                p("in.npz"),
+                "--inputs".into(),
+                p("in.npz"),
+            ],
+            "--inputs",
+        ),
+        (
+            vec![
+                "quantize".into(),
+                m.clone(),
+                "-o".into(),
+                p("cal/s1.npz"),
+                "--mode".into(),
+                "static".into(),
+                "--calibration".into(),
+                p("cal"),
+            ],
+            "--calibration",
+        ),
+        (
+            vec![
+                "quantize".into(),
+                m.clone(),
+                "-o".into(),
+                p("q.onnx"),
+                "--report".into(),
+                p("config.json"),
+                "--config".into(),
+                p("config.json"),
+            ],
+            "--config",
+        ),
+        (
+            vec![
+                "optimize".into(),
+                m.clone(),
+                "-o".into(),
+                m.clone(),
+                "--force".into(),
+                "--report".into(),
+                m.clone(),
+            ],
+            "both write",
+        ),
+        (
+            vec![
+                "compare".into(),
+                m.clone(),
+                p("cal/s0.npz"),
+                "--report".into(),
+                p("cal/s0.npz"),
+            ],
+            "candidate",
+        ),
+    ];
+    let before = |f: &Path| fs::read(f).unwrap();
+    let saved = [&model, &inputs, &cal.join("s0.npz"), &config].map(|f| (f.clone(), before(f)));
+    for (args, names) in &cases {
+        let r = onnxopt(args).expect_error();
+        assert!(
+            r.stderr.contains("refusing to overwrite") && r.stderr.contains(names),
+            "{args:?}: {}",
+            r.describe()
+        );
+        for (f, bytes) in &saved {
+            assert_eq!(
+                &fs::read(f).unwrap(),
+                bytes,
+                "{args:?} changed {}",
+                f.display()
+            );
+        }
+    }
+    assert_eq!(listing(d), ["cal", "config.json", "in.npz", "model.onnx"]);
+    // The external data the input reads: a model whose data file is `b.onnx.data`, saved as
+    // `b.onnx` with external data, would replace it.
+    let split = d.join("split");
+    fs::create_dir(&split).unwrap();
+    let b = split.join("b.onnx");
+    roundtrip(
+        &model,
+        &b,
+        &["--external-data", "--external-data-threshold", "0"],
+    )
+    .expect_ok();
+    let a = split.join("a.onnx");
+    fs::rename(&b, &a).unwrap();
+    let data = before(&split.join("b.onnx.data"));
+    let r = roundtrip(
+        &a,
+        &b,
+        &["--external-data", "--external-data-threshold", "0"],
+    )
+    .expect_error();
+    assert!(r.stderr.contains("external data"), "{}", r.describe());
+    assert_eq!(
+        before(&split.join("b.onnx.data")),
+        data,
+        "the input's external data changed"
+    );
+    assert_eq!(listing(&split), ["a.onnx", "b.onnx.data"]);
+}
+
 #[test]
 fn writes_output_atomically() {
     let model = &real_models()[0];

@@ -127,6 +127,8 @@ pub struct SaveOptions {
     pub external_threshold: usize,
     /// Files that must not be overwritten (the input model).
     pub protect: Vec<PathBuf>,
+    /// Files the external data file must not overwrite (the input model's external data).
+    pub protect_data: Vec<PathBuf>,
 }
 
 /// What [`save`] wrote.
@@ -159,6 +161,17 @@ pub fn save_proto(proto: &mut pb::ModelProto, path: &Path, opts: &SaveOptions) -
             );
         }
     }
+    let refuse_data = |data: &Path| -> Result<()> {
+        for p in &opts.protect_data {
+            if same_file(p, data) {
+                bail!(
+                    "refusing to overwrite {}, the input model's external data (choose another output name)",
+                    data.display()
+                );
+            }
+        }
+        Ok(())
+    };
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -177,6 +190,7 @@ pub fn save_proto(proto: &mut pb::ModelProto, path: &Path, opts: &SaveOptions) -
     let mut data_tmp = None;
     if external {
         let data_name = format!("{file_name}.data");
+        refuse_data(&dir.join(&data_name))?;
         let threshold = if opts.external_data {
             opts.external_threshold
         } else {
@@ -238,7 +252,8 @@ fn output_permissions() -> std::fs::Permissions {
     std::fs::Permissions::from_mode(0o666)
 }
 
-fn same_file(a: &Path, b: &Path) -> bool {
+/// Whether `a` and `b` name one existing file (after resolving links and `..`).
+pub fn same_file(a: &Path, b: &Path) -> bool {
     match (a.canonicalize(), b.canonicalize()) {
         (Ok(a), Ok(b)) => a == b,
         _ => false,
