@@ -989,6 +989,10 @@ fn run(model: &mut Model, opts: &PassOptions) -> Result<PassStats> {
             _ => false,
         };
         let rank = dims.len();
+        // onnxruntime's MatMulIntegerToFloat, which its QDQ fusion makes of a MatMul, takes a
+        // zero point per column only for a 2-D weight ("b zero point is not valid" at run
+        // time otherwise): a batched weight gets one scale.
+        let per_channel = per_channel && (u.op != "MatMul" || rank == 2);
         let scheme = Scheme {
             qtype: QType::Int8,
             symmetric: true,
@@ -2149,6 +2153,66 @@ mod tests {
             stats.notes
         );
         assert!(min_cosine(&src, &out, &held) >= 0.999);
+    }
+
+    /// A MatMul with a 3-D (batched) weight: one weight scale, since onnxruntime's fused
+    /// MatMulIntegerToFloat refuses a per-column zero point there at run time ("b zero point
+    /// is not valid"); the 2-D weight beside it stays per channel.
+    #[test]
+    fn a_batched_matmul_weight_gets_one_scale_and_runs_in_onnxruntime() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let shape = [2usize, 4, 16];
+        write_samples(dir.path(), "cal", 8, |_| uniform_input(&mut rng, &shape));
+        let held = uniform_input(&mut rng, &shape);
+        let src = model_io(
+            vec![
+                node("MatMul", "batched", &["x", "W3"], &["h"]),
+                node("MatMul", "plain", &["h", "W2"], &["y"]),
+            ],
+            vec![
+                init("W3", &[2, 16, 8], &rand_vec(&mut rng, 256, -1.0, 1.0)),
+                init("W2", &[8, 8], &rand_vec(&mut rng, 64, -1.0, 1.0)),
+            ],
+            13,
+            vec![info("x", &[2, 4, 16])],
+            vec![info("y", &[2, 4, 8])],
+        );
+        let mut opts = cal_opts(dir.path(), RangeMethod::MinMax, QType::Uint8);
+        opts.all_layers = true;
+        let mut m = import(src.clone());
+        QuantizeStatic.run(&mut m, &opts).unwrap();
+        let out = crate::onnx::export::to_proto(&m).unwrap();
+        let scale_len = |name: &str| -> usize {
+            let dq = nodes_of(&out, "DequantizeLinear")
+                .find(|n| n.input[0] == format!("{name}_quantized"))
+                .unwrap_or_else(|| panic!("{name} is not quantized"));
+            initializer(&out, &dq.input[1]).dims.iter().product::<i64>() as usize
+        };
+        assert_eq!(scale_len("W3"), 1);
+        assert_eq!(scale_len("W2"), 8);
+        assert!(min_cosine(&src, &out, std::slice::from_ref(&held)) >= 0.999);
+        let Some(py) = python() else {
+            eprintln!("no Python with onnxruntime (ONNXOPT_PYTHON): onnxruntime not checked");
+            return;
+        };
+        let model = dir.path().join("q.onnx");
+        std::fs::write(&model, prost::Message::encode_to_vec(&out)).unwrap();
+        let inputs = dir.path().join("held.npz");
+        save_npz(&inputs, &[("x".to_string(), held)]).unwrap();
+        // onnxruntime's default session options: its QDQ fusions on.
+        let o = std::process::Command::new(&py)
+            .arg(repo().join("tests/py/ort_run.py"))
+            .arg(&model)
+            .arg(&inputs)
+            .arg(dir.path().join("ort.npz"))
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "onnxruntime: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
     }
 
     #[test]
