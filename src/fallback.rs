@@ -561,6 +561,12 @@ impl Probed {
         what: &str,
         mut each: impl FnMut(&Views),
     ) -> Result<()> {
+        // A float16 interface (fp16 without keep_io_types) is fed the same values cast.
+        let cast = crate::verify::as_declared(
+            &self.proto,
+            &sets.iter().map(Vec::as_slice).collect::<Vec<_>>(),
+        );
+        let sets = cast.as_deref().unwrap_or(sets);
         // As many sets at a time as there are threads, handed to `each` in order.
         let threads = rayon::current_num_threads().max(1);
         for chunk in sets.chunks(threads) {
@@ -671,6 +677,8 @@ fn with_shadows(
     mut reference: pb::ModelProto,
     candidate: &pb::ModelProto,
     layers: &[Layer],
+    reference_types: &HashMap<String, i32>,
+    candidate_types: &HashMap<String, i32>,
 ) -> (pb::ModelProto, Vec<Option<Shadow>>) {
     let mut shadows: Vec<Option<Shadow>> = layers.iter().map(|_| None).collect();
     let default_opset = |m: &pb::ModelProto| {
@@ -695,6 +703,13 @@ fn with_shadows(
         .collect();
     let inits: HashMap<&str, &pb::TensorProto> =
         cg.initializer.iter().map(|t| (t.name(), t)).collect();
+    // Values whose element type the candidate changed (float16 after an fp16 conversion):
+    // a copy reads them through a Cast to the candidate's type.
+    let retyped: HashMap<&str, i32> = candidate_types
+        .iter()
+        .filter(|(n, t)| reference_types.get(*n).is_some_and(|r| r != *t))
+        .map(|(n, t)| (n.as_str(), *t))
+        .collect();
     let base = unused_prefix(&[rg, cg], "shadow");
     let mut producer: HashMap<&str, usize> = HashMap::new();
     let mut readers: HashMap<&str, Vec<usize>> = HashMap::new();
@@ -770,6 +785,7 @@ fn with_shadows(
         // Backwards from the chain's inputs to the reference's activations.
         let mut nodes: BTreeSet<usize> = chain.iter().copied().collect();
         let mut used: BTreeSet<&str> = BTreeSet::new();
+        let mut cast: BTreeSet<&str> = BTreeSet::new();
         let mut stack: Vec<&str> = chain
             .iter()
             .flat_map(|&k| cg.node[k].input.iter().map(String::as_str))
@@ -783,7 +799,10 @@ fn with_shadows(
             if inits.contains_key(v) {
                 used.insert(v);
             } else if activations.contains(v) {
-                // read from the reference
+                // read from the reference, through a Cast when the candidate retyped it
+                if retyped.contains_key(v) {
+                    cast.insert(v);
+                }
             } else if let Some(&p) = producer.get(v).filter(|_| nodes.len() < SHADOW_NODES) {
                 nodes.insert(p);
                 stack.extend(cg.node[p].input.iter().map(String::as_str));
@@ -806,6 +825,7 @@ fn with_shadows(
             .iter()
             .flat_map(|&k| cg.node[k].output.iter().map(String::as_str))
             .chain(used.iter().copied())
+            .chain(cast.iter().copied())
             .collect();
         let rename = |v: &String| {
             if local.contains(v.as_str()) {
@@ -824,6 +844,15 @@ fn with_shadows(
             n.input = n.input.iter().map(rename).collect();
             n.output = n.output.iter().map(rename).collect();
             nodes_out.push(n);
+        }
+        for v in &cast {
+            nodes_out.push(pb::NodeProto {
+                op_type: Some("Cast".into()),
+                input: vec![v.to_string()],
+                output: vec![format!("{prefix}{v}")],
+                attribute: vec![crate::ir::edit::attr_int("to", i64::from(retyped[v]))],
+                ..Default::default()
+            });
         }
         for u in &used {
             let mut t = inits[u].clone();
@@ -1032,7 +1061,13 @@ pub fn run(
     };
 
     reporter.phase("fallback: measuring each layer alone against the reference");
-    let (shadowed, shadows) = with_shadows(to_proto(snapshot)?, &to_proto(&first.0)?, &layers);
+    let (shadowed, shadows) = with_shadows(
+        to_proto(snapshot)?,
+        &to_proto(&first.0)?,
+        &layers,
+        &crate::passes::convert_fp16::value_types(snapshot),
+        &crate::passes::convert_fp16::value_types(&first.0),
+    );
     let (switched, switches) = with_switches(shadowed, &shadows);
     let probes: BTreeSet<String> = shadows
         .iter()
@@ -1641,7 +1676,13 @@ mod tests {
         let reference = to_proto(&m).unwrap();
         let ls = layers(&m.graph, &opts);
         assert_eq!(ls.len(), 1);
-        let (shadowed, shadows) = with_shadows(reference.clone(), &candidate, &ls);
+        let (shadowed, shadows) = with_shadows(
+            reference.clone(),
+            &candidate,
+            &ls,
+            &HashMap::new(),
+            &HashMap::new(),
+        );
         let s = shadows[0].as_ref().unwrap();
         assert_eq!(s.also.len(), 1);
         assert_eq!(s.also[0].0, "yh");
@@ -1711,7 +1752,13 @@ mod tests {
             to_proto(&c).unwrap()
         };
         let ls = layers(&m.graph, &opts);
-        let (shadowed, shadows) = with_shadows(to_proto(&m).unwrap(), &quantized(&[]), &ls);
+        let (shadowed, shadows) = with_shadows(
+            to_proto(&m).unwrap(),
+            &quantized(&[]),
+            &ls,
+            &HashMap::new(),
+            &HashMap::new(),
+        );
         let s2 = shadows[1].as_ref().unwrap();
         assert_eq!(s2.reference, "y");
         assert!(shadows[0].is_some());
@@ -1739,7 +1786,13 @@ mod tests {
         // mean the same there).
         let mut other = quantized(&[]);
         other.opset_import[0].version = Some(21);
-        let (_, none) = with_shadows(to_proto(&m).unwrap(), &other, &ls);
+        let (_, none) = with_shadows(
+            to_proto(&m).unwrap(),
+            &other,
+            &ls,
+            &HashMap::new(),
+            &HashMap::new(),
+        );
         assert!(none.iter().all(Option::is_none));
 
         // The switched model is each candidate in one model: a layer's switch on reads its

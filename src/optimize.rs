@@ -789,6 +789,54 @@ mod tests {
         );
     }
 
+    /// The fallback of an fp16 conversion measures every layer alone and runs its candidates
+    /// whether the graph interface stays float32 or becomes float16 (keep_io_types off). Before,
+    /// with a float16 interface the run failed ("the quantized model does not run in tract":
+    /// the candidates were fed float32), and with either interface the layers' copies read
+    /// float32 activations where the converted layers read float16 ones, so no layer was
+    /// measured and they were tried in node order.
+    #[test]
+    fn the_fp16_fallback_measures_each_layer_whatever_the_interface() {
+        let dir = tempfile::tempdir().unwrap();
+        let wave = |n: usize, k: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| ((i * k % 101) as f32 - 50.0) / 50.0)
+                .collect()
+        };
+        let p = model(
+            vec![
+                node("MatMul", "mm1", &["x", "W1"], &["h"], vec![]),
+                node("Relu", "relu", &["h"], &["r"], vec![]),
+                node("MatMul", "mm2", &["r", "W2"], &["y"], vec![]),
+            ],
+            vec![info("x", DataType::Float, &[4, 32])],
+            vec![out("y")],
+            vec![
+                init_f32("W1", &[32, 32], &wave(1024, 37)),
+                init_f32("W2", &[32, 8], &wave(256, 53)),
+            ],
+        );
+        for keep_io_types in [true, false] {
+            let opts = PassOptions {
+                keep_io_types,
+                ..Default::default()
+            };
+            let r = optimize_tiny(
+                dir.path(),
+                &p,
+                "convert_fp16",
+                opts,
+                Default::default(),
+                Some(0.999_999_9),
+            );
+            let fb = r.fallback.as_ref().expect("the fallback ran");
+            assert_eq!((fb.layers, fb.measured), (2, 2), "{:?}", fb.note);
+            assert!(fb.note.is_none(), "{:?}", fb.note);
+            assert!(fb.met, "{fb:?}");
+            assert_eq!(r.check.as_ref().unwrap().status, Verification::Checked);
+        }
+    }
+
     /// An integer output (ArgMax class ids) is gated: exactly in a lossless pipeline, within
     /// `--max-accuracy-drop` in a lossy one, and the fallback keeps layers in float until it
     /// holds. Before, integer outputs had no gate at all: 4-bit weights that changed 1 class

@@ -600,6 +600,21 @@ fn infer_types(g: &Graph, order: &[NodeId], opset: i64) -> Vec<Option<i32>> {
     types
 }
 
+/// The element type (ONNX `TensorProto.DataType` code) of every main-graph value of `model`
+/// that the rules of [`infer_types`] type, by value name; empty when the graph has a cycle.
+pub(crate) fn value_types(model: &crate::ir::Model) -> HashMap<String, i32> {
+    let g = &model.graph;
+    let Ok(order) = crate::onnx::export::topo_order(g) else {
+        return HashMap::new();
+    };
+    let types = infer_types(g, &order, model.opset("").unwrap_or(1));
+    types
+        .iter()
+        .enumerate()
+        .filter_map(|(i, t)| Some((g.value(ValueId(i as u32)).name.clone(), (*t)?)))
+        .collect()
+}
+
 fn t_inputs(n: &Node, s: Spec) -> impl Iterator<Item = ValueId> + '_ {
     n.inputs
         .iter()

@@ -405,7 +405,7 @@ fn merge(mut per_set: Vec<Comparison>, labels: &[&str]) -> Comparison {
 /// The input sets as `model` declares its graph inputs: a float tensor fed to a graph input
 /// of another float type (a float16 interface after an fp16 conversion without
 /// keep_io_types) is cast to that type. `None` when no tensor needs a cast.
-fn as_declared(
+pub(crate) fn as_declared(
     model: &pb::ModelProto,
     sets: &[&[(String, tract_onnx::prelude::Tensor)]],
 ) -> Option<Vec<Vec<(String, tract_onnx::prelude::Tensor)>>> {
