@@ -269,18 +269,8 @@ pub fn optimize(cfg: &OptimizeConfig, reporter: &dyn Reporter) -> Result<Optimiz
         (Some(_), true) => Some(compare(&checked_proto(&check_opts)?)?),
         (None, _) => None,
     };
-    // tract cannot load bfloat16: a bf16 result it could not run is unverified, not wrong.
     if let Some(c) = check.as_mut() {
-        if let Verification::CandidateFailed { reason, error } = &c.status {
-            if verify::holds_bfloat16(&model) {
-                c.status = Verification::Unverified {
-                    reason: format!(
-                        "the result computes in bfloat16, which tract cannot run, so it was not checked; check it on its bf16 target (GPU or accelerator) ({reason})"
-                    ),
-                    error: error.clone(),
-                };
-            }
-        }
+        verify::unverified_if_bfloat16(c, &model);
     }
     // Input shapes that contradict a fixed dimension the graph declares, when the model then
     // cannot run: the inputs are at fault, not the result (exit 2, nothing written).

@@ -402,6 +402,21 @@ fn merge(mut per_set: Vec<Comparison>, labels: &[&str]) -> Comparison {
     merged
 }
 
+/// tract cannot load bfloat16: a candidate that computes in bfloat16 ([`holds_bfloat16`]) and
+/// that tract could not run is unverified, not wrong (its reason says so).
+pub fn unverified_if_bfloat16(c: &mut Comparison, candidate: &crate::ir::Model) {
+    if let Verification::CandidateFailed { reason, error } = &c.status {
+        if holds_bfloat16(candidate) {
+            c.status = Verification::Unverified {
+                reason: format!(
+                    "the result computes in bfloat16, which tract cannot run, so it was not checked; check it on its bf16 target (GPU or accelerator) ({reason})"
+                ),
+                error: error.clone(),
+            };
+        }
+    }
+}
+
 /// The input sets as `model` declares its graph inputs: a float tensor fed to a graph input
 /// of another float type (a float16 interface after an fp16 conversion without
 /// keep_io_types) is cast to that type. `None` when no tensor needs a cast.

@@ -995,7 +995,8 @@ fn quantize_static_with_an_input_folder_meets_the_gate_on_each_file() {
 
 /// bf16 on magika (opset 15): tract cannot load bfloat16, so the result is unverified, not
 /// wrong: exit 3 with a message saying why (exit 0 with --allow-unverified), the report's
-/// status is `unverified`, and the file passes the onnx checker and is smaller.
+/// status is `unverified`, and the file passes the onnx checker and is smaller; `compare` of
+/// the original with it is unverified too.
 #[test]
 fn quantize_bf16_is_unverified_not_failed() {
     let dir = tempdir();
@@ -1036,6 +1037,26 @@ fn quantize_bf16_is_unverified_not_failed() {
     assert!(after < before, "{before} -> {after} bytes");
     let r = run_slow(&args(&["--allow-unverified"]));
     assert!(r.ok(), "{}", r.describe());
+    // `compare` says the same of the bf16 model (it said "CANDIDATE FAILED", exit 1).
+    let compare = |extra: &[&str]| -> Run {
+        let mut a: Vec<OsString> = vec![
+            "compare".into(),
+            model("magika-standard-v3-3").into(),
+            out.clone().into(),
+            "--inputs".into(),
+            model("magika-standard-v3-3").with_extension("npz").into(),
+        ];
+        a.extend(extra.iter().map(OsString::from));
+        run_slow(&a)
+    };
+    let r = compare(&[]);
+    assert_eq!(r.code, Some(3), "{}", r.describe());
+    assert!(
+        r.stdout.contains("computes in bfloat16"),
+        "{}",
+        r.describe()
+    );
+    assert!(compare(&["--allow-unverified"]).ok());
 }
 
 /// Selections that name nothing in the model stop the run with exit 2 before any work,
