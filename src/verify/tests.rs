@@ -431,6 +431,58 @@ fn an_if_that_cannot_be_resolved_leaves_the_check_unverified_naming_it() {
 }
 
 /// A graph attribute holding `g`.
+/// Node names that tract would repeat, which ONNX allows (node names and value names are
+/// apart): a node named like the graph input it reads, an unnamed node whose output is
+/// another node's name, a node named like an initializer, and a branch node named like the
+/// outer value it reads. tract refused them ("duplicate name for node"), so such models could
+/// not be checked, compared or calibrated.
+#[test]
+fn node_names_that_repeat_other_names_run_in_tract() {
+    let if_node = node(
+        "If",
+        "branch",
+        &["k"],
+        &["y2"],
+        vec![
+            attr_g(
+                "then_branch",
+                branch(
+                    "then",
+                    vec![node("Neg", "c", &["c"], &["t1"], vec![])],
+                    vec![],
+                    "t1",
+                ),
+            ),
+            attr_g(
+                "else_branch",
+                branch(
+                    "else",
+                    vec![node("Identity", "c", &["c"], &["t2"], vec![])],
+                    vec![],
+                    "t2",
+                ),
+            ),
+        ],
+    );
+    let m = model(
+        vec![
+            node("Relu", "x", &["x"], &["a"], vec![]),
+            node("Neg", "", &["a"], &["abs"], vec![]),
+            node("Abs", "abs", &["abs"], &["c"], vec![]),
+            node("Add", "W", &["c", "W"], &["y"], vec![]),
+            node("Cast", "cast", &["one"], &["k"], vec![attr_i("to", 9)]),
+            if_node,
+        ],
+        vec![info("x", DataType::Float, &[2, 3])],
+        vec![out("y"), out("y2")],
+        vec![init_f32("W", &[], &[10.0]), init_i64("one", &[], &[1])],
+    );
+    let x = Tensor::from_shape(&[2, 3], &[-1.0f32, 2.0, -3.0, 4.0, 0.5, 0.0]).unwrap();
+    let out = run(&m, None, &[("x".into(), x)]).unwrap();
+    assert_eq!(f32s(&out[0].1), vec![10.0, 12.0, 10.0, 14.0, 10.5, 10.0]);
+    assert_eq!(f32s(&out[1].1), vec![-0.0, -2.0, -0.0, -4.0, -0.5, -0.0]);
+}
+
 fn attr_g(name: &str, g: pb::GraphProto) -> pb::AttributeProto {
     pb::AttributeProto {
         name: Some(name.into()),

@@ -6,7 +6,7 @@
 //! from the tensor fed, and the model is typed and planned without tract's optimizer, so the
 //! run computes the graph as written, not a rewrite of it.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
@@ -350,6 +350,7 @@ pub(crate) fn load(
     let mut proto = onnx.proto_model_for_read(&mut bytes.as_slice())?;
     if let Some(g) = proto.graph.as_mut() {
         split_float16_gemm_bias(g);
+        unique_node_names(g, &HashSet::new());
     }
     let dir = match model_dir {
         Some(d) => Some(d.to_str().ok_or_else(|| {
@@ -364,6 +365,78 @@ pub(crate) fn load(
         parsed.unresolved_inputs
     );
     Ok(parsed.model)
+}
+
+/// Renames, in tract's copy of a graph and its subgraphs, each node whose name in tract
+/// would repeat another name of its graph: tract names a graph input's node, an initializer's
+/// and a node (by its name, else its first output) in one namespace and refuses a repeat
+/// ("Duplicate node name"), where ONNX keeps node names apart from value names (a node named
+/// like the graph input it reads, an unnamed node whose output is another node's name). A
+/// renamed node becomes `NAME.K`, the first such name that is free. A subgraph's names also
+/// avoid the outer values it reads (`outer`), which tract makes inputs of the subgraph.
+fn unique_node_names(g: &mut tract_onnx::pb::GraphProto, outer: &HashSet<String>) {
+    let tract_name = |n: &tract_onnx::pb::NodeProto| -> Option<String> {
+        if !n.name.is_empty() {
+            Some(n.name.clone())
+        } else {
+            n.output.first().filter(|o| !o.is_empty()).cloned()
+        }
+    };
+    let mut taken: HashSet<String> = g
+        .input
+        .iter()
+        .map(|i| i.name.clone())
+        .chain(g.initializer.iter().map(|t| t.name.clone()))
+        .collect();
+    let produced: HashSet<&str> = g
+        .node
+        .iter()
+        .flat_map(|n| n.output.iter().map(String::as_str))
+        .collect();
+    // Outer values this graph reads.
+    taken.extend(
+        g.node
+            .iter()
+            .flat_map(|n| n.input.iter())
+            .filter(|i| outer.contains(*i) && !produced.contains(i.as_str()))
+            .cloned(),
+    );
+    let mut later: HashMap<String, usize> = HashMap::new();
+    for n in &g.node {
+        if let Some(t) = tract_name(n) {
+            *later.entry(t).or_default() += 1;
+        }
+    }
+    for k in 0..g.node.len() {
+        let Some(name) = tract_name(&g.node[k]) else {
+            continue;
+        };
+        if let Some(c) = later.get_mut(&name) {
+            *c -= 1;
+        }
+        if taken.contains(&name) {
+            let free = (1..)
+                .map(|i| format!("{name}.{i}"))
+                .find(|c| !taken.contains(c) && !later.get(c).is_some_and(|&n| n > 0))
+                .unwrap_or_default();
+            g.node[k].name = free.clone();
+            taken.insert(free);
+        } else {
+            taken.insert(name);
+        }
+    }
+    // Subgraphs see this graph's values (and what it sees) as outer values.
+    let mut visible: HashSet<String> = outer.clone();
+    visible.extend(g.input.iter().map(|i| i.name.clone()));
+    visible.extend(g.initializer.iter().map(|t| t.name.clone()));
+    visible.extend(g.node.iter().flat_map(|n| n.output.iter().cloned()));
+    for n in &mut g.node {
+        for a in &mut n.attribute {
+            for sub in a.g.iter_mut().chain(a.graphs.iter_mut()) {
+                unique_node_names(sub, &visible);
+            }
+        }
+    }
 }
 
 /// Rewrites, in tract's copy of a graph and its subgraphs, each float16 `Gemm` (its A, B or C
