@@ -417,7 +417,7 @@ fn unique_node_names(g: &mut tract_onnx::pb::GraphProto, outer: &HashSet<String>
         if taken.contains(&name) {
             let free = (1..)
                 .map(|i| format!("{name}.{i}"))
-                .find(|c| !taken.contains(c) && !later.get(c).is_some_and(|&n| n > 0))
+                .find(|c| !taken.contains(c) && later.get(c).is_none_or(|&n| n == 0))
                 .unwrap_or_default();
             g.node[k].name = free.clone();
             taken.insert(free);
