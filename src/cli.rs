@@ -53,14 +53,14 @@ pub struct CheckArgs {
     pub seed: u64,
     /// Gate: |a - b| <= atol + rtol * |a| on every element of every output (finite, >= 0).
     /// `NAME:X` sets the tolerance of one output only (repeatable; the last colon splits).
-    #[arg(long, value_name = "[NAME:]X", value_parser = per_output)]
+    #[arg(long, value_name = "[NAME:]X", value_parser = per_output, allow_negative_numbers = true)]
     pub atol: Vec<(Option<String>, f64)>,
     /// Gate: relative tolerance of the same check (finite, >= 0); `NAME:X` as for `--atol`.
-    #[arg(long, value_name = "[NAME:]X", value_parser = per_output)]
+    #[arg(long, value_name = "[NAME:]X", value_parser = per_output, allow_negative_numbers = true)]
     pub rtol: Vec<(Option<String>, f64)>,
     /// Gate: smallest cosine similarity per float output, in [-1, 1] (default 0.99 for lossy
     /// pipelines, 0.9999 otherwise, when no gate is given).
-    #[arg(long, value_parser = cosine_limit)]
+    #[arg(long, value_parser = cosine_limit, allow_negative_numbers = true)]
     pub min_cosine: Option<f64>,
     /// Gate: largest accuracy drop per classification-like output, measured as 1 - top-1
     /// agreement with the original (e.g. 0.01 = at most 1% of rows change their argmax), in
@@ -143,8 +143,8 @@ pub struct CalibrationArgs {
     /// static: percentile of each tail for --calibrate-method percentile.
     #[arg(long, default_value_t = 99.999)]
     pub percentile: f64,
-    /// static: most calibration samples to read.
-    #[arg(long, default_value_t = 256)]
+    /// static: most calibration samples to read (at least 1).
+    #[arg(long, default_value_t = 256, value_parser = at_least_one)]
     pub calibration_samples: usize,
     /// static: activation type, uint8 (asymmetric) or int8 (symmetric).
     #[arg(long, default_value = "uint8")]
@@ -435,6 +435,13 @@ fn cosine_limit(s: &str) -> Result<f64, String> {
 /// `--max-accuracy-drop`: a fraction, in [0, 1].
 fn fraction(s: &str) -> Result<f64, String> {
     gate_value(s, 0.0, 1.0, "a fraction in [0, 1]")
+}
+
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("expected a whole number of at least 1, got `{s}`")),
+    }
 }
 
 #[cfg(test)]

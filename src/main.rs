@@ -340,10 +340,23 @@ fn regex(r: &Option<String>, flag: &str) -> Result<Option<regex::Regex>> {
         .transpose()
 }
 
-/// The gates of the check options: an unnamed `--atol`/`--rtol` (the last one given) for
+/// The gates of the check options: an unnamed `--atol`/`--rtol` for
 /// every output, a named one for that output (with the unnamed value, or 0, for the other
 /// half).
-fn gates(c: &CheckArgs) -> Gates {
+///
+/// Errors: `--atol` or `--rtol` given twice for the same output (or twice unnamed) with
+/// different values, which would leave one of them silently unused.
+fn gates(c: &CheckArgs) -> Result<Gates> {
+    for (flag, given) in [("--atol", &c.atol), ("--rtol", &c.rtol)] {
+        for (k, (name, x)) in given.iter().enumerate() {
+            if let Some((_, y)) = given[..k].iter().find(|(n, y)| n == name && y != x) {
+                match name {
+                    Some(n) => bail!("{flag} {n}:{y} and {flag} {n}:{x}: give one tolerance per output"),
+                    None => bail!("{flag} {y} and {flag} {x}: give one tolerance for every output (or NAME:X for one output)"),
+                }
+            }
+        }
+    }
     let unnamed =
         |v: &[(Option<String>, f64)]| v.iter().rev().find_map(|(n, x)| n.is_none().then_some(*x));
     let (atol, rtol) = (unnamed(&c.atol), unnamed(&c.rtol));
@@ -370,14 +383,14 @@ fn gates(c: &CheckArgs) -> Gates {
             },
         })
         .collect();
-    Gates {
+    Ok(Gates {
         atol,
         rtol,
         min_cosine: c.min_cosine,
         max_accuracy_drop: c.max_accuracy_drop,
         max_integer_mismatch: None,
         output_tolerances,
-    }
+    })
 }
 
 fn write_json(path: &std::path::Path, value: &impl serde::Serialize) -> Result<()> {
@@ -782,7 +795,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 save: save_options(&a.model, &a.save),
                 check,
                 inputs,
-                gates: gates(&a.check),
+                gates: gates(&a.check)?,
                 validate_each: a.validate,
                 fallback_target: fallback_target(a.no_fallback, &a.check),
                 fallback_samples: a.tune.fallback_samples,
@@ -1061,7 +1074,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 save: save_options(&a.model, &a.save),
                 check,
                 inputs,
-                gates: gates(&a.check),
+                gates: gates(&a.check)?,
                 validate_each: false,
                 fallback_target: fallback_target(a.no_fallback, &a.check),
                 fallback_samples: a.tune.fallback_samples,
@@ -1092,7 +1105,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             let (reference_model, _) = onnx::load(&a.reference)?;
             verify::gate::check_output_names(
-                &gates(&a.check),
+                &gates(&a.check)?,
                 &reference_model.graph,
                 &a.reference,
             )?;
@@ -1101,7 +1114,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let c = onnx::export::to_proto(&candidate_model)?;
             refuse_other_inputs(&r, &a.reference, &c, &a.candidate)?;
             let dir = |p: &std::path::Path| p.parent().map(|d| d.to_path_buf());
-            let g = optimize::default_gates(gates(&a.check), false);
+            let g = optimize::default_gates(gates(&a.check)?, false);
             reporter.phase("running both models in tract");
             let cmp = verify::compare_models(
                 &r,

@@ -560,34 +560,70 @@ fn list_passes_lists_every_pass_file() {
 }
 
 /// A gate value that cannot be met or means nothing (NaN, a negative tolerance, a cosine
-/// above 1, a drop above 1, a tolerance of an output the model does not have) is refused with
-/// exit 2, naming the option and what it takes.
+/// above 1, a drop above 1, a tolerance of an output the model does not have, two tolerances
+/// for one output, no calibration sample) is refused with exit 2, naming the option and what
+/// it takes; a negative value is read as a value, also without `=`.
 #[test]
 fn impossible_gate_values_are_refused() {
     let m = model("ppocr-mobile-v2-cls");
-    for (arg, want) in [
-        ("--rtol=nan", "expected a finite number >= 0"),
-        ("--atol=-1", "expected a finite number >= 0"),
-        ("--min-cosine=2", "expected a cosine in [-1, 1]"),
-        ("--min-cosine=nan", "expected a cosine in [-1, 1]"),
-        ("--max-accuracy-drop=1.5", "expected a fraction in [0, 1]"),
+    let out = "save_infer_model/scale_0.tmp_1";
+    let two = [format!("{out}:0.1"), format!("{out}:0.2")];
+    for (args, want) in [
+        (vec!["--rtol=nan"], "expected a finite number >= 0"),
+        (vec!["--atol=-1"], "expected a finite number >= 0"),
+        (vec!["--atol", "-1"], "expected a finite number >= 0"),
+        (vec!["--min-cosine=2"], "expected a cosine in [-1, 1]"),
+        (vec!["--min-cosine=nan"], "expected a cosine in [-1, 1]"),
         (
-            "--atol=nosuch:0.1",
+            vec!["--max-accuracy-drop=1.5"],
+            "expected a fraction in [0, 1]",
+        ),
+        (
+            vec!["--atol=nosuch:0.1"],
             "name `nosuch` but the graph outputs are `save_infer_model/scale_0.tmp_1`",
         ),
+        (
+            vec!["--atol", &two[0], "--atol", &two[1]],
+            "give one tolerance per output",
+        ),
+        (
+            vec!["--rtol=0.1", "--rtol=0.2"],
+            "give one tolerance for every output",
+        ),
     ] {
-        let args: Vec<OsString> = vec![
-            "compare".into(),
-            m.clone().into(),
-            m.clone().into(),
-            arg.into(),
-        ];
-        let r = onnxopt(&args);
-        assert_eq!(r.code, Some(2), "{arg}: {}", r.describe());
-        assert!(r.stderr.contains(want), "{arg}: {}", r.stderr);
-        let name = arg.split('=').next().unwrap();
-        assert!(r.stderr.contains(name), "{arg}: {}", r.stderr);
+        let mut a: Vec<OsString> = vec!["compare".into(), m.clone().into(), m.clone().into()];
+        a.extend(args.iter().map(OsString::from));
+        let r = onnxopt(&a);
+        assert_eq!(r.code, Some(2), "{args:?}: {}", r.describe());
+        assert!(r.stderr.contains(want), "{args:?}: {}", r.stderr);
+        let name = args[0].split('=').next().unwrap();
+        assert!(r.stderr.contains(name), "{args:?}: {}", r.stderr);
     }
+    let r = onnxopt(&os(&[
+        &"quantize",
+        &m,
+        &"-o",
+        &tempdir().path().join("q.onnx"),
+        &"--mode",
+        &"static",
+        &"--calibration",
+        &m.with_extension("npz"),
+        &"--calibration-samples",
+        &"0",
+    ]));
+    assert_eq!(r.code, Some(2), "{}", r.describe());
+    assert!(r.stderr.contains("--calibration-samples"), "{}", r.stderr);
+    // A negative cosine is a value (it was "unexpected argument '-0'").
+    let r = onnxopt(&os(&[
+        &"compare",
+        &m,
+        &m,
+        &"--min-cosine",
+        &"-0.5",
+        &"--inputs",
+        &m.with_extension("npz"),
+    ]));
+    assert!(r.ok(), "{}", r.describe());
 }
 
 /// A reader that closes the pipe early (`onnxopt inspect --json | head -1`) wanted no more:
