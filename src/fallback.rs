@@ -83,6 +83,7 @@ pub struct KeptLayer {
     /// Its first output (the key used in [`PassOptions::keep_float`]).
     pub output: String,
     /// SNR of its output when it alone is quantized and its input is exact, dB (120 = exact).
+    #[serde(serialize_with = "crate::verify::metrics::ser_f64")]
     pub snr_alone_db: f64,
     /// Elements of its weights.
     pub weights: usize,
@@ -97,9 +98,11 @@ pub struct Tried {
     /// Their node names, in ranking order.
     pub nodes: Vec<String>,
     /// Smallest cosine of any float graph output on any input set.
+    #[serde(serialize_with = "crate::verify::metrics::ser_f64")]
     pub cosine: f64,
     /// Smallest top-1 agreement of any output on any input set; `None` when no output has one
     /// (see [`crate::verify::metrics::ValueMetrics::top1_agreement`]).
+    #[serde(serialize_with = "crate::verify::metrics::ser_opt_f64")]
     pub top1: Option<f64>,
     /// Elements of float graph outputs outside `|a - b| <= atol + rtol |a|`, summed over the
     /// input sets; `None` without `--atol`/`--rtol`.
@@ -108,6 +111,7 @@ pub struct Tried {
     /// the final check (absent when 0: estimates and optimized-plan runs measure float outputs
     /// only).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(serialize_with = "crate::verify::metrics::ser_opt_f64")]
     pub integer_mismatch: Option<f64>,
     /// Whether it met the target.
     pub met: bool,
@@ -190,6 +194,7 @@ fn outside(a: &[f32], b: &[f32], t: Tolerance) -> usize {
 #[derive(Debug, Clone, Serialize)]
 pub struct FallbackReport {
     /// The cosine every float graph output had to reach.
+    #[serde(serialize_with = "crate::verify::metrics::ser_f64")]
     pub target_cosine: f64,
     /// The elementwise tolerance every float graph output had to meet, if any.
     pub target_tolerance: Option<Tolerance>,
@@ -199,8 +204,10 @@ pub struct FallbackReport {
     pub target_max_accuracy_drop: Option<f64>,
     /// Smallest output cosine with every layer quantized, over the fallback's input sets in
     /// tract's optimized plan (the check's table gives the plain plan on the check's inputs).
+    #[serde(serialize_with = "crate::verify::metrics::ser_f64")]
     pub start_cosine: f64,
     /// Smallest output cosine of the result.
+    #[serde(serialize_with = "crate::verify::metrics::ser_f64")]
     pub final_cosine: f64,
     /// Layers kept in float, costliest first.
     pub kept: Vec<KeptLayer>,

@@ -137,15 +137,19 @@ pub struct GateFailure {
     pub gate: GateKind,
     /// The measured value: for `Allclose` |a - b| at the element furthest outside, for
     /// `MinCosine` the cosine; `None` for `Comparable`.
+    #[serde(serialize_with = "crate::verify::metrics::ser_opt_f64")]
     pub measured: Option<f64>,
     /// The limit it broke: `atol + rtol |a|` at that element, or `min_cosine`.
+    #[serde(serialize_with = "crate::verify::metrics::ser_opt_f64")]
     pub limit: Option<f64>,
     /// Where: the element furthest outside the tolerance (`Allclose`) or with the largest
     /// |a - b| (`MinCosine`); empty for `Comparable`.
     pub index: Vec<usize>,
     /// Reference value at `index`.
+    #[serde(serialize_with = "crate::verify::metrics::ser_opt_f64")]
     pub a: Option<f64>,
     /// Candidate value at `index`.
+    #[serde(serialize_with = "crate::verify::metrics::ser_opt_f64")]
     pub b: Option<f64>,
     /// One line for a person, naming all of the above.
     pub message: String,
@@ -293,6 +297,32 @@ mod tests {
 
     fn t32(shape: &[usize], v: &[f32]) -> Tensor {
         Tensor::from_shape(shape, v).unwrap()
+    }
+
+    /// NaN and infinities in a failure are the strings the check's values use (`"nan"`,
+    /// `"inf"`), not `null` (which serde_json writes for them).
+    #[test]
+    fn a_failure_writes_nan_and_infinities_as_strings() {
+        let f = GateFailure {
+            output: "y".into(),
+            gate: GateKind::MinCosine,
+            measured: Some(f64::NAN),
+            limit: Some(0.99),
+            index: vec![0],
+            a: Some(f64::INFINITY),
+            b: Some(f64::NEG_INFINITY),
+            message: String::new(),
+        };
+        let v = serde_json::to_value(&f).unwrap();
+        assert_eq!(
+            (&v["measured"], &v["limit"], &v["a"], &v["b"]),
+            (
+                &serde_json::json!("nan"),
+                &serde_json::json!(0.99),
+                &serde_json::json!("inf"),
+                &serde_json::json!("-inf")
+            )
+        );
     }
 
     #[test]

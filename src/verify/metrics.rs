@@ -157,7 +157,9 @@ pub struct AllClose {
     pub set: Option<String>,
 }
 
-fn ser_f64<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+/// Serializes a float as a JSON number, or as the string `"nan"`, `"inf"` or `"-inf"`
+/// (JSON has no such numbers; serde_json would write `null`).
+pub(crate) fn ser_f64<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
     if v.is_finite() {
         s.serialize_f64(*v)
     } else if v.is_nan() {
@@ -169,7 +171,8 @@ fn ser_f64<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
     }
 }
 
-fn ser_opt_f64<S: Serializer>(v: &Option<f64>, s: S) -> Result<S::Ok, S::Error> {
+/// [`ser_f64`] of an optional float (`None`: `null`).
+pub(crate) fn ser_opt_f64<S: Serializer>(v: &Option<f64>, s: S) -> Result<S::Ok, S::Error> {
     match v {
         Some(v) => ser_f64(v, s),
         None => s.serialize_none(),
