@@ -543,7 +543,23 @@ fn output_notes(outputs: &[metrics::OutputMetrics], gates: &Gates) -> Vec<String
                 o.name, o.reference.shape
             )
         });
+    // A float16 output where the reference is beyond float16's range: inf in the candidate
+    // whatever precision its layers keep (an fp16 conversion without keep_io_types).
+    let overflow = outputs.iter().filter_map(|o| {
+        let v = o.values.as_ref()?;
+        let f16 = o.candidate.as_ref()?.dtype == "F16";
+        (f16 && v.worst_b.is_infinite() && v.worst_a.is_finite() && v.worst_a.abs() > 65504.0)
+            .then(|| {
+                format!(
+                    "output `{}` is float16 in the candidate, which holds at most 65504, and the reference reaches {} (at {:?}): it overflows there whatever the layers before it compute in (keep the interface float32: keep_io_types)",
+                    o.name,
+                    fmt_num(v.worst_a),
+                    v.worst_index
+                )
+            })
+    });
     empty
+        .chain(overflow)
         .collect::<Vec<_>>()
         .into_iter()
         .chain(outputs

@@ -171,6 +171,51 @@ fn compare_models_checks_and_fails_gates() {
     assert_eq!(json["failures"][0]["index"], serde_json::json!([1, 2]));
 }
 
+/// A float16 output (an fp16 result without keep_io_types) where the reference goes beyond
+/// 65504 is inf there whatever its layers compute in: a note says so, naming the value.
+#[test]
+fn a_float16_output_beyond_its_range_gets_a_note() {
+    let scaled = |cast: bool| {
+        let mut nodes = vec![node("Mul", "scale", &["x", "k"], &["m"], vec![])];
+        nodes.push(if cast {
+            node("Cast", "to_f16", &["m"], &["y"], vec![attr_i("to", 10)])
+        } else {
+            node("Identity", "same", &["m"], &["y"], vec![])
+        });
+        model(
+            nodes,
+            vec![info("x", DataType::Float, &[2, 3])],
+            vec![out("y")],
+            vec![init_f32("k", &[], &[1e6])],
+        )
+    };
+    let opts = InputOptions {
+        values: vec![("x".into(), 0.5)],
+        ..Default::default()
+    };
+    let c = compare_models(
+        &scaled(false),
+        None,
+        &scaled(true),
+        None,
+        &opts,
+        &Gates {
+            min_cosine: Some(0.99),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(c.status, Verification::Failed, "{}", format_table(&c));
+    assert!(
+        c.notes
+            .iter()
+            .any(|n| n.starts_with("output `y` is float16 in the candidate")
+                && n.contains("5.000e5")),
+        "{:?}",
+        c.notes
+    );
+}
+
 #[test]
 fn compare_models_reports_unverified_and_candidate_failures() {
     let good = add_model(&[0.0; 6]);
