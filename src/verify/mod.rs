@@ -551,7 +551,7 @@ fn output_notes(outputs: &[metrics::OutputMetrics], gates: &Gates) -> Vec<String
         (f16 && v.worst_b.is_infinite() && v.worst_a.is_finite() && v.worst_a.abs() > 65504.0)
             .then(|| {
                 format!(
-                    "output `{}` is float16 in the candidate, which holds at most 65504, and the reference reaches {} (at {:?}): it overflows there whatever the layers before it compute in (keep the interface float32: keep_io_types)",
+                    "output `{}` is float16 in the candidate, which holds at most 65504, and the reference reaches {} (at {:?}): it overflows there whatever the layers before it compute in (`--keep-io-types true` keeps the interface float32)",
                     o.name,
                     fmt_num(v.worst_a),
                     v.worst_index
