@@ -733,6 +733,48 @@ mod tests {
         assert_eq!(r.check.as_ref().unwrap().status, Verification::Checked);
     }
 
+    /// float16 weights at opset >= 19 get float16 scales (DequantizeLinear then outputs
+    /// float16), which tract 0.23 cannot type: the check runs on the float-equivalent model
+    /// and says so. Before, every such result was a failed candidate (exit 1) although
+    /// onnxruntime runs it.
+    #[test]
+    fn float16_weights_with_float16_scales_are_checked_on_the_float_equivalent_model() {
+        let dir = tempfile::tempdir().unwrap();
+        let w: Vec<u8> = (0..32 * 8)
+            .map(|i| half::f16::from_f32(((i * 37 % 101) as f32 - 50.0) / 50.0))
+            .flat_map(|h| h.to_le_bytes())
+            .collect();
+        let mut p = model(
+            vec![node("MatMul", "mm", &["x", "W"], &["y"], vec![])],
+            vec![info("x", DataType::Float16, &[2, 32])],
+            vec![out("y")],
+            vec![pb::TensorProto {
+                name: Some("W".into()),
+                dims: vec![32, 8],
+                data_type: Some(DataType::Float16 as i32),
+                raw_data: Some(w.into()),
+                ..Default::default()
+            }],
+        );
+        p.opset_import[0].version = Some(19);
+        p.ir_version = Some(9);
+        let opts = PassOptions {
+            weight_scheme: Some(Scheme::INT8_CHANNEL),
+            ..Default::default()
+        };
+        let r = optimize_tiny(
+            dir.path(),
+            &p,
+            "quantize_weights",
+            opts,
+            Default::default(),
+            None,
+        );
+        assert_eq!(r.checked_model, "float-equivalent");
+        let c = r.check.as_ref().unwrap();
+        assert_eq!(c.status, Verification::Checked, "{:?}", c.status);
+    }
+
     /// An fp16 result whose output overflows (a Gemm with alpha = 30000: values near 2e5, beyond
     /// float16's 65504) has a NaN cosine; the fallback keeps that Gemm in float32 and the gate
     /// holds. Before, `f64::min` skipped the NaN cosine, so the fallback never started and the

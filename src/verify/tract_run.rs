@@ -22,7 +22,8 @@ use crate::pb;
 /// Whether `model` holds weight forms that are valid ONNX but that tract cannot run:
 /// `DequantizeLinear` of an initializer other than int8/uint8/int32 (4- and 16-bit types; the
 /// int32 biases of static quantization run), or with
-/// a non-zero `block_size` (opset-21 blocks), and `com.microsoft` `MatMulNBits`. A quantized
+/// a non-zero `block_size` (opset-21 blocks), or with a scale other than float32 (float16
+/// weights at opset >= 19), and `com.microsoft` `MatMulNBits`. A quantized
 /// model with these is checked on its float-equivalent model (dequantized weights in place).
 pub fn tract_lacks_weight_forms(model: &crate::ir::Model) -> bool {
     let mut found = false;
@@ -45,7 +46,17 @@ pub fn tract_lacks_weight_forms(model: &crate::ir::Model) -> bool {
                         && t.data_type() != pb::tensor_proto::DataType::Uint8 as i32
                         && t.data_type() != pb::tensor_proto::DataType::Int32 as i32
                 });
-            narrow || n.attr_int("block_size", 0) != 0
+            // A float16 (or bfloat16) scale: opset 19 lets DequantizeLinear output the
+            // weights' own float16 type, which tract 0.23 types as float32 ("Impossible to
+            // unify F16 with F32").
+            let half_scale = n
+                .inputs
+                .get(1)
+                .copied()
+                .flatten()
+                .and_then(|s| g.initializer(s))
+                .is_some_and(|t| t.data_type() != pb::tensor_proto::DataType::Float as i32);
+            narrow || half_scale || n.attr_int("block_size", 0) != 0
         });
     });
     found
