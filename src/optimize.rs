@@ -165,6 +165,16 @@ pub fn optimize(cfg: &OptimizeConfig, reporter: &dyn Reporter) -> Result<Optimiz
     let (mut model, info) = onnx::load(&cfg.model)?;
     reporter.phase_done();
     crate::verify::gate::check_output_names(&cfg.gates, &model.graph, &cfg.model)?;
+    // A name a subgraph redefines reads differently in different runtimes: refuse to rewrite
+    // (loading and saving alone, `--passes none`, changes nothing).
+    let shadowed = crate::ir::validate::shadowed_names(&model);
+    if !shadowed.is_empty() && !pipeline.is_empty() {
+        bail!(
+            "{}: ONNX requires every value name to be distinct from the names an enclosing graph defines (SSA), and runtimes disagree on which definition a subgraph reading such a name gets (onnxruntime the enclosing one, tract the subgraph's own), so no rewrite of this model can be checked to keep its meaning; rename these in the subgraph first:\n  {}",
+            cfg.model.display(),
+            shadowed.join("\n  ")
+        );
+    }
     let unmatched = passes::unmatched_selectors(&model, &cfg.selectors);
     if !unmatched.is_empty() {
         bail!(
@@ -731,6 +741,83 @@ mod tests {
         assert!(fb.kept.iter().any(|k| k.output == "y"), "{:?}", fb.kept);
         assert_eq!(r.checked_model, "quantized");
         assert_eq!(r.check.as_ref().unwrap().status, Verification::Checked);
+    }
+
+    /// A branch initializer named like an outer value it could read: onnxruntime reads the
+    /// outer one, tract the branch's, so a rewrite (here int8 weights) cannot be checked to
+    /// keep the model's meaning and is refused, naming the value and the If; loading and
+    /// saving alone (`none`) is not. Before, the quantized result computed another function in
+    /// onnxruntime (cosine 0.16) while the check, in tract, reported 0.99999.
+    #[test]
+    fn a_subgraph_redefining_an_outer_name_is_not_rewritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let w: Vec<f32> = (0..16 * 4).map(|i| (i % 7) as f32 - 3.0).collect();
+        let branch = |name: &str, out_: &str, inits: Vec<pb::TensorProto>| pb::AttributeProto {
+            name: Some(name.into()),
+            r#type: Some(pb::attribute_proto::AttributeType::Graph as i32),
+            g: Some(pb::GraphProto {
+                name: Some(name.into()),
+                node: vec![node(
+                    "MatMul",
+                    &format!("{name}_mm"),
+                    &["x", "w"],
+                    &[out_],
+                    vec![],
+                )],
+                initializer: inits,
+                output: vec![out(out_)],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let inner: Vec<f32> = w.iter().map(|v| -v).collect();
+        let p = model(
+            vec![
+                node("ReduceSum", "sum", &["x"], &["s"], vec![]),
+                node("Greater", "positive", &["s", "zero"], &["c"], vec![]),
+                node(
+                    "If",
+                    "if",
+                    &["c"],
+                    &["y"],
+                    vec![
+                        branch("then_branch", "t", vec![init_f32("w", &[16, 4], &inner)]),
+                        branch("else_branch", "e", vec![]),
+                    ],
+                ),
+            ],
+            vec![info("x", DataType::Float, &[2, 16])],
+            vec![out("y")],
+            vec![init_f32("w", &[16, 4], &w), init_f32("zero", &[], &[0.0])],
+        );
+        let src = dir.path().join("m.onnx");
+        std::fs::write(&src, prost::Message::encode_to_vec(&p)).unwrap();
+        let cfg = |passes: &str| OptimizeConfig {
+            model: src.clone(),
+            output: dir.path().join("out.onnx"),
+            passes: passes.into(),
+            pass_options: PassOptions {
+                weight_scheme: Some(Scheme::INT8_CHANNEL),
+                ..Default::default()
+            },
+            save: Default::default(),
+            check: false,
+            inputs: Default::default(),
+            gates: Default::default(),
+            validate_each: true,
+            fallback_target: None,
+            fallback_samples: 0,
+            check_notes: vec![],
+            selectors: vec![],
+        };
+        let e = optimize(&cfg("quantize_weights"), &Silent).unwrap_err();
+        let msg = format!("{e:#}");
+        assert!(
+            msg.contains("`w` is defined in a subgraph of If node \"if\""),
+            "{msg}"
+        );
+        assert!(!dir.path().join("out.onnx").exists());
+        optimize(&cfg("none"), &Silent).unwrap();
     }
 
     /// float16 weights at opset >= 19 get float16 scales (DequantizeLinear then outputs

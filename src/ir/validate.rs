@@ -101,3 +101,44 @@ fn check_graph(g: &Graph, path: &str, outer: &HashSet<String>, problems: &mut Ve
         problems.push(format!("{path}: {e:#}"));
     }
 }
+
+/// Names a subgraph defines (a graph input, an initializer or a node output) that an enclosing
+/// graph also defines and that the subgraph could read from there, one line each naming the
+/// node that holds the subgraph. ONNX requires distinct names (SSA), and runtimes disagree on
+/// which definition a reader of such a name gets (onnxruntime 1.32 the enclosing one, tract
+/// 0.23 and this IR the subgraph's own), so no rewrite of the model can be checked to keep
+/// its meaning.
+pub fn shadowed_names(model: &Model) -> Vec<String> {
+    fn defined(g: &Graph) -> impl Iterator<Item = &str> {
+        g.values
+            .iter()
+            .filter(|v| {
+                matches!(
+                    v.def,
+                    ValueDef::Input | ValueDef::Initializer(_) | ValueDef::Node(..)
+                )
+            })
+            .map(|v| v.name.as_str())
+    }
+    fn walk<'a>(g: &'a Graph, outer: &HashSet<&'a str>, out: &mut Vec<String>) {
+        let mut visible = outer.clone();
+        visible.extend(defined(g));
+        for (id, n) in g.live_nodes() {
+            for sub in n.subgraphs() {
+                let mut names: Vec<&str> = defined(sub).filter(|d| visible.contains(d)).collect();
+                names.sort_unstable();
+                names.dedup();
+                for name in names {
+                    out.push(format!(
+                        "`{name}` is defined in a subgraph of {} and in an enclosing graph",
+                        n.label(id)
+                    ));
+                }
+                walk(sub, &visible, out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(&model.graph, &HashSet::new(), &mut out);
+    out
+}
