@@ -434,6 +434,12 @@ pub fn scale_zero_point(lo: f32, hi: f32, scheme: &Scheme) -> (f32, i32) {
             // Fraction bits b: the largest with amax * 2^b <= half.
             let b = (half / amax).log2().floor();
             s = (-b).exp2();
+            // Weights below about 1e-36 would need b >= 127 (`half / amax` may even overflow
+            // to infinity): the scale stays at the smallest normal power of two, 2^-126,
+            // where 0 or a subnormal would make DequantizeLinear degenerate.
+            if !s.is_normal() {
+                s = f32::MIN_POSITIVE;
+            }
         }
         (s, zp)
     } else {
@@ -630,6 +636,12 @@ mod tests {
         // 0.9 * 2^b <= 127 -> b = 7, scale 2^-7.
         assert_eq!(r.scales, vec![1.0 / 128.0]);
         assert_eq!(r.q, vec![38, -115, 6]);
+        // Weights too small for a normal power-of-two scale get 2^-126, never 0 or a
+        // subnormal (1e-38 made 127 / amax overflow to infinity and the scale 0).
+        for tiny in [1e-38f32, 3e-37, 1e-45] {
+            let r = quantize(&[tiny, -tiny], &[2], 0, 0, &s).unwrap();
+            assert_eq!(r.scales, vec![f32::MIN_POSITIVE], "{tiny}");
+        }
     }
 
     #[test]
