@@ -927,6 +927,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     "--block-size (only with --mode weight-only --granularity block)",
                 ),
                 (a.asymmetric && a.mode != Mode::WeightOnly, "--asymmetric"),
+                (a.symmetric && a.mode != Mode::WeightOnly, "--symmetric"),
                 (
                     a.scale != cli::ScaleArg::Float && a.mode != Mode::WeightOnly,
                     "--scale",
@@ -969,8 +970,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     .map(|v| v.get_name().to_string())
                     .unwrap_or_default();
                 // Weight-only options also depend on the granularity (--block-size on blocks).
+                let blocks = misplaced.iter().any(|m| m.starts_with("--block-size"));
                 let context = match (a.mode, a.granularity.to_possible_value()) {
-                    (Mode::WeightOnly, Some(g)) => {
+                    (Mode::WeightOnly, Some(g)) if blocks => {
                         format!("--mode {mode} --granularity {}", g.get_name())
                     }
                     _ => format!("--mode {mode}"),

@@ -848,6 +848,15 @@ fn quantize_options_of_another_mode_are_refused() {
             vec!["--calibrate-method", "entropy", "--activation-type", "int8"],
             "--calibrate-method, --activation-type do not apply to --mode weight-only",
         ),
+        // Accepted silently before; the granularity is named only for --block-size.
+        (
+            vec!["--mode", "dynamic", "--symmetric"],
+            "--symmetric does not apply to --mode dynamic;",
+        ),
+        (
+            vec!["--conv-integer"],
+            "--conv-integer does not apply to --mode weight-only;",
+        ),
     ] {
         let mut a: Vec<OsString> = vec![
             "quantize".into(),
