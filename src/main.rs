@@ -553,6 +553,15 @@ fn read_config(
                         g => g,
                     },
                 };
+                // Power-of-two scales are symmetric (fixed point), as on the command line.
+                if sc.pow2 {
+                    anyhow::ensure!(
+                        o.get("symmetric") != Some(&serde_json::Value::Bool(false)),
+                        "{}: \"scale\": \"pow2\" is symmetric (fixed point): drop \"symmetric\": false",
+                        what()
+                    );
+                    sc.symmetric = true;
+                }
                 if o.contains_key("block_size") && !matches!(sc.granularity, Granularity::Block(_))
                 {
                     anyhow::bail!(

@@ -509,19 +509,28 @@ fn quantize_graph(
         }
         if apply(g, names, cx, &plan, stats) {
             stats.changes += 1;
-            stats.touched.push(format!(
-                "{name}: {} {}{:?}",
-                plan.scheme.qtype.name(),
-                if plan.scheme.symmetric {
-                    "symmetric "
-                } else {
-                    "asymmetric "
-                },
-                plan.scheme.granularity
-            ));
+            stats
+                .touched
+                .push(format!("{name}: {}", scheme_label(&plan.scheme)));
         }
     }
     wrote
+}
+
+/// A scheme as the report's `touched` lines give it: type, symmetry, `pow2` for power-of-two
+/// scales, granularity (e.g. `int8 symmetric pow2 Channel`, `int4 asymmetric Block(32)`).
+fn scheme_label(s: &Scheme) -> String {
+    format!(
+        "{} {}{}{:?}",
+        s.qtype.name(),
+        if s.symmetric {
+            "symmetric "
+        } else {
+            "asymmetric "
+        },
+        if s.pow2 { "pow2 " } else { "" },
+        s.granularity
+    )
 }
 
 /// Readers of outer value `name` inside subgraph `sg` and deeper, unless shadowed.
@@ -1128,14 +1137,8 @@ fn nbits_graph(
             .find_map(|(k, m)| m.as_ref().map(|_| k.1))
             .unwrap_or(*scheme);
         stats.touched.push(format!(
-            "{name}: {} {}{:?} as MatMulNBits for {}{}",
-            sc.qtype.name(),
-            if sc.symmetric {
-                "symmetric "
-            } else {
-                "asymmetric "
-            },
-            sc.granularity,
+            "{name}: {} as MatMulNBits for {}{}",
+            scheme_label(&sc),
             converted.join(", "),
             if converted.len() < readers {
                 "; float copy kept for its other readers"

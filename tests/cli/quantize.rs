@@ -430,6 +430,59 @@ fn quantize_config_overrides_per_node() {
         r.describe()
     );
     assert!(!out.exists());
+    // Power-of-two scales are symmetric in a config too (an asymmetric one was accepted and
+    // reported as asymmetric while the weights were written symmetric), and the report says
+    // pow2.
+    let quantize = |config: &str, extra: &[&str]| -> Run {
+        fs::write(dir.path().join("pow2.json"), config).unwrap();
+        let mut a: Vec<OsString> = vec![
+            "quantize".into(),
+            model("ppocrv4-rec").into(),
+            "-o".into(),
+            out.clone().into(),
+            "--config".into(),
+            dir.path().join("pow2.json").into(),
+            "--no-check".into(),
+            "--report".into(),
+            report.clone().into(),
+        ];
+        a.extend(extra.iter().map(OsString::from));
+        run_slow(&a)
+    };
+    let r = quantize(
+        r#"{"nodes": {"p2o.Conv.3": {"scale": "pow2", "symmetric": false}}}"#,
+        &[],
+    );
+    assert_eq!(r.code, Some(2), "{}", r.describe());
+    assert!(
+        r.stderr.contains("is symmetric (fixed point)"),
+        "{}",
+        r.stderr
+    );
+    let r = quantize(
+        r#"{"nodes": {"p2o.Conv.3": {"scale": "pow2"}}}"#,
+        &["--asymmetric"],
+    );
+    assert!(r.ok(), "{}", r.describe());
+    let v = read_json(&report);
+    let touched: Vec<String> = v["passes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["touched"].as_array().cloned().unwrap_or_default())
+        .map(|t| t.as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        touched.contains(&"conv2d_159.w_0: int8 symmetric pow2 Channel".to_string()),
+        "{touched:?}"
+    );
+    assert!(
+        touched
+            .iter()
+            .filter(|t| !t.starts_with("conv2d_159.w_0:"))
+            .all(|t| t.contains(" asymmetric ")),
+        "{touched:?}"
+    );
 }
 
 /// A `--config` block size for one node applies under `--granularity block` on the command
