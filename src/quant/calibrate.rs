@@ -48,7 +48,6 @@
 
 use std::collections::{hash_map::DefaultHasher, BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
@@ -695,7 +694,7 @@ type PlanKey = (Vec<(DatumType, Vec<usize>)>, Vec<Option<bool>>);
 
 /// Runs `f`, turning a tract panic into an error.
 fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
-    match catch_unwind(AssertUnwindSafe(f)) {
+    match crate::verify::tract_run::caught(f) {
         Ok(r) => r,
         Err(p) => {
             let msg = p

@@ -264,13 +264,38 @@ pub fn run_sets(
         .collect()
 }
 
+thread_local! {
+    /// How many [`caught`] calls this thread is inside.
+    static CAUGHT: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// `catch_unwind` for tract's panics, which the caller reports as errors: while `f` runs, the
+/// panic hook prints nothing on this thread (the default hook printed the panic and, with
+/// `RUST_BACKTRACE` set, some 90 lines of backtrace before the error said the same). Panics
+/// elsewhere still print as before.
+pub(crate) fn caught<T>(f: impl FnOnce() -> T) -> std::thread::Result<T> {
+    static HOOK: OnceLock<()> = OnceLock::new();
+    HOOK.get_or_init(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if CAUGHT.with(|c| c.get()) == 0 {
+                previous(info);
+            }
+        }));
+    });
+    CAUGHT.with(|c| c.set(c.get() + 1));
+    let result = catch_unwind(AssertUnwindSafe(f));
+    CAUGHT.with(|c| c.set(c.get() - 1));
+    result
+}
+
 /// Runs `f`, one step of running `model` in tract, turning its failure, or a panic inside
 /// tract (with the stage and node it happened at), into a [`RunError`].
 fn guarded<T>(
     model: &pb::ModelProto,
     f: impl FnOnce() -> Result<T, Failure>,
 ) -> Result<T, RunError> {
-    let result = catch_unwind(AssertUnwindSafe(f));
+    let result = caught(f);
     let failed = match result {
         Ok(Ok(outputs)) => return Ok(outputs),
         Ok(Err(failed)) => failed,

@@ -626,6 +626,76 @@ fn impossible_gate_values_are_refused() {
     assert!(r.ok(), "{}", r.describe());
 }
 
+/// A panic inside tract (its Gather on an out-of-range index) is reported as the reason the
+/// check is unverified, once: the panic hook printed it before, and with `RUST_BACKTRACE` set
+/// some 90 lines of backtrace.
+#[test]
+fn a_panic_inside_tract_is_reported_once_without_a_backtrace() {
+    use onnxopt::pb;
+    let dir = tempdir();
+    let model = dir.path().join("gather.onnx");
+    let info = |name: &str, elem: pb::tensor_proto::DataType, dims: &[i64]| pb::ValueInfoProto {
+        name: Some(name.into()),
+        r#type: Some(pb::TypeProto {
+            value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+                elem_type: Some(elem as i32),
+                shape: Some(pb::TensorShapeProto {
+                    dim: dims
+                        .iter()
+                        .map(|&d| pb::tensor_shape_proto::Dimension {
+                            value: Some(pb::tensor_shape_proto::dimension::Value::DimValue(d)),
+                            ..Default::default()
+                        })
+                        .collect(),
+                }),
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let proto = pb::ModelProto {
+        ir_version: Some(8),
+        opset_import: vec![pb::OperatorSetIdProto {
+            domain: Some(String::new()),
+            version: Some(13),
+        }],
+        graph: Some(pb::GraphProto {
+            name: Some("g".into()),
+            node: vec![pb::NodeProto {
+                name: Some("gather".into()),
+                op_type: Some("Gather".into()),
+                input: vec!["table".into(), "ids".into()],
+                output: vec!["emb".into()],
+                ..Default::default()
+            }],
+            initializer: vec![pb::TensorProto {
+                name: Some("table".into()),
+                dims: vec![3, 4],
+                data_type: Some(pb::tensor_proto::DataType::Float as i32),
+                float_data: (0..12).map(|v| v as f32).collect(),
+                ..Default::default()
+            }],
+            input: vec![info("ids", pb::tensor_proto::DataType::Int64, &[1, 5])],
+            output: vec![info("emb", pb::tensor_proto::DataType::Float, &[1, 5, 4])],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    fs::write(&model, prost::Message::encode_to_vec(&proto)).unwrap();
+    let ids = dir.path().join("ids.npz");
+    let t = tract_onnx::prelude::Tensor::from_shape(&[1, 5], &[0i64, 1, 2, 10, 0]).unwrap();
+    onnxopt::verify::inputs::save_npz(&ids, &[("ids".into(), t)]).unwrap();
+    let mut cmd = Command::new(BIN);
+    cmd.args(os(&[&"compare", &model, &model, &"--inputs", &ids]))
+        .env("RUST_BACKTRACE", "1");
+    let r = run_cmd(cmd, Duration::from_secs(120));
+    assert_eq!(r.code, Some(3), "{}", r.describe());
+    let all = format!("{}{}", r.stdout, r.stderr);
+    assert!(all.contains("tract panicked"), "{}", r.describe());
+    assert!(!all.contains("panicked at"), "{}", r.describe());
+    assert!(!all.contains("stack backtrace"), "{}", r.describe());
+}
+
 /// A reader that closes the pipe early (`onnxopt inspect --json | head -1`) wanted no more:
 /// exit 0 without a panic (it was exit 101, "failed printing to stdout: Broken pipe", one
 /// run in three).
