@@ -184,6 +184,15 @@ pub fn optimize(cfg: &OptimizeConfig, reporter: &dyn Reporter) -> Result<Optimiz
             unmatched.join("\n  ")
         );
     }
+    let unusable = passes::unusable_node_schemes(&model, &cfg.pass_options);
+    if !unusable.is_empty() {
+        bail!(
+            "{}: {} per-node scheme(s) (--config) would not be used:\n  {}",
+            cfg.model.display(),
+            unusable.len(),
+            unusable.join("\n  ")
+        );
+    }
     if !cfg.selectors.is_empty() {
         let sel = cfg
             .selectors

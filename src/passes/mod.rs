@@ -294,6 +294,40 @@ pub fn unmatched_selectors(model: &Model, selectors: &[Selector]) -> Vec<String>
     problems
 }
 
+/// Per-node schemes (`--config`) no pass could use, one line each: the node has no weight
+/// input `quantize_weights` takes (its op is not Conv, ConvTranspose, Gemm, MatMul, LSTM, GRU
+/// or RNN of the default domain), or `--op-types` leaves it out. Such a scheme would be
+/// dropped without a word.
+pub fn unusable_node_schemes(model: &Model, opts: &PassOptions) -> Vec<String> {
+    let mut problems = Vec::new();
+    model.graph.visit(&mut |g| {
+        for (_, n) in g.live_nodes() {
+            let key = node_key(g, n);
+            if !opts.node_schemes.contains_key(key) {
+                continue;
+            }
+            let weight_op = n.domain().is_empty()
+                && matches!(
+                    n.op_type(),
+                    "Conv" | "ConvTranspose" | "Gemm" | "MatMul" | "LSTM" | "GRU" | "RNN"
+                );
+            if !weight_op {
+                problems.push(format!(
+                    "\"{key}\" ({}) has no weight a scheme applies to (Conv, ConvTranspose, Gemm, MatMul, LSTM, GRU, RNN)",
+                    n.op_type()
+                ));
+            } else if !opts.op_types.is_empty() && !opts.op_types.iter().any(|o| o == n.op_type()) {
+                problems.push(format!(
+                    "\"{key}\" ({}) is left out by --op-types {}",
+                    n.op_type(),
+                    opts.op_types.join(",")
+                ));
+            }
+        }
+    });
+    problems
+}
+
 /// The note of a weight pass on a model whose selected weight readers read their weight from
 /// a `Constant` node (the readers and weight inputs `quantize_weights` takes), which weight
 /// passes do not read: `constant_to_initializer` (in the cleanup preset, and always run by

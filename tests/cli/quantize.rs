@@ -1212,6 +1212,22 @@ fn quantize_selections_that_name_nothing_are_refused() {
         "{}",
         r.describe()
     );
+    // A scheme for a node without a weight, or one --op-types leaves out (both dropped
+    // without a word before).
+    fs::write(
+        &cfg,
+        r#"{"nodes": {"Relu@0": {"dtype": "int16"}, "Conv@0": {"dtype": "int16"}}}"#,
+    )
+    .unwrap();
+    let r = quantize(&["--config", cfg.to_str().unwrap(), "--op-types", "MatMul"]);
+    assert_eq!(r.code, Some(2), "{}", r.describe());
+    for want in [
+        "2 per-node scheme(s) (--config) would not be used",
+        "\"Relu@0\" (Relu) has no weight a scheme applies to",
+        "\"Conv@0\" (Conv) is left out by --op-types MatMul",
+    ] {
+        assert!(r.stderr.contains(want), "{want}: {}", r.describe());
+    }
     fs::write(&cfg, r#"{"nodes": {"Conv@0": {"block_size": 64}}}"#).unwrap();
     let r = quantize(&["--config", cfg.to_str().unwrap()]);
     assert_eq!(r.code, Some(2), "{}", r.describe());
