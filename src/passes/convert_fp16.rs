@@ -604,15 +604,21 @@ fn infer_types(g: &Graph, order: &[NodeId], opset: i64) -> Vec<Option<i32>> {
 /// that the rules of [`infer_types`] type, by value name; empty when the graph has a cycle.
 pub(crate) fn value_types(model: &crate::ir::Model) -> HashMap<String, i32> {
     let g = &model.graph;
-    let Ok(order) = crate::onnx::export::topo_order(g) else {
-        return HashMap::new();
-    };
-    let types = infer_types(g, &order, model.opset("").unwrap_or(1));
-    types
+    graph_value_types(g, model.opset("").unwrap_or(1))
         .iter()
         .enumerate()
         .filter_map(|(i, t)| Some((g.value(ValueId(i as u32)).name.clone(), (*t)?)))
         .collect()
+}
+
+/// The element type of each value of `g` (indexed by [`ValueId`]) that the rules of
+/// [`infer_types`] type at default-domain opset `opset` (outer values of a subgraph: `None`);
+/// all `None` when the graph has a cycle.
+pub(crate) fn graph_value_types(g: &Graph, opset: i64) -> Vec<Option<i32>> {
+    match crate::onnx::export::topo_order(g) {
+        Ok(order) => infer_types(g, &order, opset),
+        Err(_) => vec![None; g.values.len()],
+    }
 }
 
 fn t_inputs(n: &Node, s: Spec) -> impl Iterator<Item = ValueId> + '_ {

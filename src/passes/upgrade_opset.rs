@@ -13,7 +13,8 @@
 //!   and stays; any other axis becomes `Flatten(axis) -> op(axis = -1) -> Reshape(Shape(x))`,
 //!   the version converter's rewrite, exact for any rank.
 //! - `Dropout` (11 -> 12): the `ratio` attribute (default 0.5) becomes a float input.
-//! - `Clip` (10 -> 11): the `min` / `max` attributes become float inputs.
+//! - `Clip` (10 -> 11): the `min` / `max` attributes become inputs of the input's element type
+//!   (a model with a Clip whose input type is not known keeps opset 10, with a note).
 //!
 //! Left alone, with a note saying why (the opset stays): models with `Pad`, `Resize`,
 //! `Scatter` or `Upsample` at opset 10 (their opset-11 forms differ in ways this pass does not
@@ -25,6 +26,13 @@ use anyhow::Result;
 use super::{Pass, PassKind, PassOptions, PassStats};
 use crate::ir::edit::attr_int;
 use crate::ir::{Graph, Model, Names, NodeId, Tensor};
+use crate::passes::convert_fp16::graph_value_types;
+
+/// `TensorProto.DataType` codes of the float types a bound can take.
+const FLOAT: i32 = crate::pb::tensor_proto::DataType::Float as i32;
+const FLOAT16: i32 = crate::pb::tensor_proto::DataType::Float16 as i32;
+const BFLOAT16: i32 = crate::pb::tensor_proto::DataType::Bfloat16 as i32;
+const DOUBLE: i32 = crate::pb::tensor_proto::DataType::Double as i32;
 
 /// See the module documentation.
 pub struct UpgradeOpset;
@@ -82,6 +90,32 @@ impl Pass for UpgradeOpset {
                 return Ok(stats);
             }
         }
+        if from == 10 {
+            // Clip-11's bounds are inputs of the input's own type: a Clip whose input type no
+            // rule gives could get bounds of another type, which onnxruntime refuses.
+            let mut untyped: Vec<String> = Vec::new();
+            model.graph.visit(&mut |g: &Graph| {
+                let types = graph_value_types(g, from);
+                for (id, n) in g.live_nodes() {
+                    let x = n.inputs.first().copied().flatten();
+                    if n.domain().is_empty()
+                        && n.is("Clip")
+                        && x.and_then(|x| types[x.0 as usize]).is_none()
+                    {
+                        untyped.push(n.label(id));
+                    }
+                }
+            });
+            if !untyped.is_empty() {
+                untyped.sort();
+                untyped.dedup();
+                stats.notes.push(format!(
+                    "opset 10 kept: the input type of {} is not known, and Clip-11 takes its bounds in that type",
+                    untyped.join(", ")
+                ));
+                return Ok(stats);
+            }
+        }
         let mut rewritten = 0usize;
         model.for_each_graph_mut(&mut |g, names| {
             rewritten += upgrade_graph(g, names, from);
@@ -106,22 +140,34 @@ fn upgrade_graph(g: &mut Graph, names: &mut Names, from: i64) -> usize {
         .filter(|(_, n)| n.domain().is_empty())
         .map(|(id, _)| id)
         .collect();
+    let types = graph_value_types(g, from);
     let mut count = 0;
     for id in ids {
         let op = g.node(id).op_type().to_string();
+        // The element type of the node's first input (Clip's bounds take it).
+        let x_type = g
+            .node(id)
+            .inputs
+            .first()
+            .copied()
+            .flatten()
+            .and_then(|x| types.get(x.0 as usize).copied().flatten());
         let done = match op.as_str() {
             "Squeeze" | "Unsqueeze" | "ReduceSum" => {
                 attr_to_input(g, names, id, "axes", 1, Kind::I64)
             }
             "Split" => attr_to_input(g, names, id, "split", 1, Kind::I64),
             "Softmax" | "LogSoftmax" | "Hardmax" => softmax_axis(g, names, id),
+            // Dropout-12's ratio is its own type T1 (float32 here).
             "Dropout" if from <= 11 => {
-                attr_to_input(g, names, id, "ratio", 1, Kind::F32(Some(0.5)))
+                attr_to_input(g, names, id, "ratio", 1, Kind::Float(Some(0.5), FLOAT))
             }
-            // Both moved (no short circuit); an absent bound stays absent.
+            // Both moved (no short circuit), in the input's type (checked in `run`); an
+            // absent bound stays absent.
             "Clip" if from == 10 => {
-                attr_to_input(g, names, id, "min", 1, Kind::F32(None))
-                    | attr_to_input(g, names, id, "max", 2, Kind::F32(None))
+                let t = x_type.unwrap_or(FLOAT);
+                attr_to_input(g, names, id, "min", 1, Kind::Float(None, t))
+                    | attr_to_input(g, names, id, "max", 2, Kind::Float(None, t))
             }
             _ => false,
         };
@@ -131,10 +177,11 @@ fn upgrade_graph(g: &mut Graph, names: &mut Names, from: i64) -> usize {
 }
 
 /// Element type of an attribute turned into an input: ints, or a float with the value an
-/// absent attribute has (`None`: an absent attribute stays an absent input).
+/// absent attribute has (`None`: an absent attribute stays an absent input) and the tensor's
+/// element type (float32, float16, bfloat16 or double).
 enum Kind {
     I64,
-    F32(Option<f32>),
+    Float(Option<f32>, i32),
 }
 
 /// Moves attribute `name` of node `id` to input `slot` as an initializer (ints as a 1-D int64
@@ -152,7 +199,7 @@ fn attr_to_input(
     let pos = n.proto.attribute.iter().position(|a| a.name() == name);
     let attr = match (pos, &kind) {
         (Some(p), _) => n.proto.attribute[p].clone(),
-        (None, Kind::F32(Some(v))) => crate::ir::edit::attr_float(name, *v),
+        (None, Kind::Float(Some(v), _)) => crate::ir::edit::attr_float(name, *v),
         (None, _) => return false,
     };
     let base = format!(
@@ -165,7 +212,19 @@ fn attr_to_input(
     );
     let tensor = match kind {
         Kind::I64 => Tensor::from_i64(&[attr.ints.len() as i64], &attr.ints),
-        Kind::F32(_) => Tensor::from_f32(&[], &[attr.f.unwrap_or(0.0)]),
+        Kind::Float(_, code) => {
+            let v = attr.f.unwrap_or(0.0);
+            match code {
+                FLOAT16 => {
+                    Tensor::from_raw(code, &[], half::f16::from_f32(v).to_le_bytes().to_vec())
+                }
+                DOUBLE => Tensor::from_raw(code, &[], f64::from(v).to_le_bytes().to_vec()),
+                BFLOAT16 => {
+                    Tensor::from_raw(code, &[], half::bf16::from_f32(v).to_le_bytes().to_vec())
+                }
+                _ => Tensor::from_f32(&[], &[v]),
+            }
+        }
     };
     let v = g.add_initializer(names, &base, tensor);
     if let Some(p) = pos {

@@ -251,6 +251,55 @@ fn upgrade_opset_10_and_11_move_dropout_and_clip_attributes_to_inputs() {
     assert_onnx_checker_accepts(&r.proto, "dropout");
 }
 
+/// Clip-11 takes its bounds in the input's type: a float16 or double Clip gets float16 or
+/// double bounds (they were float32, which the checker and onnxruntime refuse), and a Clip
+/// whose input type no rule gives keeps the model at opset 10 with a note.
+#[test]
+fn upgrade_opset_10_gives_clip_bounds_the_input_type() {
+    let clip = |dt: DataType, x: pb::ValueInfoProto| {
+        model(
+            10,
+            graph(
+                "g",
+                vec![node(
+                    "Clip",
+                    "clip",
+                    &["x"],
+                    &["y"],
+                    vec![attr_f("min", -0.5), attr_f("max", 0.75)],
+                )],
+                vec![x],
+                vec![info("y", dt, &[2, 3])],
+                vec![],
+            ),
+        )
+    };
+    for dt in [DataType::Float16, DataType::Double] {
+        let p = clip(dt, info("x", dt, &[2, 3]));
+        let r = run_pass(&p, U);
+        assert_eq!(opset_of(&r.proto), 13);
+        let n = node_named(r.g(), "clip");
+        for bound in &n.input[1..] {
+            assert_eq!(init(r.g(), bound).unwrap().data_type(), dt as i32, "{dt:?}");
+        }
+        assert_onnx_checker_accepts(&r.proto, "clip");
+    }
+    // The input's type unknown (a graph input without a type).
+    let untyped = pb::ValueInfoProto {
+        name: Some("x".into()),
+        ..Default::default()
+    };
+    let r = run_pass(&clip(DataType::Float16, untyped), U);
+    assert_eq!(opset_of(&r.proto), 10);
+    assert!(
+        r.notes()
+            .iter()
+            .any(|n| n.contains("the input type of Clip node \"clip\" is not known")),
+        "{:?}",
+        r.notes()
+    );
+}
+
 /// Opset 10 with an op whose opset-11 form this pass does not write (Pad), opset 13 and opset
 /// 9: nothing changes; the first says why.
 #[test]
