@@ -699,7 +699,7 @@ fn with_shadows(
     let default_opset = |m: &pb::ModelProto| {
         m.opset_import
             .iter()
-            .find(|o| o.domain().is_empty())
+            .find(|o| o.domain().is_empty() || o.domain() == "ai.onnx")
             .map(|o| o.version())
     };
     let (Some(rg), Some(cg)) = (reference.graph.as_ref(), candidate.graph.as_ref()) else {

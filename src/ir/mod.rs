@@ -53,13 +53,15 @@ impl Model {
             .map(|o| o.version())
     }
 
-    /// Sets the version of the opset imported for `domain`, adding the import if needed.
+    /// Sets the version of the opset imported for `domain` (`""` or `"ai.onnx"` is the default
+    /// domain, under whichever name the model imports it), adding the import if needed.
     pub fn set_opset(&mut self, domain: &str, version: i64) {
+        let norm = |d: &str| if d == "ai.onnx" { "" } else { d }.to_string();
         if let Some(o) = self
             .header
             .opset_import
             .iter_mut()
-            .find(|o| o.domain() == domain)
+            .find(|o| norm(o.domain()) == norm(domain))
         {
             o.version = Some(version);
         } else {

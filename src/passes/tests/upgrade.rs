@@ -251,6 +251,35 @@ fn upgrade_opset_10_and_11_move_dropout_and_clip_attributes_to_inputs() {
     assert_onnx_checker_accepts(&r.proto, "dropout");
 }
 
+/// A model importing the default domain as `"ai.onnx"` has that import raised in place (a
+/// second, `""` import was added beside it, so the opset never read 13, the pass ran 8
+/// rounds and tract loaded the rewritten nodes at opset 12).
+#[test]
+fn upgrade_opset_raises_an_ai_onnx_import_in_place() {
+    let mut p = model(
+        12,
+        graph(
+            "g",
+            vec![node(
+                "Unsqueeze",
+                "unsq",
+                &["x"],
+                &["y"],
+                vec![attr_ints("axes", &[0])],
+            )],
+            vec![f32_info("x", &[2, 3])],
+            vec![f32_info("y", &[1, 2, 3])],
+            vec![],
+        ),
+    );
+    p.opset_import[0].domain = Some("ai.onnx".into());
+    let r = run_pass(&p, U);
+    assert_eq!(r.proto.opset_import.len(), 1, "{:?}", r.proto.opset_import);
+    assert_eq!(r.proto.opset_import[0].domain(), "ai.onnx");
+    assert_eq!(r.proto.opset_import[0].version(), 13);
+    assert_same_in_tract(&p, &r.proto, &[("x", tensor_of(&[2, 3], 5))]);
+}
+
 /// Clip-11 takes its bounds in the input's type: a float16 or double Clip gets float16 or
 /// double bounds (they were float32, which the checker and onnxruntime refuse), and a Clip
 /// whose input type no rule gives keeps the model at opset 10 with a note.
