@@ -209,6 +209,33 @@ pub fn compare(
         row.problem = Some(format!("type changed: reference {rd:?}, candidate {cd:?}"));
         return row;
     }
+    // Strings (labels of a classifier's output) are equal or not: compared as an integer
+    // output of 0 where they are equal, 1 where they differ, against 0.
+    if rd == DatumType::String && cd == DatumType::String {
+        if let (Ok(x), Ok(y)) = (
+            reference
+                .try_as_plain_ram()
+                .and_then(|t| t.as_slice::<String>()),
+            candidate
+                .try_as_plain_ram()
+                .and_then(|t| t.as_slice::<String>()),
+        ) {
+            let differ: Vec<f64> = x
+                .iter()
+                .zip(y)
+                .map(|(p, q)| f64::from(u8::from(p != q)))
+                .collect();
+            let zeros = vec![0.0; differ.len()];
+            row.values = Some(compare_values(
+                &zeros,
+                &differ,
+                reference.shape(),
+                true,
+                None,
+            ));
+            return row;
+        }
+    }
     let (a, b) = match (to_f64(reference), to_f64(candidate)) {
         (Ok(a), Ok(b)) => (a, b),
         (Err(e), _) => {
@@ -741,6 +768,26 @@ mod tests {
             .values
             .unwrap();
         assert_eq!(v.cosine, Some(0.0));
+    }
+
+    /// String outputs (class labels) are compared for equality like integers: a model
+    /// compared with itself was "not comparable" (`dtype String cannot be compared as
+    /// numbers`), a failed gate.
+    #[test]
+    fn string_outputs_count_the_labels_that_differ() {
+        let s = |v: &[&str]| {
+            let v: Vec<String> = v.iter().map(|s| s.to_string()).collect();
+            Tensor::from(tract_onnx::prelude::tract_ndarray::Array1::from(v))
+        };
+        let a = s(&["cat", "dog", "bird"]);
+        let v = compare("labels", &a, &a, None).values.unwrap();
+        assert!(v.integer);
+        assert_eq!((v.mismatches, v.max_abs), (0, 0.0));
+        let v = compare("labels", &a, &s(&["cat", "cow", "owl"]), None)
+            .values
+            .unwrap();
+        assert_eq!(v.mismatches, 2);
+        assert_eq!(v.worst_index, vec![1]);
     }
 
     /// Integers beyond 2^53, which f64 cannot tell apart, are still counted as mismatches.
