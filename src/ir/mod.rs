@@ -83,7 +83,8 @@ pub enum ValueDef {
     Initializer(Tensor),
     /// Output `index` of a node.
     Node(NodeId, usize),
-    /// A value of an enclosing graph, read by name from a subgraph.
+    /// A value of an enclosing graph, read by name from a subgraph; or a sparse initializer of
+    /// this graph, which stays in [`Graph::header`] and is read by name.
     Outer,
     /// Not defined (only while importing or editing; the validator reports it).
     Undefined,

@@ -26,8 +26,16 @@ pub fn validate(model: &Model) -> Result<()> {
 }
 
 fn check_graph(g: &Graph, path: &str, outer: &HashSet<String>, problems: &mut Vec<String>) {
+    // Values read by name: an enclosing graph's, or this graph's sparse initializers.
+    let sparse: HashSet<&str> = g
+        .header
+        .sparse_initializer
+        .iter()
+        .filter_map(|s| s.values.as_ref().map(|v| v.name()))
+        .collect();
     for (i, v) in g.values.iter().enumerate() {
-        if v.def == ValueDef::Outer && !outer.contains(&v.name) {
+        if v.def == ValueDef::Outer && !outer.contains(&v.name) && !sparse.contains(v.name.as_str())
+        {
             problems.push(format!(
                 "{path}: '{}' is read from an enclosing graph that does not define it",
                 v.name

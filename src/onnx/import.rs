@@ -114,6 +114,13 @@ fn import_graph(
             }
         }
     }
+    // A sparse initializer is named by its `values` tensor; it stays in the header, and a
+    // node reading it reads it by name, as a subgraph reads an outer value.
+    let sparse_names: HashSet<String> = sparse
+        .iter()
+        .filter_map(|s| s.values.as_ref().map(|v| v.name().to_string()))
+        .filter(|n| !n.is_empty())
+        .collect();
     gp.sparse_initializer = sparse;
     let mut g = Graph::new(gp);
 
@@ -179,6 +186,7 @@ fn import_graph(
     // Names visible to subgraphs of this graph: ours and every enclosing graph's.
     let mut scope: HashSet<String> = outer.clone();
     scope.extend(g.by_name.keys().cloned());
+    scope.extend(sparse_names.iter().cloned());
 
     for (i, (mut np, outs)) in protos.into_iter().enumerate() {
         let id = NodeId(i as u32);
@@ -189,7 +197,7 @@ fn import_graph(
                 inputs.push(None);
             } else if let Some(&v) = g.by_name.get(&name) {
                 inputs.push(Some(v));
-            } else if outer.contains(&name) {
+            } else if outer.contains(&name) || sparse_names.contains(&name) {
                 inputs.push(Some(add_value(&mut g, names, &name, ValueDef::Outer)));
             } else {
                 problems.push(format!(

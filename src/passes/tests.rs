@@ -1960,6 +1960,45 @@ fn constant_to_initializer_keeps_sparse_value_constants() {
     assert_eq!(r.proto, p);
 }
 
+/// A node reading a sparse initializer (valid ONNX, run by onnxruntime): the model loads,
+/// the cleanup passes keep the sparse initializer and its reader, and it is written back as
+/// it was. Before, every command refused the model ("reads 'spw', which is not a graph
+/// input, initializer, node output or outer-scope value"), `inspect` included.
+#[test]
+fn a_node_reading_a_sparse_initializer_is_kept_with_it() {
+    let mut g = graph(
+        "g",
+        vec![
+            node("Add", "add", &["x", "spw"], &["a"], vec![]),
+            node("Identity", "id", &["a"], &["y"], vec![]),
+        ],
+        vec![f32_info("x", &[4])],
+        vec![out("y")],
+        vec![],
+    );
+    g.sparse_initializer.push(pb::SparseTensorProto {
+        values: Some(f32_init("spw", &[2], &[5.0, 6.0])),
+        indices: Some(named("spw_indices", Tensor::from_i64(&[2], &[0, 3]))),
+        dims: vec![4],
+    });
+    let p = model(13, g);
+    for pass in crate::passes::CLEANUP {
+        let r = run_pass(&p, pass);
+        assert_eq!(
+            r.g().sparse_initializer,
+            p.graph.as_ref().unwrap().sparse_initializer,
+            "{pass}"
+        );
+        assert!(
+            r.g()
+                .node
+                .iter()
+                .any(|n| n.input.contains(&"spw".to_string())),
+            "{pass}"
+        );
+    }
+}
+
 #[test]
 fn quantize_weight_read_at_two_axes_is_stored_once_along_the_majority_axis() {
     // W [8, 8]: two MatMuls want axis 1, a Gemm with transB=1 wants axis 0.
