@@ -411,9 +411,13 @@ pub const CLEANUP: &[&str] = &[
 /// Expands a pipeline spec: `none`, `default`, `cleanup`, or comma-separated pass names and
 /// presets. `default` = cleanup, `fold_batchnorm`, `quantize_weights_int8`, cleanup.
 ///
-/// Errors name the unknown pass and list the known ones.
+/// Errors: an unknown pass (named, with the known ones listed), or a spec naming nothing
+/// (`""`, `","`).
 pub fn parse_pipeline(spec: &str) -> Result<Vec<&'static dyn Pass>> {
     let mut out = Vec::new();
+    if spec.split(',').all(|s| s.trim().is_empty()) {
+        bail!("--passes names no pass (`none` loads and saves only)");
+    }
     for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         match item {
             "none" => {}

@@ -559,6 +559,20 @@ fn list_passes_lists_every_pass_file() {
     );
 }
 
+/// `--passes ""` or `--passes ,` names no pass: refused (exit 2) like an unknown pass, where
+/// it ran nothing and checked the unchanged model.
+#[test]
+fn an_empty_pass_list_is_refused() {
+    let m = model("ppocr-mobile-v2-cls");
+    let out = tempdir().path().join("o.onnx");
+    for spec in ["", ",", " , "] {
+        let r = onnxopt(&os(&[&"optimize", &m, &"-o", &out, &"--passes", &spec]));
+        assert_eq!(r.code, Some(2), "{spec:?}: {}", r.describe());
+        assert!(r.stderr.contains("--passes names no pass"), "{}", r.stderr);
+        assert!(!out.exists());
+    }
+}
+
 /// A gate value that cannot be met or means nothing (NaN, a negative tolerance, a cosine
 /// above 1, a drop above 1, a tolerance of an output the model does not have, two tolerances
 /// for one output, no calibration sample) is refused with exit 2, naming the option and what
