@@ -1337,3 +1337,20 @@ fn float16_gemm_with_a_bias_runs_in_tract() {
     let ran = run(&m, None, &x).unwrap();
     assert_eq!(f32s(&ran[0].1), vec![1.25, 2.125, -2.0]);
 }
+
+/// tract's load errors name a node by its name, empty for an unnamed node: the message says
+/// "an unnamed Constant node" rather than "node `` (Constant)".
+#[test]
+fn a_run_error_at_an_unnamed_node_says_so() {
+    let e = RunError {
+        stage: RunStage::Load,
+        node: Some(String::new()),
+        op: Some("Constant".into()),
+        message: "Could not extract value out of Constant node".into(),
+        panicked: false,
+    };
+    assert_eq!(
+        e.to_string(),
+        "tract could not load the model at an unnamed Constant node: Could not extract value out of Constant node"
+    );
+}

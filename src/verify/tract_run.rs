@@ -129,6 +129,8 @@ impl fmt::Display for RunError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "tract could not {} the model", self.stage)?;
         match (&self.node, &self.op) {
+            // tract's load errors name a node by its (empty) name, not by its first output.
+            (Some(node), Some(op)) if node.is_empty() => write!(f, " at an unnamed {op} node")?,
             (Some(node), Some(op)) => write!(f, " at node `{node}` ({op})")?,
             (Some(node), None) => write!(f, " at node `{node}`")?,
             _ => {}
