@@ -425,14 +425,19 @@ fn quantize_graph(
             ));
         }
         // One copy serves every reader: readers asking for different schemes get the first
-        // one's.
-        let mut asked: Vec<(&str, Option<Scheme>)> = readers
+        // one's along the stored axis; the note names every weight reader's (those of another
+        // op or axis read the same copy).
+        let chosen = readers
             .iter()
             .filter(|r| r.use_ == Use::Weight(axis))
+            .find_map(|r| r.scheme)
+            .unwrap_or(*scheme);
+        let mut asked: Vec<(&str, Option<Scheme>)> = readers
+            .iter()
+            .filter(|r| matches!(r.use_, Use::Weight(_)))
             .map(|r| (r.label.as_str(), r.scheme))
             .collect();
         asked.dedup_by(|a, b| a.1 == b.1);
-        let chosen = asked.iter().find_map(|(_, s)| *s).unwrap_or(*scheme);
         if asked.iter().any(|(_, s)| s.unwrap_or(*scheme) != chosen) {
             let describe = |s: &Scheme| format!("{} {:?}", s.qtype.name(), s.granularity);
             stats.notes.push(format!(

@@ -1376,6 +1376,50 @@ fn quantize_shared_weight_with_conflicting_schemes_says_which_one_it_used() {
     );
 }
 
+/// A reader along another axis than the stored copy's (a Gemm with transB = 1 beside two
+/// MatMuls) reads the same copy: a scheme asked for it is named in the note too (it was
+/// dropped without a word).
+#[test]
+fn quantize_shared_weight_names_the_scheme_of_a_reader_along_another_axis() {
+    let w = rand_f32(64, 27, 0.5);
+    let p = model(
+        13,
+        graph(
+            "g",
+            vec![
+                node("MatMul", "mm1", &["x", "W"], &["y1"], vec![]),
+                node(
+                    "Gemm",
+                    "gemm",
+                    &["x", "W"],
+                    &["y2"],
+                    vec![attr_i("transB", 1)],
+                ),
+                node("MatMul", "mm2", &["x", "W"], &["y3"], vec![]),
+            ],
+            vec![f32_info("x", &[2, 8])],
+            vec![out("y1"), out("y2"), out("y3")],
+            vec![f32_init("W", &[8, 8], &w)],
+        ),
+    );
+    let int16 = crate::quant::Scheme {
+        qtype: crate::quant::QType::Int16,
+        ..crate::quant::Scheme::INT8_CHANNEL
+    };
+    let opts = PassOptions {
+        node_schemes: [("gemm".to_string(), int16)].into_iter().collect(),
+        ..Default::default()
+    };
+    let r = run_passes_with(&p, &["quantize_weights"], &opts);
+    let notes = r.notes().join("\n");
+    assert!(
+        notes.contains("weight 'W' is read by nodes given different schemes")
+            && notes.contains("Gemm node \"gemm\": int16 Channel")
+            && notes.contains("it is stored once, int8 Channel"),
+        "{notes}"
+    );
+}
+
 #[test]
 fn quantize_all_zero_channel_gets_scale_one() {
     let mut w = rand_f32(4 * 3 * 3 * 3, 5, 0.5);
