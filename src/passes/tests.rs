@@ -1381,27 +1381,7 @@ fn quantize_shared_weight_with_conflicting_schemes_says_which_one_it_used() {
 /// dropped without a word).
 #[test]
 fn quantize_shared_weight_names_the_scheme_of_a_reader_along_another_axis() {
-    let w = rand_f32(64, 27, 0.5);
-    let p = model(
-        13,
-        graph(
-            "g",
-            vec![
-                node("MatMul", "mm1", &["x", "W"], &["y1"], vec![]),
-                node(
-                    "Gemm",
-                    "gemm",
-                    &["x", "W"],
-                    &["y2"],
-                    vec![attr_i("transB", 1)],
-                ),
-                node("MatMul", "mm2", &["x", "W"], &["y3"], vec![]),
-            ],
-            vec![f32_info("x", &[2, 8])],
-            vec![out("y1"), out("y2"), out("y3")],
-            vec![f32_init("W", &[8, 8], &w)],
-        ),
-    );
+    let p = weight_read_at_two_axes();
     let int16 = crate::quant::Scheme {
         qtype: crate::quant::QType::Int16,
         ..crate::quant::Scheme::INT8_CHANNEL
@@ -2043,11 +2023,10 @@ fn a_node_reading_a_sparse_initializer_is_kept_with_it() {
     }
 }
 
-#[test]
-fn quantize_weight_read_at_two_axes_is_stored_once_along_the_majority_axis() {
-    // W [8, 8]: two MatMuls want axis 1, a Gemm with transB=1 wants axis 0.
+/// W [8, 8] read by two MatMuls (axis 1) and, between them, a Gemm with transB = 1 (axis 0).
+fn weight_read_at_two_axes() -> pb::ModelProto {
     let w = rand_f32(64, 27, 0.5);
-    let p = model(
+    model(
         13,
         graph(
             "g",
@@ -2066,7 +2045,12 @@ fn quantize_weight_read_at_two_axes_is_stored_once_along_the_majority_axis() {
             vec![out("y1"), out("y2"), out("y3")],
             vec![f32_init("W", &[8, 8], &w)],
         ),
-    );
+    )
+}
+
+#[test]
+fn quantize_weight_read_at_two_axes_is_stored_once_along_the_majority_axis() {
+    let p = weight_read_at_two_axes();
     let r = run_pass(&p, Q);
     let g = r.g();
     assert_eq!(count(g, "DequantizeLinear"), 1, "{:?}", ops(g));

@@ -33,6 +33,17 @@ fn run_slow(args: &[OsString]) -> Run {
     run_cmd(cmd, Duration::from_secs(1800))
 }
 
+/// Every pass's `touched` lines of a report, in order.
+fn touched_lines(report: &Value) -> Vec<String> {
+    report["passes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["touched"].as_array().cloned().unwrap_or_default())
+        .map(|t| t.as_str().unwrap().to_string())
+        .collect()
+}
+
 fn read_json(path: &Path) -> Value {
     let text =
         fs::read_to_string(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
@@ -387,13 +398,7 @@ fn quantize_config_overrides_per_node() {
     ]);
     assert!(r.ok(), "{}", r.describe());
     let v = read_json(&report);
-    let touched: Vec<String> = v["passes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|p| p["touched"].as_array().cloned().unwrap_or_default())
-        .map(|t| t.as_str().unwrap().to_string())
-        .collect();
+    let touched = touched_lines(&v);
     let int16: Vec<&String> = touched.iter().filter(|t| t.contains("int16")).collect();
     assert_eq!(int16.len(), 1, "{touched:?}");
     assert!(int16[0].starts_with("conv2d_159.w_0:"), "{int16:?}");
@@ -465,13 +470,7 @@ fn quantize_config_overrides_per_node() {
     );
     assert!(r.ok(), "{}", r.describe());
     let v = read_json(&report);
-    let touched: Vec<String> = v["passes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|p| p["touched"].as_array().cloned().unwrap_or_default())
-        .map(|t| t.as_str().unwrap().to_string())
-        .collect();
+    let touched = touched_lines(&v);
     assert!(
         touched.contains(&"conv2d_159.w_0: int8 symmetric pow2 Channel".to_string()),
         "{touched:?}"
