@@ -745,7 +745,18 @@ fn run(model: &mut Model, opts: &PassOptions) -> Result<PassStats> {
         .map(|v| g.value(v).name.clone())
         .collect();
     let proto = crate::onnx::export::to_proto(model)?;
-    let cal = calibrate(&proto, &names, cal_opts).context("calibrating quantize_static")?;
+    let cal = calibrate(&proto, &names, cal_opts)
+        .map_err(|e| {
+            // tract lacks an op of the model: no calibration sample can change that.
+            if format!("{e:#}").contains("Unimplemented(") {
+                e.context(
+                    "static quantization calibrates by running the model in tract, which lacks an op of this model (named at the end); --mode dynamic and --mode weight-only quantize without running it",
+                )
+            } else {
+                e
+            }
+        })
+        .context("calibrating quantize_static")?;
     stats.notes.push(format!(
         "calibrated {} activation tensors on {} sample(s) from {} ({}) in {:.2} s{}",
         cal.ranges.len(),
@@ -2153,6 +2164,36 @@ mod tests {
             stats.notes
         );
         assert!(min_cosine(&src, &out, &held) >= 0.999);
+    }
+
+    /// A model with an op tract lacks (Det) cannot be calibrated: the error says why, and which
+    /// modes quantize without running the model.
+    #[test]
+    fn a_model_tract_cannot_run_is_refused_saying_which_modes_need_no_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let shape = [2usize, 3, 3];
+        write_samples(dir.path(), "cal", 2, |_| uniform_input(&mut rng, &shape));
+        let src = model_io(
+            vec![
+                node("MatMul", "mm", &["x", "W"], &["h"]),
+                node("Det", "det", &["h"], &["y"]),
+            ],
+            vec![init("W", &[3, 3], &rand_vec(&mut rng, 9, -1.0, 1.0))],
+            13,
+            vec![info("x", &[2, 3, 3])],
+            vec![info("y", &[2])],
+        );
+        let mut opts = cal_opts(dir.path(), RangeMethod::MinMax, QType::Uint8);
+        opts.all_layers = true;
+        let e = QuantizeStatic.run(&mut import(src), &opts).unwrap_err();
+        let msg = format!("{e:#}");
+        assert!(
+            msg.contains("which lacks an op of this model")
+                && msg.contains("--mode dynamic and --mode weight-only")
+                && msg.contains("Det"),
+            "{msg}"
+        );
     }
 
     /// A MatMul with a 3-D (batched) weight: one weight scale, since onnxruntime's fused
