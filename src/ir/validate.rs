@@ -65,6 +65,7 @@ fn check_graph(g: &Graph, path: &str, outer: &HashSet<String>, problems: &mut Ve
             .filter(|(i, _)| g.is_live(super::ValueId(*i as u32)))
             .map(|(_, v)| v.name.clone()),
     );
+    scope.extend(sparse.iter().map(|s| s.to_string()));
     let mut seen_nodes = HashSet::new();
     for &id in &g.order {
         if !seen_nodes.insert(id) {

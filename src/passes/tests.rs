@@ -2005,7 +2005,45 @@ fn a_node_reading_a_sparse_initializer_is_kept_with_it() {
         indices: Some(named("spw_indices", Tensor::from_i64(&[2], &[0, 3]))),
         dims: vec![4],
     });
+    let sparse = g.sparse_initializer.clone();
     let p = model(13, g);
+    // Read from an If branch only (the main graph's nodes do not read it).
+    let branch = |name: &str, op: &str, inputs: &[&str]| {
+        graph(
+            name,
+            vec![node(op, &format!("{name}_op"), inputs, &[name], vec![])],
+            vec![],
+            vec![out(name)],
+            vec![],
+        )
+    };
+    let mut g = graph(
+        "g",
+        vec![
+            node("ReduceSum", "sum", &["x"], &["s"], vec![]),
+            node("Greater", "positive", &["s", "zero"], &["c"], vec![]),
+            node(
+                "If",
+                "if",
+                &["c"],
+                &["y"],
+                vec![
+                    attr_g("then_branch", branch("t", "Add", &["x", "spw"])),
+                    attr_g("else_branch", branch("e", "Identity", &["x"])),
+                ],
+            ),
+        ],
+        vec![f32_info("x", &[4])],
+        vec![out("y")],
+        vec![f32_init("zero", &[], &[0.0])],
+    );
+    g.sparse_initializer = sparse;
+    let in_branch = model(13, g);
+    let r = run_passes_with(&in_branch, crate::passes::CLEANUP, &PassOptions::default());
+    assert_eq!(
+        r.g().sparse_initializer,
+        in_branch.graph.as_ref().unwrap().sparse_initializer
+    );
     for pass in crate::passes::CLEANUP {
         let r = run_pass(&p, pass);
         assert_eq!(
