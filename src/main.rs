@@ -130,10 +130,15 @@ fn refuse_clobbering_output(
     output: &Path,
     report: Option<&Path>,
     model: &Path,
-    force: bool,
+    save: &cli::SaveArgs,
     others: &[(&str, Option<&Path>)],
 ) -> Result<()> {
+    let force = save.force;
+    let data = onnx::external_data_path(output);
     let mut writes = vec![("-o", output)];
+    if save.external_data {
+        writes.push(("-o's external data file", data.as_path()));
+    }
     writes.extend(report.map(|r| ("--report", r)));
     if !force && onnx::same_file(output, model) {
         bail!(
@@ -148,6 +153,36 @@ fn refuse_clobbering_output(
     refuse_clobbering(&writes, &reads)?;
     reads = vec![("the model argument", model)];
     refuse_clobbering(&writes[1..], &reads)
+}
+
+/// The files `compare --report` must not replace: the external data files the two models read
+/// (known once they are loaded).
+///
+/// Errors: `report` is one of them.
+fn refuse_report_over_external_data(
+    report: Option<&Path>,
+    models: &[(&Path, &onnx::LoadInfo)],
+) -> Result<()> {
+    let Some(report) = report else {
+        return Ok(());
+    };
+    let reads: Vec<(String, std::path::PathBuf)> = models
+        .iter()
+        .flat_map(|(m, info)| {
+            let dir = m.parent().unwrap_or(Path::new("")).to_path_buf();
+            info.external.iter().map(move |(location, _, _)| {
+                (
+                    format!("{} (its external data)", m.display()),
+                    dir.join(location),
+                )
+            })
+        })
+        .collect();
+    let reads: Vec<(&str, &Path)> = reads
+        .iter()
+        .map(|(o, p)| (o.as_str(), p.as_path()))
+        .collect();
+    refuse_clobbering(&[("--report", report)], &reads)
 }
 
 /// Refuses two models to compare when the candidate has a graph input the reference lacks:
@@ -398,7 +433,11 @@ fn write_json(path: &std::path::Path, value: &impl serde::Serialize) -> Result<(
     std::fs::write(path, text + "\n").with_context(|| format!("cannot write {}", path.display()))
 }
 
-fn save_options(model: &std::path::Path, s: &cli::SaveArgs) -> onnx::SaveOptions {
+fn save_options(
+    model: &std::path::Path,
+    s: &cli::SaveArgs,
+    report: Option<&Path>,
+) -> onnx::SaveOptions {
     onnx::SaveOptions {
         external_data: s.external_data,
         external_threshold: s.external_data_threshold,
@@ -408,6 +447,10 @@ fn save_options(model: &std::path::Path, s: &cli::SaveArgs) -> onnx::SaveOptions
             vec![model.to_path_buf()]
         },
         protect_data: Vec::new(),
+        also_written: report
+            .map(|r| ("--report".to_string(), r.to_path_buf()))
+            .into_iter()
+            .collect(),
     }
 }
 
@@ -742,7 +785,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 &a.output,
                 a.report.as_deref(),
                 &a.model,
-                a.save.force,
+                &a.save,
                 &[
                     ("--inputs", a.check.inputs.as_deref()),
                     ("--calibration", a.cal.calibration.as_deref()),
@@ -801,7 +844,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     reduce_range: a.tune.reduce_range,
                     ..Default::default()
                 },
-                save: save_options(&a.model, &a.save),
+                save: save_options(&a.model, &a.save, a.report.as_deref()),
                 check,
                 inputs,
                 gates: gates(&a.check)?,
@@ -829,7 +872,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 &a.output,
                 a.report.as_deref(),
                 &a.model,
-                a.save.force,
+                &a.save,
                 &[
                     ("--inputs", a.check.inputs.as_deref()),
                     ("--calibration", a.cal.calibration.as_deref()),
@@ -1082,7 +1125,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     exclude_nodes: exclude_with(exclude, &float_nodes)?,
                     ..Default::default()
                 },
-                save: save_options(&a.model, &a.save),
+                save: save_options(&a.model, &a.save, a.report.as_deref()),
                 check,
                 inputs,
                 gates: gates(&a.check)?,
@@ -1114,14 +1157,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 reads.extend(a.check.inputs.as_deref().map(|p| ("--inputs", p)));
                 refuse_clobbering(&[("--report", report)], &reads)?;
             }
-            let (reference_model, _) = onnx::load(&a.reference)?;
+            let (reference_model, reference_info) = onnx::load(&a.reference)?;
             verify::gate::check_output_names(
                 &gates(&a.check)?,
                 &reference_model.graph,
                 &a.reference,
             )?;
             let r = onnx::export::to_proto(&reference_model)?;
-            let (candidate_model, _) = onnx::load(&a.candidate)?;
+            let (candidate_model, candidate_info) = onnx::load(&a.candidate)?;
+            refuse_report_over_external_data(
+                a.report.as_deref(),
+                &[
+                    (a.reference.as_path(), &reference_info),
+                    (a.candidate.as_path(), &candidate_info),
+                ],
+            )?;
             let c = onnx::export::to_proto(&candidate_model)?;
             refuse_other_inputs(&r, &a.reference, &c, &a.candidate)?;
             let dir = |p: &std::path::Path| p.parent().map(|d| d.to_path_buf());

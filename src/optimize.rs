@@ -164,6 +164,7 @@ pub fn optimize(cfg: &OptimizeConfig, reporter: &dyn Reporter) -> Result<Optimiz
     reporter.phase("loading");
     let (mut model, info) = onnx::load(&cfg.model)?;
     reporter.phase_done();
+    onnx::refuse_clobbering_external(&cfg.model, &info, &cfg.output, &cfg.save)?;
     crate::verify::gate::check_output_names(&cfg.gates, &model.graph, &cfg.model)?;
     // A name a subgraph redefines reads differently in different runtimes: refuse to rewrite
     // (loading and saving alone, `--passes none`, changes nothing).

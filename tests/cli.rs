@@ -974,6 +974,67 @@ fn refuses_writing_over_any_file_it_reads() {
         "the input's external data changed"
     );
     assert_eq!(listing(&split), ["a.onnx", "b.onnx.data"]);
+    // That data file as --report (optimize, compare) or as -o, and -o's own data file as
+    // --report or as the --inputs file.
+    let s = |p: &Path| p.display().to_string();
+    let (data_file, o, o_data) = (
+        split.join("b.onnx.data"),
+        split.join("o.onnx"),
+        split.join("o.onnx.data"),
+    );
+    fs::copy(&inputs, &o_data).unwrap();
+    let kept = before(&o_data);
+    let cases: Vec<Vec<String>> = vec![
+        vec![
+            "optimize".into(),
+            s(&a),
+            "-o".into(),
+            s(&o),
+            "--report".into(),
+            s(&data_file),
+        ],
+        vec![
+            "compare".into(),
+            s(&a),
+            m.clone(),
+            "--report".into(),
+            s(&data_file),
+        ],
+        vec!["optimize".into(), s(&a), "-o".into(), s(&data_file)],
+        vec![
+            "optimize".into(),
+            m.clone(),
+            "-o".into(),
+            s(&o),
+            "--external-data".into(),
+            "--report".into(),
+            s(&o_data),
+        ],
+        vec![
+            "optimize".into(),
+            m.clone(),
+            "-o".into(),
+            s(&o),
+            "--external-data".into(),
+            "--inputs".into(),
+            s(&o_data),
+        ],
+    ];
+    for args in &cases {
+        let r = onnxopt(args).expect_error();
+        assert!(
+            r.stderr.contains("refusing to overwrite"),
+            "{args:?}: {}",
+            r.describe()
+        );
+        assert_eq!(
+            before(&data_file),
+            data,
+            "{args:?} changed the input's external data"
+        );
+        assert_eq!(before(&o_data), kept, "{args:?} changed the --inputs file");
+    }
+    assert_eq!(listing(&split), ["a.onnx", "b.onnx.data", "o.onnx.data"]);
 }
 
 #[test]

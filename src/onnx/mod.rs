@@ -129,6 +129,64 @@ pub struct SaveOptions {
     pub protect: Vec<PathBuf>,
     /// Files the external data file must not overwrite (the input model's external data).
     pub protect_data: Vec<PathBuf>,
+    /// Other files the run writes, by option (`--report`): checked with [`refuse_clobbering_external`].
+    pub also_written: Vec<(String, PathBuf)>,
+}
+
+/// The external data file [`save`] writes beside `output`: `OUTPUT.data` (the file name with
+/// `.data` appended) in the same folder.
+pub fn external_data_path(output: &Path) -> PathBuf {
+    let mut name = output.file_name().unwrap_or_default().to_os_string();
+    name.push(".data");
+    output.with_file_name(name)
+}
+
+/// Refuses a run whose output (`output`, its external data file when `opts` writes one, the
+/// files of `opts.also_written`) would replace an external data file the input `model` reads
+/// (`info.external`), unless `output` replaces the model itself (`--force`).
+///
+/// Errors: every such collision, one line each.
+pub fn refuse_clobbering_external(
+    model: &Path,
+    info: &LoadInfo,
+    output: &Path,
+    opts: &SaveOptions,
+) -> Result<()> {
+    let dir = model.parent().unwrap_or(Path::new(""));
+    let data = external_data_path(output);
+    let mut writes: Vec<(&str, &Path)> = Vec::new();
+    if !same_file(model, output) {
+        writes.push(("-o", output));
+        if opts.external_data {
+            writes.push(("-o's external data file", data.as_path()));
+        }
+    }
+    writes.extend(
+        opts.also_written
+            .iter()
+            .map(|(o, p)| (o.as_str(), p.as_path())),
+    );
+    let mut problems = Vec::new();
+    for (location, _, _) in &info.external {
+        let read = dir.join(location);
+        for (option, w) in &writes {
+            if same_file(w, &read) {
+                problems.push(format!(
+                    "{option} {} would overwrite {}, the external data {} reads",
+                    w.display(),
+                    read.display(),
+                    model.display()
+                ));
+            }
+        }
+    }
+    if !problems.is_empty() {
+        bail!(
+            "refusing to overwrite files this command reads (choose other paths):\n  {}",
+            problems.join("\n  ")
+        );
+    }
+    Ok(())
 }
 
 /// What [`save`] wrote.
@@ -190,7 +248,7 @@ pub fn save_proto(proto: &mut pb::ModelProto, path: &Path, opts: &SaveOptions) -
     let mut data_tmp = None;
     if external {
         let data_name = format!("{file_name}.data");
-        refuse_data(&dir.join(&data_name))?;
+        refuse_data(&external_data_path(path))?;
         let threshold = if opts.external_data {
             opts.external_threshold
         } else {
