@@ -226,13 +226,15 @@ pub fn compare(
                 .map(|(p, q)| f64::from(u8::from(p != q)))
                 .collect();
             let zeros = vec![0.0; differ.len()];
-            row.values = Some(compare_values(
-                &zeros,
-                &differ,
-                reference.shape(),
-                true,
-                None,
-            ));
+            // A tolerance asked for the output holds only where the strings are equal.
+            let exact = tolerance.map(|_| Tolerance {
+                atol: 0.0,
+                rtol: 0.0,
+            });
+            let mut v = compare_values(&zeros, &differ, reference.shape(), true, exact);
+            // No relative error between labels: 1 where they differ, as the absolute one.
+            v.max_rel = v.max_abs;
+            row.values = Some(v);
             return row;
         }
     }
@@ -788,6 +790,16 @@ mod tests {
             .unwrap();
         assert_eq!(v.mismatches, 2);
         assert_eq!(v.worst_index, vec![1]);
+        assert_eq!(v.max_rel, 1.0);
+        // A tolerance does not let different labels through, however loose.
+        let loose = Tolerance {
+            atol: 10.0,
+            rtol: 10.0,
+        };
+        let v = compare("labels", &a, &s(&["cat", "cow", "owl"]), Some(loose))
+            .values
+            .unwrap();
+        assert_eq!(v.allclose.as_ref().map(|c| c.violations), Some(2));
     }
 
     /// Integers beyond 2^53, which f64 cannot tell apart, are still counted as mismatches.
