@@ -24,8 +24,9 @@
 //!   but folds these): a smaller file that runs at float speed.
 //!
 //! float16 weights: scales are computed in float32; at opset >= 19 the scale is stored as
-//! float16 (DequantizeLinear-19 returns the scale's type), below that, and in the cast form at
-//! any opset, a `Cast(to=FLOAT16)` follows. float64 and bfloat16 weights are left in float with a note.
+//! float16 (DequantizeLinear-19 returns the scale's type) when every scale is a normal float16;
+//! below that opset, when a scale is not (a tiny weight range), and in the cast form at any
+//! opset, a float32 scale and a `Cast(to=FLOAT16)` follow. float64 and bfloat16 weights are left in float with a note.
 //!
 //! The output channel axis per op: Conv 0 (`[M, C/g, k..]`), ConvTranspose 1
 //! (`[C, M/g, k..]`; with groups, channels of different groups at the same position share a
@@ -590,7 +591,7 @@ fn apply(
     if values.is_empty() {
         return false;
     }
-    let Some(qz) = quantize(&values, &dims, plan.axis, plan.block_axis, scheme) else {
+    let Some(mut qz) = quantize(&values, &dims, plan.axis, plan.block_axis, scheme) else {
         stats.notes.push(format!(
             "weight '{name}' holds NaN or infinity: left in float"
         ));
@@ -598,6 +599,25 @@ fn apply(
     };
     let dims_i64: Vec<i64> = dims.iter().map(|&d| d as i64).collect();
     let is_f16 = dt == DataType::Float16 as i32;
+    let cast_form = opts.weight_format == WeightFormat::Cast;
+    // float16 weights at opset >= 19 keep float16 scales (DequantizeLinear-19 then returns
+    // float16) when every scale is a normal float16: a tiny weight range gives scales below
+    // 6.1e-5, which float16 rounds to a subnormal or to 0 (a column of zeros). Those keep
+    // float32 scales and a Cast to float16, as below opset 19. The float16 scales are the
+    // values written, so the float-equivalent model is made from them too.
+    let half_scales = is_f16
+        && opset >= 19
+        && opset >= dq_opset(scheme)
+        && !cast_form
+        && qz
+            .scales
+            .iter()
+            .all(|&s| half::f16::from_f32(s).is_normal());
+    if half_scales {
+        for s in &mut qz.scales {
+            *s = half::f16::from_f32(*s).to_f32();
+        }
+    }
     if opts.dequantized_weights {
         let d = qz.dequantize(&dims, plan.axis, scheme.granularity, plan.block_axis);
         let t = if is_f16 {
@@ -640,8 +660,7 @@ fn apply(
     // float16 weights end in a Cast to float16 (except DequantizeLinear-19 with a float16
     // scale): then the Cast's output is the final value and the float32 one before it gets a
     // name of its own.
-    let cast_form = opts.weight_format == WeightFormat::Cast;
-    let needs_cast = is_f16 && (cast_form || !(opset >= dq_opset(scheme) && opset >= 19));
+    let needs_cast = is_f16 && !half_scales;
     let (float_name, final_name) = if needs_cast {
         (format!("{name}_dequantized_float32"), out_base.clone())
     } else {
@@ -656,7 +675,7 @@ fn apply(
         |zdims: &[i64]| Tensor::from_raw(qtype.onnx_type(), zdims, qtype.pack(&qz.zero_points));
     let mut last: ValueId;
     if opset >= dq_opset(scheme) && !cast_form {
-        let scale_t = if is_f16 && opset >= 19 {
+        let scale_t = if half_scales {
             let raw: Vec<u8> = qz
                 .scales
                 .iter()

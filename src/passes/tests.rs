@@ -1823,6 +1823,27 @@ fn quantize_fp16_weight_opset_19_uses_an_fp16_scale() {
     assert_eq!(rows[0]["finite"], true);
 }
 
+/// float16 weights so small that a scale falls below float16's normal range (6.1e-5): the
+/// scales stay float32 and a Cast to float16 follows. float16 scales rounded them to 0 or to
+/// a subnormal: a zero output channel in onnxruntime, unseen by the float-equivalent check.
+#[test]
+fn quantize_fp16_weight_with_tiny_scales_keeps_float32_scales() {
+    let mut w = rand_f32(108, 24, 0.5);
+    // Output channel 0 about 1e-4 wide: an int8 scale near 1e-6.
+    w[..27].iter_mut().for_each(|v| *v *= 2e-4);
+    let mut p = fp16_conv_model(19);
+    p.graph.as_mut().unwrap().initializer[0] = f16_init("W", &[4, 3, 3, 3], &w);
+    let r = run_pass(&p, Q);
+    let g = r.g();
+    let dq = dq_of(g, "W");
+    assert_eq!(dq.scale.data_type(), DataType::Float as i32);
+    assert_eq!(count(g, "Cast"), 1, "{:?}", ops(g));
+    assert_onnx_checker_accepts(&r.proto, "fp16-tiny-scales");
+    let rows = ort_cosines(&p, &r.proto, &[("x".to_string(), fp16_input())]);
+    let c = rows[0]["cosine"].as_f64().unwrap();
+    assert!(c >= 0.999, "onnxruntime: cosine {c}: {rows:?}");
+}
+
 #[test]
 fn quantize_leaves_weight_listed_as_graph_input_with_a_note() {
     let mut p = conv_model(13);
