@@ -458,11 +458,16 @@ fn score(snr_alone_db: f64, weights: usize) -> f64 {
     10f64.powf(-snr_alone_db / 10.0) / (weights.max(1) as f64).sqrt()
 }
 
-/// Signal power `sum a^2` and noise power `sum (a - b)^2` of a reference `a` and candidate `b`.
+/// Signal power `sum a^2` and noise power `sum (a - b)^2` of a reference `a` and candidate `b`,
+/// over the pairs that are not equal infinities or both NaN.
 fn powers(a: &[f32], b: &[f32]) -> (f64, f64) {
     let (mut sig, mut noise) = (0f64, 0f64);
     for (&x, &y) in a.iter().zip(b) {
         let (x, y) = (x as f64, y as f64);
+        // Agreeing non-finite pairs carry no error (see `cosine`).
+        if (x.is_nan() && y.is_nan()) || (x.is_infinite() && x == y) {
+            continue;
+        }
         sig += x * x;
         noise += (x - y) * (x - y);
     }
@@ -487,6 +492,11 @@ fn cosine(a: &[f32], b: &[f32]) -> f64 {
     let (mut ab, mut aa, mut bb) = (0f64, 0f64, 0f64);
     for (&x, &y) in a.iter().zip(b) {
         let (x, y) = (x as f64, y as f64);
+        // As the check: pairs that agree although not finite (NaN and NaN, equal infinities)
+        // are left out, where they made the cosine NaN and every candidate miss.
+        if (x.is_nan() && y.is_nan()) || (x.is_infinite() && x == y) {
+            continue;
+        }
         ab += x * y;
         aa += x * x;
         bb += y * y;
@@ -2094,6 +2104,10 @@ mod tests {
         assert_eq!(cosine(&[1.0, 2.0], &[1.0, 2.0]), 1.0);
         assert_eq!(cosine(&[2.0, 3.0], &[2.0, 3.0]), 1.0);
         assert_eq!(cosine(&[1.0, 2.0], &[-1.0, -2.0]), -1.0);
+        // Equal infinities and NaN pairs are left out, as in the check.
+        let inf = f32::INFINITY;
+        assert_eq!(cosine(&[1.0, inf, f32::NAN], &[1.0, inf, f32::NAN]), 1.0);
+        assert!(cosine(&[1.0, inf], &[1.0, 2.0]).is_nan());
     }
 
     #[test]
