@@ -53,19 +53,19 @@ pub struct CheckArgs {
     pub seed: u64,
     /// Gate: |a - b| <= atol + rtol * |a| on every element of every output (finite, >= 0).
     /// `NAME:X` sets the tolerance of one output only (repeatable; the last colon splits).
-    #[arg(long, value_name = "[NAME:]X", value_parser = per_output, allow_negative_numbers = true)]
+    #[arg(long, value_name = "[NAME:]X", value_parser = per_output, allow_hyphen_values = true)]
     pub atol: Vec<(Option<String>, f64)>,
     /// Gate: relative tolerance of the same check (finite, >= 0); `NAME:X` as for `--atol`.
-    #[arg(long, value_name = "[NAME:]X", value_parser = per_output, allow_negative_numbers = true)]
+    #[arg(long, value_name = "[NAME:]X", value_parser = per_output, allow_hyphen_values = true)]
     pub rtol: Vec<(Option<String>, f64)>,
     /// Gate: smallest cosine similarity per float output, in [-1, 1] (default 0.99 for lossy
     /// pipelines, 0.9999 otherwise, when no gate is given).
-    #[arg(long, value_parser = cosine_limit, allow_negative_numbers = true)]
+    #[arg(long, value_parser = cosine_limit, allow_hyphen_values = true)]
     pub min_cosine: Option<f64>,
     /// Gate: largest accuracy drop per classification-like output, measured as 1 - top-1
     /// agreement with the original (e.g. 0.01 = at most 1% of rows change their argmax), in
     /// [0, 1]. Also a target of the accuracy-gated fallback.
-    #[arg(long, value_name = "FRACTION", value_parser = fraction)]
+    #[arg(long, value_name = "FRACTION", value_parser = fraction, allow_hyphen_values = true)]
     pub max_accuracy_drop: Option<f64>,
     /// Exit 0 instead of 3 when tract cannot run the original model (or a bfloat16 result).
     #[arg(long)]

@@ -593,6 +593,10 @@ fn impossible_gate_values_are_refused() {
             "expected a fraction in [0, 1]",
         ),
         (
+            vec!["--max-accuracy-drop", "-0.1"],
+            "expected a fraction in [0, 1]",
+        ),
+        (
             vec!["--atol=nosuch:0.1"],
             "name `nosuch` but the graph outputs are `save_infer_model/scale_0.tmp_1`",
         ),
@@ -627,17 +631,19 @@ fn impossible_gate_values_are_refused() {
     ]));
     assert_eq!(r.code, Some(2), "{}", r.describe());
     assert!(r.stderr.contains("--calibration-samples"), "{}", r.stderr);
-    // A negative cosine is a value (it was "unexpected argument '-0'").
-    let r = onnxopt(&os(&[
-        &"compare",
-        &m,
-        &m,
-        &"--min-cosine",
-        &"-0.5",
-        &"--inputs",
-        &m.with_extension("npz"),
-    ]));
-    assert!(r.ok(), "{}", r.describe());
+    // A negative cosine is a value (it was "unexpected argument '-0'"), in any spelling.
+    for v in ["-0.5", "-.5", "-1e-3"] {
+        let r = onnxopt(&os(&[
+            &"compare",
+            &m,
+            &m,
+            &"--min-cosine",
+            &v,
+            &"--inputs",
+            &m.with_extension("npz"),
+        ]));
+        assert!(r.ok(), "{v}: {}", r.describe());
+    }
 }
 
 /// A panic inside tract (its Gather on an out-of-range index) is reported as the reason the
