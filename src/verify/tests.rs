@@ -1354,3 +1354,33 @@ fn a_run_error_at_an_unnamed_node_says_so() {
         "tract could not load the model at an unnamed Constant node: Could not extract value out of Constant node"
     );
 }
+
+/// A sparse initializer (which tract does not read) is run as the dense tensor it stands for,
+/// with linear indices and with coordinates: `y = x + spw`, spw [2, 3] holding 5 at [0, 1]
+/// and 6 at [1, 2].
+#[test]
+fn a_sparse_initializer_runs_as_its_dense_tensor() {
+    for (index_dims, indices) in [(vec![2], vec![1i64, 5]), (vec![2, 2], vec![0, 1, 1, 2])] {
+        let mut m = model(
+            vec![node("Add", "add", &["x", "spw"], &["y"], vec![])],
+            vec![info("x", DataType::Float, &[2, 3])],
+            vec![out("y")],
+            vec![],
+        );
+        m.graph
+            .as_mut()
+            .unwrap()
+            .sparse_initializer
+            .push(pb::SparseTensorProto {
+                values: Some(init_f32("spw", &[2], &[5.0, 6.0])),
+                indices: Some(init_i64("spw_indices", &index_dims, &indices)),
+                dims: vec![2, 3],
+            });
+        let out = run(&m, None, &x23(1.0)).unwrap();
+        assert_eq!(
+            f32s(&out[0].1),
+            vec![1.0, 6.0, 1.0, 1.0, 1.0, 7.0],
+            "indices {index_dims:?}"
+        );
+    }
+}

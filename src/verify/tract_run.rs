@@ -389,6 +389,7 @@ pub(crate) fn load(
     if let Some(g) = proto.graph.as_mut() {
         split_float16_gemm_bias(g);
         unique_node_names(g, &HashSet::new());
+        densify_sparse_initializers(g);
     }
     let dir = match model_dir {
         Some(d) => Some(d.to_str().ok_or_else(|| {
@@ -403,6 +404,119 @@ pub(crate) fn load(
         parsed.unresolved_inputs
     );
     Ok(parsed.model)
+}
+
+/// Replaces, in tract's copy of a graph and its subgraphs, each sparse initializer (which
+/// tract does not read: "values used but never defined") by the dense initializer it stands
+/// for: zeros, with the values at their indices (ONNX `SparseTensorProto`: indices of shape
+/// `[NNZ]`, linear, or `[NNZ, rank]`, coordinates). Fixed-size element types whose values are
+/// in `raw_data`, `float_data`, `int32_data` (int32), `int64_data` or `double_data`; any other
+/// stays sparse (and the run fails as before).
+fn densify_sparse_initializers(g: &mut tract_onnx::pb::GraphProto) {
+    for s in std::mem::take(&mut g.sparse_initializer) {
+        match densify(&s) {
+            Some(t) => g.initializer.push(t),
+            None => g.sparse_initializer.push(s),
+        }
+    }
+    for n in &mut g.node {
+        for a in &mut n.attribute {
+            for sub in a.g.iter_mut().chain(a.graphs.iter_mut()) {
+                densify_sparse_initializers(sub);
+            }
+        }
+    }
+}
+
+/// The dense form of `s` (see [`densify_sparse_initializers`]), or `None`.
+fn densify(s: &tract_onnx::pb::SparseTensorProto) -> Option<tract_onnx::pb::TensorProto> {
+    let values = s.values.as_ref()?;
+    let indices = s.indices.as_ref()?;
+    let size = match values.data_type {
+        1 | 6 | 12 => 4,      // float, int32, uint32
+        7 | 11 | 13 => 8,     // int64, double, uint64
+        10 | 16 | 5 | 4 => 2, // float16, bfloat16, int16, uint16
+        2 | 3 | 9 => 1,       // uint8, int8, bool
+        _ => return None,
+    };
+    // The values as little-endian bytes.
+    let raw: Vec<u8> = if !values.raw_data.is_empty() {
+        values.raw_data.clone()
+    } else {
+        match values.data_type {
+            1 => values
+                .float_data
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+            6 => values
+                .int32_data
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+            7 => values
+                .int64_data
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+            11 => values
+                .double_data
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+            _ => return None,
+        }
+    };
+    let idx: Vec<i64> = if !indices.raw_data.is_empty() {
+        indices
+            .raw_data
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+            .collect()
+    } else {
+        indices.int64_data.clone()
+    };
+    let dims: Vec<usize> = s
+        .dims
+        .iter()
+        .map(|&d| usize::try_from(d).ok())
+        .collect::<Option<_>>()?;
+    let total: usize = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d))?;
+    let nnz = raw.len() / size;
+    if raw.len() != nnz * size || total.checked_mul(size)? > 1 << 31 {
+        return None;
+    }
+    // Linear positions: [NNZ] as given, or [NNZ, rank] coordinates in row-major order.
+    let linear: Vec<usize> = if idx.len() == nnz {
+        idx.iter()
+            .map(|&i| usize::try_from(i).ok())
+            .collect::<Option<_>>()?
+    } else if !dims.is_empty() && idx.len() == nnz * dims.len() {
+        idx.chunks_exact(dims.len())
+            .map(|c| {
+                c.iter().zip(&dims).try_fold(0usize, |acc, (&i, &d)| {
+                    let i = usize::try_from(i).ok().filter(|&i| i < d)?;
+                    acc.checked_mul(d)?.checked_add(i)
+                })
+            })
+            .collect::<Option<_>>()?
+    } else {
+        return None;
+    };
+    let mut dense = vec![0u8; total * size];
+    for (k, &at) in linear.iter().enumerate() {
+        if at >= total {
+            return None;
+        }
+        dense[at * size..(at + 1) * size].copy_from_slice(&raw[k * size..(k + 1) * size]);
+    }
+    Some(tract_onnx::pb::TensorProto {
+        name: values.name.clone(),
+        dims: s.dims.clone(),
+        data_type: values.data_type,
+        raw_data: dense,
+        ..Default::default()
+    })
 }
 
 /// Renames, in tract's copy of a graph and its subgraphs, each node whose name in tract
