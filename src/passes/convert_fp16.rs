@@ -549,8 +549,19 @@ fn source_of(g: &Graph, v: ValueId, can_add_inits: bool) -> Source {
 /// per-op rules in topological order; nodes of an allowed op unify their `T` slots (a valid
 /// model gives them one type), which types values the rules could not. Two rounds let those
 /// unified types reach readers that come earlier in the order.
-fn infer_types(g: &Graph, order: &[NodeId], opset: i64) -> Vec<Option<i32>> {
+fn infer_types(
+    g: &Graph,
+    order: &[NodeId],
+    opset: i64,
+    outer: &HashMap<String, i32>,
+) -> Vec<Option<i32>> {
     let mut types: Vec<Option<i32>> = vec![None; g.values.len()];
+    // A subgraph's outer values: the types the enclosing graphs gave them.
+    for (i, v) in g.values.iter().enumerate() {
+        if v.def == ValueDef::Outer {
+            types[i] = outer.get(&v.name).copied();
+        }
+    }
     for p in &g.inputs {
         types[p.value.0 as usize] = tensor_elem(&p.info);
     }
@@ -604,7 +615,7 @@ fn infer_types(g: &Graph, order: &[NodeId], opset: i64) -> Vec<Option<i32>> {
 /// that the rules of [`infer_types`] type, by value name; empty when the graph has a cycle.
 pub(crate) fn value_types(model: &crate::ir::Model) -> HashMap<String, i32> {
     let g = &model.graph;
-    graph_value_types(g, model.opset("").unwrap_or(1))
+    graph_value_types(g, model.opset("").unwrap_or(1), &HashMap::new())
         .iter()
         .enumerate()
         .filter_map(|(i, t)| Some((g.value(ValueId(i as u32)).name.clone(), (*t)?)))
@@ -612,12 +623,41 @@ pub(crate) fn value_types(model: &crate::ir::Model) -> HashMap<String, i32> {
 }
 
 /// The element type of each value of `g` (indexed by [`ValueId`]) that the rules of
-/// [`infer_types`] type at default-domain opset `opset` (outer values of a subgraph: `None`);
-/// all `None` when the graph has a cycle.
-pub(crate) fn graph_value_types(g: &Graph, opset: i64) -> Vec<Option<i32>> {
+/// [`infer_types`] type at default-domain opset `opset`, a subgraph's outer values typed by
+/// `outer` (value name to type, from the enclosing graphs); all `None` when the graph has a
+/// cycle.
+pub(crate) fn graph_value_types(
+    g: &Graph,
+    opset: i64,
+    outer: &HashMap<String, i32>,
+) -> Vec<Option<i32>> {
     match crate::onnx::export::topo_order(g) {
-        Ok(order) => infer_types(g, &order, opset),
+        Ok(order) => infer_types(g, &order, opset, outer),
         Err(_) => vec![None; g.values.len()],
+    }
+}
+
+/// [`graph_value_types`] of `g` and of every subgraph below it, each subgraph's outer values
+/// typed from the graphs enclosing it; `each` gets every graph with its types, outermost
+/// first.
+pub(crate) fn visit_value_types(
+    g: &Graph,
+    opset: i64,
+    outer: &HashMap<String, i32>,
+    each: &mut dyn FnMut(&Graph, &[Option<i32>]),
+) {
+    let types = graph_value_types(g, opset, outer);
+    each(g, &types);
+    let mut visible = outer.clone();
+    for (i, t) in types.iter().enumerate() {
+        if let Some(t) = t {
+            visible.insert(g.value(ValueId(i as u32)).name.clone(), *t);
+        }
+    }
+    for (_, n) in g.live_nodes() {
+        for sub in n.subgraphs() {
+            visit_value_types(sub, opset, &visible, each);
+        }
     }
 }
 
@@ -672,7 +712,7 @@ fn analyse(
     opts: &PassOptions,
 ) -> Result<Analysis> {
     let order = crate::onnx::export::topo_order(g).context("ordering the main graph")?;
-    let types = infer_types(g, &order, opset);
+    let types = infer_types(g, &order, opset, &HashMap::new());
     let cone = shape_cone(g);
     let is_f32 = |v: &ValueId| types[v.0 as usize] == Some(FLOAT);
 

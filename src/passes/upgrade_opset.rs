@@ -26,7 +26,9 @@ use anyhow::Result;
 use super::{Pass, PassKind, PassOptions, PassStats};
 use crate::ir::edit::attr_int;
 use crate::ir::{Graph, Model, Names, NodeId, Tensor};
-use crate::passes::convert_fp16::graph_value_types;
+use std::collections::HashMap;
+
+use crate::passes::convert_fp16::visit_value_types;
 
 /// `TensorProto.DataType` codes of the float types a bound can take.
 const FLOAT: i32 = crate::pb::tensor_proto::DataType::Float as i32;
@@ -90,19 +92,26 @@ impl Pass for UpgradeOpset {
                 return Ok(stats);
             }
         }
+        // Clip-11's bounds are inputs of the input's own type (by the Clip's output name):
+        // a Clip whose input type no rule gives could get bounds of another type, which
+        // onnxruntime refuses.
+        let mut clip_types: HashMap<String, i32> = HashMap::new();
         if from == 10 {
-            // Clip-11's bounds are inputs of the input's own type: a Clip whose input type no
-            // rule gives could get bounds of another type, which onnxruntime refuses.
             let mut untyped: Vec<String> = Vec::new();
-            model.graph.visit(&mut |g: &Graph| {
-                let types = graph_value_types(g, from);
+            visit_value_types(&model.graph, from, &HashMap::new(), &mut |g, types| {
                 for (id, n) in g.live_nodes() {
+                    if !(n.domain().is_empty() && n.is("Clip")) {
+                        continue;
+                    }
                     let x = n.inputs.first().copied().flatten();
-                    if n.domain().is_empty()
-                        && n.is("Clip")
-                        && x.and_then(|x| types[x.0 as usize]).is_none()
-                    {
-                        untyped.push(n.label(id));
+                    match (
+                        x.and_then(|x| types[x.0 as usize]),
+                        n.outputs.first().copied().flatten(),
+                    ) {
+                        (Some(t), Some(y)) => {
+                            clip_types.insert(g.value(y).name.clone(), t);
+                        }
+                        _ => untyped.push(n.label(id)),
                     }
                 }
             });
@@ -118,7 +127,7 @@ impl Pass for UpgradeOpset {
         }
         let mut rewritten = 0usize;
         model.for_each_graph_mut(&mut |g, names| {
-            rewritten += upgrade_graph(g, names, from);
+            rewritten += upgrade_graph(g, names, from, &clip_types);
         });
         model.set_opset("", TARGET_OPSET);
         if model.header.ir_version() < 7 {
@@ -134,24 +143,28 @@ impl Pass for UpgradeOpset {
 
 /// Rewrites the nodes of `g` (not its subgraphs) from opset `from` to [`TARGET_OPSET`];
 /// returns how many were rewritten.
-fn upgrade_graph(g: &mut Graph, names: &mut Names, from: i64) -> usize {
+fn upgrade_graph(
+    g: &mut Graph,
+    names: &mut Names,
+    from: i64,
+    clip_types: &HashMap<String, i32>,
+) -> usize {
     let ids: Vec<NodeId> = g
         .live_nodes()
         .filter(|(_, n)| n.domain().is_empty())
         .map(|(id, _)| id)
         .collect();
-    let types = graph_value_types(g, from);
     let mut count = 0;
     for id in ids {
         let op = g.node(id).op_type().to_string();
-        // The element type of the node's first input (Clip's bounds take it).
+        // A Clip's input type (its bounds take it), found in `run` by its output's name.
         let x_type = g
             .node(id)
-            .inputs
+            .outputs
             .first()
             .copied()
             .flatten()
-            .and_then(|x| types.get(x.0 as usize).copied().flatten());
+            .and_then(|y| clip_types.get(&g.value(y).name).copied());
         let done = match op.as_str() {
             "Squeeze" | "Unsqueeze" | "ReduceSum" => {
                 attr_to_input(g, names, id, "axes", 1, Kind::I64)

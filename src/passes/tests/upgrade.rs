@@ -327,6 +327,46 @@ fn upgrade_opset_10_gives_clip_bounds_the_input_type() {
         "{:?}",
         r.notes()
     );
+    // A Clip in an If branch reading the (float16) graph input: typed from the enclosing
+    // graph (it kept opset 10 as not known).
+    let branch = |name: &str, op: &str, attrs: Vec<pb::AttributeProto>| {
+        graph(
+            name,
+            vec![node(op, &format!("{name}_op"), &["x"], &[name], attrs)],
+            vec![],
+            vec![out(name)],
+            vec![],
+        )
+    };
+    let bounds = vec![attr_f("min", -0.5), attr_f("max", 0.75)];
+    let p = model(
+        10,
+        graph(
+            "g",
+            vec![
+                node("Cast", "cond", &["flag"], &["c"], vec![attr_i("to", 9)]),
+                node(
+                    "If",
+                    "if",
+                    &["c"],
+                    &["y"],
+                    vec![
+                        attr_g("then_branch", branch("t", "Clip", bounds)),
+                        attr_g("else_branch", branch("e", "Identity", vec![])),
+                    ],
+                ),
+            ],
+            vec![
+                info("x", DataType::Float16, &[2, 3]),
+                info("flag", DataType::Int64, &[]),
+            ],
+            vec![info("y", DataType::Float16, &[2, 3])],
+            vec![],
+        ),
+    );
+    let r = run_pass(&p, U);
+    assert_eq!(opset_of(&r.proto), 13, "{:?}", r.notes());
+    assert_onnx_checker_accepts(&r.proto, "clip-in-branch");
 }
 
 /// Opset 10 with an op whose opset-11 form this pass does not write (Pad), opset 13 and opset
