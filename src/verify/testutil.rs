@@ -72,6 +72,15 @@ pub fn attr_i(name: &str, v: i64) -> pb::AttributeProto {
     }
 }
 
+pub fn attr_ints(name: &str, v: &[i64]) -> pb::AttributeProto {
+    pb::AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(pb::attribute_proto::AttributeType::Ints as i32),
+        ints: v.to_vec(),
+        ..Default::default()
+    }
+}
+
 pub fn init_f32(name: &str, dims: &[i64], data: &[f32]) -> pb::TensorProto {
     pb::TensorProto {
         name: Some(name.into()),
