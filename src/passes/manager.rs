@@ -80,15 +80,21 @@ pub fn run_pipeline(
                     .run(model, opts)
                     .with_context(|| format!("pass {} failed", p.name()))?;
                 // The weights the lossy pass replaced go with it, whatever passes follow.
+                // First, so that a summary listing only some notes still shows it.
                 if lossy && stats.changes == 0 {
-                    stats.notes.push(format!(
-                        "changed nothing: no{} node has what this pass rewrites in a form it takes",
-                        if opts.selection_given() {
-                            " selected"
-                        } else {
-                            ""
-                        }
-                    ));
+                    let why = if stats.notes.is_empty() {
+                        format!(
+                            "no{} node has what this pass rewrites in a form it takes",
+                            if opts.selection_given() {
+                                " selected"
+                            } else {
+                                ""
+                            }
+                        )
+                    } else {
+                        "the notes that follow say why each candidate was left".to_string()
+                    };
+                    stats.notes.insert(0, format!("changed nothing: {why}"));
                 }
                 if let Some(before) = read_before {
                     let (n, bytes) = remove_unused(model, |name| before.contains(name));

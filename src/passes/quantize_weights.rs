@@ -476,7 +476,7 @@ fn quantize_graph(
             // One block per (channel, spatial position): more scales than per channel.
             if extent < bs as i64 && extent * channels > 0 && numel / (extent * channels) > 1 {
                 stats.notes.push(format!(
-                    "weight '{name}' {:?}: its reduction axis {block_axis} has {extent} value(s), fewer than the block size {bs}: quantized per channel (axis {axis}) instead of one scale per {extent} value(s)",
+                    "weight '{name}' {:?}: its reduction axis {block_axis} has {extent} value(s), fewer than the block size {bs}: per channel (axis {axis}) instead of one scale per {extent} value(s)",
                     t.dims()
                 ));
                 node_scheme.granularity = Granularity::Channel;

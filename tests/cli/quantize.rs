@@ -925,6 +925,46 @@ fn quantize_options_of_another_mode_are_refused() {
     }
 }
 
+/// MatMulNBits on a model without MatMul or Gemm weights (silero-vad-16k-sequence: Conv and
+/// LSTM at opset 16) changes nothing: the first note says so (it came last, hidden in the
+/// summary's first eight notes), and no note says a weight was quantized while the next one
+/// leaves it in float.
+#[test]
+fn quantize_that_changes_nothing_says_so_first() {
+    let dir = tempdir();
+    let report = dir.path().join("r.json");
+    let r = run_slow(&[
+        "quantize".into(),
+        model("silero-vad-16k-sequence").into(),
+        "-o".into(),
+        dir.path().join("q.onnx").into(),
+        "--dtype".into(),
+        "int4".into(),
+        "--granularity".into(),
+        "block".into(),
+        "--format".into(),
+        "matmulnbits".into(),
+        "--no-check".into(),
+        "--report".into(),
+        report.clone().into(),
+    ]);
+    assert!(r.ok(), "{}", r.describe());
+    let pass = pass_record(&read_json(&report), "quantize_weights");
+    assert_eq!(pass["changes"], 0, "{pass}");
+    let notes = pass["notes"].as_array().unwrap();
+    assert!(
+        notes[0]
+            .as_str()
+            .unwrap()
+            .starts_with("changed nothing: the notes that follow say why"),
+        "{pass}"
+    );
+    assert!(
+        !pass["notes"].to_string().contains("quantized per channel"),
+        "{pass}"
+    );
+}
+
 /// Where the results go is checked before any work: an output or report in a missing folder
 /// stops at once with exit 2, naming it, and nothing is written.
 #[test]
