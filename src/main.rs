@@ -221,9 +221,9 @@ fn refuse_other_inputs(
 
 /// Warns (unless `quiet`) that the check options of `check` that were given are ignored
 /// when the check does not run (`--no-check`, or `--passes none`).
-fn ignored_check_options(check: &CheckArgs, no_check: bool, passes_none: bool, quiet: bool) {
+fn ignored_check_options(check: &CheckArgs, no_check: bool, passes_none: bool) {
     let given = check.given();
-    if quiet || given.is_empty() || !(no_check || passes_none) {
+    if given.is_empty() || !(no_check || passes_none) {
         return;
     }
     let why = if no_check {
@@ -824,7 +824,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let (inputs, check_notes) = check_inputs(&a.check, a.cal.calibration.as_deref())?;
             // `--passes none` loads and saves only: no check.
             let passes_none = a.passes.trim() == "none";
-            ignored_check_options(&a.check, a.no_check, passes_none, cli.quiet);
+            ignored_check_options(&a.check, a.no_check, passes_none);
             let check = !a.no_check && !passes_none;
             let cfg = optimize::OptimizeConfig {
                 model: a.model.clone(),
@@ -1103,7 +1103,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 (format!("cleanup,{pass},cleanup"), scheme, weight_format)
             };
             let (inputs, check_notes) = check_inputs(&a.check, a.cal.calibration.as_deref())?;
-            ignored_check_options(&a.check, a.no_check, false, cli.quiet);
+            ignored_check_options(&a.check, a.no_check, false);
             let check = !a.no_check;
             let cfg = optimize::OptimizeConfig {
                 model: a.model.clone(),

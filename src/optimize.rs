@@ -511,9 +511,16 @@ pub fn format_report(r: &OptimizeReport) -> String {
         );
     }
     if let Some(f) = &r.fallback {
+        // Cosines with one digit more than the target has (at least 6), so that a candidate
+        // that misses 0.99999999 does not read 1.000000.
+        let target_digits = format!("{}", f.target_cosine)
+            .split('.')
+            .nth(1)
+            .map_or(0, str::len);
+        let digits = (target_digits + 1).clamp(6, 12);
         let _ = writeln!(
             s,
-            "\nfallback    {} of {} layers kept in float to reach cosine {}{} ({:.6} -> {:.6}{})",
+            "\nfallback    {} of {} layers kept in float to reach cosine {}{} ({:.*} -> {:.*}{})",
             f.kept.len(),
             f.layers,
             f.target_cosine,
@@ -532,7 +539,9 @@ pub fn format_report(r: &OptimizeReport) -> String {
                 .collect::<String>()
                 + &f.target_max_accuracy_drop
                     .map_or(String::new(), |d| format!(", top-1 drop <= {d}")),
+            digits,
             f.start_cosine,
+            digits,
             f.final_cosine,
             if f.met { "" } else { ", target NOT met" }
         );
@@ -580,7 +589,7 @@ pub fn format_report(r: &OptimizeReport) -> String {
                 .map(|t| {
                     // `~`: an estimate on the switched model.
                     let arrow = if t.estimated { "~" } else { "->" };
-                    let mut s = format!("{} float {arrow} {:.6}", t.kept, t.cosine);
+                    let mut s = format!("{} float {arrow} {:.*}", t.kept, digits, t.cosine);
                     if let Some(n) = t.outside_tolerance {
                         s.push_str(&format!(" ({n} outside)"));
                     }
@@ -963,6 +972,10 @@ mod tests {
             assert!(fb.note.is_none(), "{:?}", fb.note);
             assert!(fb.met, "{fb:?}");
             assert_eq!(r.check.as_ref().unwrap().status, Verification::Checked);
+            // The target has 7 decimals: cosines are printed with 8, so a miss shows.
+            let text = format_report(&r);
+            let figures = format!("({:.8} -> {:.8})", fb.start_cosine, fb.final_cosine);
+            assert!(text.contains(&figures), "{figures}: {text}");
         }
     }
 
