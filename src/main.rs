@@ -547,75 +547,91 @@ fn read_config(
         None => Default::default(),
         Some(_) => anyhow::bail!("{}: \"nodes\" must be an object", path.display()),
     };
+    // Every entry is read; the problems of all of them are reported together.
+    let mut problems: Vec<String> = Vec::new();
     for (node, spec) in nodes {
-        let what = || format!("{}: node \"{node}\"", path.display());
-        match spec {
-            serde_json::Value::String(s) if s == "float" => float.push(node),
-            serde_json::Value::Object(o) => {
-                let mut sc = *base;
-                for (k, val) in &o {
-                    let bad = || anyhow::anyhow!("{}: bad value {val} for \"{k}\"", what());
-                    match k.as_str() {
-                        "dtype" => {
-                            sc.qtype = val.as_str().and_then(QType::parse).ok_or_else(bad)?
-                        }
-                        "symmetric" => sc.symmetric = val.as_bool().ok_or_else(bad)?,
-                        "scale" => {
-                            sc.pow2 = match val.as_str() {
-                                Some("pow2") => true,
-                                Some("float") => false,
-                                _ => return Err(bad()),
+        let entry = || -> Result<()> {
+            let what = || format!("{}: node \"{node}\"", path.display());
+            match spec {
+                serde_json::Value::String(s) if s == "float" => float.push(node),
+                serde_json::Value::Object(o) => {
+                    let mut sc = *base;
+                    for (k, val) in &o {
+                        let bad = || anyhow::anyhow!("{}: bad value {val} for \"{k}\"", what());
+                        match k.as_str() {
+                            "dtype" => {
+                                sc.qtype = val.as_str().and_then(QType::parse).ok_or_else(bad)?
                             }
+                            "symmetric" => sc.symmetric = val.as_bool().ok_or_else(bad)?,
+                            "scale" => {
+                                sc.pow2 = match val.as_str() {
+                                    Some("pow2") => true,
+                                    Some("float") => false,
+                                    _ => return Err(bad()),
+                                }
+                            }
+                            "granularity" | "block_size" => {}
+                            _ => anyhow::bail!("{}: unknown field \"{k}\"", what()),
                         }
-                        "granularity" | "block_size" => {}
-                        _ => anyhow::bail!("{}: unknown field \"{k}\"", what()),
                     }
-                }
-                let bs = match o.get("block_size") {
-                    Some(b) => b.as_u64().filter(|&b| b >= 2).ok_or_else(|| {
-                        anyhow::anyhow!("{}: block_size must be an integer >= 2", what())
-                    })? as usize,
-                    None => match base.granularity {
-                        Granularity::Block(b) => b,
-                        _ => 32,
-                    },
-                };
-                // The node's granularity, or the command line's with this block size.
-                sc.granularity = match o.get("granularity") {
-                    Some(g) => match g.as_str() {
-                        Some("tensor") => Granularity::Tensor,
-                        Some("channel") => Granularity::Channel,
-                        Some("block") => Granularity::Block(bs),
-                        _ => anyhow::bail!(
-                            "{}: granularity must be tensor, channel or block",
+                    let bs = match o.get("block_size") {
+                        Some(b) => b.as_u64().filter(|&b| b >= 2).ok_or_else(|| {
+                            anyhow::anyhow!("{}: block_size must be an integer >= 2", what())
+                        })? as usize,
+                        None => match base.granularity {
+                            Granularity::Block(b) => b,
+                            _ => 32,
+                        },
+                    };
+                    // The node's granularity, or the command line's with this block size.
+                    sc.granularity = match o.get("granularity") {
+                        Some(g) => match g.as_str() {
+                            Some("tensor") => Granularity::Tensor,
+                            Some("channel") => Granularity::Channel,
+                            Some("block") => Granularity::Block(bs),
+                            _ => anyhow::bail!(
+                                "{}: granularity must be tensor, channel or block",
+                                what()
+                            ),
+                        },
+                        None => match base.granularity {
+                            Granularity::Block(_) => Granularity::Block(bs),
+                            g => g,
+                        },
+                    };
+                    // Power-of-two scales are symmetric (fixed point), as on the command line.
+                    if sc.pow2 {
+                        anyhow::ensure!(
+                            o.get("symmetric") != Some(&serde_json::Value::Bool(false)),
+                            "{}: \"scale\": \"pow2\" is symmetric (fixed point): drop \"symmetric\": false",
                             what()
-                        ),
-                    },
-                    None => match base.granularity {
-                        Granularity::Block(_) => Granularity::Block(bs),
-                        g => g,
-                    },
-                };
-                // Power-of-two scales are symmetric (fixed point), as on the command line.
-                if sc.pow2 {
-                    anyhow::ensure!(
-                        o.get("symmetric") != Some(&serde_json::Value::Bool(false)),
-                        "{}: \"scale\": \"pow2\" is symmetric (fixed point): drop \"symmetric\": false",
-                        what()
-                    );
-                    sc.symmetric = true;
+                        );
+                        sc.symmetric = true;
+                    }
+                    if o.contains_key("block_size")
+                        && !matches!(sc.granularity, Granularity::Block(_))
+                    {
+                        anyhow::bail!(
+                            "{}: block_size applies to \"granularity\": \"block\" (or --granularity block)",
+                            what()
+                        );
+                    }
+                    schemes.insert(node, sc);
                 }
-                if o.contains_key("block_size") && !matches!(sc.granularity, Granularity::Block(_))
-                {
-                    anyhow::bail!(
-                        "{}: block_size applies to \"granularity\": \"block\" (or --granularity block)",
-                        what()
-                    );
-                }
-                schemes.insert(node, sc);
+                other => anyhow::bail!("{}: expected \"float\" or an object, got {other}", what()),
             }
-            other => anyhow::bail!("{}: expected \"float\" or an object, got {other}", what()),
+            Ok(())
+        };
+        if let Err(e) = entry() {
+            problems.push(format!("{e:#}"));
         }
+    }
+    if !problems.is_empty() {
+        anyhow::bail!(
+            "{} problem(s) in the config:\n  {}",
+            problems.len(),
+            problems.join("\n  ")
+        );
     }
     Ok((schemes, float))
 }

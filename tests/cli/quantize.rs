@@ -1267,6 +1267,22 @@ fn quantize_selections_that_name_nothing_are_refused() {
     ] {
         assert!(r.stderr.contains(want), "{want}: {}", r.describe());
     }
+    // Every entry's problem is reported, not only the first.
+    fs::write(
+        &cfg,
+        r#"{"nodes": {"Conv@0": {"block_size": 64}, "Conv@1": {"scale": "pow2", "symmetric": false}, "Conv@2": {"dtype": "int3"}}}"#,
+    )
+    .unwrap();
+    let r = quantize(&["--config", cfg.to_str().unwrap()]);
+    assert_eq!(r.code, Some(2), "{}", r.describe());
+    for want in [
+        "3 problem(s) in the config",
+        "node \"Conv@0\": block_size applies",
+        "node \"Conv@1\": \"scale\": \"pow2\" is symmetric",
+        "node \"Conv@2\": bad value \"int3\" for \"dtype\"",
+    ] {
+        assert!(r.stderr.contains(want), "{want}: {}", r.describe());
+    }
     fs::write(&cfg, r#"{"nodes": {"Conv@0": {"block_size": 64}}}"#).unwrap();
     let r = quantize(&["--config", cfg.to_str().unwrap()]);
     assert_eq!(r.code, Some(2), "{}", r.describe());
