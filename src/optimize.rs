@@ -547,19 +547,23 @@ pub fn format_report(r: &OptimizeReport) -> String {
         );
         // Layers kept in float also keep the weights they share with other layers in float,
         // so the result can be all float with layers left.
-        let quantized_nothing = r
-            .passes
-            .iter()
-            .find(|p| p.kind == "lossy")
-            .is_some_and(|p| p.changes == 0);
+        let lossy_pass = r.passes.iter().find(|p| p.kind == "lossy");
+        let quantized_nothing = lossy_pass.is_some_and(|p| p.changes == 0);
+        // A float16 conversion also converts ops outside the layers the fallback ranks.
+        let fp16 = lossy_pass.is_some_and(|p| p.name == "convert_fp16");
         if f.layers > 0 && (f.kept.len() == f.layers || quantized_nothing) {
             let _ = writeln!(
                 s,
-                "    note: {}: the result is not quantized (only the storage of weights left in float may be); loosen the target or check it on more inputs",
+                "    note: {}: {}; loosen the target or check it on more inputs",
                 if f.kept.len() == f.layers {
                     "every quantizable layer is kept in float"
                 } else {
                     "the layers kept in float keep the weights they share with the others in float too"
+                },
+                if fp16 && !quantized_nothing {
+                    "only ops outside those layers still compute in lower precision"
+                } else {
+                    "the result is not quantized (only the storage of weights left in float may be)"
                 }
             );
         }
@@ -977,6 +981,25 @@ mod tests {
             let figures = format!("({:.8} -> {:.8})", fb.start_cosine, fb.final_cosine);
             assert!(text.contains(&figures), "{figures}: {text}");
         }
+        // Every layer kept: the Relu between them reads float32 only and stays float32 too,
+        // so nothing is converted and the note says so (with some op still converted it says
+        // that only ops outside the layers compute in lower precision: ppocr-mobile-v2-cls
+        // with --min-cosine 1).
+        let opts = PassOptions {
+            keep_io_types: true,
+            ..Default::default()
+        };
+        let r = optimize_tiny(
+            dir.path(),
+            &p,
+            "convert_fp16",
+            opts,
+            Default::default(),
+            Some(1.0),
+        );
+        assert_eq!(r.fallback.as_ref().map(|f| f.kept.len()), Some(2));
+        let text = format_report(&r);
+        assert!(text.contains("the result is not quantized"), "{text}");
     }
 
     /// Dynamic quantization's integer layers (MatMulInteger, ConvInteger with conv_integer)
