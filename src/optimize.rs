@@ -931,21 +931,16 @@ mod tests {
         );
     }
 
-    /// The fallback of an fp16 conversion measures every layer alone and runs its candidates
-    /// whether the graph interface stays float32 or becomes float16 (keep_io_types off). Before,
-    /// with a float16 interface the run failed ("the quantized model does not run in tract":
-    /// the candidates were fed float32), and with either interface the layers' copies read
-    /// float32 activations where the converted layers read float16 ones, so no layer was
-    /// measured and they were tried in node order.
-    #[test]
-    fn the_fp16_fallback_measures_each_layer_whatever_the_interface() {
-        let dir = tempfile::tempdir().unwrap();
-        let wave = |n: usize, k: usize| -> Vec<f32> {
-            (0..n)
-                .map(|i| ((i * k % 101) as f32 - 50.0) / 50.0)
-                .collect()
-        };
-        let p = model(
+    /// Weights of the tiny test models: a fixed wave in [-1, 1).
+    fn wave(n: usize, k: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i * k % 101) as f32 - 50.0) / 50.0)
+            .collect()
+    }
+
+    /// x [4, 32] -> MatMul mm1 -> Relu -> MatMul mm2 -> y [4, 8].
+    fn two_matmuls() -> pb::ModelProto {
+        model(
             vec![
                 node("MatMul", "mm1", &["x", "W1"], &["h"], vec![]),
                 node("Relu", "relu", &["h"], &["r"], vec![]),
@@ -957,23 +952,41 @@ mod tests {
                 init_f32("W1", &[32, 32], &wave(1024, 37)),
                 init_f32("W2", &[32, 8], &wave(256, 53)),
             ],
-        );
+        )
+    }
+
+    /// `optimize_tiny` with `pass` and a fallback target of 0.9999999, which its two layers'
+    /// errors miss: the fallback runs and measures both layers alone, without a note.
+    fn fallback_measuring_both_layers(
+        dir: &Path,
+        p: &pb::ModelProto,
+        pass: &str,
+        opts: PassOptions,
+    ) -> OptimizeReport {
+        let r = optimize_tiny(dir, p, pass, opts, Default::default(), Some(0.999_999_9));
+        let fb = r.fallback.as_ref().expect("the fallback ran");
+        assert_eq!((fb.layers, fb.measured), (2, 2), "{:?}", fb.note);
+        assert!(fb.note.is_none(), "{:?}", fb.note);
+        r
+    }
+
+    /// The fallback of an fp16 conversion measures every layer alone and runs its candidates
+    /// whether the graph interface stays float32 or becomes float16 (keep_io_types off). Before,
+    /// with a float16 interface the run failed ("the quantized model does not run in tract":
+    /// the candidates were fed float32), and with either interface the layers' copies read
+    /// float32 activations where the converted layers read float16 ones, so no layer was
+    /// measured and they were tried in node order.
+    #[test]
+    fn the_fp16_fallback_measures_each_layer_whatever_the_interface() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = two_matmuls();
         for keep_io_types in [true, false] {
             let opts = PassOptions {
                 keep_io_types,
                 ..Default::default()
             };
-            let r = optimize_tiny(
-                dir.path(),
-                &p,
-                "convert_fp16",
-                opts,
-                Default::default(),
-                Some(0.999_999_9),
-            );
-            let fb = r.fallback.as_ref().expect("the fallback ran");
-            assert_eq!((fb.layers, fb.measured), (2, 2), "{:?}", fb.note);
-            assert!(fb.note.is_none(), "{:?}", fb.note);
+            let r = fallback_measuring_both_layers(dir.path(), &p, "convert_fp16", opts);
+            let fb = r.fallback.as_ref().unwrap();
             assert!(fb.met, "{fb:?}");
             assert_eq!(r.check.as_ref().unwrap().status, Verification::Checked);
             // The target has 7 decimals: cosines are printed with 8, so a miss shows.
@@ -1010,29 +1023,9 @@ mod tests {
     #[test]
     fn dynamic_layers_are_measured_by_the_fallback() {
         let dir = tempfile::tempdir().unwrap();
-        let wave = |n: usize, k: usize| -> Vec<f32> {
-            (0..n)
-                .map(|i| ((i * k % 101) as f32 - 50.0) / 50.0)
-                .collect()
-        };
         let pads = crate::verify::testutil::attr_ints("pads", &[1, 1, 1, 1]);
         let cases = [
-            (
-                model(
-                    vec![
-                        node("MatMul", "mm1", &["x", "W1"], &["h"], vec![]),
-                        node("Relu", "relu", &["h"], &["r"], vec![]),
-                        node("MatMul", "mm2", &["r", "W2"], &["y"], vec![]),
-                    ],
-                    vec![info("x", DataType::Float, &[4, 32])],
-                    vec![out("y")],
-                    vec![
-                        init_f32("W1", &[32, 32], &wave(1024, 37)),
-                        init_f32("W2", &[32, 8], &wave(256, 53)),
-                    ],
-                ),
-                false,
-            ),
+            (two_matmuls(), false),
             (
                 model(
                     vec![
@@ -1055,17 +1048,7 @@ mod tests {
                 conv_integer,
                 ..Default::default()
             };
-            let r = optimize_tiny(
-                dir.path(),
-                &p,
-                "quantize_dynamic",
-                opts,
-                Default::default(),
-                Some(0.999_999_9),
-            );
-            let fb = r.fallback.as_ref().expect("the fallback ran");
-            assert_eq!((fb.layers, fb.measured), (2, 2), "{:?}", fb.note);
-            assert!(fb.note.is_none(), "{:?}", fb.note);
+            fallback_measuring_both_layers(dir.path(), &p, "quantize_dynamic", opts);
         }
     }
 
@@ -1078,11 +1061,6 @@ mod tests {
         use crate::verify::gate::GateKind;
         use crate::verify::testutil::attr_i;
         let dir = tempfile::tempdir().unwrap();
-        let wave = |n: usize, k: usize| -> Vec<f32> {
-            (0..n)
-                .map(|i| ((i * k % 101) as f32 - 50.0) / 50.0)
-                .collect()
-        };
         let mut p = model(
             vec![
                 node("MatMul", "mm1", &["x", "W1"], &["h"], vec![]),
