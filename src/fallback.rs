@@ -754,8 +754,12 @@ fn with_shadows(
             continue;
         }
         // The layer's node, or the integer node dynamic quantization put in its place
-        // (`MatMulInteger`/`ConvInteger` writing `OUTPUT_int32`, see `quantize_dynamic`).
-        let integer_op = format!("{}Integer", l.op);
+        // (`MatMulInteger` for MatMul and Gemm, `ConvInteger` for Conv, writing
+        // `OUTPUT_int32`, see `quantize_dynamic`).
+        let integer_op = match l.op.as_str() {
+            "Gemm" => "MatMulInteger".to_string(),
+            op => format!("{op}Integer"),
+        };
         let integer_out = format!("{}_int32", l.output);
         let Some(start) = cg.node.iter().position(|n| {
             (crate::passes::proto_node_key(n) == l.node && n.op_type() == l.op)
