@@ -108,9 +108,17 @@ fn import_graph(
     let value_info = std::mem::take(&mut gp.value_info);
     let mut sparse = std::mem::take(&mut gp.sparse_initializer);
     for s in &mut sparse {
+        let mut resolved = true;
         for t in [&mut s.values, &mut s.indices].into_iter().flatten() {
             if let Err(e) = ext.resolve(t) {
                 problems.push(format!("{path}: sparse_initializer: {e:#}"));
+                resolved = false;
+            }
+        }
+        if resolved {
+            if let Err(e) = check_sparse(s) {
+                let name = s.values.as_ref().map_or("", |v| v.name());
+                problems.push(format!("{path}: sparse_initializer '{name}': {e}"));
             }
         }
     }
@@ -255,6 +263,79 @@ fn import_graph(
         g.value_info.push(ValueInfo { proto, orphan });
     }
     g
+}
+
+/// Checks a sparse initializer against ONNX's `SparseTensorProto` rules: named 1-D `values`
+/// of NNZ elements; int64 `indices` of shape `[NNZ]` (linear) or `[NNZ, rank]` (coordinates),
+/// each within the dense shape `dims` (no negative dim).
+///
+/// Errors: the first rule broken, with the values found.
+fn check_sparse(s: &pb::SparseTensorProto) -> std::result::Result<(), String> {
+    let values = s.values.as_ref().ok_or("no values tensor")?;
+    if values.name().is_empty() {
+        return Err("its values tensor has no name".into());
+    }
+    if values.dims.len() != 1 {
+        return Err(format!(
+            "values have shape {:?}, expected [NNZ]",
+            values.dims
+        ));
+    }
+    let nnz = values.dims[0];
+    let dims: Vec<u64> = s
+        .dims
+        .iter()
+        .map(|&d| {
+            u64::try_from(d).map_err(|_| format!("dense shape {:?} has a negative dim", s.dims))
+        })
+        .collect::<std::result::Result<_, _>>()?;
+    let indices = s.indices.as_ref().ok_or("no indices tensor")?;
+    if indices.data_type() != pb::tensor_proto::DataType::Int64 as i32 {
+        let dt = pb::tensor_proto::DataType::try_from(indices.data_type()).map_or_else(
+            |_| indices.data_type().to_string(),
+            |d| d.as_str_name().to_lowercase(),
+        );
+        return Err(format!("indices are of type {dt}, expected int64"));
+    }
+    let coordinates = match indices.dims.as_slice() {
+        [n] if *n == nnz => false,
+        [n, r] if *n == nnz && *r == dims.len() as i64 => true,
+        other => {
+            return Err(format!(
+                "indices have shape {other:?}, expected [{nnz}] or [{nnz}, {}]",
+                dims.len()
+            ))
+        }
+    };
+    let idx: Vec<i64> = match indices.raw_data.as_deref() {
+        Some(raw) if !raw.is_empty() => raw
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+            .collect(),
+        _ => indices.int64_data.clone(),
+    };
+    let per = if coordinates { dims.len() } else { 1 };
+    if idx.len() as i64 != nnz * per as i64 {
+        return Err(format!(
+            "indices hold {} values, expected {}",
+            idx.len(),
+            nnz * per as i64
+        ));
+    }
+    let total = dims.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
+    let bad = if coordinates {
+        idx.chunks(dims.len().max(1))
+            .find(|c| c.iter().zip(&dims).any(|(&i, &d)| i < 0 || i as u64 >= d))
+            .map(|c| format!("{c:?}"))
+    } else {
+        idx.iter()
+            .find(|&&i| i < 0 || total.is_some_and(|t| i as u64 >= t))
+            .map(|i| i.to_string())
+    };
+    match bad {
+        Some(b) => Err(format!("index {b} is outside the dense shape {:?}", s.dims)),
+        None => Ok(()),
+    }
 }
 
 fn add_value(g: &mut Graph, names: &mut Names, name: &str, def: ValueDef) -> ValueId {

@@ -462,6 +462,91 @@ mod tests {
 
     /// Three initializers stored in one missing file: one problem says why, one more names
     /// the other tensors stored there (it was one identical line per tensor: 65 on a model).
+    /// A malformed sparse initializer (int32 indices, an index outside the dense shape, values
+    /// of rank 2) is refused when the model is loaded, naming it and what is wrong; it was
+    /// run as if valid (int32 indices read as int64 put values elsewhere) or left
+    /// "values used but never defined".
+    #[test]
+    fn a_malformed_sparse_initializer_is_refused_naming_it() {
+        let values = |dims: Vec<i64>| pb::TensorProto {
+            name: Some("w".into()),
+            dims,
+            data_type: Some(pb::tensor_proto::DataType::Float as i32),
+            float_data: vec![5.0, 7.0],
+            ..Default::default()
+        };
+        let indices =
+            |dt: pb::tensor_proto::DataType, v: Vec<i64>, dims: Vec<i64>| pb::TensorProto {
+                name: Some("w_indices".into()),
+                dims,
+                data_type: Some(dt as i32),
+                int64_data: if dt == pb::tensor_proto::DataType::Int64 {
+                    v.clone()
+                } else {
+                    vec![]
+                },
+                int32_data: if dt == pb::tensor_proto::DataType::Int32 {
+                    v.iter().map(|&i| i as i32).collect()
+                } else {
+                    vec![]
+                },
+                ..Default::default()
+            };
+        use pb::tensor_proto::DataType::{Int32, Int64};
+        for (sparse, want) in [
+            (
+                (
+                    values(vec![2]),
+                    indices(Int32, vec![1, 0, 2, 0], vec![2, 2]),
+                ),
+                "indices are of type int32, expected int64",
+            ),
+            (
+                (values(vec![2]), indices(Int64, vec![1, 9], vec![2])),
+                "index 9 is outside the dense shape [3, 3]",
+            ),
+            (
+                (values(vec![1, 2]), indices(Int64, vec![1, 2], vec![2])),
+                "values have shape [1, 2], expected [NNZ]",
+            ),
+        ] {
+            let g = pb::GraphProto {
+                name: Some("g".into()),
+                node: vec![pb::NodeProto {
+                    op_type: Some("Identity".into()),
+                    input: vec!["w".into()],
+                    output: vec!["y".into()],
+                    ..Default::default()
+                }],
+                output: vec![pb::ValueInfoProto {
+                    name: Some("y".into()),
+                    ..Default::default()
+                }],
+                sparse_initializer: vec![pb::SparseTensorProto {
+                    values: Some(sparse.0),
+                    indices: Some(sparse.1),
+                    dims: vec![3, 3],
+                }],
+                ..Default::default()
+            };
+            let p = pb::ModelProto {
+                ir_version: Some(8),
+                opset_import: vec![pb::OperatorSetIdProto {
+                    domain: Some(String::new()),
+                    version: Some(13),
+                }],
+                graph: Some(g),
+                ..Default::default()
+            };
+            let e = from_proto(p, None, "sparse.onnx").unwrap_err();
+            let msg = format!("{e:#}");
+            assert!(
+                msg.contains("sparse_initializer 'w'") && msg.contains(want),
+                "{want}: {msg}"
+            );
+        }
+    }
+
     #[test]
     fn a_missing_external_data_file_is_one_problem_not_one_per_tensor() {
         use pb::tensor_proto::{DataLocation, DataType};

@@ -1384,3 +1384,45 @@ fn a_sparse_initializer_runs_as_its_dense_tensor() {
         );
     }
 }
+
+/// Sparse float16 values stored the non-raw way (one per `int32_data` entry, as
+/// onnx.helper.make_tensor writes them) run too; they were left sparse and unverified.
+#[test]
+fn sparse_float16_values_in_int32_data_run() {
+    let mut m = model(
+        vec![
+            node("Cast", "cast", &["x"], &["x16"], vec![attr_i("to", 10)]),
+            node("Add", "add", &["x16", "spw"], &["y"], vec![]),
+        ],
+        vec![info("x", DataType::Float, &[2, 3])],
+        vec![out("y")],
+        vec![],
+    );
+    let bits = |v: f32| i32::from(half::f16::from_f32(v).to_bits());
+    m.graph
+        .as_mut()
+        .unwrap()
+        .sparse_initializer
+        .push(pb::SparseTensorProto {
+            values: Some(pb::TensorProto {
+                name: Some("spw".into()),
+                dims: vec![2],
+                data_type: Some(DataType::Float16 as i32),
+                int32_data: vec![bits(5.0), bits(6.0)],
+                ..Default::default()
+            }),
+            indices: Some(init_i64("spw_indices", &[2], &[1, 5])),
+            dims: vec![2, 3],
+        });
+    let out = run(&m, None, &x23(1.0)).unwrap();
+    let y: Vec<f32> = out[0]
+        .1
+        .cast_to::<f32>()
+        .unwrap()
+        .try_as_plain_ram()
+        .unwrap()
+        .as_slice::<f32>()
+        .unwrap()
+        .to_vec();
+    assert_eq!(y, vec![1.0, 6.0, 1.0, 1.0, 1.0, 7.0]);
+}

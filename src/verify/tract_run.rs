@@ -409,9 +409,9 @@ pub(crate) fn load(
 /// Replaces, in tract's copy of a graph and its subgraphs, each sparse initializer (which
 /// tract does not read: "values used but never defined") by the dense initializer it stands
 /// for: zeros, with the values at their indices (ONNX `SparseTensorProto`: indices of shape
-/// `[NNZ]`, linear, or `[NNZ, rank]`, coordinates). Fixed-size element types whose values are
-/// in `raw_data`, `float_data`, `int32_data` (int32), `int64_data` or `double_data`; any other
-/// stays sparse (and the run fails as before).
+/// `[NNZ]`, linear, or `[NNZ, rank]`, coordinates; the loader checked them). Fixed-size element
+/// types whose values are in `raw_data` or their typed field (`int32_data` for the narrow
+/// types); any other stays sparse (and tract fails on it).
 fn densify_sparse_initializers(g: &mut tract_onnx::pb::GraphProto) {
     for s in std::mem::take(&mut g.sparse_initializer) {
         match densify(&s) {
@@ -453,6 +453,13 @@ fn densify(s: &tract_onnx::pb::SparseTensorProto) -> Option<tract_onnx::pb::Tens
                 .int32_data
                 .iter()
                 .flat_map(|v| v.to_le_bytes())
+                .collect(),
+            // Narrower types are stored one per int32 (float16 and bfloat16 as their bits):
+            // the low bytes.
+            2 | 3 | 4 | 5 | 9 | 10 | 16 => values
+                .int32_data
+                .iter()
+                .flat_map(|v| v.to_le_bytes().into_iter().take(size))
                 .collect(),
             7 => values
                 .int64_data
