@@ -525,6 +525,7 @@ fn read_config(
         .0;
     let mut schemes = NodeSchemes::new();
     let mut float = Vec::new();
+    let mut top_problem: Option<String> = None;
     match &v {
         serde_json::Value::Object(top) => {
             let unknown: Vec<String> = top
@@ -533,11 +534,11 @@ fn read_config(
                 .map(|k| format!("\"{k}\""))
                 .collect();
             if !unknown.is_empty() {
-                anyhow::bail!(
+                top_problem = Some(format!(
                     "{}: unknown top-level field {} (a config holds only \"nodes\")",
                     path.display(),
                     unknown.join(", ")
-                );
+                ));
             }
         }
         _ => anyhow::bail!("{}: expected a JSON object with \"nodes\"", path.display()),
@@ -548,7 +549,7 @@ fn read_config(
         Some(_) => anyhow::bail!("{}: \"nodes\" must be an object", path.display()),
     };
     // Every entry is read; the problems of all of them are reported together.
-    let mut problems: Vec<String> = Vec::new();
+    let mut problems: Vec<String> = top_problem.into_iter().collect();
     for (node, spec) in nodes {
         let entry = || -> Result<()> {
             let what = || format!("{}: node \"{node}\"", path.display());

@@ -176,23 +176,26 @@ pub fn optimize(cfg: &OptimizeConfig, reporter: &dyn Reporter) -> Result<Optimiz
             shadowed.join("\n  ")
         );
     }
+    // Selections naming nothing and per-node schemes no pass would use, reported together.
     let unmatched = passes::unmatched_selectors(&model, &cfg.selectors);
+    let unusable = passes::unusable_node_schemes(&model, &cfg.pass_options);
+    let mut problems = Vec::new();
     if !unmatched.is_empty() {
-        bail!(
-            "{}: {} selection(s) name nothing in the model:\n  {}",
-            cfg.model.display(),
+        problems.push(format!(
+            "{} selection(s) name nothing in the model:\n  {}",
             unmatched.len(),
             unmatched.join("\n  ")
-        );
+        ));
     }
-    let unusable = passes::unusable_node_schemes(&model, &cfg.pass_options);
     if !unusable.is_empty() {
-        bail!(
-            "{}: {} per-node scheme(s) (--config) would not be used:\n  {}",
-            cfg.model.display(),
+        problems.push(format!(
+            "{} per-node scheme(s) (--config) would not be used:\n  {}",
             unusable.len(),
             unusable.join("\n  ")
-        );
+        ));
+    }
+    if !problems.is_empty() {
+        bail!("{}: {}", cfg.model.display(), problems.join("\n"));
     }
     if !cfg.selectors.is_empty() {
         let sel = cfg
