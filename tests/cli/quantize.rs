@@ -1267,16 +1267,17 @@ fn quantize_selections_that_name_nothing_are_refused() {
     ] {
         assert!(r.stderr.contains(want), "{want}: {}", r.describe());
     }
-    // Every entry's problem is reported, not only the first.
+    // Every entry's problem is reported, not only the first, with an unknown top-level field.
     fs::write(
         &cfg,
-        r#"{"nodes": {"Conv@0": {"block_size": 64}, "Conv@1": {"scale": "pow2", "symmetric": false}, "Conv@2": {"dtype": "int3"}}}"#,
+        r#"{"top": 1, "nodes": {"Conv@0": {"block_size": 64}, "Conv@1": {"scale": "pow2", "symmetric": false}, "Conv@2": {"dtype": "int3"}}}"#,
     )
     .unwrap();
     let r = quantize(&["--config", cfg.to_str().unwrap()]);
     assert_eq!(r.code, Some(2), "{}", r.describe());
     for want in [
-        "3 problem(s) in the config",
+        "4 problem(s) in the config",
+        "unknown top-level field \"top\"",
         "node \"Conv@0\": block_size applies",
         "node \"Conv@1\": \"scale\": \"pow2\" is symmetric",
         "node \"Conv@2\": bad value \"int3\" for \"dtype\"",
