@@ -521,12 +521,23 @@ pub fn format_report(r: &OptimizeReport) -> String {
             .nth(1)
             .map_or(0, str::len);
         let digits = (target_digits + 1).clamp(6, 12);
+        // Without a float output (class ids only) there is no cosine to reach: the integer
+        // outputs' gates are the target.
+        let float_output = r.check.as_ref().is_none_or(|c| {
+            c.outputs
+                .iter()
+                .any(|o| o.values.as_ref().is_some_and(|v| !v.integer))
+        });
         let _ = writeln!(
             s,
-            "\nfallback    {} of {} layers kept in float to reach cosine {}{} ({:.*} -> {:.*}{})",
+            "\nfallback    {} of {} layers kept in float to {}{}{}",
             f.kept.len(),
             f.layers,
-            f.target_cosine,
+            if float_output {
+                format!("reach cosine {}", f.target_cosine)
+            } else {
+                "meet the gates of the integer outputs".to_string()
+            },
             f.target_tolerance.map_or(String::new(), |t| format!(
                 " within atol {} + rtol {} |a|",
                 t.atol, t.rtol
@@ -542,11 +553,18 @@ pub fn format_report(r: &OptimizeReport) -> String {
                 .collect::<String>()
                 + &f.target_max_accuracy_drop
                     .map_or(String::new(), |d| format!(", top-1 drop <= {d}")),
-            digits,
-            f.start_cosine,
-            digits,
-            f.final_cosine,
-            if f.met { "" } else { ", target NOT met" }
+            match (float_output, f.met) {
+                (true, met) => format!(
+                    " ({:.*} -> {:.*}{})",
+                    digits,
+                    f.start_cosine,
+                    digits,
+                    f.final_cosine,
+                    if met { "" } else { ", target NOT met" }
+                ),
+                (false, true) => String::new(),
+                (false, false) => " (target NOT met)".to_string(),
+            }
         );
         // Layers kept in float also keep the weights they share with other layers in float,
         // so the result can be all float with layers left.
@@ -1136,6 +1154,13 @@ mod tests {
         let fb = r.fallback.as_ref().expect("the fallback ran");
         assert!(!fb.kept.is_empty());
         assert_eq!(fb.tried[0].integer_mismatch, Some(before), "{:?}", fb.tried);
+        // No float output: the summary names the integer outputs' gates, not a cosine.
+        let text = format_report(&r);
+        assert!(
+            text.contains("layers kept in float to meet the gates of the integer outputs")
+                && !text.contains("to reach cosine"),
+            "{text}"
+        );
         // The estimates (float outputs only: none here) met the target where the final check
         // of the integer output missed, so the search ran again, checking each hit: no set
         // was estimated twice, nor made twice.
