@@ -70,7 +70,7 @@ use crate::pb;
 use crate::quant::calibrate::{float_values, Runner};
 use crate::report::Reporter;
 use crate::verify::gate::{Gates, OutputTolerance};
-use crate::verify::metrics::{abs_error, Tolerance};
+use crate::verify::metrics::{abs_error, agree_non_finite, cosine_of, Tolerance};
 use crate::verify::{Comparison, Verification};
 
 /// One layer kept in float.
@@ -465,7 +465,7 @@ fn powers(a: &[f32], b: &[f32]) -> (f64, f64) {
     for (&x, &y) in a.iter().zip(b) {
         let (x, y) = (x as f64, y as f64);
         // Agreeing non-finite pairs carry no error (see `cosine`).
-        if (x.is_nan() && y.is_nan()) || (x.is_infinite() && x == y) {
+        if agree_non_finite(x, y) {
             continue;
         }
         sig += x * x;
@@ -492,30 +492,16 @@ fn cosine(a: &[f32], b: &[f32]) -> f64 {
     let (mut ab, mut aa, mut bb) = (0f64, 0f64, 0f64);
     for (&x, &y) in a.iter().zip(b) {
         let (x, y) = (x as f64, y as f64);
-        // As the check: pairs that agree although not finite (NaN and NaN, equal infinities)
-        // are left out, where they made the cosine NaN and every candidate miss.
-        if (x.is_nan() && y.is_nan()) || (x.is_infinite() && x == y) {
+        // As the check: pairs that agree although not finite are left out, where they made
+        // the cosine NaN and every candidate miss.
+        if agree_non_finite(x, y) {
             continue;
         }
         ab += x * y;
         aa += x * x;
         bb += y * y;
     }
-    if aa == 0.0 && bb == 0.0 {
-        1.0
-    } else if aa == 0.0 || bb == 0.0 {
-        0.0
-    } else {
-        // One square root, as the check computes it (`verify::metrics`): equal outputs give
-        // exactly 1, where `sqrt(aa) * sqrt(bb)` can round below it and miss a target of 1.
-        let product = aa * bb;
-        let denominator = if product.is_finite() && product > 0.0 {
-            product.sqrt()
-        } else {
-            aa.sqrt() * bb.sqrt()
-        };
-        (ab / denominator).clamp(-1.0, 1.0)
-    }
+    cosine_of(ab, aa, bb)
 }
 
 /// Values by name: the elements and the size of the last axis.

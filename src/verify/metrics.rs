@@ -179,6 +179,32 @@ pub(crate) fn ser_opt_f64<S: Serializer>(v: &Option<f64>, s: S) -> Result<S::Ok,
     }
 }
 
+/// Whether a reference value `x` and a candidate value `y` agree although not finite (both
+/// NaN, or equal infinities): such pairs are left out of the cosine and the error powers, where
+/// `inf * inf / sqrt(inf * inf)` would make them NaN.
+pub(crate) fn agree_non_finite(x: f64, y: f64) -> bool {
+    (x.is_nan() && y.is_nan()) || (x.is_infinite() && x == y)
+}
+
+/// Cosine similarity from its sums: `dot / sqrt(norm_a norm_b)` with one square root (equal
+/// vectors give exactly 1, where `sqrt(norm_a) sqrt(norm_b)` can round below it), clamped to
+/// [-1, 1]; 1 when both norms are 0, 0 when one is.
+pub(crate) fn cosine_of(dot: f64, norm_a: f64, norm_b: f64) -> f64 {
+    if norm_a == 0.0 && norm_b == 0.0 {
+        1.0
+    } else if norm_a == 0.0 || norm_b == 0.0 {
+        0.0
+    } else {
+        let product = norm_a * norm_b;
+        let denominator = if product.is_finite() && product > 0.0 {
+            product.sqrt()
+        } else {
+            norm_a.sqrt() * norm_b.sqrt()
+        };
+        (dot / denominator).clamp(-1.0, 1.0)
+    }
+}
+
 /// Compares one output. Shapes must be equal (no broadcasting); otherwise, or when a dtype
 /// cannot be read as numbers, the row carries a `problem` and no values.
 pub fn compare(
@@ -397,8 +423,7 @@ impl Partial {
             }
             // Pairs that agree although not finite (NaN and NaN, equal infinities) are left
             // out of the cosine: inf * inf / sqrt(inf * inf) would make it NaN.
-            let agree_non_finite = (x.is_nan() && y.is_nan()) || (x.is_infinite() && x == y);
-            if !agree_non_finite {
+            if !agree_non_finite(x, y) {
                 p.dot += x * y;
                 p.norm_a += x * x;
                 p.norm_b += y * y;
@@ -491,19 +516,7 @@ pub fn compare_values(
     let p = partials.into_iter().fold(Partial::EMPTY, Partial::then);
     let empty = n == 0;
     let max_abs = if empty { 0.0 } else { p.max_err };
-    let cosine = if p.norm_a == 0.0 && p.norm_b == 0.0 {
-        1.0
-    } else if p.norm_a == 0.0 || p.norm_b == 0.0 {
-        0.0
-    } else {
-        let product = p.norm_a * p.norm_b;
-        let denominator = if product.is_finite() && product > 0.0 {
-            product.sqrt()
-        } else {
-            p.norm_a.sqrt() * p.norm_b.sqrt()
-        };
-        (p.dot / denominator).clamp(-1.0, 1.0)
-    };
+    let cosine = cosine_of(p.dot, p.norm_a, p.norm_b);
     let snr_db = if p.noise == 0.0 {
         f64::INFINITY
     } else {
