@@ -169,13 +169,10 @@ fn refuse_report_over_external_data(
     let reads: Vec<(String, std::path::PathBuf)> = models
         .iter()
         .flat_map(|(m, info)| {
-            let dir = m.parent().unwrap_or(Path::new("")).to_path_buf();
-            info.external.iter().map(move |(location, _, _)| {
-                (
-                    format!("{} (its external data)", m.display()),
-                    dir.join(location),
-                )
-            })
+            let label = format!("{} (its external data)", m.display());
+            info.external_paths(m)
+                .into_iter()
+                .map(move |p| (label.clone(), p))
         })
         .collect();
     let reads: Vec<(&str, &Path)> = reads

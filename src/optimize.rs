@@ -380,12 +380,7 @@ pub fn optimize(cfg: &OptimizeConfig, reporter: &dyn Reporter) -> Result<Optimiz
     // model itself (--force).
     let mut save = cfg.save.clone();
     if !onnx::same_file(&cfg.model, &cfg.output) {
-        let dir = cfg.model.parent().unwrap_or(Path::new(""));
-        save.protect_data.extend(
-            info.external
-                .iter()
-                .map(|(location, _, _)| dir.join(location)),
-        );
+        save.protect_data.extend(info.external_paths(&cfg.model));
     }
     let saved = onnx::save_proto(&mut out_proto, &cfg.output, &save)
         .with_context(|| format!("cannot save {}", cfg.output.display()))?;

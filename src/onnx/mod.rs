@@ -38,6 +38,18 @@ pub struct LoadInfo {
 /// One external data file read: (location, tensors, bytes).
 pub type ExternalUse = (String, usize, u64);
 
+impl LoadInfo {
+    /// The paths of the external data files read, for a model loaded from `model`
+    /// (locations are relative to its folder).
+    pub fn external_paths(&self, model: &Path) -> Vec<PathBuf> {
+        let dir = model.parent().unwrap_or(Path::new(""));
+        self.external
+            .iter()
+            .map(|(location, _, _)| dir.join(location))
+            .collect()
+    }
+}
+
 /// Reads a whole file as `Bytes`: memory-mapped when it is not empty.
 pub(crate) fn read_file_bytes(path: &Path) -> Result<Bytes> {
     let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
@@ -152,7 +164,6 @@ pub fn refuse_clobbering_external(
     output: &Path,
     opts: &SaveOptions,
 ) -> Result<()> {
-    let dir = model.parent().unwrap_or(Path::new(""));
     let data = external_data_path(output);
     let mut writes: Vec<(&str, &Path)> = Vec::new();
     if !same_file(model, output) {
@@ -167,8 +178,7 @@ pub fn refuse_clobbering_external(
             .map(|(o, p)| (o.as_str(), p.as_path())),
     );
     let mut problems = Vec::new();
-    for (location, _, _) in &info.external {
-        let read = dir.join(location);
+    for read in info.external_paths(model) {
         for (option, w) in &writes {
             if same_file(w, &read) {
                 problems.push(format!(
