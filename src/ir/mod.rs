@@ -235,6 +235,16 @@ pub struct ValueInfo {
 }
 
 impl Graph {
+    /// The names of the graph's sparse initializers (each named by its `values` tensor), which
+    /// stay in [`Graph::header`] and are read by name ([`ValueDef::Outer`]).
+    pub fn sparse_initializer_names(&self) -> impl Iterator<Item = &str> {
+        self.header
+            .sparse_initializer
+            .iter()
+            .filter_map(|s| s.values.as_ref().map(|v| v.name()))
+            .filter(|n| !n.is_empty())
+    }
+
     /// An empty graph around `header`.
     pub fn new(header: pb::GraphProto) -> Self {
         Graph {

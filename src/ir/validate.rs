@@ -27,12 +27,7 @@ pub fn validate(model: &Model) -> Result<()> {
 
 fn check_graph(g: &Graph, path: &str, outer: &HashSet<String>, problems: &mut Vec<String>) {
     // Values read by name: an enclosing graph's, or this graph's sparse initializers.
-    let sparse: HashSet<&str> = g
-        .header
-        .sparse_initializer
-        .iter()
-        .filter_map(|s| s.values.as_ref().map(|v| v.name()))
-        .collect();
+    let sparse: HashSet<&str> = g.sparse_initializer_names().collect();
     for (i, v) in g.values.iter().enumerate() {
         if v.def == ValueDef::Outer && !outer.contains(&v.name) && !sparse.contains(v.name.as_str())
         {

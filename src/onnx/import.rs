@@ -124,13 +124,9 @@ fn import_graph(
     }
     // A sparse initializer is named by its `values` tensor; it stays in the header, and a
     // node reading it reads it by name, as a subgraph reads an outer value.
-    let sparse_names: HashSet<String> = sparse
-        .iter()
-        .filter_map(|s| s.values.as_ref().map(|v| v.name().to_string()))
-        .filter(|n| !n.is_empty())
-        .collect();
     gp.sparse_initializer = sparse;
     let mut g = Graph::new(gp);
+    let sparse_names: HashSet<String> = g.sparse_initializer_names().map(str::to_string).collect();
 
     for (pos, t) in inits.into_iter().enumerate() {
         let name = t.name().to_string();
@@ -282,19 +278,12 @@ fn check_sparse(s: &pb::SparseTensorProto) -> std::result::Result<(), String> {
         ));
     }
     let nnz = values.dims[0];
-    let dims: Vec<u64> = s
-        .dims
-        .iter()
-        .map(|&d| {
-            u64::try_from(d).map_err(|_| format!("dense shape {:?} has a negative dim", s.dims))
-        })
-        .collect::<std::result::Result<_, _>>()?;
+    let total =
+        crate::ir::tensor::num_elements(&s.dims).map_err(|e| format!("dense shape: {e:#}"))?;
+    let dims: Vec<u64> = s.dims.iter().map(|&d| d as u64).collect();
     let indices = s.indices.as_ref().ok_or("no indices tensor")?;
     if indices.data_type() != pb::tensor_proto::DataType::Int64 as i32 {
-        let dt = pb::tensor_proto::DataType::try_from(indices.data_type()).map_or_else(
-            |_| indices.data_type().to_string(),
-            |d| d.as_str_name().to_lowercase(),
-        );
+        let dt = crate::ir::tensor::elem_info(indices.data_type()).name;
         return Err(format!("indices are of type {dt}, expected int64"));
     }
     let coordinates = match indices.dims.as_slice() {
@@ -307,29 +296,17 @@ fn check_sparse(s: &pb::SparseTensorProto) -> std::result::Result<(), String> {
             ))
         }
     };
-    let idx: Vec<i64> = match indices.raw_data.as_deref() {
-        Some(raw) if !raw.is_empty() => raw
-            .chunks_exact(8)
-            .map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
-            .collect(),
-        _ => indices.int64_data.clone(),
-    };
-    let per = if coordinates { dims.len() } else { 1 };
-    if idx.len() as i64 != nnz * per as i64 {
-        return Err(format!(
-            "indices hold {} values, expected {}",
-            idx.len(),
-            nnz * per as i64
-        ));
-    }
-    let total = dims.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
+    // Its payload holds as many indices as its shape says (checked by `to_i64`).
+    let idx = Tensor::new(indices.clone())
+        .to_i64()
+        .map_err(|e| format!("indices: {e:#}"))?;
     let bad = if coordinates {
         idx.chunks(dims.len().max(1))
             .find(|c| c.iter().zip(&dims).any(|(&i, &d)| i < 0 || i as u64 >= d))
             .map(|c| format!("{c:?}"))
     } else {
         idx.iter()
-            .find(|&&i| i < 0 || total.is_some_and(|t| i as u64 >= t))
+            .find(|&&i| i < 0 || i as u64 >= total as u64)
             .map(|i| i.to_string())
     };
     match bad {
