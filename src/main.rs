@@ -216,8 +216,8 @@ fn refuse_other_inputs(
     Ok(())
 }
 
-/// Warns (unless `quiet`) that the check options of `check` that were given are ignored
-/// when the check does not run (`--no-check`, or `--passes none`).
+/// Warns that the check options of `check` that were given are ignored when the check does
+/// not run (`--no-check`, or `--passes none`).
 fn ignored_check_options(check: &CheckArgs, no_check: bool, passes_none: bool) {
     let given = check.given();
     if given.is_empty() || !(no_check || passes_none) {
@@ -1172,11 +1172,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 refuse_clobbering(&[("--report", report)], &reads)?;
             }
             let (reference_model, reference_info) = onnx::load(&a.reference)?;
-            verify::gate::check_output_names(
-                &gates(&a.check)?,
-                &reference_model.graph,
-                &a.reference,
-            )?;
+            let user_gates = gates(&a.check)?;
+            verify::gate::check_output_names(&user_gates, &reference_model.graph, &a.reference)?;
             let r = onnx::export::to_proto(&reference_model)?;
             let (candidate_model, candidate_info) = onnx::load(&a.candidate)?;
             refuse_report_over_external_data(
@@ -1189,9 +1186,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let c = onnx::export::to_proto(&candidate_model)?;
             refuse_other_inputs(&r, &a.reference, &c, &a.candidate)?;
             let dir = |p: &std::path::Path| p.parent().map(|d| d.to_path_buf());
-            let g = optimize::default_gates(gates(&a.check)?, false);
+            let g = optimize::default_gates(user_gates, false);
             reporter.phase("running both models in tract");
-            let cmp = verify::compare_models(
+            let mut cmp = verify::compare_models(
                 &r,
                 dir(&a.reference).as_deref(),
                 &c,
@@ -1200,7 +1197,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 &g,
             )?;
             reporter.phase_done();
-            let mut cmp = cmp;
             verify::unverified_if_bfloat16(&mut cmp, &candidate_model);
             verify::refuse_contradicted_shapes(&cmp, &a.reference)?;
             if let Some(path) = &a.report {
