@@ -695,7 +695,7 @@ fn with_shadows(
     let default_opset = |m: &pb::ModelProto| {
         m.opset_import
             .iter()
-            .find(|o| o.domain().is_empty() || o.domain() == "ai.onnx")
+            .find(|o| crate::ir::normal_domain(o.domain()).is_empty())
             .map(|o| o.version())
     };
     let (Some(rg), Some(cg)) = (reference.graph.as_ref(), candidate.graph.as_ref()) else {

@@ -42,26 +42,33 @@ pub struct Model {
     pub names: Names,
 }
 
+/// A domain as the IR names it: `"ai.onnx"`, the default ONNX domain's other spelling, is
+/// `""`.
+pub fn normal_domain(domain: &str) -> &str {
+    match domain {
+        "ai.onnx" => "",
+        d => d,
+    }
+}
+
 impl Model {
     /// Version of the opset imported for `domain` (`""` or `"ai.onnx"` is the default domain).
     pub fn opset(&self, domain: &str) -> Option<i64> {
-        let norm = |d: &str| if d == "ai.onnx" { "" } else { d }.to_string();
         self.header
             .opset_import
             .iter()
-            .find(|o| norm(o.domain()) == norm(domain))
+            .find(|o| normal_domain(o.domain()) == normal_domain(domain))
             .map(|o| o.version())
     }
 
     /// Sets the version of the opset imported for `domain` (`""` or `"ai.onnx"` is the default
     /// domain, under whichever name the model imports it), adding the import if needed.
     pub fn set_opset(&mut self, domain: &str, version: i64) {
-        let norm = |d: &str| if d == "ai.onnx" { "" } else { d }.to_string();
         if let Some(o) = self
             .header
             .opset_import
             .iter_mut()
-            .find(|o| norm(o.domain()) == norm(domain))
+            .find(|o| normal_domain(o.domain()) == normal_domain(domain))
         {
             o.version = Some(version);
         } else {
@@ -130,10 +137,7 @@ impl Node {
     }
     /// Operator domain; `""` is the default ONNX domain (`ai.onnx` is normalised to `""`).
     pub fn domain(&self) -> &str {
-        match self.proto.domain() {
-            "ai.onnx" => "",
-            d => d,
-        }
+        normal_domain(self.proto.domain())
     }
     /// True for an op of the default domain named `op`.
     pub fn is(&self, op: &str) -> bool {

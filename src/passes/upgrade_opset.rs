@@ -66,7 +66,7 @@ impl Pass for UpgradeOpset {
         if model.header.functions.iter().any(|f| {
             f.opset_import
                 .iter()
-                .any(|o| o.domain().is_empty() || o.domain() == "ai.onnx")
+                .any(|o| crate::ir::normal_domain(o.domain()).is_empty())
         }) {
             stats.notes.push(format!(
                 "opset {from} kept: the model's local functions import the default domain"
