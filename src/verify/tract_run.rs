@@ -432,11 +432,9 @@ fn densify_sparse_initializers(g: &mut tract_onnx::pb::GraphProto) {
 fn densify(s: &tract_onnx::pb::SparseTensorProto) -> Option<tract_onnx::pb::TensorProto> {
     let values = s.values.as_ref()?;
     let indices = s.indices.as_ref()?;
-    let size = match values.data_type {
-        1 | 6 | 12 => 4,      // float, int32, uint32
-        7 | 11 | 13 => 8,     // int64, double, uint64
-        10 | 16 | 5 | 4 => 2, // float16, bfloat16, int16, uint16
-        2 | 3 | 9 => 1,       // uint8, int8, bool
+    // Bytes per element: whole-byte types only (sub-byte ones are packed).
+    let size = match crate::ir::tensor::elem_info(values.data_type).bits {
+        Some(b) if b >= 8 && b % 8 == 0 => b as usize / 8,
         _ => return None,
     };
     // The values as little-endian bytes.
