@@ -164,6 +164,27 @@ pub struct PreparedInputs {
 /// When the file cannot be opened or is not a zip archive, or an array has another dtype
 /// (strings, complex, structured); the message names the file and the key.
 pub fn load_npz(path: &Path) -> Result<Vec<(String, Tensor)>> {
+    load_npz_keys(path, |_| true)
+}
+
+/// The keys of the arrays of an `.npz` file, in archive order (nothing is read but the
+/// archive's directory).
+///
+/// # Errors
+/// When the file cannot be opened or is not a zip archive.
+pub fn npz_keys(path: &Path) -> Result<Vec<String>> {
+    let file = File::open(path).with_context(|| format!("opening npz file {}", path.display()))?;
+    let archive = npyz::npz::NpzArchive::new(BufReader::new(file))
+        .with_context(|| format!("reading npz file {} as a zip archive", path.display()))?;
+    Ok(archive.array_names().map(str::to_owned).collect())
+}
+
+/// [`load_npz`], reading only the arrays whose key `wanted` accepts: the others (reference
+/// outputs, labels, metadata of any dtype) are skipped unread.
+///
+/// # Errors
+/// As [`load_npz`], for the arrays read.
+pub fn load_npz_keys(path: &Path, wanted: impl Fn(&str) -> bool) -> Result<Vec<(String, Tensor)>> {
     let file = File::open(path).with_context(|| format!("opening npz file {}", path.display()))?;
     let mut archive = npyz::npz::NpzArchive::new(BufReader::new(file))
         .with_context(|| format!("reading npz file {} as a zip archive", path.display()))?;
@@ -177,16 +198,23 @@ pub fn load_npz(path: &Path) -> Result<Vec<(String, Tensor)>> {
         else {
             continue;
         };
+        if !wanted(&key) {
+            continue;
+        }
+        // The array's bytes, uncompressed: a bound on what it can hold, whatever its header
+        // says.
+        let bytes = entry.size();
         let npy = NpyFile::new(entry)
             .with_context(|| format!("reading the npy header of `{key}` in {}", path.display()))?;
-        let tensor = npy_to_tensor(npy)
+        let tensor = npy_to_tensor(npy, bytes)
             .with_context(|| format!("reading array `{key}` of npz file {}", path.display()))?;
         arrays.push((key, tensor));
     }
     Ok(arrays)
 }
 
-fn npy_to_tensor<R: Read>(npy: NpyFile<R>) -> Result<Tensor> {
+/// The array of `npy`, whose file holds at most `bytes` bytes.
+fn npy_to_tensor<R: Read>(npy: NpyFile<R>, bytes: u64) -> Result<Tensor> {
     let shape = npy
         .shape()
         .iter()
@@ -201,36 +229,64 @@ fn npy_to_tensor<R: Read>(npy: NpyFile<R>) -> Result<Tensor> {
     };
     let size = ts.size_field();
     let tensor = match (ts.type_char(), size) {
-        (TypeChar::Float, 2) => read_typed::<f16, R>(npy, &shape, order)?,
-        (TypeChar::Float, 4) => read_typed::<f32, R>(npy, &shape, order)?,
-        (TypeChar::Float, 8) => read_typed::<f64, R>(npy, &shape, order)?,
-        (TypeChar::Int, 1) => read_typed::<i8, R>(npy, &shape, order)?,
-        (TypeChar::Int, 2) => read_typed::<i16, R>(npy, &shape, order)?,
-        (TypeChar::Int, 4) => read_typed::<i32, R>(npy, &shape, order)?,
-        (TypeChar::Int, 8) => read_typed::<i64, R>(npy, &shape, order)?,
-        (TypeChar::Uint, 1) => read_typed::<u8, R>(npy, &shape, order)?,
-        (TypeChar::Uint, 2) => read_typed::<u16, R>(npy, &shape, order)?,
-        (TypeChar::Uint, 4) => read_typed::<u32, R>(npy, &shape, order)?,
-        (TypeChar::Uint, 8) => read_typed::<u64, R>(npy, &shape, order)?,
-        (TypeChar::Bool, 1) => read_typed::<bool, R>(npy, &shape, order)?,
+        (TypeChar::Float, 2) => read_typed::<f16, R>(npy, &shape, order, bytes)?,
+        (TypeChar::Float, 4) => read_typed::<f32, R>(npy, &shape, order, bytes)?,
+        (TypeChar::Float, 8) => read_typed::<f64, R>(npy, &shape, order, bytes)?,
+        (TypeChar::Int, 1) => read_typed::<i8, R>(npy, &shape, order, bytes)?,
+        (TypeChar::Int, 2) => read_typed::<i16, R>(npy, &shape, order, bytes)?,
+        (TypeChar::Int, 4) => read_typed::<i32, R>(npy, &shape, order, bytes)?,
+        (TypeChar::Int, 8) => read_typed::<i64, R>(npy, &shape, order, bytes)?,
+        (TypeChar::Uint, 1) => read_typed::<u8, R>(npy, &shape, order, bytes)?,
+        (TypeChar::Uint, 2) => read_typed::<u16, R>(npy, &shape, order, bytes)?,
+        (TypeChar::Uint, 4) => read_typed::<u32, R>(npy, &shape, order, bytes)?,
+        (TypeChar::Uint, 8) => read_typed::<u64, R>(npy, &shape, order, bytes)?,
+        (TypeChar::Bool, 1) => read_typed::<bool, R>(npy, &shape, order, bytes)?,
         _ => bail!("dtype `{ts}` is not supported"),
     };
     Ok(tensor)
 }
 
-fn read_typed<T, R>(npy: NpyFile<R>, shape: &[usize], order: Order) -> Result<Tensor>
+fn read_typed<T, R>(npy: NpyFile<R>, shape: &[usize], order: Order, bytes: u64) -> Result<Tensor>
 where
     T: npyz::Deserialize + Datum + Copy,
     R: Read,
 {
-    let data: Vec<T> = npy.into_vec().context("reading the array data")?;
+    let n = shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .context("the header's shape overflows")?;
+    ensure!(
+        (n as u128) * (std::mem::size_of::<T>() as u128) <= bytes as u128,
+        "the header's shape {shape:?} needs {n} elements, more than the {bytes} bytes of the array's file hold"
+    );
+    // Read straight into the tensor (Fortran order is C order of the reversed shape, permuted
+    // back after).
+    let stored: Vec<usize> = match order {
+        Order::C => shape.to_vec(),
+        Order::Fortran => shape.iter().rev().copied().collect(),
+    };
+    let mut t = Tensor::zero_dt(T::datum_type(), &stored)?;
+    let mut filled = 0;
+    {
+        let mut view = t.try_as_plain_ram_mut()?;
+        let slots = view.as_slice_mut::<T>()?;
+        for (slot, v) in slots
+            .iter_mut()
+            .zip(npy.data::<T>().map_err(|e| anyhow!("{e}"))?)
+        {
+            *slot = v.context("reading the array data")?;
+            filled += 1;
+        }
+    }
+    ensure!(
+        filled == n,
+        "the array data ends after {filled} of {n} elements"
+    );
     match order {
-        Order::C => Ok(Tensor::from_shape(shape, &data)?),
+        Order::C => Ok(t),
         Order::Fortran => {
-            // Fortran order is C order of the reversed shape; permute back.
-            let reversed: Vec<usize> = shape.iter().rev().copied().collect();
             let axes: Vec<usize> = (0..shape.len()).rev().collect();
-            Ok(Tensor::from_shape(&reversed, &data)?.permute_axes(&axes)?)
+            Ok(t.permute_axes(&axes)?)
         }
     }
 }
@@ -405,7 +461,11 @@ pub fn prepare_inputs(model: &pb::ModelProto, opts: &InputOptions) -> Result<Pre
     };
 
     let mut npz: Option<HashMap<String, Tensor>> = match (&opts.npz, opts.npz_sample) {
-        (Some(path), None) => Some(load_npz(path)?.into_iter().collect()),
+        (Some(path), None) => Some(
+            load_npz_keys(path, |k| names.contains(&k))?
+                .into_iter()
+                .collect(),
+        ),
         // A batch file: sample `i`, split exactly as calibration splits it (an array without
         // the sample axis, such as a scalar, is fed whole).
         (Some(path), Some(i)) => {
@@ -429,7 +489,7 @@ pub fn prepare_inputs(model: &pb::ModelProto, opts: &InputOptions) -> Result<Pre
             "npz file {} lacks graph input(s) {missing:?}; the graph's inputs are {names:?}, the file holds {:?}",
             path.display(),
             {
-                let mut keys: Vec<&String> = npz.keys().collect();
+                let mut keys = npz_keys(path)?;
                 keys.sort();
                 keys
             }
@@ -787,32 +847,76 @@ fn value_range(
     }
 }
 
+/// Most bytes of one generated or filled input tensor (1 GiB): a larger one is almost always a
+/// mistyped `--input-shape` dim, which would otherwise take the machine's memory.
+pub const MAX_GENERATED_BYTES: usize = 1 << 30;
+
+/// The element count of a tensor of `shape` and `dt` the tool generates or fills.
+///
+/// Errors: the count overflows, or the tensor would take more than [`MAX_GENERATED_BYTES`].
+fn generated_len(dt: DatumType, shape: &[usize]) -> Result<usize> {
+    let n = shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .with_context(|| {
+            format!("shape {shape:?} has more elements than this machine can address")
+        })?;
+    let bytes = n.saturating_mul(dt.size_of());
+    ensure!(
+        bytes <= MAX_GENERATED_BYTES,
+        "shape {shape:?} has {n} elements, {:.1} GiB as {dt:?}, more than the {} GiB this tool generates for one input; give a smaller --input-shape, or the values in an --inputs file",
+        bytes as f64 / (1u64 << 30) as f64,
+        MAX_GENERATED_BYTES >> 30
+    );
+    Ok(n)
+}
+
+/// A tensor of `shape` made from `data` without copying it.
+fn tensor_of<T: Datum>(shape: &[usize], data: Vec<T>) -> Result<Tensor> {
+    Ok(tract_onnx::prelude::tract_ndarray::ArrayD::from_shape_vec(shape, data)?.into())
+}
+
 fn random_tensor(
     dt: DatumType,
     shape: &[usize],
     range: &ValueRange,
     rng: &mut ChaCha8Rng,
 ) -> Result<Tensor> {
-    let n: usize = shape.iter().product();
+    let n = generated_len(dt, shape)?;
     let tensor = match dt {
-        DatumType::F16 | DatumType::F32 | DatumType::F64 => {
-            let data: Vec<f64> = (0..n)
+        // Drawn as f64 (the values depend on the seed only, whatever the float type), stored
+        // in the input's type as they are drawn.
+        DatumType::F32 => tensor_of(
+            shape,
+            (0..n)
+                .map(|_| rng.random_range(range.low..=range.high) as f32)
+                .collect::<Vec<f32>>(),
+        )?,
+        DatumType::F16 => tensor_of(
+            shape,
+            (0..n)
+                .map(|_| f16::from_f64(rng.random_range(range.low..=range.high)))
+                .collect::<Vec<f16>>(),
+        )?,
+        DatumType::F64 => tensor_of(
+            shape,
+            (0..n)
                 .map(|_| rng.random_range(range.low..=range.high))
-                .collect();
-            Tensor::from_shape(shape, &data)?
-                .cast_to_dt(dt)?
-                .into_owned()
-        }
-        DatumType::Bool => {
-            let data: Vec<bool> = (0..n).map(|_| rng.random_bool(0.5)).collect();
-            Tensor::from_shape(shape, &data)?
-        }
+                .collect::<Vec<f64>>(),
+        )?,
+        DatumType::Bool => tensor_of(
+            shape,
+            (0..n).map(|_| rng.random_bool(0.5)).collect::<Vec<bool>>(),
+        )?,
         _ => {
             let (low, high) = (range.low as i64, range.high as i64);
             let data: Vec<i64> = (0..n).map(|_| rng.random_range(low..=high)).collect();
-            Tensor::from_shape(shape, &data)?
-                .cast_to_dt(dt)?
-                .into_owned()
+            let t = tensor_of(shape, data)?;
+            if dt == DatumType::I64 {
+                t
+            } else {
+                t.cast_to_dt(dt)?.into_owned()
+            }
         }
     };
     Ok(tensor)
@@ -820,7 +924,7 @@ fn random_tensor(
 
 /// A tensor of `shape` and `dt` filled with `value`, which must be representable.
 fn filled(dt: DatumType, shape: &[usize], value: f64) -> Result<Tensor> {
-    let n: usize = shape.iter().product();
+    let n = generated_len(dt, shape)?;
     let int_range: Option<(f64, f64)> = match dt {
         DatumType::I8 => Some((i8::MIN.into(), i8::MAX.into())),
         DatumType::I16 => Some((i16::MIN.into(), i16::MAX.into())),
