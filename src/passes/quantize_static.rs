@@ -106,7 +106,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
-use anyhow::{Context, Result};
+use anyhow::{ensure, Context, Result};
 
 use super::quantize_weights::{block_axis, weight_axis};
 use super::{can_add_initializers, Pass, PassKind, PassOptions, PassStats};
@@ -757,6 +757,13 @@ fn run(model: &mut Model, opts: &PassOptions) -> Result<PassStats> {
             }
         })
         .context("calibrating quantize_static")?;
+    ensure!(
+        !cal.ranges.is_empty(),
+        "calibration on {} sample(s) from {} gave none of the {} activations to quantize a range: each was empty or held NaN or infinity on every sample (a sample whose arrays have 0 rows has no values)",
+        cal.samples,
+        cal_opts.source.display(),
+        names.len()
+    );
     stats.notes.push(format!(
         "calibrated {} activation tensors on {} sample(s) from {} ({}) in {:.2} s{}",
         cal.ranges.len(),

@@ -62,7 +62,7 @@ use tract_onnx::prelude::{
 
 use super::{CalibrationOptions, QType, RangeMethod};
 use crate::pb;
-use crate::verify::inputs::load_npz;
+use crate::verify::inputs::{load_npz_keys, npz_keys};
 use crate::verify::specialize::IfResolver;
 
 /// Histogram bins per sign (the resolution of the percentile and entropy estimators).
@@ -470,11 +470,11 @@ impl Samples {
                 "calibration data {} does not exist (expected a folder of .npz files or one .npz)",
                 path.display()
             );
-            let all = load_npz(path)?;
+            let mut all = load_npz_keys(path, |k| inputs.iter().any(|d| d.name == k))?;
             let mut arrays = Vec::new();
             let mut count: Option<(usize, String)> = None;
             for decl in &inputs {
-                let t = take_input(&all, &decl.name, path)?;
+                let t = take_input(&mut all, &decl.name, path)?;
                 let rank = t.rank();
                 let split = match decl.rank {
                     Some(r) if rank == r + 1 => Split::Stack,
@@ -489,7 +489,10 @@ impl Samples {
                     match &count {
                         Some((c, other)) if *c != n => bail!(
                             "calibration file {}: array `{}` holds {n} samples along axis 0 but \
-                             `{other}` holds {c}",
+                             `{other}` holds {c}; one .npz file holds samples along a first axis \
+                             (an array of the graph input's rank whose first dim is symbolic or 1 \
+                             is split along it): stack samples on a new first axis, or put each \
+                             sample in its own file in a folder",
                             path.display(),
                             decl.name
                         ),
@@ -549,20 +552,22 @@ pub fn sample_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-fn take_input(all: &[(String, Tensor)], name: &str, file: &Path) -> Result<Tensor> {
-    all.iter()
-        .find(|(k, _)| k == name)
-        .map(|(_, t)| t.clone())
-        .ok_or_else(|| {
-            anyhow!(
-                "calibration sample {}: no array for graph input `{name}` (arrays: {})",
-                file.display(),
-                all.iter()
-                    .map(|(k, _)| format!("`{k}`"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )
-        })
+/// Takes the array of graph input `name` out of `all`, read from `file`.
+///
+/// Errors: there is none; the message lists the file's arrays.
+fn take_input(all: &mut Vec<(String, Tensor)>, name: &str, file: &Path) -> Result<Tensor> {
+    match all.iter().position(|(k, _)| k == name) {
+        Some(i) => Ok(all.swap_remove(i).1),
+        None => bail!(
+            "calibration sample {}: no array for graph input `{name}` (arrays: {})",
+            file.display(),
+            npz_keys(file)?
+                .iter()
+                .map(|k| format!("`{k}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
 }
 
 /// Checks that a sample's value for `d` has the declared element type, rank and fixed dims;
@@ -585,8 +590,10 @@ fn check_against(d: &InputDecl, t: &Tensor, label: &str) -> Result<()> {
             dims.clone().unwrap_or_else(|| "rank unknown".into())
         )
     };
-    let dtype_ok = declared_dt
-        .is_none_or(|dt| dt == t.datum_type() || !(dt.is_float() || t.datum_type().is_float()));
+    // The exact type, as for `--inputs`: an int64 array for an int32 input may hold values
+    // beyond its range (which tract would wrap), and tract refuses some other pairs deep
+    // inside the model.
+    let dtype_ok = declared_dt.is_none_or(|dt| dt == t.datum_type());
     let shape_ok = d.dims.as_ref().is_none_or(|ds| {
         ds.len() == t.rank()
             && ds
@@ -614,6 +621,23 @@ fn check_against(d: &InputDecl, t: &Tensor, label: &str) -> Result<()> {
     Ok(())
 }
 
+/// The values of `results`, or one error listing every error among them.
+fn all_or_every_problem<T>(results: Vec<Result<T>>) -> Result<Vec<T>> {
+    let mut values = Vec::new();
+    let mut problems = Vec::new();
+    for r in results {
+        match r {
+            Ok(v) => values.push(v),
+            Err(e) => problems.push(format!("{e:#}")),
+        }
+    }
+    if problems.is_empty() {
+        Ok(values)
+    } else {
+        bail!("{}", problems.join("; "))
+    }
+}
+
 impl Iterator for Samples {
     type Item = Result<Sample>;
 
@@ -626,22 +650,25 @@ impl Iterator for Samples {
         Some(match &self.source {
             Source::Files(files) => {
                 let file = &files[i];
-                load_npz(file).and_then(|all| {
-                    let label = file.display().to_string();
-                    let tensors = self
-                        .inputs
-                        .iter()
-                        .map(|d| {
-                            let t = take_input(&all, &d.name, file)?;
-                            check_against(d, &t, &label)?;
-                            Ok((d.name.clone(), t))
+                load_npz_keys(file, |k| self.inputs.iter().any(|d| d.name == k)).and_then(
+                    |mut all| {
+                        let label = file.display().to_string();
+                        // Every problem of the sample, not only the first.
+                        let checked: Vec<Result<(String, Tensor)>> = self
+                            .inputs
+                            .iter()
+                            .map(|d| {
+                                let t = take_input(&mut all, &d.name, file)?;
+                                check_against(d, &t, &label)?;
+                                Ok((d.name.clone(), t))
+                            })
+                            .collect();
+                        Ok(Sample {
+                            label,
+                            tensors: all_or_every_problem(checked)?,
                         })
-                        .collect::<Result<Vec<_>>>()?;
-                    Ok(Sample {
-                        label: file.display().to_string(),
-                        tensors,
-                    })
-                })
+                    },
+                )
             }
             Source::Batched { file, arrays, .. } => arrays
                 .iter()
@@ -660,11 +687,17 @@ impl Iterator for Samples {
                 .with_context(|| format!("splitting calibration file {}", file.display()))
                 .and_then(|tensors| {
                     let label = format!("{}[{i}]", file.display());
-                    for (name, t) in &tensors {
-                        if let Some(d) = self.inputs.iter().find(|d| &d.name == name) {
-                            check_against(d, t, &label)?;
-                        }
-                    }
+                    all_or_every_problem(
+                        tensors
+                            .iter()
+                            .map(
+                                |(name, t)| match self.inputs.iter().find(|d| &d.name == name) {
+                                    Some(d) => check_against(d, t, &label),
+                                    None => Ok(()),
+                                },
+                            )
+                            .collect(),
+                    )?;
                     Ok(Sample { label, tensors })
                 }),
         })
@@ -893,6 +926,9 @@ fn cache() -> &'static Mutex<CacheMap> {
     CACHE.get_or_init(|| Mutex::new(HashMap::new()))
 }
 
+/// Most unreadable calibration samples listed in one error (the rest are counted).
+const MAX_LISTED_PROBLEMS: usize = 20;
+
 /// Most calibrations kept in the process-wide cache.
 const CACHE_ENTRIES: usize = 8;
 
@@ -964,7 +1000,27 @@ fn run_calibration(
     let threads = rayon::current_num_threads().max(1);
     let mut samples = samples.peekable();
     while samples.peek().is_some() {
-        let chunk: Vec<Sample> = samples.by_ref().take(threads).collect::<Result<_>>()?;
+        let chunk: Vec<Sample> = match samples.by_ref().take(threads).collect::<Result<_>>() {
+            Ok(c) => c,
+            Err(first) => {
+                // A sample cannot be fed: the others are read (not run) so that every such
+                // problem is reported at once.
+                let mut problems = vec![format!("{first:#}")];
+                problems.extend(samples.filter_map(|s| s.err().map(|e| format!("{e:#}"))));
+                let n = problems.len();
+                let shown = problems.len().min(MAX_LISTED_PROBLEMS);
+                bail!(
+                    "{} calibration sample(s) cannot be fed to the model:\n  {}{}",
+                    n,
+                    problems[..shown].join("\n  "),
+                    if n > shown {
+                        format!("\n  ... and {} more", n - shown)
+                    } else {
+                        String::new()
+                    }
+                );
+            }
+        };
         let sets: Vec<&[(String, Tensor)]> = chunk.iter().map(|s| s.tensors.as_slice()).collect();
         let results = runner
             .run_many(&sets)

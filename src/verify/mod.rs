@@ -264,6 +264,26 @@ impl Reference {
             .collect();
         let labels: Vec<&str> = self.sets.iter().map(|s| s.label.as_str()).collect();
         let mut comparison = merge(per_set, &labels);
+        // Outputs without a value on every set: nothing was compared, whatever the gates say.
+        let empty = |o: &metrics::OutputMetrics| o.values.as_ref().is_some_and(|v| v.elements == 0);
+        if matches!(comparison.status, Verification::Checked)
+            && !comparison.outputs.is_empty()
+            && comparison.outputs.iter().all(empty)
+        {
+            let message = "every graph output is empty on the inputs checked".to_string();
+            comparison.status = Verification::Unverified {
+                reason: format!(
+                    "nothing was compared: {message}; give inputs for which the model outputs values"
+                ),
+                error: tract_run::RunError {
+                    stage: tract_run::RunStage::Run,
+                    node: None,
+                    op: None,
+                    message,
+                    panicked: false,
+                },
+            };
+        }
         if matches!(comparison.status, Verification::Checked) {
             if gates.min_cosine.is_some() {
                 let notes = output_notes(&comparison.outputs, gates);

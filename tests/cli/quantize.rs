@@ -1411,3 +1411,159 @@ fn optimize_runs_quantize_static_with_calibration_options() {
         r.describe()
     );
 }
+
+/// Calibration and check inputs a user hands the tool: every sample that cannot be fed is
+/// named in one error (it was only the first), an integer array of another width than the
+/// graph input is refused (int64 values beyond int32 gave a wrong range, exit 0), arrays that
+/// are not graph inputs are skipped unread whatever their dtype (a string label was refused),
+/// a sample with 0 rows gives no range and is refused (it was exit 0 with nothing quantized),
+/// a model compared on inputs whose outputs are all empty is unverified (it was "every gate
+/// holds" on 0 elements), and a generated input over 1 GiB is refused (a mistyped dim took
+/// all memory or aborted).
+#[test]
+fn calibration_and_check_data_problems_are_refused_together() {
+    use onnxopt::verify::inputs::{load_npz, save_npz};
+    use tract_onnx::prelude::Tensor;
+    let dir = tempdir();
+    let cls = model("ppocr-mobile-v2-cls");
+    let x = load_npz(&cls.with_extension("npz"))
+        .unwrap()
+        .into_iter()
+        .find(|(k, _)| k == "x")
+        .unwrap()
+        .1;
+    let out = dir.path().join("q.onnx");
+    let quantize = |cal: &Path| {
+        run_slow(&[
+            "quantize".into(),
+            cls.clone().into(),
+            "-o".into(),
+            out.clone().into(),
+            "--mode".into(),
+            "static".into(),
+            "--calibration".into(),
+            cal.into(),
+            "--no-fallback".into(),
+        ])
+    };
+    let cal = dir.path().join("cal");
+    fs::create_dir(&cal).unwrap();
+    let f64_x = x.cast_to::<f64>().unwrap().into_owned();
+    save_npz(&cal.join("a.npz"), &[("x".into(), f64_x)]).unwrap();
+    save_npz(&cal.join("b.npz"), &[("y".into(), x.clone())]).unwrap();
+    let no_batch = x.clone().into_shape(&x.shape()[1..]).unwrap();
+    save_npz(&cal.join("c.npz"), &[("x".into(), no_batch)]).unwrap();
+    // A valid sample with a string array beside (numpy writes it).
+    let st = Command::new(python())
+        .arg("-c")
+        .arg(
+            "import sys, numpy as np; np.savez(sys.argv[2], x=np.load(sys.argv[1])['x'], label=np.array(['a label']))",
+        )
+        .arg(cls.with_extension("npz"))
+        .arg(cal.join("d.npz"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let r = quantize(&cal);
+    assert_eq!(r.code, Some(2), "{}", r.describe());
+    for want in [
+        "3 calibration sample(s) cannot be fed to the model",
+        "a.npz: array `x` is F64",
+        "b.npz: no array for graph input `x` (arrays: `y`)",
+        "c.npz: array `x` is F32 [3, 48, 192], but graph input `x` is F32 [?, 3, ?, ?]",
+    ] {
+        assert!(r.stderr.contains(want), "{want}: {}", r.describe());
+    }
+    assert!(!r.stderr.contains("d.npz"), "{}", r.describe());
+    assert!(!out.exists());
+    // The good sample alone, its string array beside: calibrated and checked on it.
+    for f in ["a.npz", "b.npz", "c.npz"] {
+        fs::remove_file(cal.join(f)).unwrap();
+    }
+    let r = quantize(&cal);
+    assert!(r.ok(), "{}", r.describe());
+    fs::remove_file(&out).unwrap();
+
+    // A sample with 0 rows: nothing to calibrate on.
+    let empty = dir.path().join("empty");
+    fs::create_dir(&empty).unwrap();
+    let zero_rows = Tensor::zero::<f32>(&[0, 3, 48, 192]).unwrap();
+    save_npz(&empty.join("a.npz"), &[("x".into(), zero_rows)]).unwrap();
+    let r = quantize(&empty);
+    assert_eq!(r.code, Some(2), "{}", r.describe());
+    assert!(
+        r.stderr.contains("gave none of the") && r.stderr.contains("0 rows"),
+        "{}",
+        r.describe()
+    );
+    assert!(!out.exists());
+    // compare on it: every output empty, nothing compared.
+    let r = run_slow(&[
+        "compare".into(),
+        cls.clone().into(),
+        cls.clone().into(),
+        "--inputs".into(),
+        empty.join("a.npz").into(),
+    ]);
+    assert_eq!(r.code, Some(3), "{}", r.describe());
+    assert!(
+        r.stdout
+            .contains("nothing was compared: every graph output is empty"),
+        "{}",
+        r.describe()
+    );
+
+    // magika's int32 input fed int64 values beyond int32.
+    let magika = model("magika-standard-v3-3");
+    let bytes = load_npz(&magika.with_extension("npz"))
+        .unwrap()
+        .into_iter()
+        .find(|(k, _)| k == "bytes")
+        .unwrap()
+        .1;
+    let wide = bytes.cast_to::<i64>().unwrap().into_owned();
+    let cal64 = dir.path().join("cal64");
+    fs::create_dir(&cal64).unwrap();
+    save_npz(&cal64.join("s.npz"), &[("bytes".into(), wide)]).unwrap();
+    let r = run_slow(&[
+        "quantize".into(),
+        magika.clone().into(),
+        "-o".into(),
+        out.clone().into(),
+        "--mode".into(),
+        "static".into(),
+        "--calibration".into(),
+        cal64.into(),
+    ]);
+    assert_eq!(r.code, Some(2), "{}", r.describe());
+    assert!(
+        r.stderr
+            .contains("array `bytes` is I64 [1, 2048], but graph input `bytes` is I32 [?, 2048]"),
+        "{}",
+        r.describe()
+    );
+
+    // A mistyped --input-shape dim: refused before anything is allocated.
+    for (shape, want) in [
+        (
+            "x:100000,3,48,192",
+            "has 2764800000 elements, 10.3 GiB as F32, more than the 1 GiB",
+        ),
+        (
+            "x:99999999999,99999999999,99999999999,9",
+            "has more elements than this machine can address",
+        ),
+    ] {
+        let r = run_slow(&[
+            "optimize".into(),
+            cls.clone().into(),
+            "-o".into(),
+            out.clone().into(),
+            "--input-shape".into(),
+            shape.into(),
+        ]);
+        assert_eq!(r.code, Some(2), "{}", r.describe());
+        assert!(r.stderr.contains(want), "{want}: {}", r.describe());
+        assert!(!out.exists());
+    }
+}
