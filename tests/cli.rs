@@ -843,6 +843,9 @@ fn refuses_writing_over_any_file_it_reads() {
     fs::copy(&inputs, cal.join("s0.npz")).unwrap();
     let config = d.join("config.json");
     fs::write(&config, "{}").unwrap();
+    // Hard links to the model and to the inputs (another path, the same file).
+    fs::hard_link(&model, d.join("model-link.json")).unwrap();
+    fs::hard_link(&inputs, d.join("in-link.json")).unwrap();
     let p = |name: &str| d.join(name).display().to_string();
     let m = model.display().to_string();
     let cases: Vec<(Vec<String>, &str)> = vec![
@@ -854,6 +857,30 @@ fn refuses_writing_over_any_file_it_reads() {
                 p("q.onnx"),
                 "--report".into(),
                 m.clone(),
+            ],
+            "--report",
+        ),
+        (
+            vec![
+                "optimize".into(),
+                m.clone(),
+                "-o".into(),
+                p("q.onnx"),
+                "--report".into(),
+                p("model-link.json"),
+            ],
+            "--report",
+        ),
+        (
+            vec![
+                "optimize".into(),
+                m.clone(),
+                "-o".into(),
+                p("q.onnx"),
+                "--inputs".into(),
+                p("in.npz"),
+                "--report".into(),
+                p("in-link.json"),
             ],
             "--report",
         ),
@@ -946,7 +973,17 @@ fn refuses_writing_over_any_file_it_reads() {
             );
         }
     }
-    assert_eq!(listing(d), ["cal", "config.json", "in.npz", "model.onnx"]);
+    assert_eq!(
+        listing(d),
+        [
+            "cal",
+            "config.json",
+            "in-link.json",
+            "in.npz",
+            "model-link.json",
+            "model.onnx"
+        ]
+    );
     // The external data the input reads: a model whose data file is `b.onnx.data`, saved as
     // `b.onnx` with external data, would replace it.
     let split = d.join("split");

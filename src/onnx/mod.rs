@@ -16,7 +16,7 @@ use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use bytes::{BufMut, Bytes};
 use prost::Message;
 
@@ -221,6 +221,11 @@ pub fn save(model: &Model, path: &Path, opts: &SaveOptions) -> Result<SaveInfo> 
 
 /// Saves a `ModelProto` (see [`save`]); external data moves out of `proto` when written.
 pub fn save_proto(proto: &mut pb::ModelProto, path: &Path, opts: &SaveOptions) -> Result<SaveInfo> {
+    ensure!(
+        !path.is_dir(),
+        "cannot write {}: it is a folder",
+        path.display()
+    );
     for p in &opts.protect {
         if same_file(p, path) {
             bail!(
@@ -304,13 +309,85 @@ pub fn save_proto(proto: &mut pb::ModelProto, path: &Path, opts: &SaveOptions) -
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
     info.model_bytes = len;
-    if let Some((t, dest)) = data_tmp {
-        t.persist(&dest)
-            .with_context(|| format!("cannot write {}", dest.display()))?;
-    }
-    tmp.persist(path)
+    tmp.as_file()
+        .sync_all()
         .with_context(|| format!("cannot write {}", path.display()))?;
+    match data_tmp {
+        None => {
+            tmp.persist(path)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+        }
+        Some((data, dest)) => {
+            data.as_file()
+                .sync_all()
+                .with_context(|| format!("cannot write {}", dest.display()))?;
+            replace_pair(tmp, path, data, &dest, &dir)?;
+        }
+    }
     Ok(info)
+}
+
+/// Renames the temporary `model` and `data` files over `path` and `dest` as one change: the
+/// previous files are moved aside first and put back if a rename fails, so a failure leaves
+/// the previous pair (or nothing) and never a model beside another model's data, whose offsets
+/// would read other values. A crash between the renames leaves no file at `path` (the previous
+/// files stay in `dir` under hidden `.tmp` names).
+///
+/// Errors: a rename fails.
+fn replace_pair(
+    model: tempfile::NamedTempFile,
+    path: &Path,
+    data: tempfile::NamedTempFile,
+    dest: &Path,
+    dir: &Path,
+) -> Result<()> {
+    // Each previous file, moved aside to a free hidden name.
+    let aside = |p: &Path| -> Result<Option<tempfile::TempPath>> {
+        if std::fs::symlink_metadata(p).is_err() {
+            return Ok(None);
+        }
+        let name = p.file_name().unwrap_or_default().to_string_lossy();
+        let backup = tempfile::Builder::new()
+            .prefix(&format!(".{name}."))
+            .suffix(".old.tmp")
+            .tempfile_in(dir)
+            .with_context(|| format!("cannot create a temporary file in {}", dir.display()))?
+            .into_temp_path();
+        std::fs::rename(p, &backup)
+            .with_context(|| format!("cannot move {} aside", p.display()))?;
+        Ok(Some(backup))
+    };
+    let restore = |backup: Option<tempfile::TempPath>, p: &Path| {
+        if let Some(b) = backup {
+            let _ = std::fs::rename(&b, p);
+            // Renamed back: nothing left for the guard to remove.
+            std::mem::forget(b);
+        }
+    };
+    let old_model = aside(path)?;
+    let old_data = match aside(dest) {
+        Ok(b) => b,
+        Err(e) => {
+            restore(old_model, path);
+            return Err(e);
+        }
+    };
+    // On failure the temporary files are removed (dropped) before the error returns.
+    if let Err(e) = data.persist(dest) {
+        drop(model);
+        restore(old_data, dest);
+        restore(old_model, path);
+        return Err(e.error).with_context(|| format!("cannot write {}", dest.display()));
+    }
+    if let Err(e) = model.persist(path) {
+        let _ = std::fs::remove_file(dest);
+        restore(old_data, dest);
+        restore(old_model, path);
+        return Err(e.error).with_context(|| format!("cannot write {}", path.display()));
+    }
+    // The previous files are removed when their guards drop.
+    drop((old_model, old_data));
+    Ok(())
 }
 
 /// Mode of written files: 0666 less the process umask, as for any file a program creates
@@ -320,12 +397,43 @@ fn output_permissions() -> std::fs::Permissions {
     std::fs::Permissions::from_mode(0o666)
 }
 
-/// Whether `a` and `b` name one existing file (after resolving links and `..`).
+/// Whether `a` and `b` name one existing file: the same device and inode, so symbolic links,
+/// `..` and hard links are seen through.
 pub fn same_file(a: &Path, b: &Path) -> bool {
-    match (a.canonicalize(), b.canonicalize()) {
-        (Ok(a), Ok(b)) => a == b,
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
         _ => false,
     }
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file in its folder, flushed to disk, then
+/// renamed over `path`, so that `path` holds either its old content or the new one, and a
+/// file hard-linked to `path` keeps its content.
+///
+/// Errors: `path` is a folder, or the temporary file cannot be created, written or renamed
+/// (it is removed then).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    ensure!(!path.is_dir(), "{} is a folder", path.display());
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = path
+        .file_name()
+        .with_context(|| format!("{} is not a file path", path.display()))?
+        .to_string_lossy()
+        .to_string();
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}."))
+        .suffix(".tmp")
+        .permissions(output_permissions())
+        .tempfile_in(&dir)
+        .with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path)?;
+    Ok(())
 }
 
 /// Moves every non-empty initializer payload of at least `threshold` bytes (in `raw_data`) of `g`
@@ -469,6 +577,42 @@ unsafe impl<W: Write> BufMut for StreamBuf<W> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// A model and its external data replace the previous pair as one change: when the
+    /// model's rename fails, the previous data file is put back (the new data beside the old
+    /// model made it read other values: NaN outputs in onnxruntime), and no file is left
+    /// behind; when both renames succeed, no previous file is left either.
+    #[test]
+    fn a_failed_save_with_external_data_leaves_the_previous_pair() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let tmp = |content: &str| {
+            let mut t = tempfile::NamedTempFile::new_in(d).unwrap();
+            t.write_all(content.as_bytes()).unwrap();
+            t
+        };
+        let data = d.join("m.onnx.data");
+        std::fs::write(&data, "old data").unwrap();
+        // The model's rename fails: its folder does not exist.
+        let path = d.join("missing").join("m.onnx");
+        let err = replace_pair(tmp("new model"), &path, tmp("new data"), &data, d).unwrap_err();
+        assert!(format!("{err:#}").contains("cannot write"), "{err:#}");
+        assert_eq!(std::fs::read_to_string(&data).unwrap(), "old data");
+        let left: Vec<_> = std::fs::read_dir(d).unwrap().collect();
+        assert_eq!(left.len(), 1, "{left:?}");
+
+        let path = d.join("m.onnx");
+        std::fs::write(&path, "old model").unwrap();
+        replace_pair(tmp("new model"), &path, tmp("new data"), &data, d).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "new model");
+        assert_eq!(std::fs::read_to_string(&data).unwrap(), "new data");
+        let mut left: Vec<_> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["m.onnx", "m.onnx.data"]);
+    }
 
     /// Three initializers stored in one missing file: one problem says why, one more names
     /// the other tensors stored there (it was one identical line per tensor: 65 on a model).
