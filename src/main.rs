@@ -69,7 +69,9 @@ fn main() -> ExitCode {
 
 /// Refuses a command whose written files would replace a file it reads: `writes` and `reads`
 /// are (option, path) pairs. A read folder (`--inputs DIR`, `--calibration DIR`) counts with
-/// every `.npz` file in it; the written files must also differ from each other.
+/// every `.npz` file in it; the written files must also differ from each other. Paths name the
+/// same file when they resolve to one path (links, `..`) or, existing, share an inode (hard
+/// links).
 ///
 /// Errors: every such collision, one line each, naming both options and the file.
 fn refuse_clobbering(writes: &[(&str, &Path)], reads: &[(&str, &Path)]) -> Result<()> {
@@ -92,7 +94,8 @@ fn refuse_clobbering(writes: &[(&str, &Path)], reads: &[(&str, &Path)]) -> Resul
         let wr = resolved(w);
         for (ro, r) in reads {
             let rr = resolved(r);
-            if wr == rr {
+            // Existing files compare by inode too: a hard link is the same file.
+            if wr == rr || onnx::same_file(w, r) {
                 problems.push(format!(
                     "{wo} {} would overwrite {}, which {ro} reads",
                     w.display(),
@@ -110,7 +113,7 @@ fn refuse_clobbering(writes: &[(&str, &Path)], reads: &[(&str, &Path)]) -> Resul
             }
         }
         for (wo2, w2) in &writes[k + 1..] {
-            if wr == resolved(w2) {
+            if wr == resolved(w2) || onnx::same_file(w, w2) {
                 problems.push(format!("{wo} and {wo2} both write {}", w.display()));
             }
         }
@@ -427,7 +430,8 @@ fn gates(c: &CheckArgs) -> Result<Gates> {
 
 fn write_json(path: &std::path::Path, value: &impl serde::Serialize) -> Result<()> {
     let text = serde_json::to_string_pretty(value)?;
-    std::fs::write(path, text + "\n").with_context(|| format!("cannot write {}", path.display()))
+    onnxopt::onnx::write_atomic(path, (text + "\n").as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 fn save_options(
@@ -699,6 +703,44 @@ fn fallback_target(no_fallback: bool, c: &CheckArgs) -> Option<f64> {
     (!no_fallback).then(|| c.min_cosine.unwrap_or(optimize::DEFAULT_FALLBACK_COSINE))
 }
 
+/// Refuses, before any work, files that cannot be written where they go: the folder does not
+/// exist or takes no new file, or the path is a folder. Every such file is named.
+///
+/// Errors: one line per file that cannot be written.
+fn refuse_unwritable(paths: &[(Option<&std::path::Path>, &str)]) -> Result<()> {
+    let mut problems = Vec::new();
+    for (path, what) in paths {
+        let Some(p) = path else { continue };
+        let dir = p
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(std::path::Path::new("."));
+        if !dir.is_dir() {
+            problems.push(format!(
+                "cannot write the {what} {}: the folder {} does not exist",
+                p.display(),
+                dir.display()
+            ));
+        } else if p.is_dir() {
+            problems.push(format!(
+                "cannot write the {what} {}: it is a folder",
+                p.display()
+            ));
+        } else if let Err(e) = tempfile::Builder::new()
+            .prefix(".onnxopt-write-test.")
+            .tempfile_in(dir)
+        {
+            problems.push(format!(
+                "cannot write the {what} {}: the folder {} takes no new file ({e})",
+                p.display(),
+                dir.display()
+            ));
+        }
+    }
+    anyhow::ensure!(problems.is_empty(), "{}", problems.join("\n"));
+    Ok(())
+}
+
 /// Runs `optimize` with `cfg`, writes the report, prints the summary and maps the outcome to
 /// the exit code.
 fn finish(
@@ -708,27 +750,18 @@ fn finish(
     report_path: Option<&std::path::Path>,
     allow_unverified: bool,
 ) -> Result<ExitCode> {
-    // Where the results go must exist before the work starts, not only when it is written.
-    for (path, what) in [
+    refuse_unwritable(&[
         (Some(cfg.output.as_path()), "output"),
         (report_path, "--report"),
-    ] {
-        if let Some(p) = path {
-            let dir = p
-                .parent()
-                .filter(|d| !d.as_os_str().is_empty())
-                .unwrap_or(std::path::Path::new("."));
-            anyhow::ensure!(
-                dir.is_dir(),
-                "cannot write the {what} {}: the folder {} does not exist",
-                p.display(),
-                dir.display()
-            );
-        }
-    }
+    ])?;
     let report = optimize::optimize(cfg, reporter)?;
     if let Some(path) = report_path {
-        write_json(path, &report)?;
+        write_json(path, &report).with_context(|| {
+            format!(
+                "the model was written to {}, but not its report",
+                cfg.output.display()
+            )
+        })?;
     }
     if !quiet {
         stderr(&optimize::format_report(&report));
@@ -737,8 +770,16 @@ fn finish(
     Ok(match report.outcome {
         Outcome::Ok => ExitCode::SUCCESS,
         Outcome::GateFailed => {
+            // Without -q the report above named every failure: with it, the first one here.
+            let first = report
+                .check
+                .as_ref()
+                .and_then(|c| c.failures.first())
+                .filter(|_| quiet)
+                .map(|f| format!(" ({f})"))
+                .unwrap_or_default();
             stderr(&format!(
-                "error: the accuracy check failed; the model was still written to {out}\n"
+                "error: the accuracy check failed{first}; the model was still written to {out}\n"
             ));
             ExitCode::from(1)
         }
@@ -1171,6 +1212,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 reads.extend(a.check.inputs.as_deref().map(|p| ("--inputs", p)));
                 refuse_clobbering(&[("--report", report)], &reads)?;
             }
+            refuse_unwritable(&[(a.report.as_deref(), "--report")])?;
             let (reference_model, reference_info) = onnx::load(&a.reference)?;
             let user_gates = gates(&a.check)?;
             verify::gate::check_output_names(&user_gates, &reference_model.graph, &a.reference)?;

@@ -999,6 +999,62 @@ fn quantize_output_and_report_in_missing_folders_are_refused_up_front() {
         );
         assert!(!out.exists() && !report.exists());
     }
+    // A folder where a file goes: refused up front too (the report's was found after the
+    // model had been written, and -o's after all the work).
+    let folder = dir.path().join("folder");
+    fs::create_dir(&folder).unwrap();
+    let out = dir.path().join("q.onnx");
+    for (o, report, named) in [
+        (
+            &folder,
+            dir.path().join("r.json"),
+            "cannot write the output",
+        ),
+        (&out, folder.clone(), "cannot write the --report"),
+    ] {
+        let r = run_slow(&[
+            "quantize".into(),
+            model("ppocr-mobile-v2-cls").into(),
+            "-o".into(),
+            o.into(),
+            "--report".into(),
+            report.into(),
+        ]);
+        assert_eq!(r.code, Some(2), "{}", r.describe());
+        assert!(
+            r.stderr.contains(named) && r.stderr.contains("it is a folder"),
+            "{}",
+            r.describe()
+        );
+        assert!(!out.exists());
+    }
+}
+
+/// With -q, a failed gate's one line says where it failed (it said only that it failed).
+#[test]
+fn a_quiet_failed_gate_says_where() {
+    let dir = tempdir();
+    let m = model("ppocr-mobile-v2-cls");
+    let r = run_slow(&[
+        "quantize".into(),
+        m.clone().into(),
+        "-o".into(),
+        dir.path().join("q.onnx").into(),
+        "--inputs".into(),
+        m.with_extension("npz").into(),
+        "--min-cosine".into(),
+        "1".into(),
+        "--no-fallback".into(),
+        "-q".into(),
+    ]);
+    assert_eq!(r.code, Some(1), "{}", r.describe());
+    assert!(
+        r.stderr.contains(
+            "the accuracy check failed (output `save_infer_model/scale_0.tmp_1`: cosine 0."
+        ) && r.stderr.contains("the model was still written to"),
+        "{}",
+        r.describe()
+    );
 }
 
 /// With one calibration file of samples along axis 0 and no `--inputs`, the check runs on its
