@@ -528,6 +528,61 @@ fn node_names_that_repeat_other_names_run_in_tract() {
     assert_eq!(f32s(&out[1].1), vec![-0.0, -2.0, -0.0, -4.0, -0.5, -0.0]);
 }
 
+/// A Conv whose optional bias is `""` (valid ONNX, which onnxruntime runs and exporters write)
+/// runs in tract, in the main graph and in an If branch: tract panicked on it ("index out of
+/// bounds"), so no mode could check such a model and static mode could not calibrate it.
+#[test]
+fn an_empty_optional_input_at_the_end_runs_in_tract() {
+    let conv = |out_: &str| {
+        node(
+            "Conv",
+            &format!("conv_{out_}"),
+            &["x", "w", ""],
+            &[out_],
+            vec![],
+        )
+    };
+    let if_node = node(
+        "If",
+        "branch",
+        &["k"],
+        &["y2"],
+        vec![
+            attr_g(
+                "then_branch",
+                branch("then", vec![conv("t1")], vec![], "t1"),
+            ),
+            attr_g(
+                "else_branch",
+                branch(
+                    "else",
+                    vec![node("Neg", "neg", &["y"], &["t2"], vec![])],
+                    vec![],
+                    "t2",
+                ),
+            ),
+        ],
+    );
+    let m = model(
+        vec![
+            conv("y"),
+            node("Cast", "cast", &["one"], &["k"], vec![attr_i("to", 9)]),
+            if_node,
+        ],
+        vec![info("x", DataType::Float, &[1, 1, 2, 2])],
+        vec![out("y"), out("y2")],
+        vec![
+            init_f32("w", &[2, 1, 1, 1], &[2.0, -1.0]),
+            init_i64("one", &[], &[1]),
+        ],
+    );
+    let x = Tensor::from_shape(&[1, 1, 2, 2], &[1.0f32, 2.0, 3.0, 4.0]).unwrap();
+    let out = run(&m, None, &[("x".into(), x)]).unwrap();
+    let want = vec![2.0, 4.0, 6.0, 8.0, -1.0, -2.0, -3.0, -4.0];
+    assert_eq!(f32s(&out[0].1), want);
+    assert_eq!(f32s(&out[1].1), want);
+}
+
 fn attr_g(name: &str, g: pb::GraphProto) -> pb::AttributeProto {
     pb::AttributeProto {
         name: Some(name.into()),
