@@ -374,9 +374,6 @@ fn quantize_graph(
             }
         }
         let in_subgraphs = readers.len() > local_count;
-        if g.is_graph_output(w) {
-            readers.push(Reader::output());
-        }
         // The axis most readers want (ties: the first reader's).
         let mut best: Option<(usize, usize)> = None;
         for r in &readers {
@@ -397,6 +394,13 @@ fn quantize_graph(
         if g.is_graph_input(w) {
             stats.notes.push(format!(
                 "weight '{name}' is also a graph input (callers may override it): left in float"
+            ));
+            continue;
+        }
+        // Its values are part of the interface, like an input's: they stay exact.
+        if g.is_graph_output(w) {
+            stats.notes.push(format!(
+                "weight '{name}' is also a graph output (its values are part of the interface): left in float"
             ));
             continue;
         }
