@@ -696,17 +696,16 @@ fn run(model: &mut Model, opts: &PassOptions) -> Result<PassStats> {
         .calibration
         .as_ref()
         .context("quantize_static needs calibration data (--calibration DIR|FILE.npz)")?;
+    // As dynamic mode does below its opset: an error, not a model left as it was.
+    let opset = model.opset("").unwrap_or(1);
+    ensure!(
+        opset >= 10,
+        "static quantization needs QuantizeLinear/DequantizeLinear (opset 10) but the model is opset {opset}; onnxopt does not raise a model's opset below 10: use --mode weight-only"
+    );
     if !can_add_initializers(model) {
         stats.notes.push(format!(
             "IR version {} requires initializers to be graph inputs: nothing quantized",
             model.header.ir_version()
-        ));
-        return Ok(stats);
-    }
-    let opset = model.opset("").unwrap_or(1);
-    if opset < 10 {
-        stats.notes.push(format!(
-            "opset {opset} has no QuantizeLinear/DequantizeLinear (opset 10): nothing quantized"
         ));
         return Ok(stats);
     }
@@ -1795,7 +1794,7 @@ mod tests {
     }
 
     #[test]
-    fn opset_9_float16_and_already_quantized_models_are_left_alone_with_a_note() {
+    fn opset_9_is_refused_and_float16_and_already_quantized_models_are_left_alone_with_a_note() {
         let dir = tempfile::tempdir().unwrap();
         let opts = cal_opts(dir.path(), RangeMethod::MinMax, QType::Uint8);
         let unchanged = |src: pb::ModelProto, want: &str| {
@@ -1810,8 +1809,15 @@ mod tests {
             let before = crate::onnx::export::to_proto(&import(src)).unwrap();
             assert_eq!(crate::onnx::export::to_proto(&m).unwrap(), before);
         };
-        // Opset 9 has no QuantizeLinear: nothing is calibrated or changed (no samples exist).
-        unchanged(tiny_cnn(9), "opset 9 has no QuantizeLinear");
+        // Opset 9 has no QuantizeLinear: refused before calibrating (no samples exist), as
+        // dynamic mode refuses its opsets (it was a note, and exit 0 with nothing quantized).
+        let err = QuantizeStatic
+            .run(&mut import(tiny_cnn(9)), &opts)
+            .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("static quantization needs QuantizeLinear/DequantizeLinear (opset 10) but the model is opset 9"),
+            "{err:#}"
+        );
 
         // A float16 model: its weights are not float32.
         let mut x16 = info("x", &[1, C, 8, 8]);
