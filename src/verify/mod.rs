@@ -315,7 +315,10 @@ impl RefSet {
             Ok(outputs) => outputs,
             Err(error) => {
                 comparison.status = Verification::Unverified {
-                    reason: error.to_string(),
+                    // Which model: the candidate was not run.
+                    reason: error
+                        .to_string()
+                        .replacen("the model", "the reference model", 1),
                     error: error.clone(),
                 };
                 return comparison;
