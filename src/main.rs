@@ -375,6 +375,23 @@ fn regex(r: &Option<String>, flag: &str) -> Result<Option<regex::Regex>> {
         .transpose()
 }
 
+/// `--include-nodes` and `--exclude-nodes` compiled.
+///
+/// Errors: either is not a valid regex; both are named when both are bad.
+fn node_regexes(
+    include: &Option<String>,
+    exclude: &Option<String>,
+) -> Result<(Option<regex::Regex>, Option<regex::Regex>)> {
+    match (
+        regex(include, "--include-nodes"),
+        regex(exclude, "--exclude-nodes"),
+    ) {
+        (Ok(i), Ok(e)) => Ok((i, e)),
+        (Err(a), Err(b)) => bail!("{a:#}\n{b:#}"),
+        (Err(a), _) | (_, Err(a)) => Err(a),
+    }
+}
+
 /// The gates of the check options: an unnamed `--atol`/`--rtol` for
 /// every output, a named one for that output (with the unnamed value, or 0, for the other
 /// half).
@@ -521,7 +538,8 @@ fn read_config(
     use onnxopt::quant::{Granularity, QType};
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let v = serde_json::from_str::<UniqueKeys>(&text)
+    // A byte-order mark (Windows editors write one) is not part of the JSON.
+    let v = serde_json::from_str::<UniqueKeys>(text.strip_prefix('\u{feff}').unwrap_or(&text))
         .with_context(|| format!("{}: not valid JSON", path.display()))?
         .0;
     let mut schemes = NodeSchemes::new();
@@ -881,14 +899,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let passes_none = a.passes.trim() == "none";
             ignored_check_options(&a.check, a.no_check, passes_none);
             let check = !a.no_check && !passes_none;
+            let (include_nodes, exclude_nodes) = node_regexes(&a.include_nodes, &a.exclude_nodes)?;
             let cfg = optimize::OptimizeConfig {
                 model: a.model.clone(),
                 output: a.output.clone(),
                 passes: a.passes.clone(),
                 pass_options: passes::PassOptions {
                     op_types: op_types(&a.op_types)?,
-                    exclude_nodes: regex(&a.exclude_nodes, "--exclude-nodes")?,
-                    include_nodes: regex(&a.include_nodes, "--include-nodes")?,
+                    exclude_nodes,
+                    include_nodes,
                     // The interface is a contract: float conversion keeps float32 graph
                     // inputs and outputs (only `quantize --keep-io-types false` changes them).
                     keep_io_types: true,
@@ -1105,10 +1124,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 );
             }
             // A scheme for a node the node regexes leave out would be dropped without a word.
-            let (include, exclude) = (
-                regex(&a.include_nodes, "--include-nodes")?,
-                regex(&a.exclude_nodes, "--exclude-nodes")?,
-            );
+            let (include, exclude) = node_regexes(&a.include_nodes, &a.exclude_nodes)?;
             let left_out: Vec<String> = node_schemes
                 .keys()
                 .filter(|n| {
@@ -1213,11 +1229,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 refuse_clobbering(&[("--report", report)], &reads)?;
             }
             refuse_unwritable(&[(a.report.as_deref(), "--report")])?;
-            let (reference_model, reference_info) = onnx::load(&a.reference)?;
+            // Both models are read before either's problems are reported: all of them at once.
+            let ((reference_model, reference_info), (candidate_model, candidate_info)) =
+                match (onnx::load(&a.reference), onnx::load(&a.candidate)) {
+                    (Ok(r), Ok(c)) => (r, c),
+                    (Err(r), Err(c)) => bail!("{r:#}\n{c:#}"),
+                    (Err(e), _) | (_, Err(e)) => return Err(e),
+                };
             let user_gates = gates(&a.check)?;
             verify::gate::check_output_names(&user_gates, &reference_model.graph, &a.reference)?;
             let r = onnx::export::to_proto(&reference_model)?;
-            let (candidate_model, candidate_info) = onnx::load(&a.candidate)?;
             refuse_report_over_external_data(
                 a.report.as_deref(),
                 &[

@@ -214,8 +214,19 @@ pub fn optimize(cfg: &OptimizeConfig, reporter: &dyn Reporter) -> Result<Optimiz
             );
         }
         if !cfg.pass_options.selects_any(&model) {
+            // Every node the other selections pick is kept in float: a choice, not a typo.
+            let unexcluded = PassOptions {
+                exclude_nodes: None,
+                ..cfg.pass_options.clone()
+            };
+            let why = if cfg.pass_options.exclude_nodes.is_some() && unexcluded.selects_any(&model)
+            {
+                "every node they would select is kept in float by --exclude-nodes or the --config's \"float\" nodes: nothing is left to quantize"
+            } else {
+                "each names some node, but no node satisfies them all"
+            };
             bail!(
-                "{}: together, {sel} select no node (each names some node, but no node satisfies them all)",
+                "{}: together, {sel} select no node ({why})",
                 cfg.model.display()
             );
         }

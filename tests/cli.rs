@@ -796,6 +796,18 @@ fn refuses_non_onnx_file() {
     ])
     .expect_error();
     assert!(r.stderr.contains("absent.onnx"), "{}", r.describe());
+    // compare names both models when neither can be read (it named the first only).
+    let r = onnxopt(&[
+        "compare".as_ref(),
+        notes.as_os_str(),
+        dir.path().join("absent.onnx").as_os_str(),
+    ])
+    .expect_error();
+    assert!(
+        r.stderr.contains("notes.onnx") && r.stderr.contains("absent.onnx"),
+        "{}",
+        r.describe()
+    );
 }
 
 #[test]

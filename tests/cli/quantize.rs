@@ -1259,6 +1259,31 @@ fn quantize_selections_that_name_nothing_are_refused() {
         assert!(r.stderr.contains(want), "{want}: {}", r.describe());
     }
     assert!(!r.stderr.contains("\"Conv@0\""), "{}", r.describe());
+    // Two bad regexes: both named (it was the first only).
+    let r = quantize(&["--include-nodes", "(", "--exclude-nodes", "[z-a]"]);
+    assert_eq!(r.code, Some(2), "{}", r.describe());
+    assert!(
+        r.stderr.contains("--include-nodes: bad regex")
+            && r.stderr.contains("--exclude-nodes: bad regex"),
+        "{}",
+        r.describe()
+    );
+    // A config (written with a byte-order mark, as Windows editors do) that keeps every
+    // Conv in float: nothing is left to quantize, and the message says so (it said "no node
+    // satisfies them all"; the mark made it "not valid JSON").
+    fs::write(&cfg, "\u{feff}{\"nodes\": {\"Conv@0\": \"float\"}}").unwrap();
+    let r = quantize(&[
+        "--config",
+        cfg.to_str().unwrap(),
+        "--include-nodes",
+        "^Conv@0$",
+    ]);
+    assert_eq!(r.code, Some(2), "{}", r.describe());
+    assert!(
+        r.stderr.contains("every node they would select is kept in float by --exclude-nodes or the --config's \"float\" nodes: nothing is left to quantize"),
+        "{}",
+        r.describe()
+    );
     fs::write(&cfg, r#"{"node": {"Conv@0": "float"}}"#).unwrap();
     let r = quantize(&["--config", cfg.to_str().unwrap()]);
     assert_eq!(r.code, Some(2), "{}", r.describe());
