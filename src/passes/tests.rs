@@ -2161,38 +2161,6 @@ fn quantize_weight_read_at_two_axes_is_stored_once_along_the_majority_axis() {
     }
 }
 
-#[test]
-fn quantize_weight_that_is_a_graph_output_is_stored_once() {
-    let w = rand_f32(40, 29, 0.5);
-    let p = model(
-        13,
-        graph(
-            "g",
-            vec![node("MatMul", "mm", &["x", "W"], &["y"], vec![])],
-            vec![f32_info("x", &[2, 8])],
-            vec![out("y"), out("W")],
-            vec![f32_init("W", &[8, 5], &w)],
-        ),
-    );
-    let r = run_pass(&p, Q);
-    let g = r.g();
-    let dq = dq_of(g, "W");
-    assert_eq!(
-        dq.node.output[0], "W",
-        "the output W is the dequantized weight"
-    );
-    assert_eq!(node_named(g, "mm").input[1], "W");
-    assert!(init(g, "W").is_none());
-    assert_eq!(output_names(g), ["y", "W"]);
-    assert_eq!(g.output, main(&p).output);
-    let x = tensor(&[2, 8], &rand_f32(16, 30, 1.0));
-    let (before, after) = (tract(&p, &[("x", x.clone())]), tract(&r.proto, &[("x", x)]));
-    for k in 0..2 {
-        let c = cosine(&before[k].1, &after[k].1);
-        assert!(c >= 0.999, "{}: cosine {c}", before[k].0);
-    }
-}
-
 /// `y = If(cond)`: the then branch computes `then_out = MatMul(x, Wt)`, the else branch
 /// `else_out = MatMul(x, We)`, each weight `[k, n]` an initializer of its own branch (values
 /// from seeds `seed` and `seed + 1`); x is f32 `[2, k]`.
