@@ -327,6 +327,43 @@ struct Context<'a> {
     shared_names: &'a HashSet<String>,
 }
 
+/// Whether the values of `w` (a value of `g`, whose uses are `uses`) leave `g` as they are:
+/// it is a graph output, or reaches one through Identity nodes, or a subgraph reading it by
+/// name returns it (itself or through Identity nodes; onnxruntime wants that Identity), which
+/// makes it the output of the node holding the subgraph.
+fn reaches_an_output(g: &Graph, uses: &[Vec<(NodeId, usize)>], w: ValueId) -> bool {
+    let mut seen = HashSet::new();
+    let mut stack = vec![w];
+    while let Some(v) = stack.pop() {
+        if !seen.insert(v) {
+            continue;
+        }
+        if g.is_graph_output(v) {
+            return true;
+        }
+        for &(n, _) in &uses[v.0 as usize] {
+            let node = g.node(n);
+            if node.op_type() == "Identity" && node.domain().is_empty() {
+                stack.extend(node.outputs.iter().flatten().copied());
+            }
+        }
+        let name = &g.value(v).name;
+        for (_, n) in g.live_nodes() {
+            for sg in n.subgraphs() {
+                if let Some(sv) = sg
+                    .find(name)
+                    .filter(|&sv| sg.value(sv).def == ValueDef::Outer)
+                {
+                    if reaches_an_output(sg, &sg.uses(), sv) {
+                        return true;
+                    }
+                }
+            }
+        }
+    }
+    false
+}
+
 /// Quantizes the weights `g` owns; `refused` collects the weights whose per-node scheme the
 /// model's opset cannot express. Returns true when it wrote a `MatMulNBits`.
 fn quantize_graph(
@@ -398,9 +435,9 @@ fn quantize_graph(
             continue;
         }
         // Its values are part of the interface, like an input's: they stay exact.
-        if g.is_graph_output(w) {
+        if reaches_an_output(g, &uses, w) {
             stats.notes.push(format!(
-                "weight '{name}' is also a graph output (its values are part of the interface): left in float"
+                "weight '{name}' is also a graph output, itself or through Identity nodes (its values are part of the interface): left in float"
             ));
             continue;
         }

@@ -1333,9 +1333,73 @@ fn a_weight_that_is_a_graph_output_stays_exact() {
         assert_eq!(values(init(g, "W").unwrap()), w, "{format:?}");
         let notes = r.notes().join("\n");
         assert!(
-            notes.contains("weight 'W' is also a graph output (its values are part of the interface): left in float"),
+            notes.contains("weight 'W' is also a graph output, itself or through Identity nodes (its values are part of the interface): left in float"),
             "{format:?}: {notes}"
         );
+    }
+    // Through an Identity, and returned by an If branch through an Identity (onnxruntime
+    // wants it there): the output gave the dequantized values.
+    let mm = |x: &str, y: &str| node("MatMul", &format!("mm_{y}"), &[x, "W"], &[y], vec![]);
+    let w = rand_f32(8 * 5, 7, 0.5);
+    let through_identity = graph(
+        "g",
+        vec![
+            mm("x", "y"),
+            node("Identity", "id", &["W"], &["Wo"], vec![]),
+        ],
+        vec![f32_info("x", &[2, 8])],
+        vec![out("y"), out("Wo")],
+        vec![f32_init("W", &[8, 5], &w)],
+    );
+    let branch_g = |tag: &str, returns_w: bool| {
+        let body = if returns_w {
+            node(
+                "Identity",
+                &format!("{tag}_id"),
+                &["W"],
+                &[&format!("{tag}_out")],
+                vec![],
+            )
+        } else {
+            node(
+                "Neg",
+                &format!("{tag}_neg"),
+                &["y"],
+                &[&format!("{tag}_out")],
+                vec![],
+            )
+        };
+        graph(
+            tag,
+            vec![body],
+            vec![],
+            vec![out(&format!("{tag}_out"))],
+            vec![],
+        )
+    };
+    let returned_by_if = graph(
+        "g",
+        vec![
+            mm("x", "y"),
+            node(
+                "If",
+                "if",
+                &["cond"],
+                &["z"],
+                vec![
+                    attr_g("then_branch", branch_g("then", true)),
+                    attr_g("else_branch", branch_g("else", false)),
+                ],
+            ),
+        ],
+        vec![f32_info("x", &[2, 8]), info("cond", DataType::Bool, &[])],
+        vec![out("y"), out("z")],
+        vec![f32_init("W", &[8, 5], &w)],
+    );
+    for g in [through_identity, returned_by_if] {
+        let r = run_pass(&model(13, g), Q);
+        assert_eq!(count(r.g(), "DequantizeLinear"), 0, "{:?}", ops(r.g()));
+        assert_eq!(values(init(r.g(), "W").unwrap()), w);
     }
 }
 
