@@ -532,7 +532,8 @@ fn node_names_that_repeat_other_names_run_in_tract() {
 }
 
 /// A Conv whose optional bias is `""` (valid ONNX, which onnxruntime runs and exporters write)
-/// runs in tract, in the main graph and in an If branch: tract panicked on it ("index out of
+/// runs in tract, in the main graph and in an If branch, and so do nodes whose optional
+/// outputs are `""`: tract panicked on it ("index out of
 /// bounds"), so no mode could check such a model and static mode could not calibrate it.
 #[test]
 fn an_empty_optional_input_at_the_end_runs_in_tract() {
@@ -580,10 +581,29 @@ fn an_empty_optional_input_at_the_end_runs_in_tract() {
         ],
     );
     let x = Tensor::from_shape(&[1, 1, 2, 2], &[1.0f32, 2.0, 3.0, 4.0]).unwrap();
-    let out = run(&m, None, &[("x".into(), x)]).unwrap();
+    let ran = run(&m, None, &[("x".into(), x.clone())]).unwrap();
     let want = vec![2.0, 4.0, 6.0, 8.0, -1.0, -2.0, -3.0, -4.0];
-    assert_eq!(f32s(&out[0].1), want);
-    assert_eq!(f32s(&out[1].1), want);
+    assert_eq!(f32s(&ran[0].1), want);
+    assert_eq!(f32s(&ran[1].1), want);
+    // Optional outputs left out with "": MaxPool's indices, Dropout's mask ("Wrong number of
+    // outputs").
+    let m = model(
+        vec![
+            node(
+                "MaxPool",
+                "mp",
+                &["x"],
+                &["p", ""],
+                vec![attr_ints("kernel_shape", &[2, 2])],
+            ),
+            node("Dropout", "drop", &["p"], &["y", ""], vec![]),
+        ],
+        vec![info("x", DataType::Float, &[1, 1, 2, 2])],
+        vec![out("y")],
+        vec![],
+    );
+    let ran = run(&m, None, &[("x".into(), x)]).unwrap();
+    assert_eq!(f32s(&ran[0].1), vec![4.0]);
 }
 
 fn attr_g(name: &str, g: pb::GraphProto) -> pb::AttributeProto {

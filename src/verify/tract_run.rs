@@ -390,7 +390,7 @@ pub(crate) fn load(
         split_float16_gemm_bias(g);
         unique_node_names(g, &HashSet::new());
         densify_sparse_initializers(g);
-        drop_trailing_empty_inputs(g);
+        drop_trailing_empty_names(g);
     }
     let dir = match model_dir {
         Some(d) => Some(d.to_str().ok_or_else(|| {
@@ -408,17 +408,21 @@ pub(crate) fn load(
 }
 
 /// Drops, in tract's copy of a graph and its subgraphs, the empty names (`""`, an optional
-/// input left out) at the end of each node's inputs, which the ONNX spec makes equivalent to
-/// leaving them out: tract counts them as inputs and panics on some (a Conv whose bias is
-/// `""`: "index out of bounds").
-fn drop_trailing_empty_inputs(g: &mut tract_onnx::pb::GraphProto) {
+/// input or output left out) at the end of each node's inputs and outputs, which the ONNX spec
+/// makes equivalent to leaving them out: tract counts them and fails on some (a Conv whose
+/// bias is `""` panicked, "index out of bounds"; a MaxPool or Dropout whose second output is
+/// `""` gave "Wrong number of outputs").
+fn drop_trailing_empty_names(g: &mut tract_onnx::pb::GraphProto) {
     for n in &mut g.node {
         while n.input.last().is_some_and(String::is_empty) {
             n.input.pop();
         }
+        while n.output.len() > 1 && n.output.last().is_some_and(String::is_empty) {
+            n.output.pop();
+        }
         for a in &mut n.attribute {
             for sub in a.g.iter_mut().chain(a.graphs.iter_mut()) {
-                drop_trailing_empty_inputs(sub);
+                drop_trailing_empty_names(sub);
             }
         }
     }
