@@ -497,6 +497,21 @@ pub fn prepare_inputs(model: &pb::ModelProto, opts: &InputOptions) -> Result<Pre
     }
 
     let index_uses = IndexUses::new(graph);
+    // Bytes of the inputs generated or filled so far: together they stay within the limit.
+    let mut generated = 0usize;
+    let mut budget = |name: &str, dt: DatumType, shape: &[usize]| -> Result<()> {
+        let bytes = generated_len(dt, shape)
+            .with_context(|| format!("input `{name}`"))?
+            .saturating_mul(dt.size_of());
+        generated = generated.saturating_add(bytes);
+        ensure!(
+            generated <= MAX_GENERATED_BYTES,
+            "the inputs generated or filled so far, up to `{name}` {shape:?}, take {:.1} GiB together, more than the {} GiB this tool generates; give smaller --input-shape dims, or the values in an --inputs file",
+            generated as f64 / (1u64 << 30) as f64,
+            MAX_GENERATED_BYTES >> 30
+        );
+        Ok(())
+    };
     let mut prepared = PreparedInputs {
         tensors: vec![],
         info: vec![],
@@ -516,6 +531,7 @@ pub fn prepare_inputs(model: &pb::ModelProto, opts: &InputOptions) -> Result<Pre
                 (None, Some(t)) => t.shape().to_vec(),
                 (None, None) => input.resolve_shape(None, &mut prepared.notes)?,
             };
+            budget(name, dt, &shape)?;
             let tensor =
                 filled(dt, &shape, value).with_context(|| format!("filling input `{name}`"))?;
             (tensor, InputSource::Value { value })
@@ -575,6 +591,7 @@ pub fn prepare_inputs(model: &pb::ModelProto, opts: &InputOptions) -> Result<Pre
             let range = value_range(dt, index_uses.bound(name), name, &mut prepared.notes)?;
             let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
             rng.set_stream(fnv1a(name.as_bytes()));
+            budget(name, dt, &shape)?;
             let tensor = random_tensor(dt, &shape, &range, &mut rng)
                 .with_context(|| format!("generating input `{name}`"))?;
             (
@@ -847,8 +864,9 @@ fn value_range(
     }
 }
 
-/// Most bytes of one generated or filled input tensor (1 GiB): a larger one is almost always a
-/// mistyped `--input-shape` dim, which would otherwise take the machine's memory.
+/// Most bytes of the input tensors generated or filled for one run (1 GiB), one or all
+/// together: more is almost always a mistyped `--input-shape` dim, which would otherwise take
+/// the machine's memory (running the models takes several times their inputs' size).
 pub const MAX_GENERATED_BYTES: usize = 1 << 30;
 
 /// The element count of a tensor of `shape` and `dt` the tool generates or fills.

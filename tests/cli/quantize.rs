@@ -1647,4 +1647,22 @@ fn calibration_and_check_data_problems_are_refused_together() {
         assert!(r.stderr.contains(want), "{want}: {}", r.describe());
         assert!(!out.exists());
     }
+    // Inputs each under the limit, over it together.
+    let r = run_slow(&[
+        "compare".into(),
+        model("silero-vad-16k-op15").into(),
+        model("silero-vad-16k-op15").into(),
+        "--input-shape".into(),
+        "input:1,200000000".into(),
+        "--input-shape".into(),
+        "state:2,1,100000000".into(),
+    ]);
+    assert_eq!(r.code, Some(2), "{}", r.describe());
+    assert!(
+        r.stderr.contains(
+            "up to `state` [2, 1, 100000000], take 1.5 GiB together, more than the 1 GiB"
+        ),
+        "{}",
+        r.describe()
+    );
 }
