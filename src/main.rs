@@ -733,11 +733,22 @@ fn refuse_unwritable(paths: &[(Option<&std::path::Path>, &str)]) -> Result<()> {
             .parent()
             .filter(|d| !d.as_os_str().is_empty())
             .unwrap_or(std::path::Path::new("."));
-        if !dir.is_dir() {
+        if dir.exists() && !dir.is_dir() {
+            problems.push(format!(
+                "cannot write the {what} {}: {} is not a folder",
+                p.display(),
+                dir.display()
+            ));
+        } else if !dir.is_dir() {
             problems.push(format!(
                 "cannot write the {what} {}: the folder {} does not exist",
                 p.display(),
                 dir.display()
+            ));
+        } else if p.as_os_str().to_string_lossy().ends_with('/') {
+            problems.push(format!(
+                "cannot write the {what} {}: a path ending in / names a folder, not a file",
+                p.display()
             ));
         } else if p.is_dir() {
             problems.push(format!(
@@ -768,9 +779,15 @@ fn finish(
     report_path: Option<&std::path::Path>,
     allow_unverified: bool,
 ) -> Result<ExitCode> {
+    // The output's external data file, which a save may write beside it.
+    let data = onnx::external_data_path(&cfg.output);
     refuse_unwritable(&[
         (Some(cfg.output.as_path()), "output"),
         (report_path, "--report"),
+        (
+            (cfg.save.external_data && data.is_dir()).then_some(data.as_path()),
+            "output's external data file",
+        ),
     ])?;
     let report = optimize::optimize(cfg, reporter)?;
     if let Some(path) = report_path {

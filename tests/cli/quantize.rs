@@ -1004,6 +1004,7 @@ fn quantize_output_and_report_in_missing_folders_are_refused_up_front() {
     let folder = dir.path().join("folder");
     fs::create_dir(&folder).unwrap();
     let out = dir.path().join("q.onnx");
+    fs::create_dir(dir.path().join("q.onnx.data")).unwrap();
     for (o, report, named) in [
         (
             &folder,
@@ -1011,6 +1012,11 @@ fn quantize_output_and_report_in_missing_folders_are_refused_up_front() {
             "cannot write the output",
         ),
         (&out, folder.clone(), "cannot write the --report"),
+        (
+            &out,
+            dir.path().join("r.json"),
+            "cannot write the output's external data file",
+        ),
     ] {
         let r = run_slow(&[
             "quantize".into(),
@@ -1019,6 +1025,7 @@ fn quantize_output_and_report_in_missing_folders_are_refused_up_front() {
             o.into(),
             "--report".into(),
             report.into(),
+            "--external-data".into(),
         ]);
         assert_eq!(r.code, Some(2), "{}", r.describe());
         assert!(
@@ -1027,6 +1034,28 @@ fn quantize_output_and_report_in_missing_folders_are_refused_up_front() {
             r.describe()
         );
         assert!(!out.exists());
+    }
+    // A path ending in "/", and a "folder" that is a file.
+    let file = dir.path().join("r.json");
+    fs::write(&file, "").unwrap();
+    for (o, want) in [
+        (
+            format!("{}/", dir.path().join("x.onnx").display()),
+            "a path ending in / names a folder",
+        ),
+        (
+            file.join("x.onnx").display().to_string(),
+            "r.json is not a folder",
+        ),
+    ] {
+        let r = run_slow(&[
+            "quantize".into(),
+            model("ppocr-mobile-v2-cls").into(),
+            "-o".into(),
+            o.into(),
+        ]);
+        assert_eq!(r.code, Some(2), "{}", r.describe());
+        assert!(r.stderr.contains(want), "{want}: {}", r.describe());
     }
 }
 
