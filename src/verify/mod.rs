@@ -668,6 +668,16 @@ pub fn format_table(c: &Comparison) -> String {
                 (None, false) => format!("FAIL {}", failed.join(", ")),
             };
             let row = match &o.values {
+                // Nothing was compared (a note says so): no figure, not "ok".
+                Some(v) if v.elements == 0 => {
+                    let mut r: [String; 8] = Default::default();
+                    r[0] = o.name.clone();
+                    for cell in r.iter_mut().take(7).skip(1) {
+                        *cell = "-".into();
+                    }
+                    r[7] = "empty: not compared".into();
+                    r
+                }
                 Some(v) => [
                     o.name.clone(),
                     fmt_num(v.max_abs),

@@ -1618,7 +1618,8 @@ fn calibration_and_check_data_problems_are_refused_together() {
     assert_eq!(r.code, Some(3), "{}", r.describe());
     assert!(
         r.stdout
-            .contains("nothing was compared: every graph output is empty"),
+            .contains("nothing was compared: every graph output is empty")
+            && r.stdout.contains("empty: not compared"),
         "{}",
         r.describe()
     );
