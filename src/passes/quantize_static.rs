@@ -781,6 +781,12 @@ fn run(model: &mut Model, opts: &PassOptions) -> Result<PassStats> {
             ""
         }
     ));
+    if cal.empty_samples > 0 {
+        stats.notes.push(format!(
+            "{} of the {} calibration sample(s) gave no value (every activation empty: a sample with 0 rows): the ranges come from the others",
+            cal.empty_samples, cal.samples
+        ));
+    }
     let act_scheme = Scheme {
         qtype: cal_opts.activation_type,
         symmetric: cal_opts.activation_type.signed(),

@@ -355,6 +355,9 @@ pub struct Calibration {
     pub shapes: HashMap<String, Vec<usize>>,
     /// Samples run.
     pub samples: usize,
+    /// Samples on which every calibrated tensor was empty (a sample with 0 rows): they
+    /// count in `samples` but gave no value.
+    pub empty_samples: usize,
     /// Wall time of the calibration runs, seconds (of the first run when cached).
     pub seconds: f64,
     /// True when the ranges came from the process-wide cache.
@@ -994,6 +997,7 @@ fn run_calibration(
         stats: HashMap::new(),
         shapes: HashMap::new(),
         samples: 0,
+        empty_samples: 0,
     };
     // Samples run in parallel, as many at a time as there are threads; statistics are updated
     // in sample order (histograms depend on it), so the result does not depend on threads.
@@ -1040,6 +1044,7 @@ fn run_calibration(
         ranges,
         shapes: collected.shapes,
         samples: collected.samples,
+        empty_samples: collected.empty_samples,
         seconds: t0.elapsed().as_secs_f64(),
         cached: false,
     })
@@ -1053,6 +1058,7 @@ struct Collected<'a> {
     stats: HashMap<String, Stats>,
     shapes: HashMap<String, Vec<usize>>,
     samples: usize,
+    empty_samples: usize,
 }
 
 impl Collected<'_> {
@@ -1079,6 +1085,9 @@ impl Collected<'_> {
             self.stats
                 .entry((*name).clone())
                 .or_insert_with(|| Stats::new(histogram));
+        }
+        if !wanted.is_empty() && wanted.iter().all(|(_, v)| v.len() == 0) {
+            self.empty_samples += 1;
         }
         let mut refs: Vec<(&Tensor, &mut Stats)> = Vec::new();
         let mut by_name: HashMap<&String, &TValue> = wanted.into_iter().collect();

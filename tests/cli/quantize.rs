@@ -1607,6 +1607,30 @@ fn calibration_and_check_data_problems_are_refused_together() {
         r.describe()
     );
     assert!(!out.exists());
+    // Beside a sample with values: calibrated on it, and a note counts the empty one.
+    save_npz(&empty.join("b.npz"), &[("x".into(), x.clone())]).unwrap();
+    let r = run_slow(&[
+        "quantize".into(),
+        cls.clone().into(),
+        "-o".into(),
+        out.clone().into(),
+        "--mode".into(),
+        "static".into(),
+        "--calibration".into(),
+        empty.clone().into(),
+        "--inputs".into(),
+        cls.with_extension("npz").into(),
+        "--no-fallback".into(),
+    ]);
+    assert!(r.ok(), "{}", r.describe());
+    assert!(
+        r.stderr
+            .contains("1 of the 2 calibration sample(s) gave no value"),
+        "{}",
+        r.describe()
+    );
+    fs::remove_file(&out).unwrap();
+    fs::remove_file(empty.join("b.npz")).unwrap();
     // compare on it: every output empty, nothing compared.
     let r = run_slow(&[
         "compare".into(),
