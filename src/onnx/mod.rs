@@ -245,15 +245,7 @@ pub fn save_proto(proto: &mut pb::ModelProto, path: &Path, opts: &SaveOptions) -
         }
         Ok(())
     };
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let file_name = path
-        .file_name()
-        .with_context(|| format!("{} is not a file path", path.display()))?
-        .to_string_lossy()
-        .to_string();
+    let (dir, file_name) = folder_and_name(path)?;
     let mut info = SaveInfo::default();
     let mut external = opts.external_data;
     if !external && proto.encoded_len() as u64 > PROTOBUF_LIMIT {
@@ -269,12 +261,7 @@ pub fn save_proto(proto: &mut pb::ModelProto, path: &Path, opts: &SaveOptions) -
         } else {
             1024
         };
-        let mut tmp = tempfile::Builder::new()
-            .prefix(&format!(".{data_name}."))
-            .suffix(".tmp")
-            .permissions(output_permissions())
-            .tempfile_in(&dir)
-            .with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
+        let mut tmp = temp_in(&dir, &data_name, ".tmp")?;
         let written = {
             let mut w = std::io::BufWriter::with_capacity(1 << 20, tmp.as_file_mut());
             let mut offset = 0u64;
@@ -290,12 +277,7 @@ pub fn save_proto(proto: &mut pb::ModelProto, path: &Path, opts: &SaveOptions) -
             data_tmp = Some((tmp, dir.join(&data_name)));
         }
     }
-    let mut tmp = tempfile::Builder::new()
-        .prefix(&format!(".{file_name}."))
-        .suffix(".tmp")
-        .permissions(output_permissions())
-        .tempfile_in(&dir)
-        .with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
+    let mut tmp = temp_in(&dir, &file_name, ".tmp")?;
     let len = proto.encoded_len() as u64;
     if len > PROTOBUF_LIMIT + (1 << 20) {
         bail!("the model's protobuf would be {len} bytes, over the 2 GiB limit, even with external data");
@@ -347,12 +329,7 @@ fn replace_pair(
             return Ok(None);
         }
         let name = p.file_name().unwrap_or_default().to_string_lossy();
-        let backup = tempfile::Builder::new()
-            .prefix(&format!(".{name}."))
-            .suffix(".old.tmp")
-            .tempfile_in(dir)
-            .with_context(|| format!("cannot create a temporary file in {}", dir.display()))?
-            .into_temp_path();
+        let backup = temp_in(dir, &name, ".old.tmp")?.into_temp_path();
         std::fs::rename(p, &backup)
             .with_context(|| format!("cannot move {} aside", p.display()))?;
         Ok(Some(backup))
@@ -407,14 +384,10 @@ pub fn same_file(a: &Path, b: &Path) -> bool {
     }
 }
 
-/// Writes `bytes` to `path` atomically: a temporary file in its folder, flushed to disk, then
-/// renamed over `path`, so that `path` holds either its old content or the new one, and a
-/// file hard-linked to `path` keeps its content.
+/// The folder `path` is in (`.` for a bare file name) and its file name.
 ///
-/// Errors: `path` is a folder, or the temporary file cannot be created, written or renamed
-/// (it is removed then).
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    ensure!(!path.is_dir(), "{} is a folder", path.display());
+/// Errors: `path` has no file name (`..`, `/`).
+fn folder_and_name(path: &Path) -> Result<(PathBuf, String)> {
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -424,12 +397,32 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .with_context(|| format!("{} is not a file path", path.display()))?
         .to_string_lossy()
         .to_string();
-    let mut tmp = tempfile::Builder::new()
+    Ok((dir, name))
+}
+
+/// A new temporary file `.{name}.XXXXXX{suffix}` in `dir`, with the mode of written files
+/// ([`output_permissions`]); removed when dropped unless persisted.
+///
+/// Errors: the file cannot be created.
+fn temp_in(dir: &Path, name: &str, suffix: &str) -> Result<tempfile::NamedTempFile> {
+    tempfile::Builder::new()
         .prefix(&format!(".{name}."))
-        .suffix(".tmp")
+        .suffix(suffix)
         .permissions(output_permissions())
-        .tempfile_in(&dir)
-        .with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
+        .tempfile_in(dir)
+        .with_context(|| format!("cannot create a temporary file in {}", dir.display()))
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file in its folder, flushed to disk, then
+/// renamed over `path`, so that `path` holds either its old content or the new one, and a
+/// file hard-linked to `path` keeps its content.
+///
+/// Errors: `path` is a folder, or the temporary file cannot be created, written or renamed
+/// (it is removed then).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    ensure!(!path.is_dir(), "{} is a folder", path.display());
+    let (dir, name) = folder_and_name(path)?;
+    let mut tmp = temp_in(&dir, &name, ".tmp")?;
     tmp.write_all(bytes)?;
     tmp.as_file().sync_all()?;
     tmp.persist(path)?;
