@@ -638,6 +638,8 @@ fn apply(
         ));
         return false;
     };
+    // The float copy is not read again: freed before the integer payload is packed.
+    drop(values);
     let dims_i64: Vec<i64> = dims.iter().map(|&d| d as i64).collect();
     let is_f16 = dt == DataType::Float16 as i32;
     let cast_form = opts.weight_format == WeightFormat::Cast;
