@@ -755,6 +755,9 @@ fn refuse_unwritable(paths: &[(Option<&std::path::Path>, &str)]) -> Result<()> {
                 "cannot write the {what} {}: it is a folder",
                 p.display()
             ));
+        } else if std::fs::metadata(p).is_ok_and(|m| !m.is_file()) {
+            // A device or FIFO (`/dev/stdout`) is written in place: its folder need not take
+            // files.
         } else if let Err(e) = tempfile::Builder::new()
             .prefix(".onnxopt-write-test.")
             .tempfile_in(dir)

@@ -1086,6 +1086,48 @@ fn refuses_writing_over_any_file_it_reads() {
     assert_eq!(listing(&split), ["a.onnx", "b.onnx.data", "o.onnx.data"]);
 }
 
+/// A report is written atomically, but through a symbolic link (the file it names is
+/// replaced, the link stays) and into a FIFO (a reader gets it), as a plain write would: the
+/// atomic rename replaced both with a regular file (and `--report /dev/null` as root).
+#[test]
+fn a_report_goes_through_links_and_into_fifos() {
+    use std::os::unix::fs::FileTypeExt;
+    let dir = tempdir();
+    let d = dir.path();
+    let model = &real_models()[0];
+    fs::write(d.join("t.json"), "old").unwrap();
+    std::os::unix::fs::symlink("t.json", d.join("link.json")).unwrap();
+    let st = std::process::Command::new("mkfifo")
+        .arg(d.join("fifo"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let fifo = d.join("fifo");
+    let reader = std::thread::spawn(move || fs::read_to_string(fifo).unwrap());
+    for report in ["link.json", "fifo"] {
+        let r = onnxopt(&[
+            "optimize".as_ref(),
+            model.as_os_str(),
+            "-o".as_ref(),
+            d.join("out.onnx").as_os_str(),
+            "--no-check".as_ref(),
+            "--report".as_ref(),
+            d.join(report).as_os_str(),
+        ]);
+        r.expect_ok();
+    }
+    let link = fs::symlink_metadata(d.join("link.json")).unwrap();
+    assert!(link.file_type().is_symlink());
+    assert!(fs::read_to_string(d.join("t.json"))
+        .unwrap()
+        .contains("\"schema_version\""));
+    assert!(fs::symlink_metadata(d.join("fifo"))
+        .unwrap()
+        .file_type()
+        .is_fifo());
+    assert!(reader.join().unwrap().contains("\"schema_version\""));
+}
+
 #[test]
 fn writes_output_atomically() {
     let model = &real_models()[0];

@@ -415,12 +415,30 @@ fn temp_in(dir: &Path, name: &str, suffix: &str) -> Result<tempfile::NamedTempFi
 
 /// Writes `bytes` to `path` atomically: a temporary file in its folder, flushed to disk, then
 /// renamed over `path`, so that `path` holds either its old content or the new one, and a
-/// file hard-linked to `path` keeps its content.
+/// file hard-linked to `path` keeps its content. A symbolic link is followed (its target is
+/// replaced, the link stays), and a path that is not a regular file (a device such as
+/// `/dev/stdout`, a FIFO) is written in place, as a plain write would.
 ///
 /// Errors: `path` is a folder, or the temporary file cannot be created, written or renamed
-/// (it is removed then).
+/// (it is removed then), or the write in place fails.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     ensure!(!path.is_dir(), "{} is a folder", path.display());
+    let link = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
+    match std::fs::metadata(path) {
+        // A device or FIFO (through a link or not): renaming over it would replace it.
+        Ok(m) if !m.is_file() => {
+            std::fs::write(path, bytes)?;
+            return Ok(());
+        }
+        // A link to a file: the file it names is replaced.
+        Ok(_) if link => return write_atomic(&std::fs::canonicalize(path)?, bytes),
+        // A dangling link: written through, as a plain write would.
+        Err(_) if link => {
+            std::fs::write(path, bytes)?;
+            return Ok(());
+        }
+        _ => {}
+    }
     let (dir, name) = folder_and_name(path)?;
     let mut tmp = temp_in(&dir, &name, ".tmp")?;
     tmp.write_all(bytes)?;
