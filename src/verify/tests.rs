@@ -604,6 +604,25 @@ fn an_empty_optional_input_at_the_end_runs_in_tract() {
     );
     let ran = run(&m, None, &[("x".into(), x)]).unwrap();
     assert_eq!(f32s(&ran[0].1), vec![4.0]);
+    // A Split makes as many parts as it has outputs, "" ones included: dropping its "" made
+    // tract run a one-part split ([2, 6], not [2, 3]) and the check pass on it. tract cannot
+    // run it with the "": an error, never the wrong shape.
+    let m = model(
+        vec![node(
+            "Split",
+            "split",
+            &["x"],
+            &["a", ""],
+            vec![attr_i("axis", 1)],
+        )],
+        vec![info("x", DataType::Float, &[2, 6])],
+        vec![out("a")],
+        vec![],
+    );
+    let x = Tensor::from_shape(&[2, 6], &[0f32; 12]).unwrap();
+    if let Ok(ran) = run(&m, None, &[("x".into(), x)]) {
+        assert_eq!(ran[0].1.shape(), &[2, 3]);
+    }
 }
 
 fn attr_g(name: &str, g: pb::GraphProto) -> pb::AttributeProto {

@@ -407,17 +407,33 @@ pub(crate) fn load(
     Ok(parsed.model)
 }
 
+/// Default-domain ops whose trailing outputs are optional, so that a `""` one is the same as
+/// leaving it out. Others count theirs: a Split without split sizes makes as many parts as it
+/// has outputs, `""` ones included.
+const OPTIONAL_TRAILING_OUTPUTS: &[&str] = &[
+    "MaxPool",
+    "Dropout",
+    "BatchNormalization",
+    "LayerNormalization",
+    "LSTM",
+    "GRU",
+    "RNN",
+    "Unique",
+];
+
 /// Drops, in tract's copy of a graph and its subgraphs, the empty names (`""`, an optional
-/// input or output left out) at the end of each node's inputs and outputs, which the ONNX spec
-/// makes equivalent to leaving them out: tract counts them and fails on some (a Conv whose
-/// bias is `""` panicked, "index out of bounds"; a MaxPool or Dropout whose second output is
-/// `""` gave "Wrong number of outputs").
+/// input or output left out) at the end of default-domain nodes' inputs and of the outputs of
+/// [`OPTIONAL_TRAILING_OUTPUTS`] ops, which the ONNX spec makes equivalent to leaving them
+/// out: tract counts them and fails on some (a Conv whose bias is `""` panicked, "index out of
+/// bounds"; a MaxPool or Dropout whose second output is `""` gave "Wrong number of outputs").
 fn drop_trailing_empty_names(g: &mut tract_onnx::pb::GraphProto) {
     for n in &mut g.node {
-        while n.input.last().is_some_and(String::is_empty) {
+        let default_domain = matches!(n.domain.as_str(), "" | "ai.onnx");
+        while default_domain && n.input.last().is_some_and(String::is_empty) {
             n.input.pop();
         }
-        while n.output.len() > 1 && n.output.last().is_some_and(String::is_empty) {
+        let optional = default_domain && OPTIONAL_TRAILING_OUTPUTS.contains(&n.op_type.as_str());
+        while optional && n.output.len() > 1 && n.output.last().is_some_and(String::is_empty) {
             n.output.pop();
         }
         for a in &mut n.attribute {
