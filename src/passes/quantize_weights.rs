@@ -327,41 +327,79 @@ struct Context<'a> {
     shared_names: &'a HashSet<String>,
 }
 
-/// Whether the values of `w` (a value of `g`, whose uses are `uses`) leave `g` as they are:
-/// it is a graph output, or reaches one through Identity nodes, or a subgraph reading it by
-/// name returns it (itself or through Identity nodes; onnxruntime wants that Identity), which
-/// makes it the output of the node holding the subgraph.
+/// Default-domain ops whose output holds their first input's values unchanged, in another
+/// shape or order.
+const SAME_VALUES: &[&str] = &[
+    "Identity",
+    "Reshape",
+    "Flatten",
+    "Squeeze",
+    "Unsqueeze",
+    "Transpose",
+];
+
+/// Whether the values of `w` (a value of `g`, whose uses are `uses`) reach a graph output of
+/// `g` unchanged: it is one, or [`SAME_VALUES`] ops lead it to one, or a subgraph returns it
+/// (itself or through such ops; onnxruntime wants an Identity there) as an output of the node
+/// holding it that leads to one.
 fn reaches_an_output(g: &Graph, uses: &[Vec<(NodeId, usize)>], w: ValueId) -> bool {
+    !outputs_reached(g, uses, w).is_empty()
+}
+
+/// The positions among `g`'s graph outputs that the values of `v` reach unchanged (see
+/// [`reaches_an_output`]).
+fn outputs_reached(
+    g: &Graph,
+    uses: &[Vec<(NodeId, usize)>],
+    v: ValueId,
+) -> std::collections::BTreeSet<usize> {
+    let mut reached = std::collections::BTreeSet::new();
     let mut seen = HashSet::new();
-    let mut stack = vec![w];
+    let mut stack = vec![v];
     while let Some(v) = stack.pop() {
         if !seen.insert(v) {
             continue;
         }
-        if g.is_graph_output(v) {
-            return true;
-        }
-        for &(n, _) in &uses[v.0 as usize] {
+        reached.extend(
+            g.outputs
+                .iter()
+                .enumerate()
+                .filter(|(_, o)| o.value == v)
+                .map(|(p, _)| p),
+        );
+        for &(n, i) in &uses[v.0 as usize] {
             let node = g.node(n);
-            if node.op_type() == "Identity" && node.domain().is_empty() {
-                stack.extend(node.outputs.iter().flatten().copied());
+            if i == 0 && node.domain().is_empty() && SAME_VALUES.contains(&node.op_type()) {
+                stack.extend(node.outputs.first().copied().flatten());
             }
         }
+        // Returned by a subgraph: on to the holding node's output it becomes.
         let name = &g.value(v).name;
         for (_, n) in g.live_nodes() {
             for sg in n.subgraphs() {
-                if let Some(sv) = sg
+                let Some(sv) = sg
                     .find(name)
                     .filter(|&sv| sg.value(sv).def == ValueDef::Outer)
-                {
-                    if reaches_an_output(sg, &sg.uses(), sv) {
-                        return true;
-                    }
+                else {
+                    continue;
+                };
+                for p in outputs_reached(sg, &sg.uses(), sv) {
+                    // Loop's body returns its condition first; If and Scan map one to one;
+                    // another op's outputs are all taken to carry it.
+                    let k: Vec<usize> = match (n.domain().is_empty(), n.op_type()) {
+                        (true, "Loop") => p.checked_sub(1).into_iter().collect(),
+                        (true, "If" | "Scan") => vec![p],
+                        _ => (0..n.outputs.len()).collect(),
+                    };
+                    stack.extend(
+                        k.into_iter()
+                            .filter_map(|k| n.outputs.get(k).copied().flatten()),
+                    );
                 }
             }
         }
     }
-    false
+    reached
 }
 
 /// Quantizes the weights `g` owns; `refused` collects the weights whose per-node scheme the
@@ -437,7 +475,7 @@ fn quantize_graph(
         // Its values are part of the interface, like an input's: they stay exact.
         if reaches_an_output(g, &uses, w) {
             stats.notes.push(format!(
-                "weight '{name}' is also a graph output, itself or through Identity nodes (its values are part of the interface): left in float"
+                "weight '{name}' reaches a graph output unchanged (itself, through Identity, Reshape-like or Transpose nodes, or returned by a subgraph; its values are part of the interface): left in float"
             ));
             continue;
         }

@@ -1333,7 +1333,7 @@ fn a_weight_that_is_a_graph_output_stays_exact() {
         assert_eq!(values(init(g, "W").unwrap()), w, "{format:?}");
         let notes = r.notes().join("\n");
         assert!(
-            notes.contains("weight 'W' is also a graph output, itself or through Identity nodes (its values are part of the interface): left in float"),
+            notes.contains("weight 'W' reaches a graph output unchanged (itself, through Identity, Reshape-like or Transpose nodes, or returned by a subgraph; its values are part of the interface): left in float"),
             "{format:?}: {notes}"
         );
     }
@@ -1396,11 +1396,30 @@ fn a_weight_that_is_a_graph_output_stays_exact() {
         vec![out("y"), out("z")],
         vec![f32_init("W", &[8, 5], &w)],
     );
-    for g in [through_identity, returned_by_if] {
+    let through_transpose = graph(
+        "g",
+        vec![
+            mm("x", "y"),
+            node("Transpose", "t", &["W"], &["Wt"], vec![]),
+        ],
+        vec![f32_info("x", &[2, 8])],
+        vec![out("y"), out("Wt")],
+        vec![f32_init("W", &[8, 5], &w)],
+    );
+    for g in [through_identity, returned_by_if.clone(), through_transpose] {
         let r = run_pass(&model(13, g), Q);
         assert_eq!(count(r.g(), "DequantizeLinear"), 0, "{:?}", ops(r.g()));
         assert_eq!(values(init(r.g(), "W").unwrap()), w);
     }
+    // An If that returns the weight into another op only: quantized as before (it was kept
+    // in float as soon as a subgraph returned it).
+    let mut to_op_only = returned_by_if;
+    to_op_only
+        .node
+        .push(node("MatMul", "mm_z", &["x", "z"], &["u"], vec![]));
+    to_op_only.output = vec![out("y"), out("u")];
+    let r = run_pass(&model(13, to_op_only), Q);
+    assert!(init(r.g(), "W").is_none(), "{:?}", ops(r.g()));
 }
 
 /// A reader the selection leaves out (by op type or by name, a ReduceSum included) keeps the
