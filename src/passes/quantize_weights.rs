@@ -241,11 +241,42 @@ impl Pass for QuantizeWeights {
     }
 }
 
+/// Bytes of the float initializers of every graph of `model`.
+fn float_initializer_bytes(model: &Model) -> usize {
+    let mut bytes = 0;
+    model.graph.visit(&mut |g| {
+        for w in g.initializers() {
+            if let Some(t) = g
+                .initializer(w)
+                .filter(|t| crate::ir::tensor::is_float(t.data_type()))
+            {
+                bytes += t.byte_size();
+            }
+        }
+    });
+    bytes
+}
+
 /// Runs the pass with `scheme` (see the module documentation).
 ///
 /// Errors: the scheme needs DequantizeLinear-21 (4-bit types, blocks) and the model's opset is
 /// lower.
 pub fn run_scheme(model: &mut Model, opts: &PassOptions, scheme: &Scheme) -> Result<PassStats> {
+    let before = float_initializer_bytes(model);
+    let mut stats = quantize_with(model, opts, scheme)?;
+    // The float weights replaced in place (the pass manager notes those left unread).
+    let after = float_initializer_bytes(model);
+    if before > after {
+        stats.notes.push(format!(
+            "float initializers went from {} to {} bytes: the weights replaced by their quantized form were removed (scales added)",
+            before, after
+        ));
+    }
+    Ok(stats)
+}
+
+/// [`run_scheme`] but its note on the bytes freed.
+fn quantize_with(model: &mut Model, opts: &PassOptions, scheme: &Scheme) -> Result<PassStats> {
     {
         let mut stats = PassStats::default();
         if !can_add_initializers(model) {
