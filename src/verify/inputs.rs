@@ -506,7 +506,7 @@ pub fn prepare_inputs(model: &pb::ModelProto, opts: &InputOptions) -> Result<Pre
         generated = generated.saturating_add(bytes);
         ensure!(
             generated <= MAX_GENERATED_BYTES,
-            "the inputs generated or filled so far, up to `{name}` {shape:?}, take {:.1} GiB together, more than the {} GiB this tool generates; give smaller --input-shape dims, or the values in an --inputs file",
+            "the inputs generated or filled so far, up to `{name}` {shape:?}, take {:.2} GiB together, more than the {} GiB this tool generates; give smaller --input-shape dims, or the values in an --inputs file",
             generated as f64 / (1u64 << 30) as f64,
             MAX_GENERATED_BYTES >> 30
         );
@@ -882,7 +882,7 @@ fn generated_len(dt: DatumType, shape: &[usize]) -> Result<usize> {
     let bytes = n.saturating_mul(dt.size_of());
     ensure!(
         bytes <= MAX_GENERATED_BYTES,
-        "shape {shape:?} has {n} elements, {:.1} GiB as {dt:?}, more than the {} GiB this tool generates for one input; give a smaller --input-shape, or the values in an --inputs file",
+        "shape {shape:?} has {n} elements, {:.2} GiB as {dt:?}, more than the {} GiB this tool generates for a run's inputs; give a smaller --input-shape, or the values in an --inputs file",
         bytes as f64 / (1u64 << 30) as f64,
         MAX_GENERATED_BYTES >> 30
     );

@@ -1682,7 +1682,7 @@ fn calibration_and_check_data_problems_are_refused_together() {
     for (shape, want) in [
         (
             "x:100000,3,48,192",
-            "has 2764800000 elements, 10.3 GiB as F32, more than the 1 GiB",
+            "has 2764800000 elements, 10.30 GiB as F32, more than the 1 GiB",
         ),
         (
             "x:99999999999,99999999999,99999999999,9",
@@ -1714,7 +1714,7 @@ fn calibration_and_check_data_problems_are_refused_together() {
     assert_eq!(r.code, Some(2), "{}", r.describe());
     assert!(
         r.stderr.contains(
-            "up to `state` [2, 1, 100000000], take 1.5 GiB together, more than the 1 GiB"
+            "up to `state` [2, 1, 100000000], take 1.49 GiB together, more than the 1 GiB"
         ),
         "{}",
         r.describe()
