@@ -863,7 +863,7 @@ mod tests {
         let e = optimize(&cfg("quantize_weights"), &Silent).unwrap_err();
         let msg = format!("{e:#}");
         assert!(
-            msg.contains("`w` is defined in a subgraph of If node \"if\""),
+            msg.contains("`w` is defined in the then_branch of If node \"if\""),
             "{msg}"
         );
         assert!(!dir.path().join("out.onnx").exists());

@@ -5,7 +5,7 @@ use std::collections::HashSet;
 
 use anyhow::Result;
 
-use super::{Graph, Model, ValueDef};
+use super::{Graph, Model, SubgraphAttr, ValueDef};
 
 /// Checks the invariants listed in [`crate::ir`] on every graph of `model`.
 ///
@@ -128,17 +128,25 @@ pub fn shadowed_names(model: &Model) -> Vec<String> {
         let mut visible = outer.clone();
         visible.extend(defined(g));
         for (id, n) in g.live_nodes() {
-            for sub in n.subgraphs() {
-                let mut names: Vec<&str> = defined(sub).filter(|d| visible.contains(d)).collect();
-                names.sort_unstable();
-                names.dedup();
-                for name in names {
-                    out.push(format!(
-                        "`{name}` is defined in a subgraph of {} and in an enclosing graph",
-                        n.label(id)
-                    ));
+            for (attr, s) in &n.subgraphs {
+                let which = n.proto.attribute.get(*attr).map_or("", |a| a.name());
+                let subs: &[Graph] = match s {
+                    SubgraphAttr::One(g) => std::slice::from_ref(&**g),
+                    SubgraphAttr::Many(gs) => gs,
+                };
+                for sub in subs {
+                    let mut names: Vec<&str> =
+                        defined(sub).filter(|d| visible.contains(d)).collect();
+                    names.sort_unstable();
+                    names.dedup();
+                    for name in names {
+                        out.push(format!(
+                            "`{name}` is defined in the {which} of {} and in an enclosing graph",
+                            n.label(id)
+                        ));
+                    }
+                    walk(sub, &visible, out);
                 }
-                walk(sub, &visible, out);
             }
         }
     }
