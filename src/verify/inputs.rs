@@ -497,6 +497,25 @@ pub fn prepare_inputs(model: &pb::ModelProto, opts: &InputOptions) -> Result<Pre
     }
 
     let index_uses = IndexUses::new(graph);
+    // The inputs to generate or fill, sized before any is made (two of 0.8 GB were refused
+    // only once the first had been built). The loop below keeps the count exact.
+    let planned = declared
+        .iter()
+        .filter(|d| {
+            value_of(&d.name).is_some() || !npz.as_ref().is_some_and(|m| m.contains_key(&d.name))
+        })
+        .filter_map(|d| {
+            let dt = d.dtype?;
+            let shape = d.resolve_shape(shape_of(&d.name), &mut Vec::new()).ok()?;
+            Some(generated_len(dt, &shape).ok()?.saturating_mul(dt.size_of()))
+        })
+        .fold(0usize, usize::saturating_add);
+    ensure!(
+        planned <= MAX_GENERATED_BYTES,
+        "the inputs to generate or fill take {:.2} GiB together, more than the {} GiB this tool generates; give smaller --input-shape dims, or the values in an --inputs file",
+        planned as f64 / (1u64 << 30) as f64,
+        MAX_GENERATED_BYTES >> 30
+    );
     // Bytes of the inputs generated or filled so far: together they stay within the limit.
     let mut generated = 0usize;
     let mut budget = |name: &str, dt: DatumType, shape: &[usize]| -> Result<()> {

@@ -1701,7 +1701,7 @@ fn calibration_and_check_data_problems_are_refused_together() {
         assert!(r.stderr.contains(want), "{want}: {}", r.describe());
         assert!(!out.exists());
     }
-    // Inputs each under the limit, over it together.
+    // Inputs each under the limit, over it together: refused before any is made.
     let r = run_slow(&[
         "compare".into(),
         model("silero-vad-16k-op15").into(),
@@ -1713,9 +1713,8 @@ fn calibration_and_check_data_problems_are_refused_together() {
     ]);
     assert_eq!(r.code, Some(2), "{}", r.describe());
     assert!(
-        r.stderr.contains(
-            "up to `state` [2, 1, 100000000], take 1.49 GiB together, more than the 1 GiB"
-        ),
+        r.stderr
+            .contains("the inputs to generate or fill take 1.49 GiB together, more than the 1 GiB"),
         "{}",
         r.describe()
     );
