@@ -80,11 +80,7 @@ fn refuse_clobbering(writes: &[(&str, &Path)], reads: &[(&str, &Path)]) -> Resul
         if let Ok(c) = p.canonicalize() {
             return c;
         }
-        let dir = match p.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d,
-            _ => Path::new("."),
-        };
-        match (dir.canonicalize(), p.file_name()) {
+        match (onnx::folder_of(p).canonicalize(), p.file_name()) {
             (Ok(d), Some(f)) => d.join(f),
             _ => p.to_path_buf(),
         }
@@ -729,10 +725,7 @@ fn refuse_unwritable(paths: &[(Option<&std::path::Path>, &str)]) -> Result<()> {
     let mut problems = Vec::new();
     for (path, what) in paths {
         let Some(p) = path else { continue };
-        let dir = p
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(std::path::Path::new("."));
+        let dir = onnx::folder_of(p);
         if dir.exists() && !dir.is_dir() {
             problems.push(format!(
                 "cannot write the {what} {}: {} is not a folder",

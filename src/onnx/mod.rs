@@ -88,13 +88,7 @@ pub fn load(path: &Path) -> Result<(Model, LoadInfo)> {
     let bytes = read_file_bytes(path)?;
     let file_size = bytes.len() as u64;
     let proto = decode(bytes, &what)?;
-    let dir = path.parent().map(|p| {
-        if p.as_os_str().is_empty() {
-            PathBuf::from(".")
-        } else {
-            p.to_path_buf()
-        }
-    });
+    let dir = path.parent().map(|_| folder_of(path).to_path_buf());
     let (model, external) = from_proto(proto, dir, &what)?;
     Ok((
         model,
@@ -255,7 +249,8 @@ pub fn save_proto(proto: &mut pb::ModelProto, path: &Path, opts: &SaveOptions) -
     let mut data_tmp = None;
     if external {
         let data_name = format!("{file_name}.data");
-        refuse_data(&external_data_path(path))?;
+        let data_path = external_data_path(path);
+        refuse_data(&data_path)?;
         let threshold = if opts.external_data {
             opts.external_threshold
         } else {
@@ -274,7 +269,7 @@ pub fn save_proto(proto: &mut pb::ModelProto, path: &Path, opts: &SaveOptions) -
         // No tensor qualified: write no data file at all (the temporary one is removed).
         if written > 0 {
             info.external = Some((data_name.clone(), written));
-            data_tmp = Some((tmp, dir.join(&data_name)));
+            data_tmp = Some((tmp, data_path));
         }
     }
     let mut tmp = temp_in(&dir, &file_name, ".tmp")?;
@@ -335,10 +330,9 @@ fn replace_pair(
         Ok(Some(backup))
     };
     let restore = |backup: Option<tempfile::TempPath>, p: &Path| {
-        if let Some(b) = backup {
-            let _ = std::fs::rename(&b, p);
-            // Renamed back: nothing left for the guard to remove.
-            std::mem::forget(b);
+        // Kept (the guard disarmed), then renamed back.
+        if let Some(Ok(b)) = backup.map(tempfile::TempPath::keep) {
+            let _ = std::fs::rename(b, p);
         }
     };
     let old_model = aside(path)?;
@@ -384,14 +378,19 @@ pub fn same_file(a: &Path, b: &Path) -> bool {
     }
 }
 
-/// The folder `path` is in (`.` for a bare file name) and its file name.
+/// The folder `path` is in: its parent, `.` for a bare file name.
+pub fn folder_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// The folder `path` is in ([`folder_of`]) and its file name.
 ///
 /// Errors: `path` has no file name (`..`, `/`).
 fn folder_and_name(path: &Path) -> Result<(PathBuf, String)> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
+    let dir = folder_of(path).to_path_buf();
     let name = path
         .file_name()
         .with_context(|| format!("{} is not a file path", path.display()))?
@@ -625,8 +624,6 @@ mod tests {
         assert_eq!(left, ["m.onnx", "m.onnx.data"]);
     }
 
-    /// Three initializers stored in one missing file: one problem says why, one more names
-    /// the other tensors stored there (it was one identical line per tensor: 65 on a model).
     /// A malformed sparse initializer (int32 indices, an index outside the dense shape, values
     /// of rank 2) is refused when the model is loaded, naming it and what is wrong; it was
     /// run as if valid (int32 indices read as int64 put values elsewhere) or left
@@ -712,6 +709,8 @@ mod tests {
         }
     }
 
+    /// Three initializers stored in one missing file: one problem says why, one more names
+    /// the other tensors stored there (it was one identical line per tensor: 65 on a model).
     #[test]
     fn a_missing_external_data_file_is_one_problem_not_one_per_tensor() {
         use pb::tensor_proto::{DataLocation, DataType};
