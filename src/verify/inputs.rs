@@ -251,10 +251,7 @@ where
     T: npyz::Deserialize + Datum + Copy,
     R: Read,
 {
-    let n = shape
-        .iter()
-        .try_fold(1usize, |n, &d| n.checked_mul(d))
-        .context("the header's shape overflows")?;
+    let n = checked_len(shape).context("the header's shape overflows")?;
     ensure!(
         (n as u128) * (std::mem::size_of::<T>() as u128) <= bytes as u128,
         "the header's shape {shape:?} needs {n} elements, more than the {bytes} bytes of the array's file hold"
@@ -497,16 +494,23 @@ pub fn prepare_inputs(model: &pb::ModelProto, opts: &InputOptions) -> Result<Pre
     }
 
     let index_uses = IndexUses::new(graph);
-    // The inputs to generate or fill, sized before any is made (two of 0.8 GB were refused
-    // only once the first had been built). The loop below keeps the count exact.
+    // The inputs to generate or fill, sized before any is made, with the types and shapes the
+    // loop below gives them (two of 0.8 GB were refused only once the first had been built).
     let planned = declared
         .iter()
-        .filter(|d| {
-            value_of(&d.name).is_some() || !npz.as_ref().is_some_and(|m| m.contains_key(&d.name))
-        })
         .filter_map(|d| {
-            let dt = d.dtype?;
-            let shape = d.resolve_shape(shape_of(&d.name), &mut Vec::new()).ok()?;
+            let from_npz = npz.as_ref().and_then(|m| m.get(&d.name));
+            let value = value_of(&d.name).is_some();
+            if from_npz.is_some() && !value {
+                return None;
+            }
+            let npz_fill = from_npz.filter(|_| value);
+            let dt = d.dtype.or(npz_fill.map(Tensor::datum_type))?;
+            let shape = match (shape_of(&d.name), npz_fill) {
+                (Some(s), _) if value => s.clone(),
+                (None, Some(t)) => t.shape().to_vec(),
+                (given, _) => d.resolve_shape(given, &mut Vec::new()).ok()?,
+            };
             Some(generated_len(dt, &shape).ok()?.saturating_mul(dt.size_of()))
         })
         .fold(0usize, usize::saturating_add);
@@ -516,21 +520,6 @@ pub fn prepare_inputs(model: &pb::ModelProto, opts: &InputOptions) -> Result<Pre
         planned as f64 / (1u64 << 30) as f64,
         MAX_GENERATED_BYTES >> 30
     );
-    // Bytes of the inputs generated or filled so far: together they stay within the limit.
-    let mut generated = 0usize;
-    let mut budget = |name: &str, dt: DatumType, shape: &[usize]| -> Result<()> {
-        let bytes = generated_len(dt, shape)
-            .with_context(|| format!("input `{name}`"))?
-            .saturating_mul(dt.size_of());
-        generated = generated.saturating_add(bytes);
-        ensure!(
-            generated <= MAX_GENERATED_BYTES,
-            "the inputs generated or filled so far, up to `{name}` {shape:?}, take {:.2} GiB together, more than the {} GiB this tool generates; give smaller --input-shape dims, or the values in an --inputs file",
-            generated as f64 / (1u64 << 30) as f64,
-            MAX_GENERATED_BYTES >> 30
-        );
-        Ok(())
-    };
     let mut prepared = PreparedInputs {
         tensors: vec![],
         info: vec![],
@@ -550,7 +539,6 @@ pub fn prepare_inputs(model: &pb::ModelProto, opts: &InputOptions) -> Result<Pre
                 (None, Some(t)) => t.shape().to_vec(),
                 (None, None) => input.resolve_shape(None, &mut prepared.notes)?,
             };
-            budget(name, dt, &shape)?;
             let tensor =
                 filled(dt, &shape, value).with_context(|| format!("filling input `{name}`"))?;
             (tensor, InputSource::Value { value })
@@ -610,7 +598,6 @@ pub fn prepare_inputs(model: &pb::ModelProto, opts: &InputOptions) -> Result<Pre
             let range = value_range(dt, index_uses.bound(name), name, &mut prepared.notes)?;
             let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
             rng.set_stream(fnv1a(name.as_bytes()));
-            budget(name, dt, &shape)?;
             let tensor = random_tensor(dt, &shape, &range, &mut rng)
                 .with_context(|| format!("generating input `{name}`"))?;
             (
@@ -888,16 +875,18 @@ fn value_range(
 /// the machine's memory (running the models takes several times their inputs' size).
 pub const MAX_GENERATED_BYTES: usize = 1 << 30;
 
+/// The element count of `shape`, `None` when it overflows.
+fn checked_len(shape: &[usize]) -> Option<usize> {
+    shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d))
+}
+
 /// The element count of a tensor of `shape` and `dt` the tool generates or fills.
 ///
 /// Errors: the count overflows, or the tensor would take more than [`MAX_GENERATED_BYTES`].
 fn generated_len(dt: DatumType, shape: &[usize]) -> Result<usize> {
-    let n = shape
-        .iter()
-        .try_fold(1usize, |n, &d| n.checked_mul(d))
-        .with_context(|| {
-            format!("shape {shape:?} has more elements than this machine can address")
-        })?;
+    let n = checked_len(shape).with_context(|| {
+        format!("shape {shape:?} has more elements than this machine can address")
+    })?;
     let bytes = n.saturating_mul(dt.size_of());
     ensure!(
         bytes <= MAX_GENERATED_BYTES,
