@@ -428,7 +428,7 @@ const OPTIONAL_TRAILING_OUTPUTS: &[&str] = &[
 /// bounds"; a MaxPool or Dropout whose second output is `""` gave "Wrong number of outputs").
 fn drop_trailing_empty_names(g: &mut tract_onnx::pb::GraphProto) {
     for n in &mut g.node {
-        let default_domain = matches!(n.domain.as_str(), "" | "ai.onnx");
+        let default_domain = crate::ir::normal_domain(&n.domain).is_empty();
         while default_domain && n.input.last().is_some_and(String::is_empty) {
             n.input.pop();
         }
@@ -436,12 +436,18 @@ fn drop_trailing_empty_names(g: &mut tract_onnx::pb::GraphProto) {
         while optional && n.output.len() > 1 && n.output.last().is_some_and(String::is_empty) {
             n.output.pop();
         }
-        for a in &mut n.attribute {
-            for sub in a.g.iter_mut().chain(a.graphs.iter_mut()) {
-                drop_trailing_empty_names(sub);
-            }
-        }
     }
+    subgraphs_mut(g).for_each(drop_trailing_empty_names);
+}
+
+/// The subgraphs (If branches, Loop and Scan bodies) the nodes of `g` hold, one level down.
+fn subgraphs_mut(
+    g: &mut tract_onnx::pb::GraphProto,
+) -> impl Iterator<Item = &mut tract_onnx::pb::GraphProto> {
+    g.node
+        .iter_mut()
+        .flat_map(|n| n.attribute.iter_mut())
+        .flat_map(|a| a.g.iter_mut().chain(a.graphs.iter_mut()))
 }
 
 /// Replaces, in tract's copy of a graph and its subgraphs, each sparse initializer (which
@@ -457,13 +463,7 @@ fn densify_sparse_initializers(g: &mut tract_onnx::pb::GraphProto) {
             None => g.sparse_initializer.push(s),
         }
     }
-    for n in &mut g.node {
-        for a in &mut n.attribute {
-            for sub in a.g.iter_mut().chain(a.graphs.iter_mut()) {
-                densify_sparse_initializers(sub);
-            }
-        }
-    }
+    subgraphs_mut(g).for_each(densify_sparse_initializers);
 }
 
 /// The dense form of `s` (see [`densify_sparse_initializers`]), or `None`.
@@ -625,12 +625,8 @@ fn unique_node_names(g: &mut tract_onnx::pb::GraphProto, outer: &HashSet<String>
     visible.extend(g.input.iter().map(|i| i.name.clone()));
     visible.extend(g.initializer.iter().map(|t| t.name.clone()));
     visible.extend(g.node.iter().flat_map(|n| n.output.iter().cloned()));
-    for n in &mut g.node {
-        for a in &mut n.attribute {
-            for sub in a.g.iter_mut().chain(a.graphs.iter_mut()) {
-                unique_node_names(sub, &visible);
-            }
-        }
+    for sub in subgraphs_mut(g) {
+        unique_node_names(sub, &visible);
     }
 }
 
