@@ -373,8 +373,22 @@ const SAME_VALUES: &[&str] = &[
 /// `g` unchanged: it is one, or [`SAME_VALUES`] ops lead it to one, or a subgraph returns it
 /// (itself or through such ops; onnxruntime wants an Identity there) as an output of the node
 /// holding it that leads to one.
-fn reaches_an_output(g: &Graph, uses: &[Vec<(NodeId, usize)>], w: ValueId) -> bool {
-    !outputs_reached(g, uses, w).is_empty()
+/// `holders` are the nodes of `g` that hold subgraphs ([`subgraph_holders`]).
+fn reaches_an_output(
+    g: &Graph,
+    uses: &[Vec<(NodeId, usize)>],
+    holders: &[NodeId],
+    w: ValueId,
+) -> bool {
+    !outputs_reached(g, uses, holders, w).is_empty()
+}
+
+/// The nodes of `g` that hold subgraphs.
+fn subgraph_holders(g: &Graph) -> Vec<NodeId> {
+    g.live_nodes()
+        .filter(|(_, n)| !n.subgraphs.is_empty())
+        .map(|(id, _)| id)
+        .collect()
 }
 
 /// The positions among `g`'s graph outputs that the values of `v` reach unchanged (see
@@ -382,6 +396,7 @@ fn reaches_an_output(g: &Graph, uses: &[Vec<(NodeId, usize)>], w: ValueId) -> bo
 fn outputs_reached(
     g: &Graph,
     uses: &[Vec<(NodeId, usize)>],
+    holders: &[NodeId],
     v: ValueId,
 ) -> std::collections::BTreeSet<usize> {
     let mut reached = std::collections::BTreeSet::new();
@@ -406,7 +421,7 @@ fn outputs_reached(
         }
         // Returned by a subgraph: on to the holding node's output it becomes.
         let name = &g.value(v).name;
-        for (_, n) in g.live_nodes() {
+        for n in holders.iter().map(|&id| g.node(id)) {
             for sg in n.subgraphs() {
                 let Some(sv) = sg
                     .find(name)
@@ -414,7 +429,7 @@ fn outputs_reached(
                 else {
                     continue;
                 };
-                for p in outputs_reached(sg, &sg.uses(), sv) {
+                for p in outputs_reached(sg, &sg.uses(), &subgraph_holders(sg), sv) {
                     // Loop's body returns its condition first; If and Scan map one to one;
                     // another op's outputs are all taken to carry it.
                     let k: Vec<usize> = match (n.domain().is_empty(), n.op_type()) {
@@ -447,11 +462,7 @@ fn quantize_graph(
     let nbits = opts.weight_format == WeightFormat::MatMulNBits;
     let wrote = nbits && nbits_graph(g, names, opts, scheme, stats, &mut done);
     let uses = g.uses();
-    let sub_nodes: Vec<NodeId> = g
-        .live_nodes()
-        .filter(|(_, n)| !n.subgraphs.is_empty())
-        .map(|(id, _)| id)
-        .collect();
+    let sub_nodes = subgraph_holders(g);
     let mut plans = Vec::new();
     for w in g.initializers() {
         if done.contains(&w) {
@@ -504,7 +515,7 @@ fn quantize_graph(
             continue;
         }
         // Its values are part of the interface, like an input's: they stay exact.
-        if reaches_an_output(g, &uses, w) {
+        if reaches_an_output(g, &uses, &sub_nodes, w) {
             stats.notes.push(format!(
                 "weight '{name}' reaches a graph output unchanged (itself, through Identity, Reshape-like or Transpose nodes, or returned by a subgraph; its values are part of the interface): left in float"
             ));
