@@ -667,17 +667,19 @@ pub fn format_table(c: &Comparison) -> String {
                 (None, true) => "ok".to_string(),
                 (None, false) => format!("FAIL {}", failed.join(", ")),
             };
+            // A row without figures: the name, dashes and the status.
+            let no_figures = |status: String| -> [String; 8] {
+                let mut r: [String; 8] = Default::default();
+                r[0] = o.name.clone();
+                for cell in r.iter_mut().take(7).skip(1) {
+                    *cell = "-".into();
+                }
+                r[7] = status;
+                r
+            };
             let row = match &o.values {
                 // Nothing was compared (a note says so): no figure, not "ok".
-                Some(v) if v.elements == 0 => {
-                    let mut r: [String; 8] = Default::default();
-                    r[0] = o.name.clone();
-                    for cell in r.iter_mut().take(7).skip(1) {
-                        *cell = "-".into();
-                    }
-                    r[7] = "empty: not compared".into();
-                    r
-                }
+                Some(v) if v.elements == 0 => no_figures("empty: not compared".into()),
                 Some(v) => [
                     o.name.clone(),
                     fmt_num(v.max_abs),
@@ -700,15 +702,7 @@ pub fn format_table(c: &Comparison) -> String {
                     fmt_opt(v.top1_agreement, |x| format!("{:.1}%", 100.0 * x)),
                     row_status,
                 ],
-                None => {
-                    let mut r: [String; 8] = Default::default();
-                    r[0] = o.name.clone();
-                    for cell in r.iter_mut().take(7).skip(1) {
-                        *cell = "-".into();
-                    }
-                    r[7] = row_status;
-                    r
-                }
+                None => no_figures(row_status),
             };
             rows.push(row);
         }
