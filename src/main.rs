@@ -362,6 +362,7 @@ fn calibration_options(
             Some(t @ (QType::Uint8 | QType::Int8)) => t,
             _ => anyhow::bail!("--activation-type must be uint8 or int8"),
         },
+        cache: Default::default(),
     }))
 }
 

@@ -1655,6 +1655,7 @@ mod tests {
                 method,
                 max_samples: 256,
                 activation_type: qtype,
+                cache: Default::default(),
             }),
             ..Default::default()
         }
@@ -1796,6 +1797,13 @@ mod tests {
             let stats2 = QuantizeStatic.run(&mut m2, &opts).unwrap();
             assert!(stats2.notes.iter().any(|n| n.contains("once for this run")));
             assert_eq!(out, crate::onnx::export::to_proto(&m2).unwrap());
+            // New options start a new cache: the cache is not shared by the whole process
+            // (another test's calibrations could evict this one's between the two runs).
+            let fresh = cal_opts(dir.path(), RangeMethod::MinMax, qtype);
+            let stats3 = QuantizeStatic
+                .run(&mut import(src.clone()), &fresh)
+                .unwrap();
+            assert!(!stats3.notes.iter().any(|n| n.contains("once for this run")));
         }
     }
 

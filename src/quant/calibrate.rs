@@ -41,15 +41,15 @@
 //!
 //! A tensor holding an infinity or NaN, or no element at all, gets no range (it stays float).
 //!
-//! Results are cached for the life of the process, keyed by the model's bytes, the tensor
-//! names, the source (path, sizes and modification times of its files) and the options, so
-//! the accuracy-gated fallback, which re-runs the pass on the same snapshot several times,
-//! calibrates once.
+//! Results are cached in the options' [`CalibrationCache`] (shared by their clones, so for
+//! one command's run), keyed by the model's bytes, the tensor names, the source (path, sizes
+//! and modification times of its files) and the options, so the accuracy-gated fallback,
+//! which re-runs the pass on the same snapshot several times, calibrates once.
 
 use std::collections::{hash_map::DefaultHasher, BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
@@ -922,17 +922,49 @@ pub(crate) fn float_values(t: &Tensor) -> Option<std::borrow::Cow<'_, [f32]>> {
     }
 }
 
-type CacheMap = HashMap<u64, Arc<Calibration>>;
+/// The calibrations made with one [`CalibrationOptions`] and its clones (at most
+/// [`CACHE_ENTRIES`], the oldest dropped first), keyed by a hash of the probed model, the
+/// options and the sample files. Clones share it; every instance compares equal, so options
+/// compare by their values only.
+#[derive(Clone, Default)]
+pub struct CalibrationCache(Arc<Mutex<Vec<CacheEntry>>>);
 
-fn cache() -> &'static Mutex<CacheMap> {
-    static CACHE: OnceLock<Mutex<CacheMap>> = OnceLock::new();
-    CACHE.get_or_init(|| Mutex::new(HashMap::new()))
+/// A key of a [`CalibrationCache`] and the calibration it found.
+type CacheEntry = (u64, Arc<Calibration>);
+
+impl std::fmt::Debug for CalibrationCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.0.lock().map(|c| c.len()).unwrap_or(0);
+        write!(f, "CalibrationCache({n} entries)")
+    }
+}
+
+impl PartialEq for CalibrationCache {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl CalibrationCache {
+    fn get(&self, key: u64) -> Option<Arc<Calibration>> {
+        let c = self.0.lock().ok()?;
+        c.iter().find(|(k, _)| *k == key).map(|(_, v)| v.clone())
+    }
+
+    fn insert(&self, key: u64, value: Arc<Calibration>) {
+        if let Ok(mut c) = self.0.lock() {
+            if c.len() >= CACHE_ENTRIES {
+                c.remove(0);
+            }
+            c.push((key, value));
+        }
+    }
 }
 
 /// Most unreadable calibration samples listed in one error (the rest are counted).
 const MAX_LISTED_PROBLEMS: usize = 20;
 
-/// Most calibrations kept in the process-wide cache.
+/// Most calibrations one [`CalibrationCache`] keeps.
 const CACHE_ENTRIES: usize = 8;
 
 /// Calibrates the tensors `names` of `proto` (the model as the pass sees it) on the samples of
@@ -964,20 +996,13 @@ pub fn calibrate(
         }
     }
     let key = h.finish();
-    if let Some(c) = cache().lock().ok().and_then(|c| c.get(&key).cloned()) {
+    if let Some(c) = opts.cache.get(key) {
         let mut hit = (*c).clone();
         hit.cached = true;
         return Ok(Arc::new(hit));
     }
     let result = Arc::new(run_calibration(&probed, names, samples, opts)?);
-    if let Ok(mut c) = cache().lock() {
-        if c.len() >= CACHE_ENTRIES {
-            if let Some(k) = c.keys().next().copied() {
-                c.remove(&k);
-            }
-        }
-        c.insert(key, result.clone());
-    }
+    opts.cache.insert(key, result.clone());
     Ok(result)
 }
 

@@ -40,6 +40,12 @@ pub struct CalibrationOptions {
     pub max_samples: usize,
     /// Activation type: uint8 (asymmetric, onnxruntime's default) or int8 (symmetric).
     pub activation_type: QType,
+    /// Calibrations already made with these options, shared by their clones: the
+    /// accuracy-gated fallback re-runs the pass on the same model several times and
+    /// calibrates once. Not part of the options' value (equal whatever it holds, not
+    /// serialized); a new one starts empty.
+    #[serde(skip)]
+    pub cache: calibrate::CalibrationCache,
 }
 
 /// A tensor quantized per channel: `q` in the input's layout, one scale per channel.
