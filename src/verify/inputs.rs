@@ -174,9 +174,22 @@ pub fn load_npz(path: &Path) -> Result<Vec<(String, Tensor)>> {
 /// When the file cannot be opened or is not a zip archive.
 pub fn npz_keys(path: &Path) -> Result<Vec<String>> {
     let file = File::open(path).with_context(|| format!("opening npz file {}", path.display()))?;
-    let archive = npyz::npz::NpzArchive::new(BufReader::new(file))
+    let mut archive = npyz::npz::NpzArchive::new(BufReader::new(file))
         .with_context(|| format!("reading npz file {} as a zip archive", path.display()))?;
-    Ok(archive.array_names().map(str::to_owned).collect())
+    // In the archive's order (the order numpy wrote them), not a hash map's.
+    let zip = archive.zip_archive();
+    (0..zip.len())
+        .filter_map(|index| match zip.by_index_raw(index) {
+            Ok(entry) => {
+                npyz::npz::array_name_from_file_name(entry.name()).map(|k| Ok(k.to_owned()))
+            }
+            Err(e) => {
+                Some(Err(e).with_context(|| {
+                    format!("reading entry {index} of npz file {}", path.display())
+                }))
+            }
+        })
+        .collect()
 }
 
 /// [`load_npz`], reading only the arrays whose key `wanted` accepts: the others (reference
@@ -1346,6 +1359,21 @@ mod tests {
         let back = load_npz(&path).unwrap();
         assert_eq!(back[0].1.shape(), &[2, 3]);
         assert_eq!(slice::<i32>(&back[0].1), vec![0, 1, 2, 10, 11, 12]);
+    }
+
+    #[test]
+    fn npz_keys_come_in_the_order_the_file_holds_them() {
+        // They came from a hash map: an error listing a sample's arrays changed from run to
+        // run.
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.npz");
+        let names = ["state", "input", "sr", "zeta", "alpha", "h", "c", "mid"];
+        let arrays: Vec<(String, Tensor)> = names
+            .iter()
+            .map(|n| (n.to_string(), Tensor::from(1f32)))
+            .collect();
+        save_npz(&p, &arrays).unwrap();
+        assert_eq!(npz_keys(&p).unwrap(), names);
     }
 
     #[test]
