@@ -555,6 +555,8 @@ fn owned(v: &Views, keep: impl Fn(&str) -> bool) -> Outputs {
 struct Probed {
     proto: pb::ModelProto,
     runner: Runner,
+    /// The plain typed plan, made for the first set tract's optimized plan fails on.
+    plain: Option<Runner>,
 }
 
 impl Probed {
@@ -562,10 +564,18 @@ impl Probed {
     fn new(proto: pb::ModelProto, probes: &BTreeSet<String>, optimize: bool) -> Result<Probed> {
         let proto = with_probes(proto, probes);
         let runner = Runner::new(&proto, optimize)?;
-        Ok(Probed { proto, runner })
+        Ok(Probed {
+            proto,
+            runner,
+            plain: None,
+        })
     }
 
     /// Runs every input set and hands `each` the float values of each set, in order.
+    ///
+    /// A set the optimized plan fails on runs in the plain typed plan; the others keep the
+    /// optimized plan's values, so which plan gives a set's values depends on that set only,
+    /// not on how many run at a time.
     fn run(
         &mut self,
         sets: &[Vec<(String, Tensor)>],
@@ -582,27 +592,25 @@ impl Probed {
         let threads = rayon::current_num_threads().max(1);
         for chunk in sets.chunks(threads) {
             let refs: Vec<&[(String, Tensor)]> = chunk.iter().map(Vec::as_slice).collect();
-            let results = match self.runner.run_many(&refs) {
-                Ok(r) => r,
-                Err(_) => chunk
-                    .iter()
-                    .map(|_| Err(anyhow::anyhow!("not run")))
-                    .collect(),
-            };
+            let results = self.runner.run_many(&refs);
             for (set, outs) in chunk.iter().zip(results) {
-                let outs = match outs {
-                    Ok(o) => o,
-                    Err(_) => {
-                        // tract's optimized plan failed: the plain typed plan from here on.
-                        self.runner = Runner::new(&self.proto, false)?;
-                        self.runner
+                let (outs, names) = match outs {
+                    Ok(o) => (o, &self.runner.outputs),
+                    Err(_) if self.runner.optimize => {
+                        let plain = match &mut self.plain {
+                            Some(p) => p,
+                            None => self.plain.insert(Runner::new(&self.proto, false)?),
+                        };
+                        let outs = plain
                             .run(set)
-                            .with_context(|| format!("running the {what} in tract"))?
+                            .with_context(|| format!("running the {what} in tract"))?;
+                        (outs, &plain.outputs)
+                    }
+                    Err(e) => {
+                        return Err(e).with_context(|| format!("running the {what} in tract"))
                     }
                 };
-                each(&views(
-                    self.runner.outputs.iter().zip(outs.iter().map(|t| &**t)),
-                ));
+                each(&views(names.iter().zip(outs.iter().map(|t| &**t))));
             }
         }
         Ok(())

@@ -718,7 +718,9 @@ pub(crate) struct Runner {
     /// The graph output names, in the order `run` returns their values.
     pub(crate) outputs: Vec<String>,
     plans: Vec<(PlanKey, Plan)>,
-    optimize: bool,
+    /// Plans are tract's optimized plans (falling back to the typed plan where tract cannot
+    /// optimize), not the plain typed plan.
+    pub(crate) optimize: bool,
 }
 
 /// Most plans a [`Runner`] keeps, one per set of input shapes and way its If nodes resolve
@@ -816,20 +818,17 @@ impl Runner {
     /// thread; each set gets its own state on the shared plan), one result per set in the
     /// order of `sets`. Holds every set's outputs at once.
     ///
-    /// Errors: a set has no value for a graph input, or tract fails planning for it (the
-    /// whole call); tract fails or panics running one set (that set's result).
-    pub(crate) fn run_many(
-        &mut self,
-        sets: &[&[(String, Tensor)]],
-    ) -> Result<Vec<Result<TVec<TValue>>>> {
-        let prepared: Vec<_> = sets
-            .iter()
-            .map(|t| self.prepare(t))
-            .collect::<Result<_>>()?;
-        Ok(prepared
+    /// Errors (each set's own, whatever the other sets give): the set has no value for a
+    /// graph input, or tract fails planning or fails or panics running it.
+    pub(crate) fn run_many(&mut self, sets: &[&[(String, Tensor)]]) -> Vec<Result<TVec<TValue>>> {
+        let prepared: Vec<_> = sets.iter().map(|t| self.prepare(t)).collect();
+        prepared
             .into_par_iter()
-            .map(|(plan, values)| guarded("running the model", || plan.run(values)))
-            .collect())
+            .map(|p| {
+                let (plan, values) = p?;
+                guarded("running the model", || plan.run(values))
+            })
+            .collect()
     }
 
     /// The plan for these inputs' types and shapes (built and cached when new) and the values
@@ -1026,37 +1025,45 @@ fn run_calibration(
     };
     // Samples run in parallel, as many at a time as there are threads; statistics are updated
     // in sample order (histograms depend on it), so the result does not depend on threads.
+    // The first problem in sample order is reported, as a run of one sample at a time would,
+    // whatever the number of threads.
     let threads = rayon::current_num_threads().max(1);
     let mut samples = samples.peekable();
     while samples.peek().is_some() {
-        let chunk: Vec<Sample> = match samples.by_ref().take(threads).collect::<Result<_>>() {
-            Ok(c) => c,
-            Err(first) => {
-                // A sample cannot be fed: the others are read (not run) so that every such
-                // problem is reported at once.
-                let mut problems = vec![format!("{first:#}")];
-                problems.extend(samples.filter_map(|s| s.err().map(|e| format!("{e:#}"))));
-                let n = problems.len();
-                let shown = problems.len().min(MAX_LISTED_PROBLEMS);
-                bail!(
-                    "{} calibration sample(s) cannot be fed to the model:\n  {}{}",
-                    n,
-                    problems[..shown].join("\n  "),
-                    if n > shown {
-                        format!("\n  ... and {} more", n - shown)
-                    } else {
-                        String::new()
-                    }
-                );
+        let mut chunk: Vec<Sample> = Vec::with_capacity(threads);
+        let mut unreadable = None;
+        for s in samples.by_ref().take(threads) {
+            match s {
+                Ok(s) => chunk.push(s),
+                Err(e) => {
+                    unreadable = Some(e);
+                    break;
+                }
             }
-        };
+        }
         let sets: Vec<&[(String, Tensor)]> = chunk.iter().map(|s| s.tensors.as_slice()).collect();
-        let results = runner
-            .run_many(&sets)
-            .with_context(|| format!("calibration sample {}", chunk[0].label))?;
+        let results = runner.run_many(&sets);
         for (sample, outs) in chunk.iter().zip(results) {
             let outs = outs.with_context(|| format!("calibration sample {}", sample.label))?;
             collected.add(&runner.outputs, &outs, &sample.label)?;
+        }
+        if let Some(first) = unreadable {
+            // A sample cannot be fed: the others are read (not run) so that every such
+            // problem is reported at once.
+            let mut problems = vec![format!("{first:#}")];
+            problems.extend(samples.filter_map(|s| s.err().map(|e| format!("{e:#}"))));
+            let n = problems.len();
+            let shown = problems.len().min(MAX_LISTED_PROBLEMS);
+            bail!(
+                "{} calibration sample(s) cannot be fed to the model:\n  {}{}",
+                n,
+                problems[..shown].join("\n  "),
+                if n > shown {
+                    format!("\n  ... and {} more", n - shown)
+                } else {
+                    String::new()
+                }
+            );
         }
     }
     ensure!(collected.samples > 0, "no calibration sample was read");
@@ -1155,6 +1162,71 @@ mod tests {
         let mut s = v.to_vec();
         s.sort_by(f32::total_cmp);
         s[((p / 100.0) * (s.len() - 1) as f64).round() as usize]
+    }
+
+    /// The error a calibration gives names the first sample in order that fails, and that
+    /// sample, whatever the number of threads (it named the first sample of the failing
+    /// chunk, and a sample that could not be read hid an earlier one that failed to run).
+    #[test]
+    fn the_first_failing_sample_is_named_whatever_the_threads() {
+        use crate::verify::inputs::save_npz;
+        use crate::verify::testutil::{dims_info, init_f32, init_i64, model, node, out, Dim};
+        // Reshape to [1, 12]: a sample of 2 rows fails in tract's planning.
+        let proto = model(
+            vec![
+                node("Reshape", "reshape", &["x", "S"], &["r"], vec![]),
+                node("MatMul", "mm", &["r", "W"], &["y"], vec![]),
+            ],
+            vec![dims_info(
+                "x",
+                crate::pb::tensor_proto::DataType::Float,
+                &[Dim::P("N"), Dim::N(12)],
+            )],
+            vec![out("y")],
+            vec![
+                init_f32("W", &[12, 4], &[0.5; 48]),
+                init_i64("S", &[2], &[1, 12]),
+            ],
+        );
+        let rows = |n: usize| Tensor::from_shape(&[n, 12], &vec![1f32; n * 12]).unwrap();
+        // (samples: rows of `x`, 0 for a file without `x`; the sample the error must name)
+        let cases: [(&[usize], &str); 3] = [
+            (&[1, 2, 1], "s1.npz: "),
+            (&[2, 0], "s0.npz: "),
+            (&[1, 1, 0, 2], "s2.npz: no array for graph input `x`"),
+        ];
+        let names = BTreeSet::from(["r".to_string()]);
+        for (samples, want) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            for (i, &n) in samples.iter().enumerate() {
+                let key = if n == 0 { "not_x" } else { "x" };
+                let arrays = [(key.to_string(), rows(n.max(1)))];
+                save_npz(&dir.path().join(format!("s{i}.npz")), &arrays).unwrap();
+            }
+            for threads in [1, 2, 3] {
+                let opts = CalibrationOptions {
+                    source: dir.path().to_path_buf(),
+                    method: RangeMethod::MinMax,
+                    max_samples: 16,
+                    activation_type: crate::quant::QType::Uint8,
+                    cache: Default::default(),
+                };
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let err = pool
+                    .install(|| calibrate(&proto, &names, &opts))
+                    .unwrap_err();
+                let msg = format!("{err:#}");
+                assert!(
+                    msg.contains(want),
+                    "{samples:?} at {threads} thread(s): {msg}"
+                );
+                let named = msg.matches(".npz").count();
+                assert_eq!(named, 1, "{samples:?} at {threads} thread(s): {msg}");
+            }
+        }
     }
 
     #[test]
