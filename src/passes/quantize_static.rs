@@ -97,8 +97,8 @@
 //! float16 or float64 weights, already quantized inputs (a DequantizeLinear output), ops other
 //! than the units (Add, Mul, pooling, activations stay float: the int8 kernels hand float back
 //! to them), raising the opset (the `upgrade_opset` pass does), 16-bit activations. The pass is
-//! deterministic, and calibration results are cached per process, so the fallback's re-runs
-//! with layers kept in float are cheap.
+//! deterministic, and calibration results are cached in the calibration options (shared by
+//! their clones), so the fallback's re-runs with layers kept in float are cheap.
 //!
 //! Interplay with the accuracy-gated fallback: for a Conv whose Add/BatchNormalization this
 //! pass folds, the Conv's own output name now holds the folded value; the fallback reads the
@@ -764,7 +764,7 @@ fn run(model: &mut Model, opts: &PassOptions) -> Result<PassStats> {
         names.len()
     );
     stats.notes.push(format!(
-        "calibrated {} activation tensors on {} sample(s) from {} ({}) in {:.2} s{}",
+        "calibrated {} activation tensors on {} sample(s) from {} ({}){}",
         cal.ranges.len(),
         cal.samples,
         cal_opts.source.display(),
@@ -774,7 +774,6 @@ fn run(model: &mut Model, opts: &PassOptions) -> Result<PassStats> {
                 format!("percentile {percentile}"),
             crate::quant::RangeMethod::Entropy => "entropy".to_string(),
         },
-        cal.seconds,
         if cal.cached {
             " (once for this run: later passes reuse it)"
         } else {

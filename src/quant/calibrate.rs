@@ -50,7 +50,6 @@ use std::collections::{hash_map::DefaultHasher, BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use prost::Message;
@@ -358,9 +357,7 @@ pub struct Calibration {
     /// Samples on which every calibrated tensor was empty (a sample with 0 rows): they
     /// count in `samples` but gave no value.
     pub empty_samples: usize,
-    /// Wall time of the calibration runs, seconds (of the first run when cached).
-    pub seconds: f64,
-    /// True when the ranges came from the process-wide cache.
+    /// True when the ranges came from the options' [`CalibrationCache`].
     pub cached: bool,
 }
 
@@ -1011,7 +1008,6 @@ fn run_calibration(
     samples: Samples,
     opts: &CalibrationOptions,
 ) -> Result<Calibration> {
-    let t0 = Instant::now();
     let histogram = !matches!(opts.method, RangeMethod::MinMax);
     // Ranges need not be bit-exact: tract's optimized plan, about 4x faster on ppocrv4-rec.
     let mut runner = Runner::new(probed, true)?;
@@ -1077,7 +1073,6 @@ fn run_calibration(
         shapes: collected.shapes,
         samples: collected.samples,
         empty_samples: collected.empty_samples,
-        seconds: t0.elapsed().as_secs_f64(),
         cached: false,
     })
 }
