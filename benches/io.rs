@@ -75,7 +75,9 @@ fn main() {
     if !is_bench() {
         // cargo test: one small round-trip proves the harness works; no timing.
         let small = smallest_model();
-        let out = dir.join("smoke.onnx");
+        // A folder of its own: another `cargo test` on this target folder may run beside it.
+        let tmp = tempfile::tempdir_in(&dir).unwrap();
+        let out = tmp.path().join("smoke.onnx");
         let m = measure(&mut onnxopt_roundtrip(&small, &out));
         assert!(
             m.status.success(),
@@ -83,7 +85,6 @@ fn main() {
             small.display(),
             m.stderr
         );
-        fs::remove_file(&out).unwrap();
         println!(
             "io bench smoke: {} round-trip ok; run `cargo bench --bench io` for figures",
             small.display()
