@@ -1076,8 +1076,10 @@ fn apply(
         .map(|(id, _)| id)
         .collect();
 
-    // Attribute rewrites of converted nodes.
-    for &id in a.converted.keys() {
+    // Attribute rewrites of converted nodes, in node order (an error names the first).
+    let mut converted: Vec<NodeId> = a.converted.keys().copied().collect();
+    converted.sort();
+    for id in converted {
         let n = g.node_mut(id);
         if n.is("Cast") {
             for at in n.proto.attribute.iter_mut().filter(|at| at.name() == "to") {
