@@ -29,8 +29,9 @@
 //! Preconditions (anything else is left alone; a note says why when the BatchNormalization
 //! follows a Conv, ConvTranspose or Gemm, runs in training mode or has `spatial = 0`):
 //! - the BatchNormalization is of the default domain, `training_mode` absent or 0, `spatial`
-//!   (opset < 9) absent or 1, and only output 0 is used (`is_test` of opset < 7 is ignored, as
-//!   runtimes do);
+//!   (opset < 9) absent or 1, and only output 0 is used; before opset 14 only output 0 is
+//!   declared (declaring the statistics outputs selects training mode there; `is_test` of
+//!   opset < 7 is ignored, as runtimes do);
 //! - its input `x` is output 0 of a Conv, ConvTranspose or Gemm of the same graph, and the
 //!   BatchNormalization is its only reader: `x` is not a graph output, not read by name by a
 //!   subgraph and not read by another node;
@@ -304,6 +305,14 @@ impl<'a> Reader<'a> {
         }
         if bn.attr_int("spatial", 1) != 1 {
             return note("spatial = 0 (per-element statistics) is not handled");
+        }
+        // Before BatchNormalization-14, declaring the statistics outputs is what selects
+        // training mode (onnxruntime then normalizes with the batch's statistics), used or not.
+        if self.opset < 14 && bn.outputs.iter().skip(1).flatten().next().is_some() {
+            return note(format!(
+                "it declares running-statistics outputs, which before opset 14 means training mode (batch statistics; opset {})",
+                self.opset
+            ));
         }
         let &[Some(x), Some(bn_scale), Some(bn_bias), Some(bn_mean), Some(bn_var)] =
             bn.inputs.as_slice()
@@ -1178,6 +1187,49 @@ mod tests {
         ensure!(f.stats.changes == 0 && count(&f.model, "BatchNormalization") == 1);
         ensure!(f.stats.notes.len() == 1 && f.stats.notes[0].contains("training mode"));
         ensure!(f.after == m, "the model must be unchanged");
+        Ok(())
+    }
+
+    /// Before opset 14 a BatchNormalization that declares its statistics outputs runs in
+    /// training mode, used or not (it was folded: up to 2.1 off in onnxruntime).
+    #[test]
+    fn declared_statistics_outputs_before_opset_14_mean_training_mode() -> Result<()> {
+        for (opset, outputs, folds) in
+            [(9, 5, false), (13, 5, false), (13, 3, false), (14, 3, true)]
+        {
+            let mut rng = ChaCha8Rng::seed_from_u64(62);
+            let mut inits = vec![init("w", &[4, 3, 1, 1], uniform(&mut rng, 12, -1.0, 1.0))];
+            inits.extend(bn_params(&mut rng, "bn", 4));
+            let mut bn = bn_node("bn", "c1", "y", vec![]);
+            for k in 1..outputs {
+                bn.output.push(format!("stat{k}"));
+            }
+            let nodes = vec![node("Conv", "prod", &["x", "w"], &["c1"], vec![]), bn];
+            let x = [2, 3, 4, 4];
+            let mut m = model(graph(
+                nodes,
+                vec![info("x", DataType::Float, Some(&x))],
+                &["y"],
+                inits,
+            ));
+            m.opset_import[0].version = Some(opset);
+            let f = fold(&m)?;
+            let folded = count(&f.model, "BatchNormalization") == 0;
+            ensure!(
+                folded == folds,
+                "opset {opset}, {outputs} outputs: {:?}",
+                f.stats.notes
+            );
+            if !folds {
+                ensure!(
+                    f.stats.notes.len() == 1
+                        && f.stats.notes[0].contains("before opset 14 means training mode"),
+                    "{:?}",
+                    f.stats.notes
+                );
+                ensure!(f.after == m, "the model must be unchanged");
+            }
+        }
         Ok(())
     }
 
