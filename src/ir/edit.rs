@@ -39,9 +39,18 @@ impl Graph {
         }
     }
 
-    /// Replaces the tensor of initializer `v` (same name).
-    pub fn set_initializer(&mut self, v: ValueId, tensor: Tensor) {
-        self.value_mut(v).def = ValueDef::Initializer(tensor);
+    /// Replaces the tensor of initializer `v` (same name). The value keeps its description:
+    /// when `tensor` has no `doc_string` and no `metadata_props`, the old tensor's are kept
+    /// (an exporter's source name of a weight, for example).
+    pub fn set_initializer(&mut self, v: ValueId, mut tensor: Tensor) {
+        let val = self.value_mut(v);
+        if let ValueDef::Initializer(old) = &val.def {
+            if tensor.proto.doc_string.is_none() && tensor.proto.metadata_props.is_empty() {
+                tensor.proto.doc_string = old.proto.doc_string.clone();
+                tensor.proto.metadata_props = old.proto.metadata_props.clone();
+            }
+        }
+        val.def = ValueDef::Initializer(tensor);
     }
 
     /// Removes initializer `v` (its name stays reserved). The caller makes sure nothing reads it.

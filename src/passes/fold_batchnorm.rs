@@ -1190,6 +1190,39 @@ mod tests {
         Ok(())
     }
 
+    /// A weight and bias rewritten in place keep their doc string and metadata (an
+    /// exporter's source names were dropped).
+    #[test]
+    fn a_weight_folded_in_place_keeps_its_description() -> Result<()> {
+        let mut rng = ChaCha8Rng::seed_from_u64(63);
+        let mut w = init("w", &[4, 3, 1, 1], uniform(&mut rng, 12, -1.0, 1.0));
+        w.doc_string = Some("conv weight".to_string());
+        w.metadata_props = vec![pb::StringStringEntryProto {
+            key: Some("torch_name".to_string()),
+            value: Some("layer1.0.conv1.weight".to_string()),
+        }];
+        let mut inits = vec![w.clone()];
+        inits.extend(bn_params(&mut rng, "bn", 4));
+        let nodes = vec![
+            node("Conv", "prod", &["x", "w"], &["c1"], vec![]),
+            bn_node("bn", "c1", "y", vec![]),
+        ];
+        let m = model(graph(
+            nodes,
+            vec![info("x", DataType::Float, Some(&[1, 3, 4, 4]))],
+            &["y"],
+            inits,
+        ));
+        let f = fold(&m)?;
+        ensure!(f.stats.changes == 1, "{:?}", f.stats.notes);
+        let g = f.after.graph.as_ref().unwrap();
+        let folded = g.initializer.iter().find(|t| t.name() == "w").unwrap();
+        ensure!(folded.raw_data != w.raw_data || folded.float_data != w.float_data);
+        ensure!(folded.doc_string == w.doc_string, "{folded:?}");
+        ensure!(folded.metadata_props == w.metadata_props, "{folded:?}");
+        Ok(())
+    }
+
     /// Before opset 14 a BatchNormalization that declares its statistics outputs runs in
     /// training mode, used or not (it was folded: up to 2.1 off in onnxruntime).
     #[test]
