@@ -1215,8 +1215,13 @@ mod tests {
         ));
         let f = fold(&m)?;
         ensure!(f.stats.changes == 1, "{:?}", f.stats.notes);
-        let g = f.after.graph.as_ref().unwrap();
-        let folded = g.initializer.iter().find(|t| t.name() == "w").unwrap();
+        let folded = f
+            .after
+            .graph
+            .iter()
+            .flat_map(|g| &g.initializer)
+            .find(|t| t.name() == "w")
+            .ok_or_else(|| anyhow::anyhow!("no initializer w"))?;
         ensure!(folded.raw_data != w.raw_data || folded.float_data != w.float_data);
         ensure!(folded.doc_string == w.doc_string, "{folded:?}");
         ensure!(folded.metadata_props == w.metadata_props, "{folded:?}");

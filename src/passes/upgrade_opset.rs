@@ -7,7 +7,8 @@
 //! default domain is unchanged in meaning over those versions (its newer versions only add
 //! types). In every graph, subgraphs included:
 //! - `Squeeze`, `Unsqueeze`, `ReduceSum` (12 -> 13): the `axes` attribute becomes an int64
-//!   initializer input; `Split` (12 -> 13): the `split` attribute likewise.
+//!   initializer input; `Split` (12 -> 13): the `split` attribute likewise. An empty list is
+//!   dropped, not moved: it means what an absent one does, as does an absent input.
 //! - `Softmax`, `LogSoftmax`, `Hardmax` (12 -> 13): before 13 they work on the input flattened to
 //!   2-D at `axis` (default 1), from 13 along `axis` alone. `axis = -1` means the same in both
 //!   and stays; any other axis becomes `Flatten(axis) -> op(axis = -1) -> Reshape(Shape(x))`,
@@ -223,6 +224,15 @@ fn attr_to_input(
             n.name()
         }
     );
+    if matches!(kind, Kind::I64) && attr.ints.is_empty() {
+        // An empty list means what an absent one does (reduce or squeeze every axis, split
+        // evenly), and so does an absent input; an empty input is read otherwise by some
+        // runtimes (tract reduces no axis).
+        if let Some(p) = pos {
+            g.node_mut(id).proto.attribute.remove(p);
+        }
+        return pos.is_some();
+    }
     let tensor = match kind {
         Kind::I64 => Tensor::from_i64(&[attr.ints.len() as i64], &attr.ints),
         Kind::Float(_, code) => {

@@ -390,7 +390,7 @@ pub(crate) fn load(
         split_float16_gemm_bias(g);
         unique_node_names(g, &HashSet::new());
         densify_sparse_initializers(g);
-        drop_trailing_empty_names(g);
+        drop_empty_optionals(g);
     }
     let dir = match model_dir {
         Some(d) => Some(d.to_str().ok_or_else(|| {
@@ -421,12 +421,16 @@ const OPTIONAL_TRAILING_OUTPUTS: &[&str] = &[
     "Unique",
 ];
 
-/// Drops, in tract's copy of a graph and its subgraphs, the empty names (`""`, an optional
-/// input or output left out) at the end of default-domain nodes' inputs and of the outputs of
-/// [`OPTIONAL_TRAILING_OUTPUTS`] ops, which the ONNX spec makes equivalent to leaving them
-/// out: tract counts them and fails on some (a Conv whose bias is `""` panicked, "index out of
-/// bounds"; a MaxPool or Dropout whose second output is `""` gave "Wrong number of outputs").
-fn drop_trailing_empty_names(g: &mut tract_onnx::pb::GraphProto) {
+/// Drops, in tract's copy of a graph and its subgraphs, what the ONNX spec makes equivalent to
+/// leaving it out and tract reads otherwise:
+/// - the empty names (`""`, an optional input or output left out) at the end of default-domain
+///   nodes' inputs and of the outputs of [`OPTIONAL_TRAILING_OUTPUTS`] ops: tract counts them
+///   and fails on some (a Conv whose bias is `""` panicked, "index out of bounds"; a MaxPool or
+///   Dropout whose second output is `""` gave "Wrong number of outputs");
+/// - an empty `axes` attribute of a `Reduce*` node (every axis, as an absent one): tract
+///   reduced no axis, so an opset-12 ReduceSum with `axes = []` and its opset-13 form gave
+///   different shapes.
+fn drop_empty_optionals(g: &mut tract_onnx::pb::GraphProto) {
     for n in &mut g.node {
         let default_domain = crate::ir::normal_domain(&n.domain).is_empty();
         while default_domain && n.input.last().is_some_and(String::is_empty) {
@@ -436,8 +440,15 @@ fn drop_trailing_empty_names(g: &mut tract_onnx::pb::GraphProto) {
         while optional && n.output.len() > 1 && n.output.last().is_some_and(String::is_empty) {
             n.output.pop();
         }
+        if default_domain && n.op_type.starts_with("Reduce") {
+            n.attribute.retain(|a| {
+                a.name != "axes"
+                    || a.r#type() != tract_onnx::pb::attribute_proto::AttributeType::Ints
+                    || !a.ints.is_empty()
+            });
+        }
     }
-    subgraphs_mut(g).for_each(drop_trailing_empty_names);
+    subgraphs_mut(g).for_each(drop_empty_optionals);
 }
 
 /// The subgraphs (If branches, Loop and Scan bodies) the nodes of `g` hold, one level down.

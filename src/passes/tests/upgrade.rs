@@ -192,6 +192,57 @@ fn upgrade_opset_12_rewrites_changed_ops_and_keeps_every_output() {
     assert_eq!(again.changes(), 0);
 }
 
+/// An empty `axes` list means every axis, as an absent one does: it is dropped, not made an
+/// empty input, which tract reads as "no axis" (a ReduceSum reduced nothing, and the check
+/// failed on a correct model).
+#[test]
+fn upgrade_opset_drops_an_empty_axes_list() {
+    let p = model(
+        12,
+        graph(
+            "g",
+            vec![
+                node(
+                    "ReduceSum",
+                    "rsum",
+                    &["x"],
+                    &["rs"],
+                    vec![attr_ints("axes", &[])],
+                ),
+                node(
+                    "Squeeze",
+                    "sq",
+                    &["x"],
+                    &["q"],
+                    vec![attr_ints("axes", &[])],
+                ),
+            ],
+            vec![f32_info("x", &[2, 1, 3])],
+            vec![f32_info("rs", &[1, 1, 1]), f32_info("q", &[2, 3])],
+            vec![],
+        ),
+    );
+    let r = run_pass(&p, U);
+    assert_eq!(opset_of(&r.proto), 13);
+    let g = r.g();
+    for name in ["rsum", "sq"] {
+        let n = node_named(g, name);
+        assert_eq!(n.input.len(), 1, "{name}: {n:?}");
+        assert!(n.attribute.iter().all(|a| a.name() != "axes"), "{name}");
+    }
+    assert_onnx_checker_accepts(&r.proto, "upgraded");
+    let x = tensor_of(&[2, 1, 3], 9);
+    assert_close_in_tract(&p, &r.proto, &[("x", x.clone())], 0.999_999_9);
+    let rows = ort_cosines(&p, &r.proto, &[("x".to_string(), x)]);
+    assert_eq!(rows.len(), 2);
+    for row in rows {
+        assert!(
+            row["cosine"].as_f64().unwrap() >= 0.999_999_9,
+            "onnxruntime: {row}"
+        );
+    }
+}
+
 /// Opset 11: Dropout's `ratio` becomes an input (12); opset 10: Clip's `min` / `max` become
 /// inputs (11).
 #[test]
