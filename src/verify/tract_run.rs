@@ -391,6 +391,7 @@ pub(crate) fn load(
         unique_node_names(g, &HashSet::new());
         densify_sparse_initializers(g);
         drop_empty_optionals(g);
+        seed_random_ops(g);
     }
     let dir = match model_dir {
         Some(d) => Some(d.to_str().ok_or_else(|| {
@@ -405,6 +406,42 @@ pub(crate) fn load(
         parsed.unresolved_inputs
     );
     Ok(parsed.model)
+}
+
+/// Default-domain ops that draw random numbers, seeded by their `seed` attribute.
+const RANDOM_OPS: &[&str] = &[
+    "RandomNormal",
+    "RandomUniform",
+    "RandomNormalLike",
+    "RandomUniformLike",
+    "Multinomial",
+    "Bernoulli",
+];
+
+/// Gives each random op of tract's copy of a graph and its subgraphs that has no `seed` one
+/// made from the name of its first output (which the passes keep), so that the reference and
+/// the candidate draw the same numbers: unseeded, they drew different ones, and a model
+/// compared with itself failed (cosine 0.76).
+fn seed_random_ops(g: &mut tract_onnx::pb::GraphProto) {
+    for n in &mut g.node {
+        let random = crate::ir::normal_domain(&n.domain).is_empty()
+            && RANDOM_OPS.contains(&n.op_type.as_str());
+        if !random || n.attribute.iter().any(|a| a.name == "seed") {
+            continue;
+        }
+        // FNV-1a of the name, to 24 bits: exact as a float32.
+        let name = n.output.first().map_or("", String::as_str);
+        let hash = name.bytes().fold(0x811c_9dc5_u32, |h, b| {
+            (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+        });
+        n.attribute.push(tract_onnx::pb::AttributeProto {
+            name: "seed".to_string(),
+            r#type: tract_onnx::pb::attribute_proto::AttributeType::Float as i32,
+            f: (hash & 0x00ff_ffff) as f32,
+            ..Default::default()
+        });
+    }
+    subgraphs_mut(g).for_each(seed_random_ops);
 }
 
 /// Default-domain ops whose trailing outputs are optional, so that a `""` one is the same as
