@@ -61,7 +61,13 @@ impl Pass for UpgradeOpset {
         let Some(from) = model.opset("") else {
             return Ok(stats);
         };
-        if !(10..TARGET_OPSET).contains(&from) {
+        if from < 10 {
+            stats.notes.push(format!(
+                "opset {from} kept: this pass raises opsets 10 to 12 (ops such as Upsample, Slice, BatchNormalization and Dropout changed before opset 10 in ways it does not rewrite)"
+            ));
+            return Ok(stats);
+        }
+        if from >= TARGET_OPSET {
             return Ok(stats);
         }
         if model.header.functions.iter().any(|f| {
