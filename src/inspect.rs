@@ -473,6 +473,7 @@ pub fn format_text(i: &Inspection) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::verify::testutil::{attr_ints, info, init_f32, init_i64, model, node, out};
