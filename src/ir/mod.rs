@@ -227,6 +227,10 @@ pub struct Graph {
     pub value_info: Vec<ValueInfo>,
     /// Values by name (every value of this graph, outer references included).
     pub by_name: HashMap<String, ValueId>,
+    /// Names the model refers to in this graph other than through nodes and the graph's
+    /// header, set at import: for the main graph, every name `training_info` mentions (its
+    /// graphs' inputs, binding keys and values).
+    pub read_by_model: HashSet<String>,
 }
 
 /// One `value_info` entry of a graph.
@@ -260,6 +264,7 @@ impl Graph {
             outputs: Vec::new(),
             value_info: Vec::new(),
             by_name: HashMap::new(),
+            read_by_model: HashSet::new(),
         }
     }
 
@@ -361,10 +366,26 @@ impl Graph {
         uses
     }
 
-    /// Names of the values of this graph or an enclosing one that this graph's subgraphs (at
-    /// any depth) read. A value listed here must not be removed or renamed.
+    /// Names the graph's `quantization_annotation` (the annotated tensors and their scale and
+    /// zero point tensors) and the model ([`Graph::read_by_model`]) refer to.
+    pub fn names_read_by_header(&self) -> HashSet<String> {
+        let mut out = self.read_by_model.clone();
+        for a in &self.header.quantization_annotation {
+            out.insert(a.tensor_name().to_string());
+            out.extend(
+                a.quant_parameter_tensor_names
+                    .iter()
+                    .map(|e| e.value().to_string()),
+            );
+        }
+        out
+    }
+
+    /// Names of the values of this graph or an enclosing one that are read by name rather
+    /// than by this graph's nodes: by its subgraphs (at any depth) and by
+    /// [`Graph::names_read_by_header`]. A value listed here must not be removed or renamed.
     pub fn names_read_by_subgraphs(&self) -> HashSet<String> {
-        let mut out = HashSet::new();
+        let mut out = self.names_read_by_header();
         for (_, n) in self.live_nodes() {
             for g in n.subgraphs() {
                 out.extend(g.names_read_from_outside());

@@ -43,12 +43,42 @@ pub(crate) fn import_model(
         return None;
     };
     let mut names = Names::default();
-    let graph = import_graph(gp, "graph", &HashSet::new(), ext, &mut names, problems);
+    let mut graph = import_graph(gp, "graph", &HashSet::new(), ext, &mut names, problems);
+    graph.read_by_model = training_info_names(&proto.training_info);
     Some(Model {
         header: proto,
         graph,
         names,
     })
+}
+
+/// Every name `training_info` mentions: the node inputs of its graphs (subgraphs included),
+/// their graph inputs, and the keys and values of its bindings (initializers of the main graph
+/// that training reads or updates). More than it reads from the main graph: a superset is
+/// safe, as these names are only kept.
+fn training_info_names(info: &[pb::TrainingInfoProto]) -> HashSet<String> {
+    fn graph_names(g: &pb::GraphProto, out: &mut HashSet<String>) {
+        out.extend(g.input.iter().map(|i| i.name().to_string()));
+        for n in &g.node {
+            out.extend(n.input.iter().filter(|i| !i.is_empty()).cloned());
+            for a in &n.attribute {
+                for sub in a.g.iter().chain(&a.graphs) {
+                    graph_names(sub, out);
+                }
+            }
+        }
+    }
+    let mut out = HashSet::new();
+    for t in info {
+        for g in t.initialization.iter().chain(&t.algorithm) {
+            graph_names(g, &mut out);
+        }
+        for b in t.initialization_binding.iter().chain(&t.update_binding) {
+            out.insert(b.key().to_string());
+            out.insert(b.value().to_string());
+        }
+    }
+    out
 }
 
 fn import_tensor(

@@ -463,6 +463,7 @@ fn quantize_graph(
     let wrote = nbits && nbits_graph(g, names, opts, scheme, stats, &mut done);
     let uses = g.uses();
     let sub_nodes = subgraph_holders(g);
+    let by_header = g.names_read_by_header();
     let mut plans = Vec::new();
     for w in g.initializers() {
         if done.contains(&w) {
@@ -511,6 +512,12 @@ fn quantize_graph(
         if g.is_graph_input(w) {
             stats.notes.push(format!(
                 "weight '{name}' is also a graph input (callers may override it): left in float"
+            ));
+            continue;
+        }
+        if by_header.contains(&name) {
+            stats.notes.push(format!(
+                "weight '{name}' is named by the model's training_info or the graph's quantization_annotation: left in float"
             ));
             continue;
         }
@@ -1164,6 +1171,7 @@ fn nbits_graph(
     done: &mut std::collections::HashSet<ValueId>,
 ) -> bool {
     let mut wrote = false;
+    let by_header = g.names_read_by_header();
     for w in g.initializers() {
         let Some(t) = g.initializer(w) else { continue };
         let dt = t.data_type();
@@ -1187,8 +1195,9 @@ fn nbits_graph(
         stats
             .notes
             .extend(notes.into_iter().map(|n| format!("weight '{name}': {n}")));
-        // Graph inputs are left to the regular path, which says why they stay float.
-        if sites.is_empty() || g.is_graph_input(w) {
+        // Graph inputs and weights the header names are left to the regular path, which says
+        // why they stay float.
+        if sites.is_empty() || g.is_graph_input(w) || by_header.contains(&name) {
             continue;
         }
         // Readers MatMulNBits cannot take would keep the float weight beside the packed one:

@@ -2841,3 +2841,108 @@ fn quantize_config_scheme_of_a_branch_node_reading_an_outer_weight() {
         assert_close_in_tract(&p, &r.proto, &inputs, 0.99999);
     }
 }
+
+/// Initializers that `training_info` or a `quantization_annotation` names are read by them:
+/// not removed, renamed or rewritten in place (cleanup deleted a learning rate only training
+/// read, fold_batchnorm rewrote a weight training updates, and an annotation's scale tensor
+/// was removed, leaving them pointing at nothing).
+#[test]
+fn names_in_training_info_and_quantization_annotations_are_kept() {
+    let c = 4;
+    let bn = ["bn_s", "bn_b", "bn_m", "bn_v"];
+    let mut inits = vec![
+        f32_init("W", &[4, 3, 1, 1], &rand_f32(12, 3, 1.0)),
+        f32_init("lr", &[], &[0.01]),
+        f32_init("sc2", &[], &[0.5]),
+        f32_init("M", &[4, 4], &rand_f32(16, 4, 1.0)),
+    ];
+    for (k, n) in bn.iter().enumerate() {
+        let v: Vec<f32> = rand_f32(c, 10 + k as u64, 0.5)
+            .iter()
+            .map(|x| x + 1.0)
+            .collect();
+        inits.push(f32_init(n, &[4], &v));
+    }
+    let mut g = graph(
+        "g",
+        vec![
+            node("Conv", "conv", &["x", "W"], &["c"], vec![]),
+            node(
+                "BatchNormalization",
+                "bn",
+                &["c", "bn_s", "bn_b", "bn_m", "bn_v"],
+                &["b"],
+                vec![],
+            ),
+            node("Flatten", "flat", &["b"], &["f"], vec![]),
+            node("MatMul", "mm", &["f", "M"], &["y"], vec![]),
+        ],
+        vec![f32_info("x", &[1, 3, 1, 1])],
+        vec![out("y")],
+        inits,
+    );
+    let entry = |k: &str, v: &str| pb::StringStringEntryProto {
+        key: Some(k.into()),
+        value: Some(v.into()),
+    };
+    g.quantization_annotation.push(pb::TensorAnnotation {
+        tensor_name: Some("f".into()),
+        quant_parameter_tensor_names: vec![entry("SCALE_TENSOR", "sc2")],
+    });
+    let mut p = model(13, g);
+    p.training_info.push(pb::TrainingInfoProto {
+        algorithm: Some(graph(
+            "train",
+            vec![
+                node("Mul", "step", &["W", "lr"], &["W_new"], vec![]),
+                node("Mul", "step2", &["M", "lr"], &["M_new"], vec![]),
+            ],
+            vec![],
+            vec![out("W_new"), out("M_new")],
+            vec![],
+        )),
+        update_binding: vec![entry("W", "W_new"), entry("M", "M_new")],
+        ..Default::default()
+    });
+    let r = run_passes(
+        &p,
+        &[
+            "constant_to_initializer",
+            "eliminate_identity",
+            "eliminate_dead_nodes",
+            "eliminate_unused_initializers",
+            "dedupe_initializers",
+            "fold_batchnorm",
+            "eliminate_unused_initializers",
+            "quantize_weights_int8",
+            "eliminate_unused_initializers",
+        ],
+    );
+    let g = r.g();
+    let init_names: Vec<&str> = g.initializer.iter().map(|t| t.name()).collect();
+    for name in ["lr", "sc2", "W", "M"] {
+        assert!(init_names.contains(&name), "{name} removed: {init_names:?}");
+    }
+    // W and M keep their values: the folded weight is a copy, M stays float.
+    for name in ["W", "M"] {
+        let before = main(&p).initializer.iter().find(|t| t.name() == name);
+        let after = g.initializer.iter().find(|t| t.name() == name);
+        assert_eq!(before, after, "{name}");
+    }
+    assert_eq!(
+        nodes(g, "BatchNormalization").len(),
+        0,
+        "the BN still folds"
+    );
+    assert_ne!(node_named(g, "conv").input[1], "W");
+    assert_eq!(node_named(g, "mm").input[1], "M");
+    let notes: Vec<&String> = r.records.iter().flat_map(|r| &r.notes).collect();
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.contains("weight 'M' is named by the model's training_info")),
+        "{notes:#?}"
+    );
+    assert_eq!(r.proto.training_info, p.training_info);
+    assert_eq!(g.quantization_annotation, main(&p).quantization_annotation);
+}
