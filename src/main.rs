@@ -182,7 +182,8 @@ fn refuse_report_over_external_data(
 }
 
 /// Refuses two models to compare when the candidate has a graph input the reference lacks:
-/// the inputs are made from the reference's, so the candidate could not be fed.
+/// the inputs are made from the reference's, so the candidate could not be fed. Returns a note
+/// for each input only the reference has (fed to the reference alone).
 ///
 /// Errors: that case, naming both files and the inputs.
 fn refuse_other_inputs(
@@ -190,7 +191,7 @@ fn refuse_other_inputs(
     ref_path: &std::path::Path,
     candidate: &onnxopt::pb::ModelProto,
     cand_path: &std::path::Path,
-) -> Result<()> {
+) -> Result<Vec<String>> {
     let inputs = |m: &onnxopt::pb::ModelProto| -> Vec<String> {
         m.graph.as_ref().map_or(Vec::new(), |g| {
             verify::inputs::real_graph_inputs(g)
@@ -200,10 +201,8 @@ fn refuse_other_inputs(
         })
     };
     let ours = inputs(reference);
-    let extra: Vec<String> = inputs(candidate)
-        .into_iter()
-        .filter(|n| !ours.contains(n))
-        .collect();
+    let theirs = inputs(candidate);
+    let extra: Vec<&String> = theirs.iter().filter(|n| !ours.contains(n)).collect();
     anyhow::ensure!(
         extra.is_empty(),
         "{}: graph input(s) {} are not inputs of {} (its inputs: {}): the two models do not take the same inputs, so they cannot be compared",
@@ -212,7 +211,17 @@ fn refuse_other_inputs(
         ref_path.display(),
         ours.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
     );
-    Ok(())
+    Ok(ours
+        .iter()
+        .filter(|n| !theirs.contains(n))
+        .map(|n| {
+            format!(
+                "graph input `{n}` of {} is not an input of {}: it is fed to the reference alone",
+                ref_path.display(),
+                cand_path.display()
+            )
+        })
+        .collect())
 }
 
 /// Warns that the check options of `check` that were given are ignored when the check does
@@ -1261,7 +1270,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 ],
             )?;
             let c = onnx::export::to_proto(&candidate_model)?;
-            refuse_other_inputs(&r, &a.reference, &c, &a.candidate)?;
+            let input_notes = refuse_other_inputs(&r, &a.reference, &c, &a.candidate)?;
             let dir = |p: &std::path::Path| p.parent().map(|d| d.to_path_buf());
             let g = optimize::default_gates(user_gates, false);
             reporter.phase("running both models in tract");
@@ -1274,6 +1283,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 &g,
             )?;
             reporter.phase_done();
+            cmp.notes.extend(input_notes);
             verify::unverified_if_bfloat16(&mut cmp, &candidate_model);
             verify::refuse_contradicted_shapes(&cmp, &a.reference)?;
             if let Some(path) = &a.report {

@@ -662,11 +662,21 @@ pub fn format_table(c: &Comparison) -> String {
                     GateKind::IntegerMismatch => "integer mismatch",
                 })
                 .collect();
-            let row_status = match (&o.problem, failed.is_empty()) {
+            let mut row_status = match (&o.problem, failed.is_empty()) {
                 (Some(p), _) => p.clone(),
                 (None, true) => "ok".to_string(),
                 (None, false) => format!("FAIL {}", failed.join(", ")),
             };
+            // Values that compare well in another type are still an interface change.
+            if let Some(c) = o
+                .candidate
+                .as_ref()
+                .filter(|c| c.dtype != o.reference.dtype)
+            {
+                if o.problem.is_none() {
+                    row_status.push_str(&format!(", dtype {} -> {}", o.reference.dtype, c.dtype));
+                }
+            }
             // A row without figures: the name, dashes and the status.
             let no_figures = |status: String| -> [String; 8] {
                 let mut r: [String; 8] = Default::default();

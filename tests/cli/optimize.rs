@@ -513,6 +513,103 @@ fn compare_refuses_models_that_take_other_inputs() {
     );
 }
 
+/// An input only the reference takes is fed to it alone, with a note (it went unsaid), and
+/// an output that changed type says so in its row (it read "ok").
+#[test]
+fn compare_notes_an_input_only_the_reference_takes_and_a_changed_output_type() {
+    use onnxopt::pb::{self, tensor_proto::DataType};
+    let dir = tempdir();
+    let info = |name: &str, elem: DataType| pb::ValueInfoProto {
+        name: Some(name.into()),
+        r#type: Some(pb::TypeProto {
+            value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+                elem_type: Some(elem as i32),
+                shape: Some(pb::TensorShapeProto {
+                    dim: [2, 3]
+                        .iter()
+                        .map(|&d| pb::tensor_shape_proto::Dimension {
+                            value: Some(pb::tensor_shape_proto::dimension::Value::DimValue(d)),
+                            ..Default::default()
+                        })
+                        .collect(),
+                }),
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let node = |op: &str, input: &str, output: &str, to: Option<DataType>| pb::NodeProto {
+        name: Some(op.to_lowercase()),
+        op_type: Some(op.into()),
+        input: vec![input.into()],
+        output: vec![output.into()],
+        attribute: to
+            .map(|t| pb::AttributeProto {
+                name: Some("to".into()),
+                r#type: Some(pb::attribute_proto::AttributeType::Int as i32),
+                i: Some(t as i64),
+                ..Default::default()
+            })
+            .into_iter()
+            .collect(),
+        ..Default::default()
+    };
+    let write = |file: &str, extra_input: bool, double: bool| {
+        let mut nodes = vec![node("Relu", "x", "r", None)];
+        nodes.push(if double {
+            node("Cast", "r", "y", Some(DataType::Double))
+        } else {
+            node("Identity", "r", "y", None)
+        });
+        let mut input = vec![info("x", DataType::Float)];
+        if extra_input {
+            input.push(info("k", DataType::Float));
+        }
+        let out_type = if double {
+            DataType::Double
+        } else {
+            DataType::Float
+        };
+        let proto = pb::ModelProto {
+            ir_version: Some(8),
+            opset_import: vec![pb::OperatorSetIdProto {
+                domain: Some(String::new()),
+                version: Some(13),
+            }],
+            graph: Some(pb::GraphProto {
+                name: Some("g".into()),
+                node: nodes,
+                input,
+                output: vec![info("y", out_type)],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let path = dir.path().join(file);
+        fs::write(&path, prost::Message::encode_to_vec(&proto)).unwrap();
+        path
+    };
+    let with_k = write("with_k.onnx", true, false);
+    let plain = write("plain.onnx", false, false);
+    let double = write("double.onnx", false, true);
+    let r = onnxopt_slow(&os(&[&"compare", &with_k, &plain]));
+    assert!(r.ok(), "{}", r.describe());
+    assert!(
+        r.stdout.contains("note: graph input `k` of")
+            && r.stdout.contains("it is fed to the reference alone"),
+        "{}",
+        r.describe()
+    );
+    let r = onnxopt_slow(&os(&[&"compare", &plain, &double]));
+    assert!(r.ok(), "{}", r.describe());
+    let row = r
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("y "))
+        .unwrap_or_default();
+    assert!(row.ends_with("ok, dtype F32 -> F64"), "{}", r.describe());
+}
+
 #[test]
 fn compare_detects_a_scaled_weight() {
     let dir = tempdir();
