@@ -16,6 +16,7 @@
 //! for the JSON report) and [`format_table`] renders it as text for the binary to print.
 
 pub mod gate;
+pub mod inline;
 pub mod inputs;
 pub mod metrics;
 pub mod specialize;

@@ -672,6 +672,143 @@ fn unseeded_random_ops_draw_the_same_numbers_in_both_models() {
     assert!(f32s(&ran[0].1).iter().all(|v| (0.0..1.0).contains(v)));
 }
 
+/// Calls of local functions run in tract (inlined into its copy; tract stopped at them,
+/// "Unimplemented"): attributes given by the call or defaulted by the function, nested calls,
+/// two calls of one function, a call in an If branch, a function output the call leaves out.
+#[test]
+fn local_functions_run_in_tract() {
+    use pb::attribute_proto::AttributeType as A;
+    let call = |f: &str, name: &str, x: &str, y: &[&str], alpha: Option<f32>| {
+        let mut n = node(f, name, &[x], y, vec![]);
+        n.domain = Some("my".into());
+        if let Some(a) = alpha {
+            n.attribute.push(pb::AttributeProto {
+                name: Some("alpha".into()),
+                r#type: Some(A::Float as i32),
+                f: Some(a),
+                ..Default::default()
+            });
+        }
+        n
+    };
+    let opsets = |my: bool| {
+        let mut v = vec![pb::OperatorSetIdProto {
+            domain: Some(String::new()),
+            version: Some(17),
+        }];
+        if my {
+            v.push(pb::OperatorSetIdProto {
+                domain: Some("my".into()),
+                version: Some(1),
+            });
+        }
+        v
+    };
+    // Scale(a) -> (b, c): b = a * alpha (default 2), c = a + b.
+    let mut k = node("Constant", "k", &[], &["k"], vec![]);
+    k.attribute.push(pb::AttributeProto {
+        name: Some("value_float".into()),
+        ref_attr_name: Some("alpha".into()),
+        r#type: Some(A::Float as i32),
+        ..Default::default()
+    });
+    let scale = pb::FunctionProto {
+        name: Some("Scale".into()),
+        domain: Some("my".into()),
+        input: vec!["a".into()],
+        output: vec!["b".into(), "c".into()],
+        attribute_proto: vec![pb::AttributeProto {
+            name: Some("alpha".into()),
+            r#type: Some(A::Float as i32),
+            f: Some(2.0),
+            ..Default::default()
+        }],
+        node: vec![
+            k,
+            node("Mul", "mul", &["a", "k"], &["b"], vec![]),
+            node("Add", "add", &["a", "b"], &["c"], vec![]),
+        ],
+        opset_import: opsets(false),
+        ..Default::default()
+    };
+    // Twice(a) -> b: Scale(alpha 3) then Scale (default 2): b = 6a.
+    let twice = pb::FunctionProto {
+        name: Some("Twice".into()),
+        domain: Some("my".into()),
+        input: vec!["a".into()],
+        output: vec!["b".into()],
+        node: vec![
+            call("Scale", "s1", "a", &["t"], Some(3.0)),
+            call("Scale", "s2", "t", &["b"], None),
+        ],
+        opset_import: opsets(true),
+        ..Default::default()
+    };
+    let if_node = node(
+        "If",
+        "branch",
+        &["cond"],
+        &["y4"],
+        vec![
+            attr_g(
+                "then_branch",
+                branch(
+                    "then",
+                    vec![call("Scale", "s_then", "x", &["t4", "c4"], None)],
+                    vec![],
+                    "c4",
+                ),
+            ),
+            attr_g(
+                "else_branch",
+                branch(
+                    "else",
+                    vec![node("Neg", "neg", &["x"], &["n4"], vec![])],
+                    vec![],
+                    "n4",
+                ),
+            ),
+        ],
+    );
+    let mut m = model(
+        vec![
+            call("Twice", "tw1", "x", &["y1"], None),
+            call("Twice", "tw2", "y1", &["y2"], None),
+            call("Scale", "s3", "x", &["y3"], Some(-1.0)),
+            node("Cast", "cast", &["one"], &["cond"], vec![attr_i("to", 9)]),
+            if_node,
+        ],
+        vec![info("x", DataType::Float, &[2])],
+        vec![out("y1"), out("y2"), out("y3"), out("y4")],
+        vec![init_i64("one", &[], &[1])],
+    );
+    m.ir_version = Some(10);
+    m.opset_import = opsets(true);
+    m.functions = vec![scale, twice];
+    let x = Tensor::from_shape(&[2], &[1.0f32, -2.0]).unwrap();
+    let ran = run(&m, None, &[("x".into(), x)]).unwrap();
+    let got: Vec<Vec<f32>> = ran.iter().map(|(_, t)| f32s(t)).collect();
+    assert_eq!(
+        got,
+        vec![
+            vec![6.0, -12.0],
+            vec![36.0, -72.0],
+            vec![-1.0, 2.0],
+            vec![3.0, -6.0],
+        ]
+    );
+    // Only tract's copy changes.
+    let mut copy = m.clone();
+    assert_eq!(inline::inline_local_functions(&mut copy), 2 * 3 + 1 + 1);
+    assert!(copy
+        .graph
+        .as_ref()
+        .unwrap()
+        .node
+        .iter()
+        .all(|n| n.domain() != "my"));
+}
+
 fn attr_g(name: &str, g: pb::GraphProto) -> pb::AttributeProto {
     pb::AttributeProto {
         name: Some(name.into()),

@@ -381,6 +381,16 @@ pub(crate) fn load(
     model: &pb::ModelProto,
     model_dir: Option<&Path>,
 ) -> anyhow::Result<InferenceModel> {
+    // tract does not read local functions: their calls are inlined into its copy.
+    let inlined;
+    let model = if super::inline::calls_local_functions(model) {
+        let mut copy = model.clone();
+        super::inline::inline_local_functions(&mut copy);
+        inlined = copy;
+        &inlined
+    } else {
+        model
+    };
     let bytes = model.encode_to_vec();
     let onnx = tract_onnx::onnx()
         .with_ignore_value_info(true)
