@@ -2350,6 +2350,43 @@ mod tests {
         assert!(format!("{err:#}").contains("--calibration"));
     }
 
+    /// What the CLI refuses in the calibration options is refused for library callers too:
+    /// an int16 activation type wrote QuantizeLinear nodes onnxruntime and the onnx checker
+    /// reject, and a percentile of 10 or NaN calibrated nonsense ranges.
+    #[test]
+    fn calibration_options_the_cli_refuses_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(12);
+        write_samples(dir.path(), "cal", 2, |_| uniform_input(&mut rng, &X));
+        let cases = [
+            (
+                RangeMethod::MinMax,
+                QType::Int16,
+                "uint8 or int8, not Int16",
+            ),
+            (RangeMethod::MinMax, QType::Int4, "uint8 or int8, not Int4"),
+            (
+                RangeMethod::Percentile { percentile: 10.0 },
+                QType::Uint8,
+                "must be in (50, 100], not 10",
+            ),
+            (
+                RangeMethod::Percentile {
+                    percentile: f64::NAN,
+                },
+                QType::Uint8,
+                "must be in (50, 100], not NaN",
+            ),
+        ];
+        for (method, qtype, want) in cases {
+            let mut m = import(tiny_cnn(13));
+            let err = QuantizeStatic
+                .run(&mut m, &cal_opts(dir.path(), method, qtype))
+                .unwrap_err();
+            assert!(format!("{err:#}").contains(want), "{err:#}");
+        }
+    }
+
     #[test]
     fn calibration_samples_of_the_wrong_dtype_or_shape_or_not_finite_are_named() {
         let nan = TractTensor::from_shape(&X, &vec![f32::NAN; X.iter().product()]).unwrap();

@@ -80,7 +80,7 @@
 
 use std::collections::HashSet;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context as _, Result};
 
 use super::{can_add_initializers, Pass, PassKind, PassOptions, PassStats};
 use crate::ir::edit::attr_int;
@@ -278,6 +278,11 @@ pub fn run_scheme(model: &mut Model, opts: &PassOptions, scheme: &Scheme) -> Res
 /// [`run_scheme`] but its note on the bytes freed.
 fn quantize_with(model: &mut Model, opts: &PassOptions, scheme: &Scheme) -> Result<PassStats> {
     {
+        scheme.check()?;
+        for (node, s) in &opts.node_schemes {
+            s.check()
+                .with_context(|| format!("the scheme given for node \"{node}\""))?;
+        }
         let mut stats = PassStats::default();
         if !can_add_initializers(model) {
             stats.notes.push(format!(

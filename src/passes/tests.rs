@@ -2946,3 +2946,49 @@ fn names_in_training_info_and_quantization_annotations_are_kept() {
     assert_eq!(r.proto.training_info, p.training_info);
     assert_eq!(g.quantization_annotation, main(&p).quantization_annotation);
 }
+
+/// A block size below 2 is refused by the pass, as by the CLI: library callers got a panic
+/// (division by zero) for 0, and a scale per element for 1.
+#[test]
+fn block_sizes_below_2_are_refused_not_a_panic() {
+    use crate::quant::{Granularity, QType, Scheme, WeightFormat};
+    let block = |bs| Scheme {
+        qtype: QType::Int4,
+        symmetric: true,
+        granularity: Granularity::Block(bs),
+        pow2: false,
+    };
+    let p = model(
+        21,
+        graph(
+            "g",
+            vec![node("MatMul", "mm", &["x", "W"], &["y"], vec![])],
+            vec![f32_info("x", &[1, 32])],
+            vec![out("y")],
+            vec![f32_init("W", &[32, 4], &rand_f32(128, 5, 1.0))],
+        ),
+    );
+    let pass = by_name("quantize_weights").unwrap();
+    for bs in [0, 1] {
+        for format in [WeightFormat::Qdq, WeightFormat::MatMulNBits] {
+            let (mut m, _) = crate::onnx::from_proto(p.clone(), None, "test").unwrap();
+            let opts = PassOptions {
+                weight_scheme: Some(block(bs)),
+                weight_format: format,
+                ..Default::default()
+            };
+            let err = pass.run(&mut m, &opts).unwrap_err();
+            assert!(
+                format!("{err:#}").contains(&format!("block size must be at least 2, not {bs}")),
+                "{err:#}"
+            );
+        }
+        let (mut m, _) = crate::onnx::from_proto(p.clone(), None, "test").unwrap();
+        let opts = PassOptions {
+            node_schemes: [("mm".to_string(), block(bs))].into(),
+            ..Default::default()
+        };
+        let err = pass.run(&mut m, &opts).unwrap_err();
+        assert!(format!("{err:#}").contains("node \"mm\""), "{err:#}");
+    }
+}

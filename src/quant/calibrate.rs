@@ -974,6 +974,21 @@ pub fn calibrate(
     names: &BTreeSet<String>,
     opts: &CalibrationOptions,
 ) -> Result<Arc<Calibration>> {
+    // What the CLI refuses, refused here too for library callers.
+    if let RangeMethod::Percentile { percentile } = opts.method {
+        ensure!(
+            percentile > 50.0 && percentile <= 100.0,
+            "the calibration percentile must be in (50, 100], not {percentile}"
+        );
+    }
+    ensure!(
+        matches!(
+            opts.activation_type,
+            crate::quant::QType::Uint8 | crate::quant::QType::Int8
+        ),
+        "activations are quantized to uint8 or int8, not {:?}",
+        opts.activation_type
+    );
     let samples = Samples::open(&opts.source, proto, opts.max_samples.max(1))?;
     let probed = crate::fallback::with_probes(proto.clone(), names);
     let bytes = probed.encode_to_vec();

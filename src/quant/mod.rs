@@ -229,8 +229,9 @@ pub enum Granularity {
     Tensor,
     /// One scale per index of the output-channel axis.
     Channel,
-    /// One scale per block of this many elements along the reduction axis (per output
-    /// channel); a last, shorter block covers the rest (DequantizeLinear-21 `block_size`).
+    /// One scale per block of this many elements (at least 2, see [`Scheme::check`]) along
+    /// the reduction axis (per output channel); a last, shorter block covers the rest
+    /// (DequantizeLinear-21 `block_size`).
     Block(usize),
 }
 
@@ -250,6 +251,17 @@ pub struct Scheme {
 }
 
 impl Scheme {
+    /// Checks what the type cannot: a block size of at least 2 (a block of 1 is a scale per
+    /// element; 0 divides by zero).
+    ///
+    /// Errors: a smaller block size, naming it.
+    pub fn check(&self) -> anyhow::Result<()> {
+        if let Granularity::Block(bs) = self.granularity {
+            anyhow::ensure!(bs >= 2, "the block size must be at least 2, not {bs}");
+        }
+        Ok(())
+    }
+
     /// The default weight scheme: int8, symmetric, per output channel.
     pub const INT8_CHANNEL: Scheme = Scheme {
         qtype: QType::Int8,
