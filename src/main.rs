@@ -470,6 +470,7 @@ fn save_options(
         } else {
             vec![model.to_path_buf()]
         },
+        replace_input: s.force,
         protect_data: Vec::new(),
         also_written: report
             .map(|r| ("--report".to_string(), r.to_path_buf()))

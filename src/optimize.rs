@@ -390,6 +390,9 @@ pub fn optimize(cfg: &OptimizeConfig, reporter: &dyn Reporter) -> Result<Optimiz
     // The input's external data files stay as they are, unless the output replaces the input
     // model itself (--force).
     let mut save = cfg.save.clone();
+    if !save.replace_input {
+        save.protect.push(cfg.model.clone());
+    }
     if !onnx::same_file(&cfg.model, &cfg.output) {
         save.protect_data.extend(info.external_paths(&cfg.model));
     }
@@ -725,6 +728,43 @@ mod tests {
             selectors: vec![],
         };
         optimize(&cfg, &Silent).unwrap()
+    }
+
+    /// The library protects the input model as the CLI does: an output equal to the input is
+    /// refused unless `replace_input` (`--force`) says otherwise (a library caller's input was
+    /// replaced).
+    #[test]
+    fn the_input_model_is_replaced_only_when_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("m.onnx");
+        let p = model(
+            vec![node("Relu", "relu", &["x"], &["y"], vec![])],
+            vec![info("x", DataType::Float, &[2])],
+            vec![out("y")],
+            vec![],
+        );
+        let bytes = prost::Message::encode_to_vec(&p);
+        std::fs::write(&src, &bytes).unwrap();
+        let mut cfg = OptimizeConfig {
+            model: src.clone(),
+            output: src.clone(),
+            passes: "cleanup".into(),
+            pass_options: Default::default(),
+            save: Default::default(),
+            check: false,
+            inputs: Default::default(),
+            gates: Default::default(),
+            validate_each: true,
+            fallback_target: None,
+            fallback_samples: 0,
+            check_notes: vec![],
+            selectors: vec![],
+        };
+        let err = optimize(&cfg, &Silent).unwrap_err();
+        assert!(format!("{err:#}").contains("m.onnx"), "{err:#}");
+        assert_eq!(std::fs::read(&src).unwrap(), bytes);
+        cfg.save.replace_input = true;
+        optimize(&cfg, &Silent).unwrap();
     }
 
     /// Whichever way a form tract cannot run gets into the result (here int4 blocks chosen

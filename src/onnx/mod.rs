@@ -133,6 +133,9 @@ pub struct SaveOptions {
     pub external_threshold: usize,
     /// Files that must not be overwritten (the input model).
     pub protect: Vec<PathBuf>,
+    /// Lets [`crate::optimize::optimize`] write over its input model (`--force`); without it
+    /// the input model is protected whatever `protect` holds.
+    pub replace_input: bool,
     /// Files the external data file must not overwrite (the input model's external data).
     pub protect_data: Vec<PathBuf>,
     /// Other files the run writes, by option (`--report`): checked with [`refuse_clobbering_external`].
