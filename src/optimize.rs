@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use serde::Serialize;
 
 use crate::inspect::{parameters, Params};
@@ -160,6 +160,13 @@ fn calibration_sets(
 /// see [`OptimizeReport::outcome`].
 pub fn optimize(cfg: &OptimizeConfig, reporter: &dyn Reporter) -> Result<OptimizeReport> {
     let t0 = Instant::now();
+    cfg.gates.check()?;
+    if let Some(t) = cfg.fallback_target {
+        ensure!(
+            t.is_finite() && (-1.0..=1.0).contains(&t),
+            "the fallback's target cosine is {t}, not a number in [-1, 1]"
+        );
+    }
     let pipeline = passes::parse_pipeline(&cfg.passes)?;
     reporter.phase("loading");
     let (mut model, info) = onnx::load(&cfg.model)?;

@@ -46,6 +46,52 @@ pub struct OutputTolerance {
 }
 
 impl Gates {
+    /// Checks every limit is a number in its range, as the CLI's options are: tolerances
+    /// finite and not negative, `min_cosine` in [-1, 1], the fractions in [0, 1]. A NaN
+    /// would turn its gate off without a word.
+    ///
+    /// Errors: every limit out of range, one per line, naming its option.
+    pub fn check(&self) -> anyhow::Result<()> {
+        let mut problems = Vec::new();
+        let mut within = |what: String, v: Option<f64>, lo: f64, hi: f64| {
+            if let Some(v) = v.filter(|v| !(v.is_finite() && (lo..=hi).contains(v))) {
+                problems.push(format!("{what} is {v}, not a number in [{lo}, {hi}]"));
+            }
+        };
+        within("--atol".into(), self.atol, 0.0, f64::MAX);
+        within("--rtol".into(), self.rtol, 0.0, f64::MAX);
+        within("--min-cosine".into(), self.min_cosine, -1.0, 1.0);
+        within(
+            "--max-accuracy-drop".into(),
+            self.max_accuracy_drop,
+            0.0,
+            1.0,
+        );
+        within(
+            "the integer mismatch limit".into(),
+            self.max_integer_mismatch,
+            0.0,
+            1.0,
+        );
+        for t in &self.output_tolerances {
+            let name = &t.output;
+            within(
+                format!("--atol {name}:"),
+                Some(t.tolerance.atol),
+                0.0,
+                f64::MAX,
+            );
+            within(
+                format!("--rtol {name}:"),
+                Some(t.tolerance.rtol),
+                0.0,
+                f64::MAX,
+            );
+        }
+        anyhow::ensure!(problems.is_empty(), "{}", problems.join("\n"));
+        Ok(())
+    }
+
     /// The elementwise tolerance of outputs not named in `output_tolerances`, when `atol` or
     /// `rtol` is set.
     pub fn tolerance(&self) -> Option<Tolerance> {
@@ -444,6 +490,44 @@ mod tests {
         assert!(
             failures[0].message.contains("gone") && failures[1].message.contains("shape mismatch")
         );
+    }
+
+    /// Limits the CLI refuses are refused for library callers too (a NaN turned its gate
+    /// off: a failing model passed).
+    #[test]
+    fn limits_out_of_range_are_refused_together() {
+        assert!(Gates::default().check().is_ok());
+        let ok = Gates {
+            atol: Some(0.0),
+            rtol: Some(1e-3),
+            min_cosine: Some(-1.0),
+            max_accuracy_drop: Some(1.0),
+            max_integer_mismatch: Some(0.0),
+            ..Default::default()
+        };
+        assert!(ok.check().is_ok());
+        let bad = Gates {
+            atol: Some(-1.0),
+            min_cosine: Some(f64::NAN),
+            max_accuracy_drop: Some(1.5),
+            output_tolerances: vec![OutputTolerance {
+                output: "y".into(),
+                tolerance: Tolerance {
+                    atol: 0.0,
+                    rtol: f64::INFINITY,
+                },
+            }],
+            ..Default::default()
+        };
+        let msg = format!("{:#}", bad.check().unwrap_err());
+        for want in [
+            "--atol is -1",
+            "--min-cosine is NaN",
+            "--max-accuracy-drop is 1.5",
+            "--rtol y: is inf",
+        ] {
+            assert!(msg.contains(want), "{want}: {msg}");
+        }
     }
 
     #[test]

@@ -92,8 +92,9 @@ pub struct Comparison {
 /// `ref_dir` and `cand_dir` are the directories external data is read from.
 ///
 /// # Errors
-/// Only when the inputs cannot be prepared (see [`inputs::prepare_inputs`]). tract failing on
-/// either model is a [`Verification`] status, not an error.
+/// Only when a gate is out of range ([`Gates::check`]) or the inputs cannot be prepared (see
+/// [`inputs::prepare_inputs`]). tract failing on either model is a [`Verification`] status,
+/// not an error.
 pub fn compare_models(
     reference: &pb::ModelProto,
     ref_dir: Option<&Path>,
@@ -102,6 +103,7 @@ pub fn compare_models(
     opts: &InputOptions,
     gates: &Gates,
 ) -> Result<Comparison> {
+    gates.check()?;
     Ok(Reference::run_beside(reference, ref_dir, candidate, cand_dir, opts, gates)?.1)
 }
 
