@@ -268,7 +268,8 @@ impl Graph {
         }
     }
 
-    /// The node `id`; panics only on an id that never came from this graph.
+    /// The node `id`; panics on an id that is not a live node of this graph (one that never
+    /// came from it, or a removed node: [`validate::validate`] reports such ids).
     pub fn node(&self, id: NodeId) -> &Node {
         match self.nodes.get(id.0 as usize) {
             Some(Some(n)) => n,

@@ -26,6 +26,36 @@ pub fn validate(model: &Model) -> Result<()> {
 }
 
 fn check_graph(g: &Graph, path: &str, outer: &HashSet<String>, problems: &mut Vec<String>) {
+    // Ids this graph does not have (edit-API misuse): reported, and the other checks, which
+    // look values up by id, are skipped.
+    let n_values = g.values.len();
+    let before = problems.len();
+    // The arena, not the order (which may list a removed node: reported below).
+    let nodes = g.nodes.iter().enumerate();
+    for (id, node) in nodes.filter_map(|(i, n)| Some((super::NodeId(i as u32), n.as_ref()?))) {
+        for (what, ids) in [("input", &node.inputs), ("output", &node.outputs)] {
+            for (k, v) in ids.iter().enumerate() {
+                if let Some(v) = v.filter(|v| v.0 as usize >= n_values) {
+                    problems.push(format!(
+                        "{path}: {} {what} #{k} is value #{}, which this graph does not have ({n_values} values)",
+                        node.label(id),
+                        v.0
+                    ));
+                }
+            }
+        }
+    }
+    for (what, ports) in [("input", &g.inputs), ("output", &g.outputs)] {
+        for p in ports.iter().filter(|p| p.value.0 as usize >= n_values) {
+            problems.push(format!(
+                "{path}: a graph {what} is value #{}, which this graph does not have ({n_values} values)",
+                p.value.0
+            ));
+        }
+    }
+    if problems.len() > before {
+        return;
+    }
     // Values read by name: an enclosing graph's, or this graph's sparse initializers.
     let sparse: HashSet<&str> = g.sparse_initializer_names().collect();
     for (i, v) in g.values.iter().enumerate() {

@@ -46,6 +46,12 @@ pub fn run_pipeline(
     reporter: &dyn Reporter,
 ) -> Result<Vec<PassRecord>> {
     let validate_each = validate_each || cfg!(debug_assertions);
+    // A model an edit left invalid is refused before any pass, which would otherwise be
+    // blamed for it (or panic on it).
+    if validate_each && !passes.is_empty() {
+        crate::ir::validate::validate(model)
+            .context("the model given to the passes is invalid (before any pass ran)")?;
+    }
     let mut records: Vec<PassRecord> = passes
         .iter()
         .map(|p| PassRecord {

@@ -2992,3 +2992,48 @@ fn block_sizes_below_2_are_refused_not_a_panic() {
         assert!(format!("{err:#}").contains("node \"mm\""), "{err:#}");
     }
 }
+
+/// A model an edit left invalid is reported, not a panic: a node reading a value id the graph
+/// does not have (validate indexed out of bounds), and a node removed while its output is
+/// still read (a weight pass then panicked, or the first pass was blamed for it).
+#[test]
+fn a_model_left_invalid_by_edits_is_refused_before_any_pass() {
+    let p = model(
+        13,
+        graph(
+            "g",
+            vec![
+                node("MatMul", "mm1", &["x", "W"], &["h"], vec![]),
+                node("MatMul", "mm2", &["h", "W"], &["y"], vec![]),
+            ],
+            vec![f32_info("x", &[1, 4])],
+            vec![out("y")],
+            vec![f32_init("W", &[4, 4], &rand_f32(16, 8, 1.0))],
+        ),
+    );
+    let (mut m, _) = crate::onnx::from_proto(p.clone(), None, "test").unwrap();
+    let (id, _) = m.graph.live_nodes().next().unwrap();
+    m.graph.node_mut(id).inputs[0] = Some(crate::ir::ValueId(9999));
+    let err = crate::ir::validate::validate(&m).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("input #0 is value #9999, which this graph does not have"),
+        "{err:#}"
+    );
+    let (mut m, _) = crate::onnx::from_proto(p, None, "test").unwrap();
+    let (id, _) = m.graph.live_nodes().next().unwrap();
+    m.graph.remove_node(id);
+    let pass = by_name("quantize_weights_int8").unwrap();
+    let err = run_pipeline(
+        &mut m,
+        &[pass],
+        &PassOptions::default(),
+        true,
+        &crate::report::Silent,
+    )
+    .unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("before any pass ran") && msg.contains("'h'"),
+        "{msg}"
+    );
+}
