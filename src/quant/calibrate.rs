@@ -919,7 +919,7 @@ pub(crate) fn float_values(t: &Tensor) -> Option<std::borrow::Cow<'_, [f32]>> {
 }
 
 /// The calibrations made with one [`CalibrationOptions`] and its clones (at most
-/// [`CACHE_ENTRIES`], the oldest dropped first), keyed by a hash of the probed model, the
+/// 8, the oldest dropped first), keyed by a hash of the probed model, the
 /// options and the sample files. Clones share it; every instance compares equal, so options
 /// compare by their values only.
 #[derive(Clone, Default)]
