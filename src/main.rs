@@ -21,41 +21,6 @@ use onnxopt::report::Reporter;
 use onnxopt::verify::{self, Gates, InputOptions, Verification};
 use onnxopt::{onnx, passes};
 
-/// The check's inputs: what the options say or, when they name no input at all and there are
-/// calibration samples, the first sample (real data, where generated inputs would give
-/// symbolic dims the size 1), with a note saying so.
-fn check_inputs(
-    c: &CheckArgs,
-    calibration: Option<&std::path::Path>,
-) -> Result<(onnxopt::verify::inputs::InputOptions, Vec<String>)> {
-    let opts = input_options(c)?;
-    if opts.npz.is_some() || !opts.shapes.is_empty() || !opts.values.is_empty() {
-        return Ok((opts, vec![]));
-    }
-    let opts = match calibration {
-        // A folder: its first sample file.
-        Some(c) if c.is_dir() => {
-            let first = onnxopt::quant::calibrate::sample_files(c)
-                .ok()
-                .and_then(|f| f.into_iter().next());
-            onnxopt::verify::inputs::InputOptions { npz: first, ..opts }
-        }
-        // One file of samples along axis 0: its first sample.
-        Some(c) => onnxopt::verify::inputs::InputOptions {
-            npz: Some(c.to_path_buf()),
-            npz_sample: Some(0),
-            ..opts
-        },
-        None => opts,
-    };
-    let notes = if opts.npz.is_some() {
-        vec!["without --inputs the check runs on the first calibration sample, data the ranges were fitted to; give held-out inputs with --inputs for an unbiased figure".to_string()]
-    } else {
-        vec![]
-    };
-    Ok((opts, notes))
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
@@ -918,7 +883,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     a.passes
                 );
             }
-            let (inputs, check_notes) = check_inputs(&a.check, a.cal.calibration.as_deref())?;
+            let inputs = input_options(&a.check)?;
             // `--passes none` loads and saves only: no check.
             let passes_none = a.passes.trim() == "none";
             ignored_check_options(&a.check, a.no_check, passes_none);
@@ -949,7 +914,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 validate_each: a.validate,
                 fallback_target: fallback_target(a.no_fallback, &a.check),
                 fallback_samples: a.tune.fallback_samples,
-                check_notes,
+                check_notes: vec![],
                 selectors: selectors(
                     &op_types(&a.op_types)?,
                     &a.include_nodes,
@@ -1197,7 +1162,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             } else {
                 (format!("cleanup,{pass},cleanup"), scheme, weight_format)
             };
-            let (inputs, check_notes) = check_inputs(&a.check, a.cal.calibration.as_deref())?;
+            let inputs = input_options(&a.check)?;
             ignored_check_options(&a.check, a.no_check, false);
             let check = !a.no_check;
             let cfg = optimize::OptimizeConfig {
@@ -1227,7 +1192,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 validate_each: false,
                 fallback_target: fallback_target(a.no_fallback, &a.check),
                 fallback_samples: a.tune.fallback_samples,
-                check_notes,
+                check_notes: vec![],
                 selectors: selectors(
                     &op_types(&a.op_types)?,
                     &a.include_nodes,

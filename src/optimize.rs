@@ -30,7 +30,8 @@ pub struct OptimizeConfig {
     pub save: SaveOptions,
     /// Run the tract check.
     pub check: bool,
-    /// Inputs for the check.
+    /// Inputs for the check; when they name no input and the passes calibrate, the first
+    /// calibration sample (see [`check_inputs`]).
     pub inputs: InputOptions,
     /// Gates given by the user; unset gates take the pipeline's defaults.
     pub gates: Gates,
@@ -153,6 +154,36 @@ fn calibration_sets(
         .collect()
 }
 
+/// The check's inputs: `given` when it names any input (a file, a shape or a value), else,
+/// with calibration samples at `calibration`, the first sample (real data, where generated
+/// inputs would give symbolic dims the size 1), with a note saying so.
+pub fn check_inputs(
+    given: &InputOptions,
+    calibration: Option<&Path>,
+) -> (InputOptions, Option<String>) {
+    if given.npz.is_some() || !given.shapes.is_empty() || !given.values.is_empty() {
+        return (given.clone(), None);
+    }
+    let opts = match calibration {
+        // A folder: its first sample file.
+        Some(c) if c.is_dir() => InputOptions {
+            npz: crate::quant::calibrate::sample_files(c)
+                .ok()
+                .and_then(|f| f.into_iter().next()),
+            ..given.clone()
+        },
+        // One file of samples along axis 0: its first sample.
+        Some(c) => InputOptions {
+            npz: Some(c.to_path_buf()),
+            npz_sample: Some(0),
+            ..given.clone()
+        },
+        None => given.clone(),
+    };
+    let note = opts.npz.is_some().then(|| "without --inputs the check runs on the first calibration sample, data the ranges were fitted to; give held-out inputs with --inputs for an unbiased figure".to_string());
+    (opts, note)
+}
+
 /// Runs `optimize`.
 ///
 /// Errors: the input cannot be loaded, a pass fails, the output cannot be written, or the
@@ -251,6 +282,13 @@ pub fn optimize(cfg: &OptimizeConfig, reporter: &dyn Reporter) -> Result<Optimiz
         .unwrap_or(pipeline.len());
     let (prefix, suffix) = pipeline.split_at(split);
     let ref_dir = cfg.model.parent().map(Path::to_path_buf);
+    let (inputs, inputs_note) = check_inputs(
+        &cfg.inputs,
+        cfg.pass_options
+            .calibration
+            .as_ref()
+            .map(|c| c.source.as_path()),
+    );
     // The reference does not depend on the passes: it runs in tract on the other thread while
     // they run (calibration and the passes leave a thread idle for much of their time).
     let (passed, reference_run) = rayon::join(
@@ -278,7 +316,7 @@ pub fn optimize(cfg: &OptimizeConfig, reporter: &dyn Reporter) -> Result<Optimiz
         || {
             reference
                 .as_ref()
-                .map(|r| verify::Reference::run(r, ref_dir.as_deref(), &cfg.inputs))
+                .map(|r| verify::Reference::run(r, ref_dir.as_deref(), &inputs))
         },
     );
     let (mut records, snapshot) = passed?;
@@ -412,6 +450,7 @@ pub fn optimize(cfg: &OptimizeConfig, reporter: &dyn Reporter) -> Result<Optimiz
         saved.model_bytes + saved.external.as_ref().map_or(0, |e| e.1),
     );
     if let Some(c) = check.as_mut() {
+        c.notes.extend(inputs_note);
         c.notes.extend(cfg.check_notes.iter().cloned());
     }
     let outcome = match check.as_ref().map(|c| &c.status) {
@@ -735,6 +774,36 @@ mod tests {
             selectors: vec![],
         };
         optimize(&cfg, &Silent).unwrap()
+    }
+
+    /// Without inputs, the check of a calibrated run reads the first calibration sample, in
+    /// the library as in the CLI (library callers got random inputs with symbolic dims at 1,
+    /// and silero sequence's fallback then kept every layer in float).
+    #[test]
+    fn a_calibrated_check_without_inputs_reads_the_first_sample() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["b.npz", "a.npz", "notes.txt"] {
+            std::fs::write(dir.path().join(name), b"").unwrap();
+        }
+        let none = InputOptions::default();
+        let (folder, note) = check_inputs(&none, Some(dir.path()));
+        assert_eq!(folder.npz, Some(dir.path().join("a.npz")));
+        assert_eq!(folder.npz_sample, None);
+        assert!(note.unwrap().contains("first calibration sample"));
+        let file = dir.path().join("b.npz");
+        let (stacked, _) = check_inputs(&none, Some(&file));
+        assert_eq!(
+            (stacked.npz, stacked.npz_sample),
+            (Some(file.clone()), Some(0))
+        );
+        let given = InputOptions {
+            shapes: vec![("x".into(), vec![1, 2])],
+            ..Default::default()
+        };
+        let (kept, note) = check_inputs(&given, Some(&file));
+        assert_eq!((kept.npz, kept.shapes, note), (None, given.shapes, None));
+        let (plain, note) = check_inputs(&none, None);
+        assert_eq!((plain.npz, note), (None, None));
     }
 
     /// The library protects the input model as the CLI does: an output equal to the input is
