@@ -62,8 +62,10 @@ pub struct PassStats {
     pub touched: Vec<String>,
 }
 
-/// Options that passes read (set from the command line).
-#[derive(Debug, Clone, Default)]
+/// Options that passes read (set from the command line). The default is the CLI's: every
+/// field empty, off or `None`, except `keep_io_types`, on (graph inputs and outputs are the
+/// model's contract).
+#[derive(Debug, Clone)]
 pub struct PassOptions {
     /// Lossy passes only touch nodes of these op types (empty = every op type they handle).
     pub op_types: Vec<String>,
@@ -83,7 +85,7 @@ pub struct PassOptions {
     /// (the float-equivalent model used to check forms tract cannot run).
     pub dequantized_weights: bool,
     /// Float conversion: keep graph inputs and outputs in their original float type, with
-    /// Casts at the border (`--keep-io-types`).
+    /// Casts at the border (`--keep-io-types`, on by default).
     pub keep_io_types: bool,
     /// Float conversion: target type, float16 (false) or bfloat16 (true).
     pub bf16: bool,
@@ -105,6 +107,28 @@ pub struct PassOptions {
     /// Static quantization: every layer's int8 weights in `[-64, 64]` (onnxruntime's
     /// `reduce_range`): no u8 x s8 product pair can saturate, whatever the activations.
     pub reduce_range: bool,
+}
+
+impl Default for PassOptions {
+    fn default() -> Self {
+        PassOptions {
+            op_types: Vec::new(),
+            exclude_nodes: None,
+            include_nodes: None,
+            keep_float: Default::default(),
+            weight_scheme: None,
+            weight_format: Default::default(),
+            dequantized_weights: false,
+            keep_io_types: true,
+            bf16: false,
+            calibration: None,
+            node_schemes: Default::default(),
+            conv_integer: false,
+            all_layers: false,
+            full_range_weights: false,
+            reduce_range: false,
+        }
+    }
 }
 
 impl PassOptions {

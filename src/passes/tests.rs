@@ -3037,3 +3037,23 @@ fn a_model_left_invalid_by_edits_is_refused_before_any_pass() {
         "{msg}"
     );
 }
+
+/// `convert_fp16` with default options keeps the graph's float32 inputs and outputs, as the
+/// CLI does (the library's default turned them into float16, changing the model's contract).
+#[test]
+fn convert_fp16_with_default_options_keeps_the_interface() {
+    let p = model(
+        13,
+        graph(
+            "g",
+            vec![node("MatMul", "mm", &["x", "W"], &["y"], vec![])],
+            vec![f32_info("x", &[1, 4])],
+            vec![f32_info("y", &[1, 4])],
+            vec![f32_init("W", &[4, 4], &rand_f32(16, 9, 1.0))],
+        ),
+    );
+    let r = run_pass(&p, "convert_fp16");
+    assert!(r.changes() > 0);
+    assert_eq!(main(&r.proto).input, main(&p).input);
+    assert_eq!(main(&r.proto).output, main(&p).output);
+}
