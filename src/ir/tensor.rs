@@ -86,6 +86,44 @@ pub fn raw_len(code: i32, n: usize) -> Option<usize> {
     n.checked_mul(bits).map(|b| b.div_ceil(8))
 }
 
+/// The `raw_data` bytes (little-endian) of a tensor whose values are in its typed field
+/// (`float_data`, `int32_data`, ...), as the ONNX spec lays each type out there (16- and
+/// 8-bit types one value per `int32_data` entry); `None` for a tensor in `raw_data` or
+/// external data, and for strings, complex and sub-byte types.
+pub fn typed_to_raw(p: &pb::TensorProto) -> Option<Vec<u8>> {
+    use DataType as D;
+    if p.raw_data.is_some() || !p.external_data.is_empty() {
+        return None;
+    }
+    let bytes: Vec<u8> = match DataType::try_from(p.data_type()).ok()? {
+        D::Float => p.float_data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        D::Double => p.double_data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        D::Int64 => p.int64_data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        D::Uint64 => p.uint64_data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        D::Uint32 => p
+            .uint64_data
+            .iter()
+            .flat_map(|&v| (v as u32).to_le_bytes())
+            .collect(),
+        D::Int32 => p.int32_data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        D::Int16 | D::Uint16 | D::Float16 | D::Bfloat16 => p
+            .int32_data
+            .iter()
+            .flat_map(|&v| (v as u16).to_le_bytes())
+            .collect(),
+        D::Int8
+        | D::Uint8
+        | D::Bool
+        | D::Float8e4m3fn
+        | D::Float8e4m3fnuz
+        | D::Float8e5m2
+        | D::Float8e5m2fnuz
+        | D::Float8e8m0 => p.int32_data.iter().map(|&v| v as u8).collect(),
+        _ => return None,
+    };
+    Some(bytes)
+}
+
 /// A tensor: an initializer, a Constant node's value or an attribute's tensor.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Tensor {

@@ -449,8 +449,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// Moves every non-empty initializer payload of at least `threshold` bytes (in `raw_data`) of `g`
-/// and its subgraphs to `w` (int32/int64 tensors under 1 KiB, shape data, stay inline),
+/// Moves every non-empty initializer payload of at least `threshold` bytes (in `raw_data`, or
+/// in a typed field, as raw bytes: [`crate::ir::tensor::typed_to_raw`]) of `g` and its
+/// subgraphs to `w` (int32/int64 tensors under 1 KiB, shape data, stay inline),
 /// replacing it by an external data reference. Offsets are aligned to 64
 /// bytes, and to 4096 for tensors of 1 MiB or more, so readers can map them.
 fn externalize_graph(
@@ -461,7 +462,13 @@ fn externalize_graph(
     offset: &mut u64,
 ) -> Result<()> {
     for t in &mut g.initializer {
-        let Some(raw) = &t.raw_data else { continue };
+        // Values in a typed field (`float_data`, ...) go out as their raw bytes.
+        let converted = crate::ir::tensor::typed_to_raw(t);
+        let raw: &[u8] = match (&t.raw_data, &converted) {
+            (Some(raw), _) => raw,
+            (None, Some(c)) => c,
+            (None, None) => continue,
+        };
         if raw.is_empty() || raw.len() < threshold {
             continue;
         }
@@ -490,6 +497,13 @@ fn externalize_graph(
         ];
         *offset += raw.len() as u64;
         t.raw_data = None;
+        if converted.is_some() {
+            t.float_data.clear();
+            t.double_data.clear();
+            t.int32_data.clear();
+            t.int64_data.clear();
+            t.uint64_data.clear();
+        }
         t.data_location = Some(pb::tensor_proto::DataLocation::External as i32);
     }
     for n in &mut g.node {
@@ -590,6 +604,92 @@ unsafe impl<W: Write> BufMut for StreamBuf<W> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// Initializers whose values are in a typed field (`float_data`, `int32_data` for
+    /// float16, ...) go to the external data file too, as raw bytes (they stayed inline, so
+    /// `--external-data` wrote no data file for such models), and read back the same.
+    #[test]
+    fn typed_field_initializers_go_to_external_data() {
+        use pb::tensor_proto::DataType;
+        let dir = tempfile::tempdir().unwrap();
+        let typed = |name: &str, dt: DataType| pb::TensorProto {
+            name: Some(name.into()),
+            dims: vec![4],
+            data_type: Some(dt as i32),
+            ..Default::default()
+        };
+        let mut f = typed("f", DataType::Float);
+        f.float_data = vec![1.0, -2.5, 3.25, 0.0];
+        let mut h = typed("h", DataType::Float16);
+        h.int32_data = [1.0f32, -2.0, 0.5, 65504.0]
+            .iter()
+            .map(|&v| i32::from(half::f16::from_f32(v).to_bits()))
+            .collect();
+        let mut i = typed("i", DataType::Int8);
+        i.int32_data = vec![-128, -1, 0, 127];
+        let mut l = typed("l", DataType::Int64);
+        l.int64_data = vec![i64::MIN, -1, 0, 1 << 40];
+        let inits = vec![f, h, i, l];
+        let p = pb::ModelProto {
+            ir_version: Some(8),
+            opset_import: vec![pb::OperatorSetIdProto {
+                domain: Some(String::new()),
+                version: Some(17),
+            }],
+            graph: Some(pb::GraphProto {
+                name: Some("g".into()),
+                node: ["f", "h", "i", "l"]
+                    .iter()
+                    .map(|n| pb::NodeProto {
+                        op_type: Some("Identity".into()),
+                        input: vec![n.to_string()],
+                        output: vec![format!("{n}_out")],
+                        ..Default::default()
+                    })
+                    .collect(),
+                output: ["f", "h", "i", "l"]
+                    .iter()
+                    .map(|n| pb::ValueInfoProto {
+                        name: Some(format!("{n}_out")),
+                        ..Default::default()
+                    })
+                    .collect(),
+                initializer: inits.clone(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let path = dir.path().join("m.onnx");
+        let opts = SaveOptions {
+            external_data: true,
+            external_threshold: 0,
+            ..Default::default()
+        };
+        let mut out = p.clone();
+        save_proto(&mut out, &path, &opts).unwrap();
+        let data = std::fs::read(external_data_path(&path)).unwrap();
+        // 16 + 8 + 4 bytes of values (the int64 tensor is shape-sized and stays inline).
+        let stored: Vec<&pb::TensorProto> =
+            out.graph.as_ref().unwrap().initializer.iter().collect();
+        let external: Vec<&str> = stored
+            .iter()
+            .filter(|t| !t.external_data.is_empty())
+            .map(|t| t.name())
+            .collect();
+        assert_eq!(external, ["f", "h", "i"]);
+        assert!(data.len() >= 28, "{}", data.len());
+        let (m, _) = load(&path).unwrap();
+        for want in &inits {
+            let v = m.graph.find(want.name()).unwrap();
+            let got = m.graph.initializer(v).unwrap();
+            assert_eq!(
+                got.to_f32().unwrap(),
+                crate::ir::Tensor::new(want.clone()).to_f32().unwrap(),
+                "{}",
+                want.name()
+            );
+        }
+    }
 
     /// A model and its external data replace the previous pair as one change: when the
     /// model's rename fails, the previous data file is put back (the new data beside the old
