@@ -89,12 +89,18 @@ pub fn run_pipeline(
                 // First, so that a summary listing only some notes still shows it.
                 if lossy && stats.changes == 0 {
                     let why = if stats.notes.is_empty() {
+                        let fallback = opts.keep_float.len();
                         format!(
-                            "no{} node has what this pass rewrites in a form it takes",
-                            if opts.selection_given() {
+                            "no{} node has what this pass rewrites in a form it takes{}",
+                            if opts.selection_given() || fallback > 0 {
                                 " selected"
                             } else {
                                 ""
+                            },
+                            if fallback > 0 {
+                                format!(" ({fallback} layer(s) kept in float by the accuracy-gated fallback)")
+                            } else {
+                                String::new()
                             }
                         )
                     } else {

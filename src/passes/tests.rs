@@ -3057,3 +3057,33 @@ fn convert_fp16_with_default_options_keeps_the_interface() {
     assert_eq!(main(&r.proto).input, main(&p).input);
     assert_eq!(main(&r.proto).output, main(&p).output);
 }
+
+/// A lossy pass that changes nothing because the fallback keeps every layer in float says so
+/// (it said "no node has what this pass rewrites", as if the model had no such layer).
+#[test]
+fn a_pass_left_nothing_by_the_fallback_says_so() {
+    let p = model(
+        13,
+        graph(
+            "g",
+            vec![node("MatMul", "mm", &["x", "W"], &["y"], vec![])],
+            vec![f32_info("x", &[1, 4])],
+            vec![out("y")],
+            vec![f32_init("W", &[4, 4], &rand_f32(16, 10, 1.0))],
+        ),
+    );
+    let opts = PassOptions {
+        keep_float: ["y".to_string()].into(),
+        ..Default::default()
+    };
+    let r = run_passes_with(&p, &["quantize_weights_int8"], &opts);
+    assert_eq!(r.changes(), 0);
+    let notes = r.notes();
+    assert!(
+        notes[0].starts_with("changed nothing")
+            && notes
+                .iter()
+                .any(|n| n.contains("kept in float by the accuracy-gated fallback")),
+        "{notes:#?}"
+    );
+}
