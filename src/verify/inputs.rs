@@ -554,6 +554,11 @@ pub fn prepare_inputs(model: &pb::ModelProto, opts: &InputOptions) -> Result<Pre
             };
             let tensor =
                 filled(dt, &shape, value).with_context(|| format!("filling input `{name}`"))?;
+            if !value.is_finite() && crate::quant::calibrate::non_finite(&tensor) > 0 {
+                prepared.notes.push(format!(
+                    "input `{name}` is filled with {value}: outputs that agree on NaN or infinity compare as equal, so the figures may say little"
+                ));
+            }
             (tensor, InputSource::Value { value })
         } else if let Some(tensor) = from_npz {
             let path = opts.npz.clone().unwrap_or_default();
@@ -1576,6 +1581,21 @@ mod tests {
         };
         let err = format!("{:#}", prepare_inputs(&m, &opts).unwrap_err());
         assert!(err.contains("nope") && err.contains("sr"), "{err}");
+        // A float input filled with NaN gives a note, as NaN in an npz input does (the check
+        // said "every gate holds" without a word).
+        let m = add_model(&[0.0; 6]);
+        let opts = InputOptions {
+            values: vec![("x".into(), f64::NAN)],
+            ..Default::default()
+        };
+        let p = prepare_inputs(&m, &opts).unwrap();
+        assert!(
+            p.notes
+                .iter()
+                .any(|n| n.starts_with("input `x` is filled with NaN")),
+            "{:?}",
+            p.notes
+        );
     }
 
     /// A batch file (samples on axis 0) gives sample `i` alone; NaN in an npz input gives a
