@@ -759,21 +759,33 @@ mod tests {
         let src = dir.join("m.onnx");
         std::fs::write(&src, prost::Message::encode_to_vec(p)).unwrap();
         let cfg = OptimizeConfig {
-            model: src,
-            output: dir.join("out.onnx"),
-            passes: passes.into(),
             pass_options,
-            save: Default::default(),
             check: true,
-            inputs: Default::default(),
             gates,
-            validate_each: true,
             fallback_target,
+            ..config(src, dir.join("out.onnx"), passes)
+        };
+        optimize(&cfg, &Silent).unwrap()
+    }
+
+    /// A configuration running `passes` on `model` into `output`, with no check and default
+    /// options.
+    fn config(model: PathBuf, output: PathBuf, passes: &str) -> OptimizeConfig {
+        OptimizeConfig {
+            model,
+            output,
+            passes: passes.into(),
+            pass_options: Default::default(),
+            save: Default::default(),
+            check: false,
+            inputs: Default::default(),
+            gates: Default::default(),
+            validate_each: true,
+            fallback_target: None,
             fallback_samples: 0,
             check_notes: vec![],
             selectors: vec![],
-        };
-        optimize(&cfg, &Silent).unwrap()
+        }
     }
 
     /// Without inputs, the check of a calibrated run reads the first calibration sample, in
@@ -821,21 +833,7 @@ mod tests {
         );
         let bytes = prost::Message::encode_to_vec(&p);
         std::fs::write(&src, &bytes).unwrap();
-        let mut cfg = OptimizeConfig {
-            model: src.clone(),
-            output: src.clone(),
-            passes: "cleanup".into(),
-            pass_options: Default::default(),
-            save: Default::default(),
-            check: false,
-            inputs: Default::default(),
-            gates: Default::default(),
-            validate_each: true,
-            fallback_target: None,
-            fallback_samples: 0,
-            check_notes: vec![],
-            selectors: vec![],
-        };
+        let mut cfg = config(src.clone(), src.clone(), "cleanup");
         let err = optimize(&cfg, &Silent).unwrap_err();
         assert!(format!("{err:#}").contains("m.onnx"), "{err:#}");
         assert_eq!(std::fs::read(&src).unwrap(), bytes);
@@ -959,22 +957,11 @@ mod tests {
         let src = dir.path().join("m.onnx");
         std::fs::write(&src, prost::Message::encode_to_vec(&p)).unwrap();
         let cfg = |passes: &str| OptimizeConfig {
-            model: src.clone(),
-            output: dir.path().join("out.onnx"),
-            passes: passes.into(),
             pass_options: PassOptions {
                 weight_scheme: Some(Scheme::INT8_CHANNEL),
                 ..Default::default()
             },
-            save: Default::default(),
-            check: false,
-            inputs: Default::default(),
-            gates: Default::default(),
-            validate_each: true,
-            fallback_target: None,
-            fallback_samples: 0,
-            check_notes: vec![],
-            selectors: vec![],
+            ..config(src.clone(), dir.path().join("out.onnx"), passes)
         };
         let e = optimize(&cfg("quantize_weights"), &Silent).unwrap_err();
         let msg = format!("{e:#}");

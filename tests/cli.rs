@@ -26,6 +26,34 @@ mod common {
 
     pub const BIN: &str = env!("CARGO_BIN_EXE_onnxopt");
 
+    /// A graph input or output `name` of element type `elem` and fixed `dims`.
+    pub fn tensor_info(
+        name: &str,
+        elem: onnxopt::pb::tensor_proto::DataType,
+        dims: &[i64],
+    ) -> onnxopt::pb::ValueInfoProto {
+        use onnxopt::pb;
+        pb::ValueInfoProto {
+            name: Some(name.into()),
+            r#type: Some(pb::TypeProto {
+                value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+                    elem_type: Some(elem as i32),
+                    shape: Some(pb::TensorShapeProto {
+                        dim: dims
+                            .iter()
+                            .map(|&d| pb::tensor_shape_proto::Dimension {
+                                value: Some(pb::tensor_shape_proto::dimension::Value::DimValue(d)),
+                                ..Default::default()
+                            })
+                            .collect(),
+                    }),
+                })),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
     pub fn repo() -> PathBuf {
         PathBuf::from(env!("CARGO_MANIFEST_DIR"))
     }

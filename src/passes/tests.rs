@@ -2958,16 +2958,7 @@ fn block_sizes_below_2_are_refused_not_a_panic() {
         granularity: Granularity::Block(bs),
         pow2: false,
     };
-    let p = model(
-        21,
-        graph(
-            "g",
-            vec![node("MatMul", "mm", &["x", "W"], &["y"], vec![])],
-            vec![f32_info("x", &[1, 32])],
-            vec![out("y")],
-            vec![f32_init("W", &[32, 4], &rand_f32(128, 5, 1.0))],
-        ),
-    );
+    let p = one_matmul(21, 32, 5, false);
     let pass = by_name("quantize_weights").unwrap();
     for bs in [0, 1] {
         for format in [WeightFormat::Qdq, WeightFormat::MatMulNBits] {
@@ -3042,16 +3033,7 @@ fn a_model_left_invalid_by_edits_is_refused_before_any_pass() {
 /// CLI does (the library's default turned them into float16, changing the model's contract).
 #[test]
 fn convert_fp16_with_default_options_keeps_the_interface() {
-    let p = model(
-        13,
-        graph(
-            "g",
-            vec![node("MatMul", "mm", &["x", "W"], &["y"], vec![])],
-            vec![f32_info("x", &[1, 4])],
-            vec![f32_info("y", &[1, 4])],
-            vec![f32_init("W", &[4, 4], &rand_f32(16, 9, 1.0))],
-        ),
-    );
+    let p = one_matmul(13, 4, 9, true);
     let r = run_pass(&p, "convert_fp16");
     assert!(r.changes() > 0);
     assert_eq!(main(&r.proto).input, main(&p).input);
@@ -3062,16 +3044,7 @@ fn convert_fp16_with_default_options_keeps_the_interface() {
 /// (it said "no node has what this pass rewrites", as if the model had no such layer).
 #[test]
 fn a_pass_left_nothing_by_the_fallback_says_so() {
-    let p = model(
-        13,
-        graph(
-            "g",
-            vec![node("MatMul", "mm", &["x", "W"], &["y"], vec![])],
-            vec![f32_info("x", &[1, 4])],
-            vec![out("y")],
-            vec![f32_init("W", &[4, 4], &rand_f32(16, 10, 1.0))],
-        ),
-    );
+    let p = one_matmul(13, 4, 10, false);
     let opts = PassOptions {
         keep_float: ["y".to_string()].into(),
         ..Default::default()
@@ -3086,4 +3059,23 @@ fn a_pass_left_nothing_by_the_fallback_says_so() {
                 .any(|n| n.contains("kept in float by the accuracy-gated fallback")),
         "{notes:#?}"
     );
+}
+
+/// `y = MatMul(x [1, k], W [k, 4])` at `opset`, W from `seed`; `typed_output`: `y` declares
+/// its type and shape.
+fn one_matmul(opset: i64, k: i64, seed: u64, typed_output: bool) -> pb::ModelProto {
+    model(
+        opset,
+        graph(
+            "g",
+            vec![node("MatMul", "mm", &["x", "W"], &["y"], vec![])],
+            vec![f32_info("x", &[1, k])],
+            vec![if typed_output {
+                f32_info("y", &[1, 4])
+            } else {
+                out("y")
+            }],
+            vec![f32_init("W", &[k, 4], &rand_f32(k as usize * 4, seed, 1.0))],
+        ),
+    )
 }

@@ -519,25 +519,7 @@ fn compare_refuses_models_that_take_other_inputs() {
 fn compare_notes_an_input_only_the_reference_takes_and_a_changed_output_type() {
     use onnxopt::pb::{self, tensor_proto::DataType};
     let dir = tempdir();
-    let info = |name: &str, elem: DataType| pb::ValueInfoProto {
-        name: Some(name.into()),
-        r#type: Some(pb::TypeProto {
-            value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
-                elem_type: Some(elem as i32),
-                shape: Some(pb::TensorShapeProto {
-                    dim: [2, 3]
-                        .iter()
-                        .map(|&d| pb::tensor_shape_proto::Dimension {
-                            value: Some(pb::tensor_shape_proto::dimension::Value::DimValue(d)),
-                            ..Default::default()
-                        })
-                        .collect(),
-                }),
-            })),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
+    let info = |name: &str, elem: DataType| tensor_info(name, elem, &[2, 3]);
     let node = |op: &str, input: &str, output: &str, to: Option<DataType>| pb::NodeProto {
         name: Some(op.to_lowercase()),
         op_type: Some(op.into()),
@@ -751,25 +733,7 @@ fn a_panic_inside_tract_is_reported_once_without_a_backtrace() {
     use onnxopt::pb;
     let dir = tempdir();
     let model = dir.path().join("gather.onnx");
-    let info = |name: &str, elem: pb::tensor_proto::DataType, dims: &[i64]| pb::ValueInfoProto {
-        name: Some(name.into()),
-        r#type: Some(pb::TypeProto {
-            value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
-                elem_type: Some(elem as i32),
-                shape: Some(pb::TensorShapeProto {
-                    dim: dims
-                        .iter()
-                        .map(|&d| pb::tensor_shape_proto::Dimension {
-                            value: Some(pb::tensor_shape_proto::dimension::Value::DimValue(d)),
-                            ..Default::default()
-                        })
-                        .collect(),
-                }),
-            })),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
+    let info = tensor_info;
     let proto = pb::ModelProto {
         ir_version: Some(8),
         opset_import: vec![pb::OperatorSetIdProto {
