@@ -14,6 +14,49 @@
 //!
 //! The IR's invariants are listed in [`ir`]. The library never prints: progress goes through
 //! [`report::Reporter`], results come back as data.
+//!
+//! # Using the library
+//!
+//! [`optimize::optimize`] is what the `optimize` and `quantize` commands run: load, passes,
+//! check in tract with the accuracy-gated fallback, save. A `quantize --mode` is a pipeline
+//! of passes with their options (the README's table of modes gives each one's passes); for
+//! example, calibrated static int8 with the fallback meeting cosine 0.999:
+//!
+//! ```no_run
+//! use onnxopt::optimize::{format_report, optimize, OptimizeConfig};
+//! use onnxopt::passes::PassOptions;
+//! use onnxopt::quant::{CalibrationOptions, QType, RangeMethod};
+//!
+//! # fn main() -> anyhow::Result<()> {
+//! let cfg = OptimizeConfig {
+//!     model: "model.onnx".into(),
+//!     output: "model.int8.onnx".into(),
+//!     passes: "cleanup,upgrade_opset,quantize_static,cleanup".into(),
+//!     pass_options: PassOptions {
+//!         calibration: Some(CalibrationOptions {
+//!             source: "samples/".into(), // a folder of .npz files, one sample each
+//!             method: RangeMethod::MinMax,
+//!             max_samples: 256,
+//!             activation_type: QType::Uint8,
+//!             cache: Default::default(),
+//!         }),
+//!         ..Default::default()
+//!     },
+//!     save: Default::default(), // never replaces `model` (see `SaveOptions::replace_input`)
+//!     check: true,
+//!     inputs: Default::default(), // none given: the first calibration sample
+//!     gates: Default::default(),
+//!     validate_each: false,
+//!     fallback_target: Some(0.999),
+//!     fallback_samples: onnxopt::optimize::FALLBACK_CALIBRATION_SAMPLES,
+//!     check_notes: vec![],
+//!     selectors: vec![],
+//! };
+//! let report = optimize(&cfg, &onnxopt::report::Silent)?;
+//! println!("{}", format_report(&report));
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod fallback;
 pub mod inspect;

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The one test command: Python peers in a venv, then fmt, clippy and every cargo test target.
+# The one test command: Python peers in a venv, then fmt, clippy, every cargo test target and
+# the doc examples.
 #
 #   tests/run.sh            # from anywhere inside the repository
 #
@@ -39,5 +40,8 @@ cargo clippy --all-targets -- -D warnings
 
 step "cargo test (all targets, debug)"
 cargo test --all-targets --no-fail-fast
+
+step "cargo test --doc (the library's examples compile)"
+cargo test --doc
 
 step "all checks passed"
