@@ -355,7 +355,12 @@ impl<'a> Reader<'a> {
             return note(format!("its input \"{xname}\" is also a graph output"));
         }
         if self.sub_reads.contains(xname) {
-            return note(format!("its input \"{xname}\" is also read by a subgraph"));
+            let by = if g.names_read_by_header().contains(xname) {
+                "named by the model's training_info or the graph's quantization_annotation"
+            } else {
+                "read by a subgraph"
+            };
+            return note(format!("its input \"{xname}\" is also {by}"));
         }
         if kind == Producer::Gemm && self.opset < 7 {
             return note(format!(

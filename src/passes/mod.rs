@@ -243,9 +243,15 @@ pub(super) fn other_reader(
         .map(|&(n, i)| format!("{} (input {i})", g.node(n).label(n)))
         .or_else(|| g.is_graph_output(w).then(|| "a graph output".to_string()))
         .or_else(|| {
-            sub_reads
-                .contains(&g.value(w).name)
-                .then(|| "a subgraph".to_string())
+            let name = &g.value(w).name;
+            sub_reads.contains(name).then(|| {
+                if g.names_read_by_header().contains(name) {
+                    "the model's training_info or the graph's quantization_annotation (it names it)"
+                        .to_string()
+                } else {
+                    "a subgraph".to_string()
+                }
+            })
         })
 }
 

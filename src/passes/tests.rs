@@ -2945,6 +2945,14 @@ fn names_in_training_info_and_quantization_annotations_are_kept() {
     );
     assert_eq!(r.proto.training_info, p.training_info);
     assert_eq!(g.quantization_annotation, main(&p).quantization_annotation);
+    // Dynamic mode keeps M too, and its note names training_info (it said "a subgraph").
+    let r = run_passes(&p, &["quantize_dynamic"]);
+    assert_eq!(node_named(r.g(), "mm").input[1], "M");
+    let notes: Vec<&String> = r.records.iter().flat_map(|r| &r.notes).collect();
+    assert!(
+        notes.iter().any(|n| n.contains("training_info")),
+        "{notes:#?}"
+    );
 }
 
 /// A block size below 2 is refused by the pass, as by the CLI: library callers got a panic
