@@ -59,8 +59,9 @@ pub fn calls_local_functions(model: &pb::ModelProto) -> bool {
 }
 
 /// Inlines, in `model`'s graph and subgraphs, every call of a local function that can be (see
-/// the module documentation). Returns how many calls were inlined.
-pub fn inline_local_functions(model: &mut pb::ModelProto) -> usize {
+/// the module documentation). Returns how many calls were inlined, and a line for each call
+/// left as it was, naming the node that made it and why.
+pub fn inline_local_functions(model: &mut pb::ModelProto) -> (usize, Vec<String>) {
     let model_opset = model
         .opset_import
         .iter()
@@ -73,26 +74,30 @@ pub fn inline_local_functions(model: &mut pb::ModelProto) -> usize {
         .map(|f| (key_of_function(f), f.clone()))
         .collect();
     let Some(graph) = model.graph.as_mut() else {
-        return 0;
+        return (0, Vec::new());
     };
-    if functions.is_empty() {
-        return 0;
-    }
-    let mut taken = HashSet::new();
-    collect_names(graph, &mut taken);
+    let mut names = HashSet::new();
+    collect_names(graph, &mut names);
     for f in functions.values() {
         for n in &f.node {
-            taken.extend(n.input.iter().chain(&n.output).cloned());
-            taken.insert(n.name().to_string());
+            names.extend(n.input.iter().chain(&n.output).cloned());
+            names.insert(n.name().to_string());
         }
     }
     let mut inliner = Inliner {
         functions: &functions,
-        taken,
+        model_opset,
+        all_functions: model.functions.iter().map(key_of_function).collect(),
+        prefixes: HashSet::new(),
         calls: 0,
+        left: Vec::new(),
+        origin: String::new(),
     };
+    for n in &names {
+        inliner.reserve(n);
+    }
     inliner.graph(graph);
-    inliner.calls
+    (inliner.calls, inliner.left)
 }
 
 /// A function whose body holds no subgraph and that imports the default domain at the model's
@@ -131,13 +136,31 @@ fn collect_names(g: &pb::GraphProto, out: &mut HashSet<String>) {
 }
 
 struct Inliner<'a> {
+    /// The functions that can be inlined.
     functions: &'a HashMap<Key, pb::FunctionProto>,
-    /// Names in use, and the prefixes given so far.
-    taken: HashSet<String>,
+    model_opset: Option<i64>,
+    /// Every local function, inlinable or not.
+    all_functions: HashSet<Key>,
+    /// Every prefix ending at a `/` of the names in use (the model's, the functions' and the
+    /// ones made here), so that a new prefix is known unused in one lookup.
+    prefixes: HashSet<String>,
     calls: usize,
+    /// Calls left as they were, and why.
+    left: Vec<String>,
+    /// The node of the graph whose call is being inlined (the one the user's model has).
+    origin: String,
 }
 
 impl Inliner<'_> {
+    /// Marks `name` as in use: a prefix that one of its `/`-ended prefixes equals cannot be
+    /// given.
+    fn reserve(&mut self, name: &str) {
+        for (i, _) in name.match_indices('/') {
+            self.prefixes.insert(name[..=i].to_string());
+        }
+        self.prefixes.insert(format!("{name}/"));
+    }
+
     /// Inlines the calls of `g`'s nodes and of its subgraphs' nodes.
     fn graph(&mut self, g: &mut pb::GraphProto) {
         let nodes = std::mem::take(&mut g.node);
@@ -149,6 +172,7 @@ impl Inliner<'_> {
             {
                 self.graph(sub);
             }
+            self.origin = n.name().to_string();
             self.node(n, 0, &mut Vec::new(), &mut g.node);
         }
     }
@@ -163,14 +187,39 @@ impl Inliner<'_> {
         out: &mut Vec<pb::NodeProto>,
     ) {
         let key = key_of_call(&n);
-        let Some(f) = self.functions.get(&key) else {
+        let why_not = match self.functions.get(&key) {
+            _ if !self.all_functions.contains(&key) => None,
+            None => Some(format!(
+                "its body holds a subgraph or imports the default domain at another opset than the model's ({})",
+                self.model_opset
+                    .map_or("none".to_string(), |v| format!("opset {v}"))
+            )),
+            Some(_) if stack.contains(&key) => Some("it calls itself".to_string()),
+            Some(_) if depth >= MAX_DEPTH => {
+                Some(format!("calls are nested more than {MAX_DEPTH} deep"))
+            }
+            Some(_) => None,
+        };
+        let Some(f) = self.functions.get(&key).filter(|_| why_not.is_none()) else {
+            if let Some(why) = why_not {
+                let by = if depth == 0 {
+                    format!("node \"{}\"", n.name())
+                } else {
+                    format!("the body of node \"{}\"", self.origin)
+                };
+                self.left.push(format!(
+                    "local function `{}` ({}) called by {by} is not inlined for tract: {why}",
+                    key.1,
+                    if key.0.is_empty() {
+                        "default domain"
+                    } else {
+                        &key.0
+                    },
+                ));
+            }
             out.push(n);
             return;
         };
-        if depth >= MAX_DEPTH || stack.contains(&key) {
-            out.push(n);
-            return;
-        }
         self.calls += 1;
         let prefix = self.prefix(if n.name().is_empty() {
             n.op_type()
@@ -197,12 +246,27 @@ impl Inliner<'_> {
                 .cloned()
                 .unwrap_or_else(|| format!("{prefix}{name}"))
         };
+        let node_name = |body: &pb::NodeProto, k: usize| {
+            if body.name().is_empty() {
+                format!("{prefix}{}{k}", body.op_type())
+            } else {
+                format!("{prefix}{}", body.name())
+            }
+        };
+        // Every name the body gets is reserved before any nested call picks its prefix (a
+        // nested prefix extends this one: `call/inlined1/inner/inlined2/`).
+        for (k, body) in f.node.iter().enumerate() {
+            for name in body.input.iter().chain(&body.output).map(rename) {
+                self.reserve(&name);
+            }
+            self.reserve(&node_name(body, k));
+        }
         stack.push(key);
-        for body in &f.node {
+        for (k, body) in f.node.iter().enumerate() {
             let mut b = body.clone();
             b.input = b.input.iter().map(rename).collect();
             b.output = b.output.iter().map(rename).collect();
-            b.name = Some(format!("{prefix}{}", body.name()));
+            b.name = Some(node_name(body, k));
             b.attribute = body
                 .attribute
                 .iter()
@@ -226,13 +290,13 @@ impl Inliner<'_> {
         stack.pop();
     }
 
-    /// A prefix `base/inlinedK/` that no name in use starts with.
+    /// A prefix `base/inlinedK/` that no name in use starts with (reserved then).
     fn prefix(&mut self, base: &str) -> String {
         let mut k = self.calls;
         loop {
             let p = format!("{base}/inlined{k}/");
-            if !self.taken.contains(&p) && !self.taken.iter().any(|t| t.starts_with(&p)) {
-                self.taken.insert(p.clone());
+            if !self.prefixes.contains(&p) {
+                self.reserve(&p[..p.len() - 1]);
                 return p;
             }
             k += 1;

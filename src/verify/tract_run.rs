@@ -385,7 +385,9 @@ pub(crate) fn load(
     let inlined;
     let model = if super::inline::calls_local_functions(model) {
         let mut copy = model.clone();
-        super::inline::inline_local_functions(&mut copy);
+        let (_, left) = super::inline::inline_local_functions(&mut copy);
+        // A call left as it is cannot run in tract, which does not read functions.
+        anyhow::ensure!(left.is_empty(), "{}", left.join("; "));
         inlined = copy;
         &inlined
     } else {
