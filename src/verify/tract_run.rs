@@ -399,11 +399,12 @@ pub(crate) fn load(
         .with_ignore_output_shapes(true);
     let mut proto = onnx.proto_model_for_read(&mut bytes.as_slice())?;
     if let Some(g) = proto.graph.as_mut() {
+        // Seeds from the node names as the model has them (before any renaming here).
+        seed_random_ops(g);
         split_float16_gemm_bias(g);
         unique_node_names(g, &HashSet::new());
         densify_sparse_initializers(g);
         drop_empty_optionals(g);
-        seed_random_ops(g);
     }
     let dir = match model_dir {
         Some(d) => Some(d.to_str().ok_or_else(|| {
@@ -431,9 +432,11 @@ const RANDOM_OPS: &[&str] = &[
 ];
 
 /// Gives each random op of tract's copy of a graph and its subgraphs that has no `seed` one
-/// made from the name of its first output (which the passes keep), so that the reference and
+/// made from its node name (which the passes keep; its output may be renamed, e.g. by
+/// `eliminate_identity`), or from its op type when it has no name, so that the reference and
 /// the candidate draw the same numbers: unseeded, they drew different ones, and a model
-/// compared with itself failed (cosine 0.76).
+/// compared with itself failed (cosine 0.76). Unnamed random ops of one type and shape draw
+/// the same numbers in tract's copies.
 fn seed_random_ops(g: &mut tract_onnx::pb::GraphProto) {
     for n in &mut g.node {
         let random = crate::ir::normal_domain(&n.domain).is_empty()
@@ -442,7 +445,11 @@ fn seed_random_ops(g: &mut tract_onnx::pb::GraphProto) {
             continue;
         }
         // FNV-1a of the name, to 24 bits: exact as a float32.
-        let name = n.output.first().map_or("", String::as_str);
+        let name = if n.name.is_empty() {
+            &n.op_type
+        } else {
+            &n.name
+        };
         let hash = name.bytes().fold(0x811c_9dc5_u32, |h, b| {
             (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
         });
