@@ -554,9 +554,14 @@ pub fn prepare_inputs(model: &pb::ModelProto, opts: &InputOptions) -> Result<Pre
             };
             let tensor =
                 filled(dt, &shape, value).with_context(|| format!("filling input `{name}`"))?;
-            if !value.is_finite() && crate::quant::calibrate::non_finite(&tensor) > 0 {
+            if crate::quant::calibrate::non_finite(&tensor) > 0 {
+                let held = if value.is_finite() {
+                    format!(", which {dt:?} cannot hold (it becomes infinite)")
+                } else {
+                    String::new()
+                };
                 prepared.notes.push(format!(
-                    "input `{name}` is filled with {value}: outputs that agree on NaN or infinity compare as equal, so the figures may say little"
+                    "input `{name}` is filled with {value}{held}: outputs that agree on NaN or infinity compare as equal, so the figures may say little"
                 ));
             }
             (tensor, InputSource::Value { value })
@@ -1593,6 +1598,19 @@ mod tests {
             p.notes
                 .iter()
                 .any(|n| n.starts_with("input `x` is filled with NaN")),
+            "{:?}",
+            p.notes
+        );
+        // So does a finite value the input's type cannot hold.
+        let opts = InputOptions {
+            values: vec![("x".into(), 1e39)],
+            ..Default::default()
+        };
+        let p = prepare_inputs(&m, &opts).unwrap();
+        assert!(
+            p.notes
+                .iter()
+                .any(|n| n.contains(", which F32 cannot hold (it becomes infinite)")),
             "{:?}",
             p.notes
         );
