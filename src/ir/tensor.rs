@@ -137,6 +137,16 @@ impl Tensor {
         Tensor { proto }
     }
 
+    /// `self` with the doc string and metadata of `of`, when there is one: a quantized weight
+    /// keeps what an exporter said of its float weight (its source name, for example).
+    pub fn described_as(mut self, of: Option<&Tensor>) -> Self {
+        if let Some(of) = of {
+            self.proto.doc_string = of.proto.doc_string.clone();
+            self.proto.metadata_props = of.proto.metadata_props.clone();
+        }
+        self
+    }
+
     /// A float32 tensor with `dims`, stored in `raw_data` (little endian).
     pub fn from_f32(dims: &[i64], data: &[f32]) -> Self {
         let mut raw = Vec::with_capacity(data.len() * 4);

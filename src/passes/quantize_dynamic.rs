@@ -521,15 +521,13 @@ fn quantize_weight(
         qz.narrow(&values, &dims, axis, 127, REDUCED_INT8_MAX);
     }
     let dims_i64: Vec<i64> = dims.iter().map(|&d| d as i64).collect();
-    let q = g.add_initializer(
-        names,
-        &format!("{wname}_quantized"),
-        Tensor::from_raw(
-            DataType::Int8 as i32,
-            &dims_i64,
-            crate::quant::QType::Int8.pack(&qz.q),
-        ),
-    );
+    let qt = Tensor::from_raw(
+        DataType::Int8 as i32,
+        &dims_i64,
+        crate::quant::QType::Int8.pack(&qz.q),
+    )
+    .described_as(g.find(wname).and_then(|w| g.initializer(w)));
+    let q = g.add_initializer(names, &format!("{wname}_quantized"), qt);
     Some(QWeight {
         q,
         scales: qz.scales,

@@ -1137,11 +1137,8 @@ fn run(model: &mut Model, opts: &PassOptions) -> Result<PassStats> {
         let wname = g.value(u.w).name.clone();
         let dims_i64: Vec<i64> = dims.iter().map(|&d| d as i64).collect();
         let q8: Vec<i8> = qz.q.iter().map(|&v| v as i8).collect();
-        let wq = g.add_initializer(
-            model_names,
-            &format!("{wname}_quantized"),
-            Tensor::from_i8(&dims_i64, &q8),
-        );
+        let wt = Tensor::from_i8(&dims_i64, &q8).described_as(g.initializer(u.w));
+        let wq = g.add_initializer(model_names, &format!("{wname}_quantized"), wt);
         let sd: Vec<i64> = if per_channel {
             vec![dims[u.axis] as i64]
         } else {
@@ -2348,6 +2345,36 @@ mod tests {
             .run(&mut m, &PassOptions::default())
             .unwrap_err();
         assert!(format!("{err:#}").contains("--calibration"));
+    }
+
+    /// A quantized weight keeps its float weight's doc string and metadata.
+    #[test]
+    fn a_quantized_weight_keeps_its_description() {
+        let mut src = tiny_cnn(13);
+        let w1 = src
+            .graph
+            .as_mut()
+            .unwrap()
+            .initializer
+            .iter_mut()
+            .find(|t| t.name() == "W1")
+            .unwrap();
+        w1.doc_string = Some("conv1 weight".into());
+        let dir = tempfile::tempdir().unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(13);
+        write_samples(dir.path(), "cal", 2, |_| uniform_input(&mut rng, &X));
+        let mut m = import(src);
+        QuantizeStatic
+            .run(
+                &mut m,
+                &cal_opts(dir.path(), RangeMethod::MinMax, QType::Uint8),
+            )
+            .unwrap();
+        let out = crate::onnx::export::to_proto(&m).unwrap();
+        assert_eq!(
+            initializer(&out, "W1_quantized").doc_string(),
+            "conv1 weight"
+        );
     }
 
     /// What the CLI refuses in the calibration options is refused for library callers too:

@@ -768,11 +768,9 @@ fn apply(
         return true;
     }
     let qtype = scheme.qtype;
-    let q = g.add_initializer(
-        names,
-        &format!("{name}_quantized"),
-        Tensor::from_raw(qtype.onnx_type(), &dims_i64, qtype.pack(&qz.q)),
-    );
+    let qt = Tensor::from_raw(qtype.onnx_type(), &dims_i64, qtype.pack(&qz.q))
+        .described_as(g.initializer(w));
+    let q = g.add_initializer(names, &format!("{name}_quantized"), qt);
     let has_zp = qz.zero_points.iter().any(|&z| z != 0);
     // First reader in the node order (a reader of this graph, or a node holding a subgraph
     // that reads the weight): the new nodes go just before it.
@@ -1346,11 +1344,9 @@ fn nbits_initializers(
         ))]
     } else {
         let u8t = DataType::Uint8 as i32;
-        let b = g.add_initializer(
-            names,
-            &format!("{name}_quantized"),
-            Tensor::from_raw(u8t, &i64s(&nb.b_dims()), nb.b.clone()),
-        );
+        let bt = Tensor::from_raw(u8t, &i64s(&nb.b_dims()), nb.b.clone())
+            .described_as(g.find(name).and_then(|w| g.initializer(w)));
+        let b = g.add_initializer(names, &format!("{name}_quantized"), bt);
         let s = g.add_initializer(
             names,
             &format!("{name}_scale"),

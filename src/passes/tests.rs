@@ -3087,3 +3087,39 @@ fn one_matmul(opset: i64, k: i64, seed: u64, typed_output: bool) -> pb::ModelPro
         ),
     )
 }
+
+/// A quantized weight keeps the doc string and metadata of its float weight (an exporter's
+/// source name), in every weight format and mode (they were dropped).
+#[test]
+fn quantized_weights_keep_their_description() {
+    let mut p = one_matmul(13, 16, 11, false);
+    let w = &mut p.graph.as_mut().unwrap().initializer[0];
+    w.doc_string = Some("fc weight".into());
+    w.metadata_props = vec![pb::StringStringEntryProto {
+        key: Some("torch_name".into()),
+        value: Some("fc.weight".into()),
+    }];
+    let described = |r: &Ran, what: &str| {
+        let q = main(&r.proto)
+            .initializer
+            .iter()
+            .find(|t| t.name() == "W_quantized")
+            .unwrap_or_else(|| panic!("{what}: no W_quantized"));
+        assert_eq!(q.doc_string(), "fc weight", "{what}");
+        assert_eq!(q.metadata_props[0].value(), "fc.weight", "{what}");
+    };
+    for format in [
+        crate::quant::WeightFormat::Qdq,
+        crate::quant::WeightFormat::Cast,
+    ] {
+        let opts = PassOptions {
+            weight_format: format,
+            ..Default::default()
+        };
+        described(
+            &run_passes_with(&p, &["quantize_weights"], &opts),
+            &format!("{format:?}"),
+        );
+    }
+    described(&run_pass(&p, "quantize_dynamic"), "dynamic");
+}
