@@ -9,10 +9,13 @@
 //! the graph) cannot share a value; an attribute that refers to one of `f`'s
 //! (`ref_attr_name`) takes the value `n` gives it, else `f`'s default (`attribute_proto`),
 //! else it is left out. Calls inside function bodies are inlined in turn (to
-//! [`MAX_DEPTH`] levels). A function is left as a call (and tract fails on it, as before)
-//! when its body holds subgraphs (their reads of body values would need renaming too), when it
-//! imports the default domain at another version than the model, or when it calls itself.
-//! The model itself is never changed: this works on the copy tract reads.
+//! [`MAX_DEPTH`] levels); the names a body gets are reserved before a nested call picks its
+//! prefix, which extends its caller's. A call is left as it is when its function's body holds
+//! subgraphs (their reads of body values would need renaming too) or imports the default
+//! domain at another version than the model, when the function calls itself, or past
+//! [`MAX_DEPTH`]; [`inline_local_functions`] says which and why, and tract's load refuses
+//! such a model with that reason (tract could not run the call). The model itself is never
+//! changed: this works on the copy tract reads.
 
 use std::collections::{HashMap, HashSet};
 
