@@ -19,35 +19,38 @@
 //!
 //! [`optimize::optimize`] is what the `optimize` and `quantize` commands run: load, passes,
 //! check in tract with the accuracy-gated fallback, save. A `quantize --mode` is a pipeline
-//! of passes with their options (the README's table of modes gives each one's passes); for
-//! example, calibrated static int8 with the fallback meeting cosine 0.999:
+//! of passes with their options, which [`quant::QuantizeMode::configure`] gives; for
+//! example, what `onnxopt quantize model.onnx -o model.int8.onnx --mode static --calibration
+//! samples/` does (calibrated static int8, the accuracy-gated fallback meeting cosine 0.999):
 //!
 //! ```no_run
 //! use onnxopt::optimize::{format_report, optimize, OptimizeConfig};
 //! use onnxopt::passes::PassOptions;
-//! use onnxopt::quant::{CalibrationOptions, QType, RangeMethod};
+//! use onnxopt::quant::{CalibrationOptions, ModeChoices, QType, QuantizeMode, RangeMethod};
 //!
 //! # fn main() -> anyhow::Result<()> {
+//! let mut pass_options = PassOptions {
+//!     calibration: Some(CalibrationOptions {
+//!         source: "samples/".into(), // a folder of .npz files, one sample each
+//!         method: RangeMethod::MinMax,
+//!         max_samples: 256,
+//!         activation_type: QType::Uint8,
+//!         cache: Default::default(),
+//!     }),
+//!     ..Default::default()
+//! };
+//! let passes = QuantizeMode::Static.configure(&mut pass_options, ModeChoices::default());
 //! let cfg = OptimizeConfig {
 //!     model: "model.onnx".into(),
 //!     output: "model.int8.onnx".into(),
-//!     passes: "cleanup,upgrade_opset,quantize_static,cleanup".into(),
-//!     pass_options: PassOptions {
-//!         calibration: Some(CalibrationOptions {
-//!             source: "samples/".into(), // a folder of .npz files, one sample each
-//!             method: RangeMethod::MinMax,
-//!             max_samples: 256,
-//!             activation_type: QType::Uint8,
-//!             cache: Default::default(),
-//!         }),
-//!         ..Default::default()
-//!     },
+//!     passes,
+//!     pass_options,
 //!     save: Default::default(), // never replaces `model` (see `SaveOptions::replace_input`)
 //!     check: true,
 //!     inputs: Default::default(), // none given: the first calibration sample
 //!     gates: Default::default(),
 //!     validate_each: false,
-//!     fallback_target: Some(0.999),
+//!     fallback_target: Some(onnxopt::optimize::DEFAULT_FALLBACK_COSINE),
 //!     fallback_samples: onnxopt::optimize::FALLBACK_CALIBRATION_SAMPLES,
 //!     check_notes: vec![],
 //!     selectors: vec![],

@@ -17,6 +17,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use cli::{CheckArgs, Cli, Command};
 use onnxopt::optimize::{self, Outcome};
+use onnxopt::quant::{ModeChoices, QuantizeMode};
 use onnxopt::report::Reporter;
 use onnxopt::verify::{self, Gates, InputOptions, Verification};
 use onnxopt::{onnx, passes};
@@ -349,6 +350,18 @@ fn regex(r: &Option<String>, flag: &str) -> Result<Option<regex::Regex>> {
 /// `--include-nodes` and `--exclude-nodes` compiled.
 ///
 /// Errors: either is not a valid regex; both are named when both are bad.
+/// The library's form of a `--mode`.
+fn quantize_mode(m: cli::Mode) -> QuantizeMode {
+    use cli::Mode;
+    match m {
+        Mode::WeightOnly => QuantizeMode::WeightOnly,
+        Mode::Dynamic => QuantizeMode::Dynamic,
+        Mode::Static => QuantizeMode::Static,
+        Mode::Fp16 => QuantizeMode::Fp16,
+        Mode::Bf16 => QuantizeMode::Bf16,
+    }
+}
+
 fn node_regexes(
     include: &Option<String>,
     exclude: &Option<String>,
@@ -1132,36 +1145,34 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             let config_names: Vec<String> =
                 node_schemes.keys().chain(&float_nodes).cloned().collect();
-            let pass = match a.mode {
-                Mode::WeightOnly => "quantize_weights",
-                Mode::Fp16 | Mode::Bf16 => "convert_fp16",
-                Mode::Dynamic => "quantize_dynamic",
-                Mode::Static => "quantize_static",
-            };
             let calibration = calibration_options(&a.cal)?;
             if a.mode == Mode::Static && calibration.is_none() {
                 anyhow::bail!(
                     "--mode static needs --calibration DIR|FILE.npz (samples of the graph inputs)"
                 );
             }
-            // static and dynamic: the weights of layers left in float are stored in int8 in
-            // the cast form (folded back to float when the model is loaded).
-            let leftover = matches!(a.mode, Mode::Static | Mode::Dynamic) && !a.keep_float_weights;
-            // static: per-channel weights need opset 13.
-            let pass = if a.mode == Mode::Static && !a.keep_opset {
-                "upgrade_opset,quantize_static"
-            } else {
-                pass
+            let mut pass_options = passes::PassOptions {
+                op_types: op_types(&a.op_types)?,
+                include_nodes: include,
+                weight_scheme: Some(scheme),
+                weight_format,
+                keep_io_types: a.keep_io_types,
+                calibration,
+                conv_integer: a.tune.conv_integer,
+                all_layers: a.tune.all_layers,
+                full_range_weights: a.tune.full_range_weights,
+                reduce_range: a.tune.reduce_range,
+                node_schemes,
+                exclude_nodes: exclude_with(exclude, &float_nodes)?,
+                ..Default::default()
             };
-            let (passes, weight_scheme, weight_format) = if leftover {
-                (
-                    format!("cleanup,{pass},quantize_weights,cleanup"),
-                    Scheme::INT8_CHANNEL,
-                    onnxopt::quant::WeightFormat::Cast,
-                )
-            } else {
-                (format!("cleanup,{pass},cleanup"), scheme, weight_format)
-            };
+            let passes = quantize_mode(a.mode).configure(
+                &mut pass_options,
+                ModeChoices {
+                    keep_opset: a.keep_opset,
+                    keep_float_weights: a.keep_float_weights,
+                },
+            );
             let inputs = input_options(&a.check)?;
             ignored_check_options(&a.check, a.no_check, false);
             let check = !a.no_check;
@@ -1169,22 +1180,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 model: a.model.clone(),
                 output: a.output.clone(),
                 passes,
-                pass_options: passes::PassOptions {
-                    op_types: op_types(&a.op_types)?,
-                    include_nodes: include,
-                    weight_scheme: Some(weight_scheme),
-                    weight_format,
-                    keep_io_types: a.keep_io_types,
-                    bf16: a.mode == Mode::Bf16,
-                    calibration,
-                    conv_integer: a.tune.conv_integer,
-                    all_layers: a.tune.all_layers,
-                    full_range_weights: a.tune.full_range_weights,
-                    reduce_range: a.tune.reduce_range,
-                    node_schemes,
-                    exclude_nodes: exclude_with(exclude, &float_nodes)?,
-                    ..Default::default()
-                },
+                pass_options,
                 save: save_options(&a.model, &a.save, a.report.as_deref()),
                 check,
                 inputs,

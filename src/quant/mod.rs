@@ -291,6 +291,72 @@ pub enum WeightFormat {
     Cast,
 }
 
+/// A mode of `onnxopt quantize --mode`: which passes run, and the pass options the mode fixes.
+///
+/// A library caller gets the command line's result by giving [`QuantizeMode::configure`]'s
+/// passes and options to [`crate::optimize::optimize`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuantizeMode {
+    /// Integer weights dequantized by `DequantizeLinear` (or `Cast` + `Mul`, or
+    /// `MatMulNBits`) in the scheme of [`crate::passes::PassOptions::weight_scheme`];
+    /// activations stay float.
+    WeightOnly,
+    /// `DynamicQuantizeLinear` + `MatMulInteger` (`ConvInteger` on request).
+    Dynamic,
+    /// Calibrated QDQ on activations and weights; needs
+    /// [`crate::passes::PassOptions::calibration`].
+    Static,
+    /// float32 tensors and ops to float16.
+    Fp16,
+    /// float32 tensors and ops to bfloat16.
+    Bf16,
+}
+
+/// Choices of `quantize` that change a mode's pipeline rather than a pass's options.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ModeChoices {
+    /// static: keep a model's opset 10 to 12 (one weight scale per tensor) rather than raise
+    /// it to 13 with `upgrade_opset` (`--keep-opset`).
+    pub keep_opset: bool,
+    /// static, dynamic: the layers left in float keep float weights, rather than int8 weights
+    /// per channel in the [`WeightFormat::Cast`] form (`--keep-float-weights`).
+    pub keep_float_weights: bool,
+}
+
+impl QuantizeMode {
+    /// The passes `quantize --mode` runs (a `--passes` list for
+    /// [`crate::optimize::OptimizeConfig::passes`]), after setting in `opts` what the mode
+    /// fixes: `bf16`, and, in static and dynamic mode unless `keep_float_weights`, the int8
+    /// per-channel `Cast` scheme of the weights of layers left in float (they are stored by
+    /// a `quantize_weights` run after the mode's pass). Other options of `opts` are kept.
+    ///
+    /// | mode | passes |
+    /// | --- | --- |
+    /// | weight-only | `cleanup,quantize_weights,cleanup` |
+    /// | dynamic | `cleanup,quantize_dynamic,quantize_weights,cleanup` |
+    /// | static | `cleanup,upgrade_opset,quantize_static,quantize_weights,cleanup` |
+    /// | fp16, bf16 | `cleanup,convert_fp16,cleanup` |
+    pub fn configure(self, opts: &mut crate::passes::PassOptions, choices: ModeChoices) -> String {
+        let pass = match self {
+            QuantizeMode::WeightOnly => "quantize_weights",
+            QuantizeMode::Fp16 | QuantizeMode::Bf16 => "convert_fp16",
+            QuantizeMode::Dynamic => "quantize_dynamic",
+            QuantizeMode::Static if choices.keep_opset => "quantize_static",
+            QuantizeMode::Static => "upgrade_opset,quantize_static",
+        };
+        opts.bf16 = self == QuantizeMode::Bf16;
+        let leftover = matches!(self, QuantizeMode::Static | QuantizeMode::Dynamic)
+            && !choices.keep_float_weights;
+        if leftover {
+            opts.weight_scheme = Some(Scheme::INT8_CHANNEL);
+            opts.weight_format = WeightFormat::Cast;
+            format!("cleanup,{pass},quantize_weights,cleanup")
+        } else {
+            format!("cleanup,{pass},cleanup")
+        }
+    }
+}
+
 /// A quantized tensor.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Quantized {
@@ -624,6 +690,108 @@ pub fn quantize(
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// Each mode gives the command line's passes, and fixes only the options the mode owns:
+    /// static and dynamic store the weights of layers left in float in int8 per channel in
+    /// the cast form (unless asked to keep them float), bf16 sets `bf16`, and a weight-only
+    /// scheme is left as given.
+    #[test]
+    fn each_mode_configures_the_command_lines_pipeline() {
+        use crate::passes::PassOptions;
+        let int4 = Scheme {
+            qtype: QType::Int4,
+            symmetric: false,
+            granularity: Granularity::Block(32),
+            pow2: false,
+        };
+        let given = || PassOptions {
+            weight_scheme: Some(int4),
+            weight_format: WeightFormat::MatMulNBits,
+            bf16: true,
+            ..Default::default()
+        };
+        let float_weights = ModeChoices {
+            keep_float_weights: true,
+            ..Default::default()
+        };
+        let keep_opset = ModeChoices {
+            keep_opset: true,
+            ..Default::default()
+        };
+        let cases = [
+            (
+                QuantizeMode::WeightOnly,
+                ModeChoices::default(),
+                "cleanup,quantize_weights,cleanup",
+                Some(int4),
+                WeightFormat::MatMulNBits,
+                false,
+            ),
+            (
+                QuantizeMode::Dynamic,
+                ModeChoices::default(),
+                "cleanup,quantize_dynamic,quantize_weights,cleanup",
+                Some(Scheme::INT8_CHANNEL),
+                WeightFormat::Cast,
+                false,
+            ),
+            (
+                QuantizeMode::Dynamic,
+                float_weights,
+                "cleanup,quantize_dynamic,cleanup",
+                Some(int4),
+                WeightFormat::MatMulNBits,
+                false,
+            ),
+            (
+                QuantizeMode::Static,
+                ModeChoices::default(),
+                "cleanup,upgrade_opset,quantize_static,quantize_weights,cleanup",
+                Some(Scheme::INT8_CHANNEL),
+                WeightFormat::Cast,
+                false,
+            ),
+            (
+                QuantizeMode::Static,
+                keep_opset,
+                "cleanup,quantize_static,quantize_weights,cleanup",
+                Some(Scheme::INT8_CHANNEL),
+                WeightFormat::Cast,
+                false,
+            ),
+            (
+                QuantizeMode::Fp16,
+                ModeChoices::default(),
+                "cleanup,convert_fp16,cleanup",
+                Some(int4),
+                WeightFormat::MatMulNBits,
+                false,
+            ),
+            (
+                QuantizeMode::Bf16,
+                ModeChoices::default(),
+                "cleanup,convert_fp16,cleanup",
+                Some(int4),
+                WeightFormat::MatMulNBits,
+                true,
+            ),
+        ];
+        for (mode, choices, passes, scheme, format, bf16) in cases {
+            let mut o = given();
+            assert_eq!(
+                mode.configure(&mut o, choices),
+                passes,
+                "{mode:?} {choices:?}"
+            );
+            assert_eq!(
+                (o.weight_scheme, o.weight_format, o.bf16),
+                (scheme, format, bf16),
+                "{mode:?}"
+            );
+            // Every pass named exists.
+            assert!(crate::passes::parse_pipeline(passes).is_ok(), "{passes}");
+        }
+    }
 
     /// Channels along a later axis (short runs, walked by rows) and along the first (long
     /// runs, one task each) give each channel the scale of its own values, whatever the
