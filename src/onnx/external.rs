@@ -39,6 +39,43 @@ impl std::fmt::Display for AlreadyReported {
 
 impl std::error::Error for AlreadyReported {}
 
+/// The first tensor of `model` (initializers, sparse initializers and tensor attributes, in
+/// every graph and subgraph) whose data is external: its name and its `location`.
+pub(crate) fn first_external(model: &pb::ModelProto) -> Option<(String, String)> {
+    fn of(t: &pb::TensorProto) -> Option<(String, String)> {
+        (t.data_location == Some(DataLocation::External as i32)).then(|| {
+            let location = t
+                .external_data
+                .iter()
+                .find(|e| e.key() == "location")
+                .map_or_else(String::new, |e| e.value().to_string());
+            (t.name().to_string(), location)
+        })
+    }
+    fn in_graph(g: &pb::GraphProto) -> Option<(String, String)> {
+        let sparse = g
+            .sparse_initializer
+            .iter()
+            .flat_map(|s| s.values.iter().chain(s.indices.iter()));
+        if let Some(f) = g.initializer.iter().chain(sparse).find_map(of) {
+            return Some(f);
+        }
+        g.node.iter().flat_map(|n| &n.attribute).find_map(|a| {
+            let sparse = a
+                .sparse_tensor
+                .iter()
+                .chain(&a.sparse_tensors)
+                .flat_map(|s| s.values.iter().chain(s.indices.iter()));
+            a.t.iter()
+                .chain(&a.tensors)
+                .chain(sparse)
+                .find_map(of)
+                .or_else(|| a.g.iter().chain(&a.graphs).find_map(in_graph))
+        })
+    }
+    model.graph.as_ref().and_then(in_graph)
+}
+
 impl ExternalData {
     /// A resolver for a model read from `dir` (`None` for a model read from memory: any
     /// external reference is then an error).

@@ -24,7 +24,7 @@ pub mod tract_run;
 
 use std::path::Path;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use serde::Serialize;
 
 pub use gate::{check, GateFailure, GateKind, Gates};
@@ -92,9 +92,10 @@ pub struct Comparison {
 /// `ref_dir` and `cand_dir` are the directories external data is read from.
 ///
 /// # Errors
-/// Only when a gate is out of range ([`Gates::check`]) or the inputs cannot be prepared (see
-/// [`inputs::prepare_inputs`]). tract failing on either model is a [`Verification`] status,
-/// not an error.
+/// When a gate is out of range ([`Gates::check`]), a model holds external data but has no
+/// directory to read it from (naming the model, the tensor and its file), or the inputs cannot
+/// be prepared (see [`inputs::prepare_inputs`]). tract failing on either model is a
+/// [`Verification`] status, not an error.
 pub fn compare_models(
     reference: &pb::ModelProto,
     ref_dir: Option<&Path>,
@@ -104,6 +105,22 @@ pub fn compare_models(
     gates: &Gates,
 ) -> Result<Comparison> {
     gates.check()?;
+    let mut problems = Vec::new();
+    for (what, model, dir, arg) in [
+        ("reference", reference, ref_dir, "ref_dir"),
+        ("candidate", candidate, cand_dir, "cand_dir"),
+    ] {
+        if let (None, Some((tensor, location))) =
+            (dir, crate::onnx::external::first_external(model))
+        {
+            problems.push(format!(
+                "the {what} model keeps tensor '{tensor}' in external data ('{location}'), and no directory to read it from was given ({arg} is None)"
+            ));
+        }
+    }
+    if !problems.is_empty() {
+        bail!("{}", problems.join("; "));
+    }
     Ok(Reference::run_beside(reference, ref_dir, candidate, cand_dir, opts, gates)?.1)
 }
 

@@ -120,6 +120,51 @@ fn run_error_on_a_model_without_graph() {
     assert_eq!(err.stage, RunStage::Load);
 }
 
+/// A model whose tensors are in external data, given without a directory to read them from,
+/// is an error naming the model, the tensor and its file (it was a "candidate failed" status
+/// from tract); with the directory it is compared.
+#[test]
+fn external_data_without_a_directory_is_an_error_naming_the_tensor() {
+    use pb::tensor_proto::DataLocation;
+    let values: [f32; 6] = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+    let inline = add_model(&values);
+    let mut external = inline.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    std::fs::write(dir.path().join("c.data"), &bytes).unwrap();
+    {
+        let c = &mut external.graph.as_mut().unwrap().initializer[0];
+        c.float_data.clear();
+        c.data_location = Some(DataLocation::External as i32);
+        c.external_data = vec![pb::StringStringEntryProto {
+            key: Some("location".into()),
+            value: Some("c.data".into()),
+        }];
+    }
+    let opts = InputOptions::default();
+    let gates = Gates {
+        atol: Some(0.0),
+        ..Default::default()
+    };
+    let err = compare_models(&inline, None, &external, None, &opts, &gates).unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("candidate model keeps tensor 'c' in external data ('c.data')")
+            && msg.contains("cand_dir"),
+        "{msg}"
+    );
+    assert!(!msg.contains("reference model"), "{msg}");
+    let both = compare_models(&external, None, &external, None, &opts, &gates).unwrap_err();
+    assert!(
+        format!("{both:#}").contains("reference model")
+            && format!("{both:#}").contains("candidate model"),
+        "{both:#}"
+    );
+    let c = compare_models(&inline, None, &external, Some(dir.path()), &opts, &gates).unwrap();
+    assert_eq!(c.status, Verification::Checked);
+    assert_eq!(c.outputs[0].values.as_ref().unwrap().max_abs, 0.0);
+}
+
 #[test]
 fn compare_models_checks_and_fails_gates() {
     let reference = add_model(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
