@@ -80,7 +80,7 @@
 
 use std::collections::HashSet;
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{bail, ensure, Context as _, Result};
 
 use super::{can_add_initializers, Pass, PassKind, PassOptions, PassStats};
 use crate::ir::edit::attr_int;
@@ -299,6 +299,34 @@ fn quantize_with(model: &mut Model, opts: &PassOptions, scheme: &Scheme) -> Resu
             bail!(
                 "the cast weight format writes 8- and 16-bit weights per tensor or per channel: \
                  use --dtype int8/uint8/int16/uint16 without blocks, or --format qdq"
+            );
+        }
+        if opts.weight_format == WeightFormat::Cast {
+            // The same for the schemes given per node (--config), before the opset's say.
+            let cast_cannot: Vec<String> = opts
+                .node_schemes
+                .iter()
+                .filter(|(_, s)| {
+                    matches!(s.qtype, QType::Int4 | QType::Uint4)
+                        || matches!(s.granularity, Granularity::Block(_))
+                })
+                .map(|(node, s)| {
+                    format!(
+                        "node \"{node}\": {}{}",
+                        s.qtype.name(),
+                        if matches!(s.granularity, Granularity::Block(_)) {
+                            " in blocks"
+                        } else {
+                            ""
+                        }
+                    )
+                })
+                .collect();
+            ensure!(
+                cast_cannot.is_empty(),
+                "the cast weight format writes 8- and 16-bit weights per tensor or per channel, which {} node scheme(s) of --config are not: give them int8/uint8/int16/uint16 without blocks, or use --format qdq:\n  {}",
+                cast_cannot.len(),
+                cast_cannot.join("\n  ")
             );
         }
         if (four_bit || blocks) && opset < 21 && !opts.dequantized_weights && !nbits {

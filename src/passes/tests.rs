@@ -2992,6 +2992,61 @@ fn block_sizes_below_2_are_refused_not_a_panic() {
     }
 }
 
+/// The cast weight format cannot write 4-bit or block-wise weights: a scheme given per node
+/// (`--config`) asking for either is refused naming the node, at opset 21 (it wrote a scale
+/// of shape [] holding one value per block, which onnxruntime refuses to load) and below (the
+/// error blamed the opset for what the format cannot do).
+#[test]
+fn the_cast_format_refuses_node_schemes_it_cannot_write() {
+    use crate::quant::{Granularity, QType, Scheme, WeightFormat};
+    let blocks = Scheme {
+        qtype: QType::Uint8,
+        symmetric: false,
+        granularity: Granularity::Block(8),
+        pow2: false,
+    };
+    let int4 = Scheme {
+        qtype: QType::Int4,
+        symmetric: true,
+        granularity: Granularity::Channel,
+        pow2: false,
+    };
+    let pass = by_name("quantize_weights").unwrap();
+    for opset in [13, 21] {
+        for (scheme, said) in [(blocks, "uint8 in blocks"), (int4, "int4")] {
+            let (mut m, _) =
+                crate::onnx::from_proto(one_matmul(opset, 32, 3, false), None, "test").unwrap();
+            let opts = PassOptions {
+                weight_format: WeightFormat::Cast,
+                node_schemes: [("mm".to_string(), scheme)].into(),
+                ..Default::default()
+            };
+            let err = format!("{:#}", pass.run(&mut m, &opts).unwrap_err());
+            assert!(
+                err.contains("cast weight format") && err.contains(&format!("node \"mm\": {said}")),
+                "opset {opset}: {err}"
+            );
+            assert!(!err.contains("DequantizeLinear-21"), "{err}");
+        }
+        // An 8-bit per-tensor scheme for the node is written.
+        let (mut m, _) =
+            crate::onnx::from_proto(one_matmul(opset, 32, 3, false), None, "test").unwrap();
+        let opts = PassOptions {
+            weight_format: WeightFormat::Cast,
+            node_schemes: [(
+                "mm".to_string(),
+                Scheme {
+                    granularity: Granularity::Tensor,
+                    ..Scheme::INT8_CHANNEL
+                },
+            )]
+            .into(),
+            ..Default::default()
+        };
+        assert_eq!(pass.run(&mut m, &opts).unwrap().changes, 1);
+    }
+}
+
 /// A model an edit left invalid is reported, not a panic: a node reading a value id the graph
 /// does not have (validate indexed out of bounds), and a node removed while its output is
 /// still read (a weight pass then panicked, or the first pass was blamed for it).
