@@ -352,12 +352,14 @@ fn quantize_graph(g: &mut Graph, names: &mut Names, opts: &PassOptions, stats: &
         let qw = match done.entry(key) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {
-                let Some(qw) = quantize_weight(g, names, &t, &wname, site.kind, opts.reduce_range)
-                else {
-                    stats.notes.push(format!(
-                        "{label}: weight '{wname}' holds NaN, infinity or unreadable data: left in float"
-                    ));
-                    continue;
+                let qw = match quantize_weight(g, names, &t, &wname, site.kind, opts.reduce_range) {
+                    Ok(qw) => qw,
+                    Err(why) => {
+                        stats
+                            .notes
+                            .push(format!("{label}: weight '{wname}' {why}: left in float"));
+                        continue;
+                    }
                 };
                 e.insert(qw)
             }
@@ -489,6 +491,9 @@ fn quantize_graph(g: &mut Graph, names: &mut Names, opts: &PassOptions, stats: &
 /// `[N, K]` when needed) with scales per column; ConvInteger wants `[M, C/g, k..]` with scales
 /// per output channel. Symmetric int8, zero point 0 (so no weight zero point input); in
 /// `[-64, 64]` with `reduce_range`.
+///
+/// Errors: why the weight stays float (unreadable data, NaN or infinity, only subnormal
+/// values: see [`crate::quant::unquantizable`]).
 fn quantize_weight(
     g: &mut Graph,
     names: &mut Names,
@@ -496,8 +501,11 @@ fn quantize_weight(
     wname: &str,
     kind: SiteKind,
     reduce_range: bool,
-) -> Option<QWeight> {
-    let values = t.to_f32().ok()?;
+) -> Result<QWeight, &'static str> {
+    let values = t.to_f32().map_err(|_| "holds unreadable data")?;
+    if let Some(why) = crate::quant::unquantizable(&values) {
+        return Err(why);
+    }
     let dims: Vec<usize> = t.dims().iter().map(|&d| d.max(0) as usize).collect();
     let (values, dims, axis) = match kind {
         SiteKind::MatMul {
@@ -516,7 +524,8 @@ fn quantize_weight(
         SiteKind::Conv => (values, dims, 0),
     };
     let block_axis = if axis == 0 { 1 } else { 0 };
-    let mut qz = quantize(&values, &dims, axis, block_axis, &Scheme::INT8_CHANNEL)?;
+    let mut qz = quantize(&values, &dims, axis, block_axis, &Scheme::INT8_CHANNEL)
+        .ok_or("holds NaN or infinity")?;
     if reduce_range {
         qz.narrow(&values, &dims, axis, 127, REDUCED_INT8_MAX);
     }
@@ -528,7 +537,7 @@ fn quantize_weight(
     )
     .described_as(g.find(wname).and_then(|w| g.initializer(w)));
     let q = g.add_initializer(names, &format!("{wname}_quantized"), qt);
-    Some(QWeight {
+    Ok(QWeight {
         q,
         scales: qz.scales,
     })

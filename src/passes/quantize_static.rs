@@ -224,9 +224,14 @@ fn plan_unit(
     notes: &mut Vec<String>,
 ) -> Option<Planned> {
     let (w, dims) = f32_init(g, u.w)?;
-    if w.is_empty() || w.iter().any(|v| !v.is_finite()) {
+    let why = if w.is_empty() {
+        Some("holds nothing")
+    } else {
+        crate::quant::unquantizable(&w)
+    };
+    if let Some(why) = why {
         notes.push(format!(
-            "{}: weight holds NaN or infinity, or nothing: left in float",
+            "{}: weight {why}: left in float",
             g.node(u.node).label(u.node)
         ));
         return None;

@@ -752,6 +752,12 @@ fn apply(
     if values.is_empty() {
         return false;
     }
+    if let Some(why) = crate::quant::unquantizable(&values) {
+        stats
+            .notes
+            .push(format!("weight '{name}' {why}: left in float"));
+        return false;
+    }
     let Some(mut qz) = quantize(&values, &dims, plan.axis, plan.block_axis, scheme) else {
         stats.notes.push(format!(
             "weight '{name}' holds NaN or infinity: left in float"
@@ -1249,6 +1255,12 @@ fn nbits_graph(
                 continue;
             }
         };
+        if let Some(why) = crate::quant::unquantizable(&values) {
+            stats
+                .notes
+                .push(format!("weight '{name}' {why}: left in float"));
+            continue;
+        }
         let is_f16 = dt == DataType::Float16 as i32;
         let d2 = [dims[0] as usize, dims[1] as usize];
         let mut made: Vec<((bool, Scheme), Option<NBitsMade>)> = Vec::new();

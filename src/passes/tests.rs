@@ -2992,6 +2992,59 @@ fn block_sizes_below_2_are_refused_not_a_panic() {
     }
 }
 
+/// A weight whose values are all subnormal (|w| < 2^-126) would quantize to 0 with the
+/// smallest normal scale, while the check, in tract, which flushes subnormals, called the
+/// result exact: every weight pass leaves it in float and says why. A weight with one normal
+/// value is quantized.
+#[test]
+fn subnormal_weights_are_left_in_float_with_a_note() {
+    use crate::quant::{Granularity, QType, Scheme, WeightFormat};
+    let tiny: Vec<f32> = rand_f32(32 * 4, 4, 1.0).iter().map(|v| v * 1e-39).collect();
+    assert!(tiny.iter().all(|v| v.abs() < f32::MIN_POSITIVE) && tiny.iter().any(|v| *v != 0.0));
+    let with = |w: &[f32]| {
+        let mut p = one_matmul(21, 32, 1, false);
+        p.graph.as_mut().unwrap().initializer[0] = f32_init("W", &[32, 4], w);
+        p
+    };
+    let nbits = PassOptions {
+        weight_scheme: Some(Scheme {
+            qtype: QType::Int4,
+            symmetric: true,
+            granularity: Granularity::Block(16),
+            pow2: false,
+        }),
+        weight_format: WeightFormat::MatMulNBits,
+        ..Default::default()
+    };
+    let cast = PassOptions {
+        weight_format: WeightFormat::Cast,
+        ..Default::default()
+    };
+    let runs = [
+        ("quantize_weights", PassOptions::default()),
+        ("quantize_weights", cast),
+        ("quantize_weights", nbits),
+        ("quantize_dynamic", PassOptions::default()),
+    ];
+    for (pass, opts) in &runs {
+        let r = run_passes_with(&with(&tiny), &[pass], opts);
+        assert_eq!(r.changes(), 0, "{pass} {:?}", opts.weight_format);
+        let notes = r.notes().join("\n");
+        assert!(
+            notes.contains("weight 'W' holds only subnormal values"),
+            "{pass} {:?}: {notes}",
+            opts.weight_format
+        );
+        assert!(r.g().initializer.iter().any(|t| t.name() == "W"), "{pass}");
+    }
+    let mut one_normal = tiny.clone();
+    one_normal[5] = 1e-30;
+    for (pass, opts) in &runs {
+        let r = run_passes_with(&with(&one_normal), &[pass], opts);
+        assert!(r.changes() > 0, "{pass} {:?}", opts.weight_format);
+    }
+}
+
 /// The cast weight format cannot write 4-bit or block-wise weights: a scheme given per node
 /// (`--config`) asking for either is refused naming the node, at opset 21 (it wrote a scale
 /// of shape [] holding one value per block, which onnxruntime refuses to load) and below (the

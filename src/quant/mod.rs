@@ -527,9 +527,33 @@ pub fn scale_zero_point(lo: f32, hi: f32, scheme: &Scheme) -> (f32, i32) {
         }
         (s, zp)
     } else {
-        let s = fix((hi - lo) / (qmax - qmin) as f32);
+        // The width in f64: `hi - lo` of two finite float32 can overflow (2e38 - -2e38).
+        let s = fix(((hi as f64 - lo as f64) / (qmax - qmin) as f64) as f32);
         let zp = (qmin as f32 - lo / s).round_ties_even() as i32;
         (s, zp.clamp(qmin, qmax))
+    }
+}
+
+/// Why the weight passes leave a float weight `w` in float, or `None` when it can be
+/// quantized: it holds NaN or infinity (no scale covers them), or its largest magnitude is
+/// subnormal, below 2^-126 (about 1.18e-38): every value would quantize to 0, and runtimes that
+/// flush subnormals to zero (tract does) would compute the original otherwise than a runtime
+/// that keeps them, so no check could tell what was lost.
+pub fn unquantizable(w: &[f32]) -> Option<&'static str> {
+    let (amax, finite) = w
+        .par_chunks(1 << 16)
+        .map(|c| {
+            c.iter().fold((0f32, true), |(m, ok), v| {
+                (m.max(v.abs()), ok && v.is_finite())
+            })
+        })
+        .reduce(|| (0.0, true), |(m, a), (n, b)| (m.max(n), a && b));
+    if !finite {
+        Some("holds NaN or infinity")
+    } else if amax > 0.0 && amax < f32::MIN_POSITIVE {
+        Some("holds only subnormal values (below 1.18e-38), which quantize to 0")
+    } else {
+        None
     }
 }
 
@@ -690,6 +714,40 @@ pub fn quantize(
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// Asymmetric scales of a range wider than float32 can hold (max - min of two finite
+    /// values overflows): the width is taken in f64, so the scale is finite and the values
+    /// come back within half a step (it was the smallest normal scale, and the channel
+    /// dequantized to about 0).
+    #[test]
+    fn asymmetric_ranges_wider_than_float32_get_a_finite_scale() {
+        for qtype in [QType::Int8, QType::Uint8, QType::Uint16, QType::Uint4] {
+            let scheme = Scheme {
+                qtype,
+                symmetric: false,
+                granularity: Granularity::Channel,
+                pow2: false,
+            };
+            let (lo, hi) = (-2.0e38f32, 3.0e38f32);
+            let (s, z) = scale_zero_point(lo, hi, &scheme);
+            let (qmin, qmax) = qtype.range();
+            let want = ((hi as f64 - lo as f64) / (qmax - qmin) as f64) as f32;
+            assert!(
+                s.is_finite() && (s / want - 1.0).abs() < 1e-6,
+                "{qtype:?}: {s} vs {want}"
+            );
+            assert!((qmin..=qmax).contains(&z), "{qtype:?}: {z}");
+            let w = [lo, -1.5, 0.0, 2.5e37, hi];
+            let r = quantize(&w, &[5, 1], 1, 0, &scheme).unwrap();
+            let d = r.dequantize(&[5, 1], 1, scheme.granularity, 0);
+            for (a, b) in w.iter().zip(&d) {
+                assert!(
+                    ((a - b).abs() as f64) <= 0.5 * s as f64 * 1.0001,
+                    "{qtype:?}: {a} -> {b}"
+                );
+            }
+        }
+    }
 
     /// Each mode gives the command line's passes, and fixes only the options the mode owns:
     /// static and dynamic store the weights of layers left in float in int8 per channel in
