@@ -2992,6 +2992,56 @@ fn block_sizes_below_2_are_refused_not_a_panic() {
     }
 }
 
+/// Dynamic mode leaves a MatMul of a declared 1-D input (a vector times the weight) in float,
+/// saying why: tract's MatMulInteger gave it shape [1, N] where MatMul gives [N], so the check
+/// failed on a correct result. A 2-D input is rewritten. A weight held in a sparse initializer
+/// is named as such (it was said to come from an enclosing graph).
+#[test]
+fn dynamic_mode_names_why_a_vector_input_and_a_sparse_weight_stay_float() {
+    let mm = |x_dims: &[i64]| {
+        model(
+            13,
+            graph(
+                "g",
+                vec![node("MatMul", "mm", &["x", "W"], &["y"], vec![])],
+                vec![f32_info("x", x_dims)],
+                vec![out("y")],
+                vec![f32_init("W", &[32, 16], &rand_f32(32 * 16, 2, 1.0))],
+            ),
+        )
+    };
+    let r = run_pass(&mm(&[32]), "quantize_dynamic");
+    assert_eq!(r.changes(), 0);
+    let notes = r.notes().join("\n");
+    assert!(
+        notes.contains("MatMul node \"mm\": input 'x' is 1-D"),
+        "{notes}"
+    );
+    let r = run_pass(&mm(&[2, 32]), "quantize_dynamic");
+    assert!(r.changes() > 0);
+    assert_eq!(ops(r.g()).get("MatMulInteger"), Some(&1));
+
+    let mut g = graph(
+        "g",
+        vec![node("MatMul", "mm", &["x", "spw"], &["y"], vec![])],
+        vec![f32_info("x", &[2, 4])],
+        vec![out("y")],
+        vec![],
+    );
+    g.sparse_initializer.push(pb::SparseTensorProto {
+        values: Some(f32_init("spw", &[2], &[5.0, 6.0])),
+        indices: Some(named("spw_indices", Tensor::from_i64(&[2], &[0, 3]))),
+        dims: vec![4, 2],
+    });
+    let r = run_pass(&model(13, g), "quantize_dynamic");
+    let notes = r.notes().join("\n");
+    assert!(
+        notes.contains("weight 'spw' is a sparse initializer")
+            && !notes.contains("enclosing graph"),
+        "{notes}"
+    );
+}
+
 /// A weight whose values are all subnormal (|w| < 2^-126) would quantize to 0 with the
 /// smallest normal scale, while the check, in tract, which flushes subnormals, called the
 /// result exact: every weight pass leaves it in float and says why. A weight with one normal
