@@ -341,15 +341,23 @@ fn quantize_with(model: &mut Model, opts: &PassOptions, scheme: &Scheme) -> Resu
         let mut wrote_nbits = false;
         let mut refused = Vec::new();
         let shared_names = names_defined_twice(model);
+        let fused_by_onnxruntime = std::cell::Cell::new(0);
         model.for_each_graph_mut(&mut |g, names| {
             let cx = Context {
                 opset,
                 opts,
                 scheme,
                 shared_names: &shared_names,
+                fused_by_onnxruntime: &fused_by_onnxruntime,
             };
             wrote_nbits |= quantize_graph(g, names, &cx, &mut stats, &mut refused);
         });
+        if fused_by_onnxruntime.get() > 0 {
+            stats.notes.push(format!(
+                "{} MatMul/Gemm weight(s) are 4- or 8-bit DequantizeLinear: onnxruntime (1.32) fuses each pair into com.microsoft MatMulNBits, which at its default accuracy level 4 also quantizes the activations to int8, so it computes with more error than this check in tract shows; the session option session.qdq_matmulnbits_accuracy_level=1 runs it as checked, and --format cast gives float weights at load time",
+                fused_by_onnxruntime.get()
+            ));
+        }
         if !refused.is_empty() {
             bail!(
                 "{} weight(s) have a per-node scheme (--config) that needs DequantizeLinear-21 (opset 21), but the model is opset {opset}; onnxopt does not raise a model's opset: give those nodes int8/uint8/int16/uint16 without blocks, or --format matmulnbits for 4-bit MatMul/Gemm weights:\n  {}",
@@ -389,6 +397,9 @@ struct Context<'a> {
     opts: &'a PassOptions,
     scheme: &'a Scheme,
     shared_names: &'a HashSet<String>,
+    /// Weights written as a 4- or 8-bit `DequantizeLinear` that a MatMul (or a Gemm without
+    /// `transB`) reads as its B input: onnxruntime fuses the pair into `MatMulNBits`.
+    fused_by_onnxruntime: &'a std::cell::Cell<usize>,
 }
 
 /// Default-domain ops whose output holds their first input's values unchanged, in another
@@ -842,6 +853,16 @@ fn apply(
         |zdims: &[i64]| Tensor::from_raw(qtype.onnx_type(), zdims, qtype.pack(&qz.zero_points));
     let mut last: ValueId;
     if opset >= dq_opset(scheme) && !cast_form {
+        let fusable = plan.local.iter().any(|&(n, i)| {
+            let n = g.node(n);
+            i == 1
+                && n.domain().is_empty()
+                && (n.is("MatMul") || (n.is("Gemm") && n.attr_int("transB", 0) == 0))
+        });
+        if fusable && dims.len() == 2 && !matches!(qtype, QType::Int16 | QType::Uint16) {
+            cx.fused_by_onnxruntime
+                .set(cx.fused_by_onnxruntime.get() + 1);
+        }
         let scale_t = if half_scales {
             let raw: Vec<u8> = qz
                 .scales

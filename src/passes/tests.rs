@@ -2992,6 +2992,70 @@ fn block_sizes_below_2_are_refused_not_a_panic() {
     }
 }
 
+/// onnxruntime fuses a 4- or 8-bit `DequantizeLinear` weight into the MatMul (or Gemm without
+/// transB) reading it as B, as `MatMulNBits` with int8 activations: the pass says so for those
+/// weights only (not int16, not the cast form, not a Gemm with transB, not below opset 13's
+/// per-channel DequantizeLinear).
+#[test]
+fn weights_onnxruntime_fuses_into_matmulnbits_get_a_note() {
+    use crate::quant::{QType, Scheme, WeightFormat};
+    let note = "fuses each pair into com.microsoft MatMulNBits";
+    let gemm = |trans_b: i64| {
+        let w = if trans_b == 1 { [4, 32] } else { [32, 4] };
+        model(
+            13,
+            graph(
+                "g",
+                vec![node(
+                    "Gemm",
+                    "gemm",
+                    &["x", "W"],
+                    &["y"],
+                    vec![attr_i("transB", trans_b)],
+                )],
+                vec![f32_info("x", &[1, 32])],
+                vec![out("y")],
+                vec![f32_init("W", &w, &rand_f32(128, 6, 1.0))],
+            ),
+        )
+    };
+    let int16 = PassOptions {
+        weight_scheme: Some(Scheme {
+            qtype: QType::Int16,
+            ..Scheme::INT8_CHANNEL
+        }),
+        ..Default::default()
+    };
+    let cast = PassOptions {
+        weight_format: WeightFormat::Cast,
+        ..Default::default()
+    };
+    let cases = [
+        (
+            "MatMul int8",
+            one_matmul(13, 32, 6, false),
+            PassOptions::default(),
+            true,
+        ),
+        ("MatMul int16", one_matmul(21, 32, 6, false), int16, false),
+        ("MatMul cast", one_matmul(13, 32, 6, false), cast, false),
+        (
+            "MatMul opset 12",
+            one_matmul(12, 32, 6, false),
+            PassOptions::default(),
+            false,
+        ),
+        ("Gemm", gemm(0), PassOptions::default(), true),
+        ("Gemm transB", gemm(1), PassOptions::default(), false),
+    ];
+    for (what, p, opts, noted) in cases {
+        let r = run_passes_with(&p, &["quantize_weights"], &opts);
+        assert_eq!(r.changes(), 1, "{what}");
+        let notes = r.notes().join("\n");
+        assert_eq!(notes.contains(note), noted, "{what}: {notes}");
+    }
+}
+
 /// Dynamic mode leaves a MatMul of a declared 1-D input (a vector times the weight) in float,
 /// saying why: tract's MatMulInteger gave it shape [1, N] where MatMul gives [N], so the check
 /// failed on a correct result. A 2-D input is rewritten. A weight held in a sparse initializer
