@@ -363,6 +363,11 @@ pub fn unusable_node_schemes(model: &Model, opts: &PassOptions) -> Vec<String> {
 /// passes do not read: `constant_to_initializer` (in the cleanup preset, and always run by
 /// the quantize command) turns them into initializers first. `None` when there are none.
 pub fn constant_weights_note(model: &Model, opts: &PassOptions) -> Option<String> {
+    if !can_add_initializers(model) {
+        // Before IR 4 constant_to_initializer cannot help, and the pass says why it left the
+        // weights in float.
+        return None;
+    }
     let mut count = 0;
     model.graph.visit(&mut |g| {
         for (_, n) in g.live_nodes() {

@@ -187,6 +187,17 @@ impl Reader {
     }
 }
 
+/// The ops whose weights the pass quantizes.
+const WEIGHT_OPS: &[&str] = &[
+    "MatMul",
+    "Gemm",
+    "Conv",
+    "ConvTranspose",
+    "LSTM",
+    "GRU",
+    "RNN",
+];
+
 fn weight_axis_any(node: &Node, idx: usize, rank: usize) -> Option<usize> {
     if !node.domain().is_empty() {
         return None;
@@ -545,7 +556,33 @@ fn quantize_graph(
                 best = Some((a, count));
             }
         }
-        let Some((axis, _)) = best else { continue };
+        let Some((axis, _)) = best else {
+            // Read by a weight op, but not where or in the shape this pass takes a weight:
+            // say which node and input, rather than "changed nothing".
+            let odd: Vec<String> = readers
+                .iter()
+                .filter(|r| r.use_ == Use::Other)
+                .filter_map(|r| {
+                    let (n, i) = r.local?;
+                    let node = g.node(n);
+                    // Inputs 0 and 1 (and an RNN's recurrence weight): not biases or states.
+                    let slots = if node.is("LSTM") || node.is("GRU") || node.is("RNN") {
+                        2
+                    } else {
+                        1
+                    };
+                    (node.domain().is_empty() && WEIGHT_OPS.contains(&node.op_type()) && i <= slots)
+                        .then(|| format!("{} input {i}", r.label))
+                })
+                .collect();
+            if !odd.is_empty() {
+                stats.notes.push(format!(
+                    "weight '{name}' (rank {rank}) is read by {}, not as a weight this pass quantizes (input 1 of MatMul and Gemm, 2-D or more for MatMul; the weight input of Conv, ConvTranspose, LSTM, GRU, RNN): left in float",
+                    odd.join(", ")
+                ));
+            }
+            continue;
+        };
         if dt == DataType::Double as i32 || dt == DataType::Bfloat16 as i32 {
             stats.notes.push(format!(
                 "weight '{name}' is {}: left in float",

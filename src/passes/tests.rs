@@ -2992,6 +2992,108 @@ fn block_sizes_below_2_are_refused_not_a_panic() {
     }
 }
 
+/// At IR 3 a weight held in a Constant node stays there (no initializer can be added): the
+/// weight passes say so, without advising constant_to_initializer, which cannot help there.
+#[test]
+fn at_ir_3_constant_weights_are_not_sent_to_constant_to_initializer() {
+    let mut p = model(
+        13,
+        graph(
+            "g",
+            vec![
+                node(
+                    "Constant",
+                    "k",
+                    &[],
+                    &["W"],
+                    vec![attr_t(
+                        "value",
+                        f32_init("W", &[4, 4], &rand_f32(16, 5, 1.0)),
+                    )],
+                ),
+                node("MatMul", "mm", &["x", "W"], &["y"], vec![]),
+            ],
+            vec![f32_info("x", &[1, 4])],
+            vec![out("y")],
+            vec![],
+        ),
+    );
+    for ir in [3, 7] {
+        p.ir_version = Some(ir);
+        for pass in ["quantize_weights", "quantize_dynamic"] {
+            let notes = run_pass(&p, pass).notes().join("\n");
+            assert_eq!(
+                notes.contains("run constant_to_initializer before it"),
+                ir == 7,
+                "IR {ir} {pass}: {notes}"
+            );
+            assert_eq!(
+                notes.contains("IR version 3"),
+                ir == 3,
+                "IR {ir} {pass}: {notes}"
+            );
+        }
+    }
+}
+
+/// A float initializer a weight op reads where the pass takes no weight (a 1-D MatMul weight,
+/// a constant A input) is named with its node and input (weight-only mode said only "changed
+/// nothing"); biases are not.
+#[test]
+fn weights_read_where_the_pass_takes_none_are_named() {
+    let mm = |inputs: &[&str], w_dims: &[i64]| {
+        let n: i64 = w_dims.iter().product();
+        model(
+            13,
+            graph(
+                "g",
+                vec![node("MatMul", "mm", inputs, &["y"], vec![])],
+                vec![f32_info("x", &[4, 4])],
+                vec![out("y")],
+                vec![f32_init("W", w_dims, &rand_f32(n as usize, 3, 1.0))],
+            ),
+        )
+    };
+    for (inputs, dims, said) in [
+        (
+            ["x", "W"],
+            &[4][..],
+            "weight 'W' (rank 1) is read by MatMul node \"mm\" input 1",
+        ),
+        (
+            ["W", "x"],
+            &[4, 4][..],
+            "weight 'W' (rank 2) is read by MatMul node \"mm\" input 0",
+        ),
+    ] {
+        let r = run_pass(&mm(&inputs, dims), "quantize_weights");
+        assert_eq!(r.changes(), 0);
+        let notes = r.notes().join("\n");
+        assert!(notes.contains(said), "{notes}");
+    }
+    // A Conv's bias stays float without such a note.
+    let conv = model(
+        13,
+        graph(
+            "g",
+            vec![node("Conv", "conv", &["x", "W", "B"], &["y"], vec![])],
+            vec![f32_info("x", &[1, 2, 4, 4])],
+            vec![out("y")],
+            vec![
+                f32_init("W", &[3, 2, 1, 1], &rand_f32(6, 4, 1.0)),
+                f32_init("B", &[3], &[0.1, 0.2, 0.3]),
+            ],
+        ),
+    );
+    let r = run_pass(&conv, "quantize_weights");
+    assert_eq!(r.changes(), 1);
+    assert!(
+        !r.notes().join("\n").contains("not as a weight"),
+        "{:?}",
+        r.notes()
+    );
+}
+
 /// onnxruntime fuses a 4- or 8-bit `DequantizeLinear` weight into the MatMul (or Gemm without
 /// transB) reading it as B, as `MatMulNBits` with int8 activations: the pass says so for those
 /// weights only (not int16, not the cast form, not a Gemm with transB, not below opset 13's
