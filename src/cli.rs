@@ -123,7 +123,12 @@ pub struct SaveArgs {
     #[arg(long)]
     pub external_data: bool,
     /// With --external-data: minimum initializer size, in bytes, to store externally.
-    #[arg(long, default_value_t = 1024, value_name = "BYTES")]
+    #[arg(
+        long,
+        default_value_t = 1024,
+        value_name = "BYTES",
+        requires = "external_data"
+    )]
     pub external_data_threshold: usize,
     /// Allow the output to overwrite the input model.
     #[arg(long)]

@@ -467,15 +467,55 @@ pub fn format_text(i: &Inspection) -> String {
         let _ = writeln!(s, "sparse initializers {}", i.sparse_initializers);
     }
     for (k, v) in &i.metadata {
-        let _ = writeln!(s, "metadata     {k} = {v}");
+        let _ = writeln!(s, "metadata     {k} = {}", shortened(v));
     }
     s
+}
+
+/// Most characters of a metadata value the text summary shows (`--json` gives it whole).
+const METADATA_SHOWN: usize = 200;
+
+/// `v` on one line, cut after [`METADATA_SHOWN`] characters with a count of the rest: an
+/// exporter's metadata can hold a whole dictionary (ppocrv4-rec's `character`, 6625 lines).
+fn shortened(v: &str) -> String {
+    let one_line = v.replace('\n', "\\n");
+    let n = one_line.chars().count();
+    if n <= METADATA_SHOWN {
+        return one_line;
+    }
+    let head: String = one_line.chars().take(METADATA_SHOWN).collect();
+    format!("{head}... ({n} characters in all; --json shows them)")
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// A long or multi-line metadata value takes one line of the text summary, cut after 200
+    /// characters with the count of all (ppocrv4-rec's `character` dictionary filled 6625
+    /// lines); short values are shown whole.
+    #[test]
+    fn long_metadata_values_take_one_line() {
+        assert_eq!(shortened("torch 2.3"), "torch 2.3");
+        let dict: String = (0..6625).map(|i| format!("c{i}\n")).collect();
+        let shown = shortened(&dict);
+        assert!(!shown.contains('\n'));
+        assert!(shown.starts_with("c0\\nc1\\n"), "{shown}");
+        let total = dict.replace('\n', "\\n").chars().count();
+        assert!(
+            shown.ends_with(&format!(
+                "... ({total} characters in all; --json shows them)"
+            )),
+            "{shown}"
+        );
+        assert_eq!(
+            shown.chars().count(),
+            200 + format!("... ({total} characters in all; --json shows them)")
+                .chars()
+                .count()
+        );
+    }
     use crate::verify::testutil::{attr_ints, info, init_f32, init_i64, model, node, out};
     use pb::tensor_proto::DataType;
 

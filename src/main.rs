@@ -317,6 +317,15 @@ fn calibration_options(
     let Some(source) = &c.calibration else {
         return Ok(None);
     };
+    // Ignoring it would calibrate otherwise than the user believes.
+    anyhow::ensure!(
+        c.percentile == 99.999 || matches!(c.calibrate_method, cli::CalibrateMethod::Percentile),
+        "--percentile {} applies to --calibrate-method percentile, not {}: add --calibrate-method percentile or drop --percentile",
+        c.percentile,
+        clap::ValueEnum::to_possible_value(&c.calibrate_method)
+            .map(|v| v.get_name().to_string())
+            .unwrap_or_default()
+    );
     Ok(Some(onnxopt::quant::CalibrationOptions {
         source: source.clone(),
         method: match c.calibrate_method {

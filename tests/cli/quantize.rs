@@ -1719,3 +1719,42 @@ fn calibration_and_check_data_problems_are_refused_together() {
         r.describe()
     );
 }
+
+/// Options that only matter beside another are refused without it rather than ignored:
+/// `--percentile` without `--calibrate-method percentile` (the run calibrated with minmax, and
+/// the user believed the tails were clipped) and `--external-data-threshold` without
+/// `--external-data` (no data file was written); nothing is written.
+#[test]
+fn options_that_need_another_are_refused_without_it() {
+    let dir = tempdir();
+    let out = dir.path().join("q.onnx");
+    let cal = samples("ppocr-mobile-v2-cls", dir.path(), 1, 3, false);
+    let mut args = static_args("ppocr-mobile-v2-cls", &out, &cal);
+    args.extend(["--percentile".into(), "99.9".into()]);
+    let r = onnxopt(&args);
+    let r = r.expect_error();
+    assert!(
+        r.stderr
+            .contains("--percentile 99.9 applies to --calibrate-method percentile, not minmax"),
+        "{}",
+        r.describe()
+    );
+    let r = onnxopt(&[
+        "quantize".into(),
+        model("ppocr-mobile-v2-cls").into_os_string(),
+        "-o".into(),
+        out.clone().into_os_string(),
+        "--external-data-threshold".into(),
+        "100".into(),
+    ]);
+    let r = r.expect_error();
+    assert!(r.stderr.contains("--external-data"), "{}", r.describe());
+    assert!(!out.exists());
+    // With the option they need, both run.
+    args.extend([
+        "--calibrate-method".into(),
+        "percentile".into(),
+        "--no-check".into(),
+    ]);
+    assert!(onnxopt(&args).ok());
+}
