@@ -32,7 +32,8 @@
 //! Accuracy (`benches/py/heldout_accuracy.py`): every output of each result against the fp32
 //! original in onnxruntime on the 8 held-out samples, the original unoptimised
 //! (ORT_DISABLE_ALL), each result with default session options (as it deploys); the table
-//! shows the output with the lowest cosine. Latency (`tests/py/ort_latency.py`): onnxruntime
+//! shows the output with the lowest cosine over the samples taken together (their outputs
+//! concatenated). Latency (`tests/py/ort_latency.py`): onnxruntime
 //! default session options, 1 thread, median of 50 interleaved runs
 //! (`ONNXOPT_BENCH_LATENCY_RUNS`) on the first held-out sample, the fp32 original first.
 //!
