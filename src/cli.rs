@@ -1,6 +1,8 @@
 //! Command-line interface: clap structs and their help text only.
 
+use std::collections::HashSet;
 use std::path::PathBuf;
+use std::sync::OnceLock;
 
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 
@@ -58,13 +60,14 @@ pub struct CheckArgs {
     /// Gate: relative tolerance of the same check (finite, >= 0); `NAME:X` as for `--atol`.
     #[arg(long, value_name = "[NAME:]X", value_parser = per_output, allow_hyphen_values = true)]
     pub rtol: Vec<(Option<String>, f64)>,
-    /// Gate: smallest cosine similarity per float output, in [-1, 1] (default 0.99 for lossy
-    /// pipelines, 0.9999 otherwise, when no gate is given).
+    /// Gate: smallest cosine similarity per float output, in [-1, 1]. When no gate is given:
+    /// 0.9999 in `compare` and for lossless pipelines, 0.99 for lossy ones (their
+    /// accuracy-gated fallback aims at 0.999, or at this value when given).
     #[arg(long, value_parser = cosine_limit, allow_hyphen_values = true)]
     pub min_cosine: Option<f64>,
     /// Gate: largest accuracy drop per classification-like output, measured as 1 - top-1
     /// agreement with the original (e.g. 0.01 = at most 1% of rows change their argmax), in
-    /// [0, 1]. Also a target of the accuracy-gated fallback.
+    /// [0, 1]. In `optimize` and `quantize`, also a target of the accuracy-gated fallback.
     #[arg(long, value_name = "FRACTION", value_parser = fraction, allow_hyphen_values = true)]
     pub max_accuracy_drop: Option<f64>,
     /// Exit 0 instead of 3 when tract cannot run the original model (or a bfloat16 result).
@@ -164,6 +167,14 @@ impl CalibrationArgs {
             || self.percentile != 99.999
             || self.calibration_samples != 256
             || self.activation_type != "uint8"
+            || [
+                "calibrate_method",
+                "percentile",
+                "calibration_samples",
+                "activation_type",
+            ]
+            .iter()
+            .any(|id| explicit(id))
     }
 }
 
@@ -206,7 +217,8 @@ impl TuningArgs {
         const BOTH: &[&str] = &["quantize_static", "quantize_dynamic"];
         [
             (
-                self.fallback_samples != onnxopt::optimize::FALLBACK_CALIBRATION_SAMPLES,
+                self.fallback_samples != onnxopt::optimize::FALLBACK_CALIBRATION_SAMPLES
+                    || explicit("fallback_samples"),
                 "--fallback-samples",
                 STATIC,
             ),
@@ -447,6 +459,29 @@ fn at_least_one(s: &str) -> Result<usize, String> {
         Ok(n) if n >= 1 => Ok(n),
         _ => Err(format!("expected a whole number of at least 1, got `{s}`")),
     }
+}
+
+/// The ids (field names) of the subcommand's options given on the command line, as opposed
+/// to their defaults; set once by `main` from clap's matches.
+static EXPLICIT: OnceLock<HashSet<String>> = OnceLock::new();
+
+/// Records which options `matches` (the whole command line) gives explicitly.
+pub fn record_explicit(matches: &clap::ArgMatches) {
+    let mut ids = HashSet::new();
+    if let Some((_, sub)) = matches.subcommand() {
+        for id in sub.ids() {
+            if sub.value_source(id.as_str()) == Some(clap::parser::ValueSource::CommandLine) {
+                ids.insert(id.as_str().to_string());
+            }
+        }
+    }
+    let _ = EXPLICIT.set(ids);
+}
+
+/// Whether the option with field name `id` was given on the command line, even at its
+/// default value (an option given to a mode or pipeline that ignores it is refused).
+pub fn explicit(id: &str) -> bool {
+    EXPLICIT.get().is_some_and(|s| s.contains(id))
 }
 
 #[cfg(test)]

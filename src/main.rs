@@ -12,7 +12,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use cli::{CheckArgs, Cli, Command};
@@ -23,7 +23,12 @@ use onnxopt::verify::{self, Gates, InputOptions, Verification};
 use onnxopt::{onnx, passes};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    cli::record_explicit(&matches);
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -319,7 +324,8 @@ fn calibration_options(
     };
     // Ignoring it would calibrate otherwise than the user believes.
     anyhow::ensure!(
-        c.percentile == 99.999 || matches!(c.calibrate_method, cli::CalibrateMethod::Percentile),
+        (c.percentile == 99.999 && !cli::explicit("percentile"))
+            || matches!(c.calibrate_method, cli::CalibrateMethod::Percentile),
         "--percentile {} applies to --calibrate-method percentile, not {}: add --calibrate-method percentile or drop --percentile",
         c.percentile,
         clap::ValueEnum::to_possible_value(&c.calibrate_method)
@@ -1058,7 +1064,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     "--granularity (only weight-only weights take another granularity)",
                 ),
                 (
-                    a.block_size != 32
+                    (a.block_size != 32 || cli::explicit("block_size"))
                         && (a.mode != Mode::WeightOnly
                             || a.granularity != cli::GranularityArg::Block),
                     "--block-size (only with --mode weight-only --granularity block)",
@@ -1066,33 +1072,40 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 (a.asymmetric && a.mode != Mode::WeightOnly, "--asymmetric"),
                 (a.symmetric && a.mode != Mode::WeightOnly, "--symmetric"),
                 (
-                    a.scale != cli::ScaleArg::Float && a.mode != Mode::WeightOnly,
+                    (a.scale != cli::ScaleArg::Float || cli::explicit("scale"))
+                        && a.mode != Mode::WeightOnly,
                     "--scale",
                 ),
                 (
-                    !a.keep_io_types && !matches!(a.mode, Mode::Fp16 | Mode::Bf16),
+                    (!a.keep_io_types || cli::explicit("keep_io_types"))
+                        && !matches!(a.mode, Mode::Fp16 | Mode::Bf16),
                     "--keep-io-types",
                 ),
                 (
-                    a.cal.calibrate_method != cli::CalibrateMethod::Minmax
+                    (a.cal.calibrate_method != cli::CalibrateMethod::Minmax
+                        || cli::explicit("calibrate_method"))
                         && a.mode != Mode::Static,
                     "--calibrate-method",
                 ),
                 (
-                    a.cal.percentile != 99.999 && a.mode != Mode::Static,
+                    (a.cal.percentile != 99.999 || cli::explicit("percentile"))
+                        && a.mode != Mode::Static,
                     "--percentile",
                 ),
                 (
-                    a.cal.calibration_samples != 256 && a.mode != Mode::Static,
+                    (a.cal.calibration_samples != 256 || cli::explicit("calibration_samples"))
+                        && a.mode != Mode::Static,
                     "--calibration-samples",
                 ),
                 (
-                    a.tune.fallback_samples != optimize::FALLBACK_CALIBRATION_SAMPLES
+                    (a.tune.fallback_samples != optimize::FALLBACK_CALIBRATION_SAMPLES
+                        || cli::explicit("fallback_samples"))
                         && a.mode != Mode::Static,
                     "--fallback-samples",
                 ),
                 (
-                    a.cal.activation_type != "uint8" && a.mode != Mode::Static,
+                    (a.cal.activation_type != "uint8" || cli::explicit("activation_type"))
+                        && a.mode != Mode::Static,
                     "--activation-type",
                 ),
             ]

@@ -90,7 +90,8 @@ pub struct OptimizeReport {
     pub after: ModelFigures,
     /// One record per pipeline entry, in order.
     pub passes: Vec<PassRecord>,
-    /// The gates applied (user's, or the pipeline's defaults).
+    /// The gates applied (user's, or the pipeline's defaults); without a check (`check` is
+    /// `None`), the gates a check would have applied.
     pub gates: Gates,
     /// `quantized` when the check ran on the written model, `float-equivalent` when it ran on
     /// the same model with the dequantized weights in float (forms tract cannot run).

@@ -909,6 +909,20 @@ fn quantize_options_of_another_mode_are_refused() {
             vec!["--conv-integer"],
             "--conv-integer does not apply to --mode weight-only;",
         ),
+        // Given at their default values: still options of another mode (they were accepted
+        // because only values other than the defaults were looked at).
+        (
+            vec!["--mode", "dynamic", "--percentile", "99.999", "--fallback-samples", "3"],
+            "--percentile, --fallback-samples do not apply to --mode dynamic",
+        ),
+        (
+            vec!["--mode", "fp16", "--block-size", "32", "--scale", "float"],
+            "--block-size (only with --mode weight-only --granularity block), --scale do not apply to --mode fp16",
+        ),
+        (
+            vec!["--keep-io-types", "true", "--calibrate-method", "minmax"],
+            "--keep-io-types, --calibrate-method do not apply to --mode weight-only",
+        ),
     ] {
         let mut a: Vec<OsString> = vec![
             "quantize".into(),
