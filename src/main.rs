@@ -800,6 +800,12 @@ fn finish(
     }
     if !quiet {
         stderr(&optimize::format_report(&report));
+        if cfg.save.external_data && report.saved.external.is_none() {
+            stderr(&format!(
+                "note: --external-data: no initializer of {} bytes or more, so no data file was written (weights held in Constant nodes are not initializers: the cleanup passes move them)\n",
+                cfg.save.external_threshold
+            ));
+        }
     }
     let out = cfg.output.display();
     Ok(match report.outcome {
@@ -1278,6 +1284,25 @@ fn run(cli: Cli) -> Result<ExitCode> {
             } else {
                 let notes: String = cmp.notes.iter().map(|n| format!("note: {n}\n")).collect();
                 stdout(&(notes + &verify::format_table(&cmp)))?;
+            }
+            // The verdict on stderr too, as optimize and quantize give it (stdout may be piped
+            // into a file or a JSON reader).
+            match &cmp.status {
+                Verification::Checked => {}
+                Verification::Failed => {
+                    let first = cmp
+                        .failures
+                        .first()
+                        .map(|f| format!(" ({f})"))
+                        .unwrap_or_default();
+                    stderr(&format!("error: the accuracy check failed{first}\n"));
+                }
+                Verification::CandidateFailed { reason, .. } => {
+                    stderr(&format!("error: the candidate failed in tract: {reason}\n"));
+                }
+                Verification::Unverified { reason, .. } => {
+                    stderr(&format!("warning: UNVERIFIED: {reason}\n"));
+                }
             }
             Ok(match cmp.status {
                 Verification::Checked => ExitCode::SUCCESS,

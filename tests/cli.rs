@@ -692,6 +692,17 @@ fn external_data_without_initializers_writes_no_empty_file() {
         );
     }
     assert_same_values(&m, &out);
+    // ppocrv4-rec holds every weight in a Constant node: with --passes none no initializer
+    // moves, and the run says why no data file was written (it said nothing).
+    let rec = repo().join("models/ppocrv4-rec.onnx");
+    let out = dir.path().join("rec.onnx");
+    let r = roundtrip(&rec, &out, &["--external-data"]).expect_ok();
+    assert!(!dir.path().join("rec.onnx.data").exists());
+    assert!(
+        r.stderr.contains("note: --external-data: no initializer of 1024 bytes or more, so no data file was written"),
+        "{}",
+        r.describe()
+    );
 }
 
 fn assert_same_values(a: &Path, b: &Path) {
