@@ -12,6 +12,7 @@ pub mod eliminate_dead_nodes;
 pub mod eliminate_identity;
 pub mod eliminate_unused_initializers;
 pub mod fold_batchnorm;
+pub mod fold_transpose;
 pub mod manager;
 pub mod quantize_dynamic;
 pub mod quantize_static;
@@ -415,6 +416,7 @@ pub trait Pass: Sync {
 pub fn registry() -> Vec<&'static dyn Pass> {
     vec![
         &constant_to_initializer::ConstantToInitializer,
+        &fold_transpose::FoldTranspose,
         &eliminate_identity::EliminateIdentity,
         &eliminate_dead_nodes::EliminateDeadNodes,
         &eliminate_unused_initializers::EliminateUnusedInitializers,
@@ -437,6 +439,7 @@ pub fn by_name(name: &str) -> Option<&'static dyn Pass> {
 /// Graph cleanup, all exact.
 pub const CLEANUP: &[&str] = &[
     "constant_to_initializer",
+    "fold_transpose",
     "eliminate_identity",
     "eliminate_dead_nodes",
     "eliminate_unused_initializers",

@@ -27,6 +27,7 @@ mod cast;
 mod dynamic;
 mod nbits;
 mod selection;
+mod transpose;
 mod upgrade;
 
 // ---------------------------------------------------------------------------------------------
