@@ -182,8 +182,8 @@ impl CalibrationArgs {
 /// and `optimize` alike).
 #[derive(Debug, Args)]
 pub struct TuningArgs {
-    /// static: calibration samples (the first N) on which the accuracy-gated fallback also
-    /// meets its target, besides the check's inputs. More samples make the kept layers fit
+    /// static: calibration samples (the first N, at most --calibration-samples) on which the
+    /// accuracy-gated fallback also meets its target, besides the check's inputs. More samples make the kept layers fit
     /// more inputs, at the cost of a longer search.
     #[arg(long, value_name = "N", default_value_t = onnxopt::optimize::FALLBACK_CALIBRATION_SAMPLES)]
     pub fallback_samples: usize,

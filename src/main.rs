@@ -717,6 +717,22 @@ fn exclude_with(re: Option<regex::Regex>, names: &[String]) -> Result<Option<reg
     Ok(Some(regex::Regex::new(&parts.join("|"))?))
 }
 
+/// `--fallback-samples` sizes the accuracy-gated fallback, which `--no-fallback` turns off.
+///
+/// Errors: both are given.
+fn refuse_fallback_samples_without_fallback(
+    no_fallback: bool,
+    tune: &cli::TuningArgs,
+) -> Result<()> {
+    let given = tune.fallback_samples != optimize::FALLBACK_CALIBRATION_SAMPLES
+        || cli::explicit("fallback_samples");
+    anyhow::ensure!(
+        !(no_fallback && given),
+        "--fallback-samples sizes the accuracy-gated fallback, which --no-fallback turns off: drop one of them"
+    );
+    Ok(())
+}
+
 fn fallback_target(no_fallback: bool, c: &CheckArgs) -> Option<f64> {
     (!no_fallback).then(|| c.min_cosine.unwrap_or(optimize::DEFAULT_FALLBACK_COSINE))
 }
@@ -917,6 +933,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     a.passes
                 );
             }
+            refuse_fallback_samples_without_fallback(a.no_fallback, &a.tune)?;
             let inputs = input_options(&a.check)?;
             // `--passes none` loads and saves only: no check.
             let passes_none = a.passes.trim() == "none";
@@ -1201,6 +1218,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     keep_float_weights: a.keep_float_weights,
                 },
             );
+            refuse_fallback_samples_without_fallback(a.no_fallback, &a.tune)?;
             let inputs = input_options(&a.check)?;
             ignored_check_options(&a.check, a.no_check, false);
             let check = !a.no_check;

@@ -138,7 +138,8 @@ pub fn default_gates(user: Gates, lossy: bool) -> Gates {
 /// inputs.
 pub const FALLBACK_CALIBRATION_SAMPLES: usize = 3;
 
-/// The first `n` calibration samples, when a pass calibrates.
+/// The first `n` calibration samples, when a pass calibrates; at most the calibration's own
+/// `max_samples` (the samples it reads at all).
 fn calibration_sets(
     proto: &crate::pb::ModelProto,
     opts: &PassOptions,
@@ -147,6 +148,7 @@ fn calibration_sets(
     let Some(cal) = &opts.calibration else {
         return Ok(Vec::new());
     };
+    let n = n.min(cal.max_samples.max(1));
     if n == 0 {
         return Ok(Vec::new());
     }
@@ -787,6 +789,45 @@ mod tests {
             check_notes: vec![],
             selectors: vec![],
         }
+    }
+
+    /// The fallback's calibration samples are the first `fallback_samples`, but never more
+    /// than the calibration reads (`--calibration-samples 2 --fallback-samples 5` gave the
+    /// fallback 5 input sets).
+    #[test]
+    fn the_fallback_reads_no_more_samples_than_the_calibration() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = model(
+            vec![node("Relu", "relu", &["x"], &["y"], vec![])],
+            vec![info("x", DataType::Float, &[1, 2])],
+            vec![out("y")],
+            vec![],
+        );
+        for i in 0..4 {
+            let x = tract_onnx::prelude::Tensor::from_shape(&[1, 2], &[i as f32, 1.0]).unwrap();
+            crate::verify::inputs::save_npz(
+                &dir.path().join(format!("s{i}.npz")),
+                &[("x".into(), x)],
+            )
+            .unwrap();
+        }
+        let with = |max_samples: usize| PassOptions {
+            calibration: Some(crate::quant::CalibrationOptions {
+                source: dir.path().to_path_buf(),
+                method: crate::quant::RangeMethod::MinMax,
+                max_samples,
+                activation_type: QType::Uint8,
+                cache: Default::default(),
+            }),
+            ..Default::default()
+        };
+        for (max_samples, fallback, want) in [(2, 5, 2), (4, 3, 3), (4, 0, 0), (0, 3, 1)] {
+            let sets = calibration_sets(&p, &with(max_samples), fallback).unwrap();
+            assert_eq!(sets.len(), want, "max {max_samples}, fallback {fallback}");
+        }
+        assert!(calibration_sets(&p, &PassOptions::default(), 3)
+            .unwrap()
+            .is_empty());
     }
 
     /// Without inputs, the check of a calibrated run reads the first calibration sample, in

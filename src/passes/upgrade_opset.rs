@@ -19,7 +19,10 @@
 //!
 //! Left alone, with a note saying why (the opset stays): models with `Pad`, `Resize`,
 //! `Scatter` or `Upsample` at opset 10 (their opset-11 forms differ in ways this pass does not
-//! rewrite), models whose local functions import the default domain, opsets outside 10..=12.
+//! rewrite), a Resize with `coordinate_transformation_mode = tf_half_pixel_for_nn` (removed
+//! from Resize-13), a Dropout before opset 12 whose mask is read (onnxruntime's older kernel
+//! gives an all-false mask, Dropout-12 an all-true one), models whose local functions import
+//! the default domain, opsets outside 10..=12.
 //! The IR version is raised to 7 (the first that ONNX pairs with opset 13) when lower.
 
 use anyhow::Result;
@@ -98,6 +101,47 @@ impl Pass for UpgradeOpset {
                 ));
                 return Ok(stats);
             }
+        }
+        // What opset 13 removed or computes otherwise, which no rewrite here keeps: Resize's
+        // `tf_half_pixel_for_nn` coordinate mode (gone from Resize-13), and Dropout's mask
+        // when something reads it (onnxruntime's Dropout before opset 12 gives an all-false
+        // mask in inference, its Dropout-12 and the spec an all-true one).
+        let mut kept: Vec<String> = Vec::new();
+        model.graph.visit(&mut |g: &Graph| {
+            let uses = g.uses();
+            let by_name = g.names_read_by_subgraphs();
+            for (id, n) in g.live_nodes() {
+                if !n.domain().is_empty() {
+                    continue;
+                }
+                if n.is("Resize")
+                    && n.attr_str("coordinate_transformation_mode") == Some(b"tf_half_pixel_for_nn")
+                {
+                    kept.push(format!(
+                        "{} uses coordinate_transformation_mode tf_half_pixel_for_nn, which Resize-13 removed",
+                        n.label(id)
+                    ));
+                }
+                let mask_read = n.outputs.get(1).copied().flatten().is_some_and(|m| {
+                    !uses[m.0 as usize].is_empty()
+                        || g.is_graph_output(m)
+                        || by_name.contains(&g.value(m).name)
+                });
+                if n.is("Dropout") && from <= 11 && mask_read {
+                    kept.push(format!(
+                        "{} has its mask read, which onnxruntime computes otherwise from opset 12 (all true, not all false)",
+                        n.label(id)
+                    ));
+                }
+            }
+        });
+        if !kept.is_empty() {
+            kept.sort();
+            kept.dedup();
+            stats
+                .notes
+                .push(format!("opset {from} kept: {}", kept.join("; ")));
+            return Ok(stats);
         }
         // Clip-11's bounds are inputs of the input's own type (by the Clip's output name):
         // a Clip whose input type no rule gives could get bounds of another type, which

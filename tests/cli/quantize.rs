@@ -1764,6 +1764,22 @@ fn options_that_need_another_are_refused_without_it() {
     let r = r.expect_error();
     assert!(r.stderr.contains("--external-data"), "{}", r.describe());
     assert!(!out.exists());
+    // --fallback-samples sizes the fallback that --no-fallback turns off.
+    let mut off = static_args("ppocr-mobile-v2-cls", &out, &cal);
+    off.extend([
+        "--no-fallback".into(),
+        "--fallback-samples".into(),
+        "3".into(),
+    ]);
+    let r = onnxopt(&off).expect_error();
+    assert!(
+        r.stderr.contains(
+            "--fallback-samples sizes the accuracy-gated fallback, which --no-fallback turns off"
+        ),
+        "{}",
+        r.describe()
+    );
+    assert!(!out.exists());
     // With the option they need, both run.
     args.extend([
         "--calibrate-method".into(),

@@ -459,3 +459,80 @@ fn upgrade_opset_leaves_what_it_cannot_raise_alone() {
         assert_eq!(noted, opset == 9, "{:?}", r.notes());
     }
 }
+
+/// What opset 13 removed or computes otherwise keeps the opset, with a note naming the node:
+/// a Resize in `tf_half_pixel_for_nn` mode (gone from Resize-13; the raised model kept it) and
+/// a Dropout whose mask is read (onnxruntime's Dropout-10/11 gives an all-false mask, its
+/// Dropout-12 an all-true one: a graph output changed). A Dropout whose mask is not read, and
+/// a Resize in another mode, are raised.
+#[test]
+fn upgrade_opset_keeps_what_opset_13_removed_or_changed() {
+    let resize = |mode: &str| {
+        model(
+            11,
+            graph(
+                "g",
+                vec![node(
+                    "Resize",
+                    "resize",
+                    &["x", "roi", "scales"],
+                    &["y"],
+                    vec![
+                        attr_s("mode", "nearest"),
+                        attr_s("coordinate_transformation_mode", mode),
+                    ],
+                )],
+                vec![f32_info("x", &[1, 1, 2, 2])],
+                vec![out("y")],
+                vec![
+                    f32_init("roi", &[0], &[]),
+                    f32_init("scales", &[4], &[1.0, 1.0, 2.0, 2.0]),
+                ],
+            ),
+        )
+    };
+    let r = run_pass(&resize("tf_half_pixel_for_nn"), U);
+    assert_eq!((r.changes(), opset_of(&r.proto)), (0, 11));
+    let notes = r.notes().join("\n");
+    assert!(
+        notes.contains("opset 11 kept: Resize node \"resize\" uses coordinate_transformation_mode tf_half_pixel_for_nn"),
+        "{notes}"
+    );
+    assert_eq!(opset_of(&run_pass(&resize("asymmetric"), U).proto), 13);
+
+    let dropout = |opset: i64, mask_out: bool| {
+        let outputs = if mask_out {
+            vec![out("y"), out("mask")]
+        } else {
+            vec![out("y")]
+        };
+        model(
+            opset,
+            graph(
+                "g",
+                vec![node(
+                    "Dropout",
+                    "drop",
+                    &["x"],
+                    &["y", "mask"],
+                    vec![attr_f("ratio", 0.3)],
+                )],
+                vec![f32_info("x", &[2, 3])],
+                outputs,
+                vec![],
+            ),
+        )
+    };
+    for opset in [10, 11] {
+        let r = run_pass(&dropout(opset, true), U);
+        assert_eq!(opset_of(&r.proto), opset);
+        let notes = r.notes().join("\n");
+        assert!(
+            notes.contains("Dropout node \"drop\" has its mask read"),
+            "{notes}"
+        );
+        assert_eq!(opset_of(&run_pass(&dropout(opset, false), U).proto), 13);
+    }
+    // Opset 12's Dropout already has the new behaviour.
+    assert_eq!(opset_of(&run_pass(&dropout(12, true), U).proto), 13);
+}
