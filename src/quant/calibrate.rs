@@ -501,6 +501,12 @@ impl Samples {
                 }
                 arrays.push((decl.name.clone(), t, split));
             }
+            if let Some((0, name)) = &count {
+                bail!(
+                    "calibration file {}: array `{name}` holds 0 samples along axis 0; give at least one",
+                    path.display()
+                );
+            }
             Source::Batched {
                 file: path.to_path_buf(),
                 arrays,
@@ -1237,6 +1243,30 @@ mod tests {
                 assert_eq!(named, 1, "{samples:?} at {threads} thread(s): {msg}");
             }
         }
+    }
+
+    /// One .npz holding 0 samples along axis 0 is refused naming the file and the array (it
+    /// said "no calibration sample was read").
+    #[test]
+    fn a_stacked_file_of_no_samples_is_refused_naming_it() {
+        use crate::verify::inputs::save_npz;
+        use crate::verify::testutil::{info, model, node, out};
+        let proto = model(
+            vec![node("Relu", "relu", &["x"], &["y"], vec![])],
+            vec![info("x", crate::pb::tensor_proto::DataType::Float, &[1, 4])],
+            vec![out("y")],
+            vec![],
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("none.npz");
+        let empty = Tensor::from_shape(&[0, 1, 4], &[0f32; 0]).unwrap();
+        save_npz(&file, &[("x".to_string(), empty)]).unwrap();
+        let err = Samples::open(&file, &proto, 8).err().unwrap();
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains("none.npz: array `x` holds 0 samples along axis 0"),
+            "{msg}"
+        );
     }
 
     #[test]
