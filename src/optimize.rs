@@ -217,6 +217,17 @@ pub fn optimize(cfg: &OptimizeConfig, reporter: &dyn Reporter) -> Result<Optimiz
             shadowed.join("\n  ")
         );
     }
+    // Weights whose shape the op rules out: the onnx checker refuses the model and tract
+    // panics on it, so its check could only say "unverified".
+    let misshapen = crate::ir::validate::weight_shape_problems(&model);
+    if !misshapen.is_empty() && !pipeline.is_empty() {
+        bail!(
+            "{}: {} weight(s) have a shape their op's ONNX definition rules out (the onnx checker refuses such a model):\n  {}",
+            cfg.model.display(),
+            misshapen.len(),
+            misshapen.join("\n  ")
+        );
+    }
     // Selections naming nothing and per-node schemes no pass would use, reported together.
     let unmatched = passes::unmatched_selectors(&model, &cfg.selectors);
     let unusable = passes::unusable_node_schemes(&model, &cfg.pass_options);
@@ -789,6 +800,57 @@ mod tests {
             check_notes: vec![],
             selectors: vec![],
         }
+    }
+
+    /// Weights whose shape the op rules out (a rank-0 MatMul weight, a 1-D Gemm B, a Conv
+    /// kernel dimension of 0, here in a Constant node) are refused before any pass, all
+    /// listed with node, input and shape (tract panicked on them: "index exceeds length", exit
+    /// 3, and the output was written); `--passes none` still loads and saves the model.
+    #[test]
+    fn weights_of_a_shape_their_op_rules_out_are_refused_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut k0 = init_f32("K", &[2, 1, 0, 3], &[]);
+        k0.name = None;
+        let p = model(
+            vec![
+                node("MatMul", "mm", &["x", "S"], &["a"], vec![]),
+                node("Gemm", "gemm", &["x", "B"], &["b"], vec![]),
+                node(
+                    "Constant",
+                    "k",
+                    &[],
+                    &["K"],
+                    vec![pb::AttributeProto {
+                        name: Some("value".into()),
+                        r#type: Some(pb::attribute_proto::AttributeType::Tensor as i32),
+                        t: Some(k0),
+                        ..Default::default()
+                    }],
+                ),
+                node("Conv", "conv", &["img", "K"], &["c"], vec![]),
+            ],
+            vec![
+                info("x", DataType::Float, &[2, 3]),
+                info("img", DataType::Float, &[1, 1, 4, 4]),
+            ],
+            vec![out("a"), out("b"), out("c")],
+            vec![init_f32("S", &[], &[2.0]), init_f32("B", &[3], &[1.0; 3])],
+        );
+        let src = dir.path().join("m.onnx");
+        std::fs::write(&src, prost::Message::encode_to_vec(&p)).unwrap();
+        let cfg = config(src.clone(), dir.path().join("out.onnx"), "default");
+        let err = format!("{:#}", optimize(&cfg, &Silent).unwrap_err());
+        for want in [
+            "3 weight(s) have a shape their op's ONNX definition rules out",
+            "MatMul node \"mm\" input 1 ('S') has shape []; MatMul takes a tensor of rank 1 or more",
+            "Gemm node \"gemm\" input 1 ('B') has shape [3]; Gemm takes a 2-D matrix",
+            "Conv node \"conv\" input 1 ('K') has shape [2, 1, 0, 3]",
+        ] {
+            assert!(err.contains(want), "{want}: {err}");
+        }
+        assert!(!dir.path().join("out.onnx").exists());
+        let none = config(src, dir.path().join("out.onnx"), "none");
+        assert!(optimize(&none, &Silent).is_ok());
     }
 
     /// The fallback's calibration samples are the first `fallback_samples`, but never more
