@@ -160,55 +160,35 @@ fn transposes_are_left_where_folding_would_duplicate_or_change_the_interface() {
             vec![attr_ints("perm", perm)],
         )
     };
+    // y = MatMul(x, Transpose(W)), with `extra` nodes, graph inputs and outputs.
+    let matmul = |extra: Vec<pb::NodeProto>,
+                  inputs: Vec<pb::ValueInfoProto>,
+                  outputs: Vec<pb::ValueInfoProto>| {
+        let mut nodes = vec![
+            t(&[1, 0]),
+            node("MatMul", "mm", &["x", "Wt"], &["y"], vec![]),
+        ];
+        nodes.extend(extra);
+        let mut ins = vec![f32_info("x", &[2, 2])];
+        ins.extend(inputs);
+        model(13, graph("g", nodes, ins, outputs, vec![w()]))
+    };
     let cases: Vec<(&str, pb::ModelProto)> = vec![
         (
             "W also read by an Add",
-            model(
-                13,
-                graph(
-                    "g",
-                    vec![
-                        t(&[1, 0]),
-                        node("MatMul", "mm", &["x", "Wt"], &["y"], vec![]),
-                        node("Add", "add", &["W", "W"], &["z"], vec![]),
-                    ],
-                    vec![f32_info("x", &[2, 2])],
-                    vec![out("y"), out("z")],
-                    vec![w()],
-                ),
+            matmul(
+                vec![node("Add", "add", &["W", "W"], &["z"], vec![])],
+                vec![],
+                vec![out("y"), out("z")],
             ),
         ),
         (
             "W a graph output",
-            model(
-                13,
-                graph(
-                    "g",
-                    vec![
-                        t(&[1, 0]),
-                        node("MatMul", "mm", &["x", "Wt"], &["y"], vec![]),
-                    ],
-                    vec![f32_info("x", &[2, 2])],
-                    vec![out("y"), out("W")],
-                    vec![w()],
-                ),
-            ),
+            matmul(vec![], vec![], vec![out("y"), out("W")]),
         ),
         (
             "W a graph input",
-            model(
-                13,
-                graph(
-                    "g",
-                    vec![
-                        t(&[1, 0]),
-                        node("MatMul", "mm", &["x", "Wt"], &["y"], vec![]),
-                    ],
-                    vec![f32_info("x", &[2, 2]), f32_info("W", &[2, 3])],
-                    vec![out("y")],
-                    vec![w()],
-                ),
-            ),
+            matmul(vec![], vec![f32_info("W", &[2, 3])], vec![out("y")]),
         ),
         (
             "invalid perm",
