@@ -362,9 +362,6 @@ fn regex(r: &Option<String>, flag: &str) -> Result<Option<regex::Regex>> {
         .transpose()
 }
 
-/// `--include-nodes` and `--exclude-nodes` compiled.
-///
-/// Errors: either is not a valid regex; both are named when both are bad.
 /// The library's form of a `--mode`.
 fn quantize_mode(m: cli::Mode) -> QuantizeMode {
     use cli::Mode;
@@ -377,6 +374,9 @@ fn quantize_mode(m: cli::Mode) -> QuantizeMode {
     }
 }
 
+/// `--include-nodes` and `--exclude-nodes` compiled.
+///
+/// Errors: either is not a valid regex; both are named when both are bad.
 fn node_regexes(
     include: &Option<String>,
     exclude: &Option<String>,
