@@ -160,13 +160,9 @@ pub struct CalibrationArgs {
 }
 
 impl CalibrationArgs {
-    /// Whether any calibration option differs from its default.
+    /// Whether any calibration option was given on the command line.
     pub fn given(&self) -> bool {
         self.calibration.is_some()
-            || self.calibrate_method != CalibrateMethod::Minmax
-            || self.percentile != 99.999
-            || self.calibration_samples != 256
-            || self.activation_type != "uint8"
             || [
                 "calibrate_method",
                 "percentile",
@@ -183,8 +179,8 @@ impl CalibrationArgs {
 #[derive(Debug, Args)]
 pub struct TuningArgs {
     /// static: calibration samples (the first N, at most --calibration-samples) on which the
-    /// accuracy-gated fallback also meets its target, besides the check's inputs. More samples make the kept layers fit
-    /// more inputs, at the cost of a longer search.
+    /// accuracy-gated fallback also meets its target, besides the check's inputs. More
+    /// samples make the kept layers fit more inputs, at the cost of a longer search.
     #[arg(long, value_name = "N", default_value_t = onnxopt::optimize::FALLBACK_CALIBRATION_SAMPLES)]
     pub fallback_samples: usize,
     /// static: quantize every eligible layer, also those that onnxruntime's CPU int8 kernels
@@ -216,12 +212,7 @@ impl TuningArgs {
         const STATIC: &[&str] = &["quantize_static"];
         const BOTH: &[&str] = &["quantize_static", "quantize_dynamic"];
         [
-            (
-                self.fallback_samples != onnxopt::optimize::FALLBACK_CALIBRATION_SAMPLES
-                    || explicit("fallback_samples"),
-                "--fallback-samples",
-                STATIC,
-            ),
+            (explicit("fallback_samples"), "--fallback-samples", STATIC),
             (self.all_layers, "--all-layers", STATIC),
             (self.full_range_weights, "--full-range-weights", STATIC),
             (self.reduce_range, "--reduce-range", BOTH),
@@ -479,7 +470,9 @@ pub fn record_explicit(matches: &clap::ArgMatches) {
 }
 
 /// Whether the option with field name `id` was given on the command line, even at its
-/// default value (an option given to a mode or pipeline that ignores it is refused).
+/// default value (an option given to a mode or pipeline that ignores it is refused). No
+/// option reads the environment, so an option whose value differs from its default was
+/// given.
 pub fn explicit(id: &str) -> bool {
     EXPLICIT.get().is_some_and(|s| s.contains(id))
 }

@@ -324,7 +324,7 @@ fn calibration_options(
     };
     // Ignoring it would calibrate otherwise than the user believes.
     anyhow::ensure!(
-        (c.percentile == 99.999 && !cli::explicit("percentile"))
+        !cli::explicit("percentile")
             || matches!(c.calibrate_method, cli::CalibrateMethod::Percentile),
         "--percentile {} applies to --calibrate-method percentile, not {}: add --calibrate-method percentile or drop --percentile",
         c.percentile,
@@ -720,14 +720,9 @@ fn exclude_with(re: Option<regex::Regex>, names: &[String]) -> Result<Option<reg
 /// `--fallback-samples` sizes the accuracy-gated fallback, which `--no-fallback` turns off.
 ///
 /// Errors: both are given.
-fn refuse_fallback_samples_without_fallback(
-    no_fallback: bool,
-    tune: &cli::TuningArgs,
-) -> Result<()> {
-    let given = tune.fallback_samples != optimize::FALLBACK_CALIBRATION_SAMPLES
-        || cli::explicit("fallback_samples");
+fn refuse_fallback_samples_without_fallback(no_fallback: bool) -> Result<()> {
     anyhow::ensure!(
-        !(no_fallback && given),
+        !(no_fallback && cli::explicit("fallback_samples")),
         "--fallback-samples sizes the accuracy-gated fallback, which --no-fallback turns off: drop one of them"
     );
     Ok(())
@@ -933,7 +928,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     a.passes
                 );
             }
-            refuse_fallback_samples_without_fallback(a.no_fallback, &a.tune)?;
+            refuse_fallback_samples_without_fallback(a.no_fallback)?;
             let inputs = input_options(&a.check)?;
             // `--passes none` loads and saves only: no check.
             let passes_none = a.passes.trim() == "none";
@@ -1087,7 +1082,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     "--granularity (only weight-only weights take another granularity)",
                 ),
                 (
-                    (a.block_size != 32 || cli::explicit("block_size"))
+                    cli::explicit("block_size")
                         && (a.mode != Mode::WeightOnly
                             || a.granularity != cli::GranularityArg::Block),
                     "--block-size (only with --mode weight-only --granularity block)",
@@ -1095,40 +1090,31 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 (a.asymmetric && a.mode != Mode::WeightOnly, "--asymmetric"),
                 (a.symmetric && a.mode != Mode::WeightOnly, "--symmetric"),
                 (
-                    (a.scale != cli::ScaleArg::Float || cli::explicit("scale"))
-                        && a.mode != Mode::WeightOnly,
+                    cli::explicit("scale") && a.mode != Mode::WeightOnly,
                     "--scale",
                 ),
                 (
-                    (!a.keep_io_types || cli::explicit("keep_io_types"))
-                        && !matches!(a.mode, Mode::Fp16 | Mode::Bf16),
+                    cli::explicit("keep_io_types") && !matches!(a.mode, Mode::Fp16 | Mode::Bf16),
                     "--keep-io-types",
                 ),
                 (
-                    (a.cal.calibrate_method != cli::CalibrateMethod::Minmax
-                        || cli::explicit("calibrate_method"))
-                        && a.mode != Mode::Static,
+                    cli::explicit("calibrate_method") && a.mode != Mode::Static,
                     "--calibrate-method",
                 ),
                 (
-                    (a.cal.percentile != 99.999 || cli::explicit("percentile"))
-                        && a.mode != Mode::Static,
+                    cli::explicit("percentile") && a.mode != Mode::Static,
                     "--percentile",
                 ),
                 (
-                    (a.cal.calibration_samples != 256 || cli::explicit("calibration_samples"))
-                        && a.mode != Mode::Static,
+                    cli::explicit("calibration_samples") && a.mode != Mode::Static,
                     "--calibration-samples",
                 ),
                 (
-                    (a.tune.fallback_samples != optimize::FALLBACK_CALIBRATION_SAMPLES
-                        || cli::explicit("fallback_samples"))
-                        && a.mode != Mode::Static,
+                    cli::explicit("fallback_samples") && a.mode != Mode::Static,
                     "--fallback-samples",
                 ),
                 (
-                    (a.cal.activation_type != "uint8" || cli::explicit("activation_type"))
-                        && a.mode != Mode::Static,
+                    cli::explicit("activation_type") && a.mode != Mode::Static,
                     "--activation-type",
                 ),
             ]
@@ -1218,7 +1204,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     keep_float_weights: a.keep_float_weights,
                 },
             );
-            refuse_fallback_samples_without_fallback(a.no_fallback, &a.tune)?;
+            refuse_fallback_samples_without_fallback(a.no_fallback)?;
             let inputs = input_options(&a.check)?;
             ignored_check_options(&a.check, a.no_check, false);
             let check = !a.no_check;
