@@ -188,45 +188,51 @@ pub fn shadowed_names(model: &Model) -> Vec<String> {
 /// Weights whose shape the op's ONNX definition rules out, one line each naming the graph
 /// path, node, input and shape: a MatMul input of rank 0 (MatMul-13 takes N-D tensors,
 /// N >= 1), a Gemm input A or B of rank other than 2 (Gemm-13), a Conv or ConvTranspose
-/// weight of rank below 3 or with a kernel dimension of 0 (Conv-11, ConvTranspose-11: `[M,
-/// C/group, k1, ...]`, kernel dimensions positive). Only initializers and Constant nodes'
-/// values are looked at (their shapes are known). The onnx checker refuses such models and tract panics on them; the
-/// passes would rewrite them anyway.
+/// weight of rank below 3 or with a kernel dimension of 0 (Conv-11, ConvTranspose-11:
+/// `[M, C/group, k1, ...]`, kernel dimensions positive). Only initializers and Constant
+/// nodes' values are looked at (their shapes are known). The onnx checker refuses such
+/// models and tract panics on them; the passes would rewrite them anyway.
 pub fn weight_shape_problems(model: &Model) -> Vec<String> {
+    /// The shape of `v` when it is an initializer or a Constant node's value.
+    fn known_dims(g: &Graph, v: super::ValueId) -> Option<Vec<i64>> {
+        if let Some(t) = g.initializer(v) {
+            return Some(t.dims().to_vec());
+        }
+        let p = g.node(g.producer(v)?);
+        (p.is("Constant") && p.domain().is_empty())
+            .then(|| crate::passes::constant_to_initializer::constant_tensor(p))
+            .flatten()
+            .map(|t| t.dims)
+    }
+    /// The inputs of `n` whose shape a rule constrains, the shapes it rules out and what it
+    /// takes instead.
+    type Rule = (&'static [usize], fn(&[i64]) -> bool, &'static str);
+    fn rule(n: &super::Node) -> Option<Rule> {
+        if !n.domain().is_empty() {
+            return None;
+        }
+        match n.op_type() {
+            "MatMul" => Some((&[0, 1], |d| d.is_empty(), "a tensor of rank 1 or more")),
+            "Gemm" => Some((&[0, 1], |d| d.len() != 2, "a 2-D matrix")),
+            "Conv" | "ConvTranspose" => Some((
+                &[1],
+                |d| d.len() < 3 || d[2..].iter().any(|&k| k <= 0),
+                "a weight [M, C/group, k1, ...] with every kernel dimension positive",
+            )),
+            _ => None,
+        }
+    }
     fn walk(g: &Graph, path: &str, out: &mut Vec<String>) {
         for (id, n) in g.live_nodes() {
-            if n.domain().is_empty() {
-                for (i, v) in n.inputs.iter().enumerate() {
-                    // An initializer's shape, or a Constant node's.
-                    let known = v.and_then(|v| {
-                        let dims = match g.initializer(v) {
-                            Some(t) => t.dims().to_vec(),
-                            None => {
-                                let p = g.node(g.producer(v)?);
-                                if !(p.is("Constant") && p.domain().is_empty()) {
-                                    return None;
-                                }
-                                crate::passes::constant_to_initializer::constant_tensor(p)?.dims
-                            }
-                        };
-                        Some((v, dims))
-                    });
-                    let Some((v, dims)) = known else {
+            if let Some((slots, bad, expected)) = rule(n) {
+                for &i in slots {
+                    let Some(v) = n.inputs.get(i).copied().flatten() else {
                         continue;
                     };
-                    let dims = dims.as_slice();
-                    let rank = dims.len();
-                    let expected = match (n.op_type(), i) {
-                        ("MatMul", 0 | 1) if rank == 0 => Some("a tensor of rank 1 or more"),
-                        ("Gemm", 0 | 1) if rank != 2 => Some("a 2-D matrix"),
-                        ("Conv" | "ConvTranspose", 1)
-                            if rank < 3 || dims[2..].iter().any(|&d| d <= 0) =>
-                        {
-                            Some("a weight [M, C/group, k1, ...] with every kernel dimension positive")
-                        }
-                        _ => None,
+                    let Some(dims) = known_dims(g, v) else {
+                        continue;
                     };
-                    if let Some(expected) = expected {
+                    if bad(&dims) {
                         out.push(format!(
                             "{path}: {} input {i} ('{}') has shape {dims:?}; {} takes {expected}",
                             n.label(id),
