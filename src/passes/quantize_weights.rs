@@ -807,10 +807,7 @@ fn apply(
         return false;
     }
     let Some(mut qz) = quantize(&values, &dims, plan.axis, plan.block_axis, scheme) else {
-        stats.notes.push(format!(
-            "weight '{name}' holds NaN or infinity: left in float"
-        ));
-        return false;
+        return false; // `unquantizable` above has noted what `quantize` refuses
     };
     // The float copy is not read again: freed before the integer payload is packed.
     drop(values);

@@ -25,8 +25,9 @@
 //!   negative ones (zeros counted apart), sharing a range `R`, the smallest power of two
 //!   above every magnitude seen, that doubles when a larger magnitude arrives: `2^k`
 //!   neighbouring bins merge into one, exactly, so the histograms are those `R` alone gives,
-//!   whatever the order of the samples (at least half the bins are in use). `hi` is the upper edge of the highest bin
-//!   with more than `(100 - p)% * N` positive values at or above it (`N` counts every value),
+//!   whatever the order of the samples (at least half the bins are in use). `hi` is the
+//!   upper edge of the highest bin with more than `(100 - p)% * N` positive values at or
+//!   above it (`N` counts every value),
 //!   `lo` likewise on the negative side, each clamped to the observed min/max; a side with
 //!   fewer values than that tail gives 0. So all-positive activations get `lo = 0`, and the
 //!   range always includes 0 (a valid zero point).
