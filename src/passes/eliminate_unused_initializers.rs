@@ -70,9 +70,10 @@ pub fn read_initializers(model: &Model) -> std::collections::HashSet<String> {
     out
 }
 
-/// Whether initializer `v` of `g` is read: by a node (`uses` from [`Graph::uses`]), as a graph
-/// output, or by name from a subgraph (`sub_reads`).
-fn is_read(
+/// Whether value `v` of `g` is read: by a node (`uses` from [`Graph::uses`]), as a graph
+/// output, or by name from a subgraph or the model's header (`sub_reads`, from
+/// [`Graph::names_read_by_subgraphs`]).
+pub(crate) fn is_read(
     g: &Graph,
     uses: &[Vec<(NodeId, usize)>],
     sub_reads: &std::collections::HashSet<String>,

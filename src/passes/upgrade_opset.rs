@@ -109,7 +109,7 @@ impl Pass for UpgradeOpset {
         let mut kept: Vec<String> = Vec::new();
         model.graph.visit(&mut |g: &Graph| {
             let uses = g.uses();
-            let by_name = g.names_read_by_subgraphs();
+            let sub_reads = g.names_read_by_subgraphs();
             for (id, n) in g.live_nodes() {
                 if !n.domain().is_empty() {
                     continue;
@@ -123,9 +123,7 @@ impl Pass for UpgradeOpset {
                     ));
                 }
                 let mask_read = n.outputs.get(1).copied().flatten().is_some_and(|m| {
-                    !uses[m.0 as usize].is_empty()
-                        || g.is_graph_output(m)
-                        || by_name.contains(&g.value(m).name)
+                    crate::passes::eliminate_unused_initializers::is_read(g, &uses, &sub_reads, m)
                 });
                 if n.is("Dropout") && from <= 11 && mask_read {
                     kept.push(format!(
